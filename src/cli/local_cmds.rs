@@ -1,0 +1,123 @@
+//! `run`, `check` and `graph`: the in-process subcommands.
+
+use std::collections::BTreeMap;
+
+use flowcraft_rabbitmq::blueprint::{self, Blueprint};
+use flowcraft_rabbitmq::nodes::BUILTINS;
+use flowcraft_rabbitmq::{LocalRuntime, NodeRegistry, RunStatus};
+
+use super::{fail, parse_context, BlueprintDir, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+
+/// Loads a blueprint directory, refusing it (with every problem listed) if any file is invalid.
+pub fn load_valid(dir: &BlueprintDir) -> Result<BTreeMap<String, Blueprint>, i32> {
+    let (found, problems) = blueprint::load_dir(&dir.blueprints);
+    if problems.is_empty() {
+        return Ok(found);
+    }
+    for p in &problems {
+        eprintln!("flowcraft: {p}");
+    }
+    Err(EXIT_USAGE)
+}
+
+pub fn run(dir: &BlueprintDir, id: &str, context: Option<&str>, threads: usize) -> i32 {
+    let initial = match parse_context(context) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let blueprints = match load_valid(dir) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let Some(bp) = blueprints.get(id).cloned() else {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "no blueprint with id '{id}' in {}",
+                dir.blueprints.display()
+            ),
+        );
+    };
+    let runtime = LocalRuntime::builder(NodeRegistry::with_builtins())
+        .blueprints(blueprints.into_values())
+        .threads(threads)
+        .build();
+    let result = runtime.run(&bp, initial);
+    match serde_json::to_string(&result) {
+        Ok(text) => println!("{text}"),
+        Err(e) => return fail(EXIT_FAILED, format!("cannot print the result: {e}")),
+    }
+    match result.status {
+        RunStatus::Completed | RunStatus::Awaiting => EXIT_OK,
+        _ => EXIT_FAILED,
+    }
+}
+
+pub fn check(dir: &BlueprintDir) -> i32 {
+    let (found, mut problems) = blueprint::load_dir(&dir.blueprints);
+    let mut warnings = Vec::new();
+    for bp in found.values() {
+        warnings.extend(bp.warnings().iter().cloned());
+        for node in &bp.def().nodes {
+            if node.uses == "subflow" {
+                match node.params.get("blueprintId").and_then(|v| v.as_str()) {
+                    Some(child) if found.contains_key(child) => {}
+                    Some(child) => problems.push(format!(
+                        "blueprint '{}': subflow node '{}' names unknown blueprint '{child}'",
+                        bp.id(),
+                        node.id
+                    )),
+                    None => problems.push(format!(
+                        "blueprint '{}': subflow node '{}' has no params.blueprintId",
+                        bp.id(),
+                        node.id
+                    )),
+                }
+            } else if !BUILTINS.contains(&node.uses.as_str()) {
+                warnings.push(format!(
+                    "blueprint '{}': node '{}' uses '{}', which is not a built-in of this binary (a library user must register it)",
+                    bp.id(),
+                    node.id,
+                    node.uses
+                ));
+            }
+        }
+    }
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    for p in &problems {
+        println!("error: {p}");
+    }
+    println!(
+        "{} blueprint(s) valid, {} problem(s), {} warning(s)",
+        found.len(),
+        problems.len(),
+        warnings.len()
+    );
+    if problems.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+pub fn graph(dir: &BlueprintDir, id: &str) -> i32 {
+    let blueprints = match load_valid(dir) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match blueprints.get(id) {
+        Some(bp) => {
+            print!("{}", bp.to_mermaid());
+            EXIT_OK
+        }
+        None => fail(
+            EXIT_USAGE,
+            format!(
+                "no blueprint with id '{id}' in {}",
+                dir.blueprints.display()
+            ),
+        ),
+    }
+}
