@@ -4,7 +4,8 @@
 //! - Property paths: `a.b.c`, `a["x-y"]`, `a['k']`, `a[0]`, `a[i + 1]`; `.length` of arrays
 //!   and strings. A bare path behaves exactly like Flowcraft's property evaluator: it walks
 //!   the segments and yields `null` when any step is missing.
-//! - Literals: numbers, `'…'`/`"…"` strings, `true`, `false`, `null`, `undefined`.
+//! - Literals: numbers, `'…'`/`"…"` strings, `true`, `false`, `null`, `undefined`, arrays
+//!   `[1, x]` and objects `{total: a + b, "k-2": c}`.
 //! - Operators, by JavaScript precedence: `! - +` (unary); `* / %`; `+ -`; `< <= > >=`;
 //!   `== != === !==`; `&&`; `|| ??`; parentheses. `&&`/`||` yield an operand as JS does.
 //! - JavaScript semantics: loose and strict equality, string concatenation with `+`, numeric
@@ -126,6 +127,8 @@ enum Expr {
         base: Box<Expr>,
         segments: Vec<Segment>,
     },
+    Array(Vec<Expr>),
+    Object(Vec<(String, Expr)>),
     Unary(UnOp, Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
 }
@@ -240,7 +243,7 @@ struct Token {
 
 const PUNCTS: &[&str] = &[
     "===", "!==", "==", "!=", "<=", ">=", "&&", "||", "??", "<", ">", "!", "+", "-", "*", "/", "%",
-    "(", ")", "[", "]", ".",
+    "(", ")", "[", "]", "{", "}", ",", ":", ".",
 ];
 
 fn is_ident_start(c: char) -> bool {
@@ -567,6 +570,41 @@ impl Parser {
                 self.expect(")")?;
                 inner
             }
+            TokenKind::Punct("[") => {
+                self.pos += 1;
+                self.enter()?;
+                let mut items = Vec::new();
+                while self.peek_punct() != Some("]") {
+                    items.push(self.expression()?);
+                    if self.peek_punct() != Some("]") {
+                        self.expect(",")?;
+                    }
+                }
+                self.expect("]")?;
+                self.depth -= 1;
+                Expr::Array(items)
+            }
+            TokenKind::Punct("{") => {
+                self.pos += 1;
+                self.enter()?;
+                let mut fields = Vec::new();
+                while self.peek_punct() != Some("}") {
+                    let key = match self.peek().map(|t| t.kind.clone()) {
+                        Some(TokenKind::Ident(k)) | Some(TokenKind::Str(k)) => k,
+                        Some(TokenKind::Number(n)) => format_number(n),
+                        _ => return self.unexpected(),
+                    };
+                    self.pos += 1;
+                    self.expect(":")?;
+                    fields.push((key, self.expression()?));
+                    if self.peek_punct() != Some("}") {
+                        self.expect(",")?;
+                    }
+                }
+                self.expect("}")?;
+                self.depth -= 1;
+                Expr::Object(fields)
+            }
             _ => return self.unexpected(),
         };
         let segments = self.segments()?;
@@ -650,6 +688,8 @@ fn tree_depth(root: &Expr) -> usize {
                 stack.push((path, d + 1));
                 stack.push((fallback, d + 1));
             }
+            Expr::Array(items) => stack.extend(items.iter().map(|x| (x, d + 1))),
+            Expr::Object(fields) => stack.extend(fields.iter().map(|(_, x)| (x, d + 1))),
             Expr::Unary(_, x) => stack.push((x, d + 1)),
             Expr::Binary(_, l, r) => {
                 stack.push((l, d + 1));
@@ -694,6 +734,15 @@ fn eval<'a>(e: &'a Expr, scope: &'a dyn Scope) -> Val<'a> {
             }
             current
         }
+        Expr::Array(items) => Cow::Owned(Value::Array(
+            items.iter().map(|x| eval(x, scope).into_owned()).collect(),
+        )),
+        Expr::Object(fields) => Cow::Owned(Value::Object(
+            fields
+                .iter()
+                .map(|(k, x)| (k.clone(), eval(x, scope).into_owned()))
+                .collect(),
+        )),
         Expr::Unary(op, x) => {
             let v = eval(x, scope);
             Cow::Owned(match op {
@@ -1031,6 +1080,19 @@ mod tests {
     }
 
     #[test]
+    fn array_and_object_literals() {
+        let s = json!({"a": 2});
+        assert_eq!(ev("[1, a, 'x']", s.clone()), json!([1, 2, "x"]));
+        assert_eq!(ev("{total: a * 10, 'k-2': [a], n: null}", s.clone()), json!({"total": 20, "k-2": [2], "n": null}));
+        assert_eq!(ev("[]", s.clone()), json!([]));
+        assert_eq!(ev("{}.x", s.clone()), Value::Null);
+        assert_eq!(ev("[5, 6][1]", s.clone()), json!(6));
+        assert_eq!(ev("[1, 2, 3].length", s), json!(3));
+        assert!(Expression::parse("[1, 2").is_err());
+        assert!(Expression::parse("{a 1}").is_err());
+    }
+
+    #[test]
     fn truthiness() {
         for v in [json!(0), json!(""), json!(null), json!(false)] {
             assert!(!truthy(&v), "{v}");
@@ -1109,6 +1171,10 @@ mod tests {
                 Just("]".to_string()),
                 Just("(".to_string()),
                 Just(")".to_string()),
+                Just("{".to_string()),
+                Just("}".to_string()),
+                Just(",".to_string()),
+                Just(":".to_string()),
                 Just("!".to_string()),
                 Just("-".to_string()),
                 Just("+".to_string()),

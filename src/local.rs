@@ -404,7 +404,9 @@ impl<'a> RunState<'a> {
             let mut workers = 0usize;
             let mut executing = 0usize;
             loop {
-                while self.errors.is_empty() && executing < threads {
+                // Everything ready is handed out at once with one shared snapshot; the pool
+                // of `threads` workers bounds how many run at a time.
+                while self.errors.is_empty() {
                     let Some(node) = self.ready.pop_front() else {
                         break;
                     };
