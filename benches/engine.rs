@@ -34,17 +34,27 @@ fn report(name: &str, per_call: Duration, budget_us: f64) {
 }
 
 fn main() {
-    let budget = Duration::from_millis(if std::env::args().any(|a| a == "--quick") { 100 } else { 1500 });
+    let budget = Duration::from_millis(if std::env::args().any(|a| a == "--quick") {
+        100
+    } else {
+        1500
+    });
 
     // 1. A typical condition over a realistic context.
     let mut context = ContextMap::new();
     for i in 0..20 {
-        context.insert(format!("_outputs.n{i}"), json!({"total": i * 10, "ok": true}));
+        context.insert(
+            format!("_outputs.n{i}"),
+            json!({"total": i * 10, "ok": true}),
+        );
     }
     context.insert("mode".into(), json!("fast"));
     let result = json!({"output": {"total": 150, "items": [1, 2, 3]}, "action": null});
     let condition = Expression::parse("result.output.total > 100 && mode == 'fast'").unwrap();
-    let scope = ConditionScope { context: &context, result: &result };
+    let scope = ConditionScope {
+        context: &context,
+        result: &result,
+    };
     report(
         "evaluate condition (compiled)",
         measure(budget, || {
@@ -53,7 +63,8 @@ fn main() {
         2.0,
     );
     let per_call = measure(budget, || {
-        let e = Expression::parse(black_box("result.output.total > 100 && mode == 'fast'")).unwrap();
+        let e =
+            Expression::parse(black_box("result.output.total > 100 && mode == 'fast'")).unwrap();
         black_box(e.evaluate_bool(&scope));
     });
     println!(
@@ -70,12 +81,20 @@ fn main() {
         edges.push(json!({"source": "s", "target": format!("t{i}"),
             "condition": format!("result.output.total > {} && mode == 'fast'", i * 20)}));
     }
-    let bp = Blueprint::from_json(&json!({"id": "fan10", "nodes": nodes, "edges": edges}).to_string()).unwrap();
+    let bp =
+        Blueprint::from_json(&json!({"id": "fan10", "nodes": nodes, "edges": edges}).to_string())
+            .unwrap();
     let node_result = NodeResult::output(json!({"total": 150, "items": [1, 2, 3]}));
     report(
         "choose successors (10 conditional edges)",
         measure(budget, || {
-            black_box(choose_successors(&bp, 0, None, black_box(&node_result), &context));
+            black_box(choose_successors(
+                &bp,
+                0,
+                None,
+                black_box(&node_result),
+                &context,
+            ));
         }),
         20.0,
     );
@@ -97,7 +116,11 @@ fn main() {
     let per_run = measure(budget, || {
         black_box(runtime.run(&chain, ContextMap::new()));
     });
-    report("local runner per node (1 000-node chain)", per_run / n, 20.0);
+    report(
+        "local runner per node (1 000-node chain)",
+        per_run / n,
+        20.0,
+    );
 
     // 4. Local runner per node with fan-out: 200 parallel no-op nodes on 4 threads.
     let wide = Blueprint::from_json(
@@ -114,5 +137,9 @@ fn main() {
     let per_run = measure(budget, || {
         black_box(runtime.run(&wide, ContextMap::new()));
     });
-    report("local runner per node (200-wide fan-out)", per_run / 201, 20.0);
+    report(
+        "local runner per node (200-wide fan-out)",
+        per_run / 201,
+        20.0,
+    );
 }

@@ -1083,7 +1083,10 @@ mod tests {
     fn array_and_object_literals() {
         let s = json!({"a": 2});
         assert_eq!(ev("[1, a, 'x']", s.clone()), json!([1, 2, "x"]));
-        assert_eq!(ev("{total: a * 10, 'k-2': [a], n: null}", s.clone()), json!({"total": 20, "k-2": [2], "n": null}));
+        assert_eq!(
+            ev("{total: a * 10, 'k-2': [a], n: null}", s.clone()),
+            json!({"total": 20, "k-2": [2], "n": null})
+        );
         assert_eq!(ev("[]", s.clone()), json!([]));
         assert_eq!(ev("{}.x", s.clone()), Value::Null);
         assert_eq!(ev("[5, 6][1]", s.clone()), json!(6));

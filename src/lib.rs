@@ -12,16 +12,38 @@
 //!    node API and registry), [`executor`] (one node: input, retries, timeout, fallback),
 //!    [`flow`] (choosing successors, joins), [`nodes`] (built-in nodes) and [`local`] (the
 //!    in-process runner).
-//! 2. **How jobs move** (RabbitMQ, PostgreSQL, Redis): added by the distributed modules.
+//! 2. **How jobs move** (RabbitMQ, PostgreSQL, Redis): [`protocol`] (the job message),
+//!    [`amqp`] (connections with TCP_NODELAY, queues, publisher confirms), [`store`] (the
+//!    context and status rows, one-statement commits), [`context`] (the public
+//!    [`PostgresContext`]), [`coordination`] (Redis joins, locks and the run's job ledger),
+//!    [`scheduling`] (what runs next), [`worker`] (the consumer thread, worker pool and the
+//!    per-job protocol).
+//! 3. **Steering runs**: [`client`] (start, status, resume, cancel), [`resume`] and
+//!    [`reconciler`] (stalled runs).
 
+pub mod amqp;
 pub mod blueprint;
+pub mod client;
+pub mod context;
+pub mod coordination;
 pub mod executor;
 pub mod expr;
 pub mod flow;
 pub mod local;
 pub mod node;
 pub mod nodes;
+pub mod protocol;
+pub mod reconciler;
+pub mod resume;
+pub mod scheduling;
+pub mod store;
+pub mod worker;
 
 pub use blueprint::{Blueprint, BlueprintError};
+pub use client::Client;
+pub use context::PostgresContext;
+pub use coordination::RedisCoordinationStore;
 pub use local::{LocalRuntime, RunStatus, WorkflowResult};
 pub use node::{Node, NodeContext, NodeError, NodeRegistry, NodeResult};
+pub use reconciler::{Reconciler, ReconciliationStats};
+pub use worker::{RabbitMqAdapter, WorkerHandle};

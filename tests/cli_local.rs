@@ -22,7 +22,10 @@ fn run_example(id: &str, context: Option<&str>) -> (i32, Value) {
     let out = flowcraft(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("{id}: stdout is not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "{id}: stdout is not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     (out.status.code().unwrap_or(-1), value)
 }
@@ -36,9 +39,19 @@ fn every_example_gives_its_documented_result() {
     let cases: &[(&str, Option<&str>, &str, Value)] = &[
         ("diamond", None, "join", json!(16)),
         ("routing", None, "approve", json!("approved 250")),
-        ("routing", Some(r#"{"amount": 5000}"#), "review", json!("needs review: 5000")),
+        (
+            "routing",
+            Some(r#"{"amount": 5000}"#),
+            "review",
+            json!("needs review: 5000"),
+        ),
         ("conditions", None, "grade_b", json!("B")),
-        ("conditions", Some(r#"{"score": 95}"#), "grade_a", json!("A")),
+        (
+            "conditions",
+            Some(r#"{"score": 95}"#),
+            "grade_a",
+            json!("A"),
+        ),
         ("transform", None, "count", json!(3)),
         ("transform", None, "greet", json!("hello ada")),
         ("retry-fallback", None, "report", json!("served from cache")),
@@ -60,7 +73,10 @@ fn any_join_example_runs_its_join_once() {
     assert_eq!(code, 0);
     let first = output(&result, "first");
     let first = first.as_str().unwrap();
-    assert!(first == "first answer a:query" || first == "first answer b:query", "{first}");
+    assert!(
+        first == "first answer a:query" || first == "first answer b:query",
+        "{first}"
+    );
 }
 
 #[test]
@@ -83,13 +99,23 @@ fn a_failed_run_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["status"], json!("failed"));
-    assert!(result["errors"][0]["message"].as_str().unwrap().contains("exit code 4: broken"));
+    assert!(result["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exit code 4: broken"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn bad_input_exits_2_with_a_reason() {
-    let out = flowcraft(&["run", "--blueprints", EXAMPLES, "diamond", "--context", "{not json"]);
+    let out = flowcraft(&[
+        "run",
+        "--blueprints",
+        EXAMPLES,
+        "diamond",
+        "--context",
+        "{not json",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--context is not valid JSON"));
 
@@ -111,11 +137,24 @@ fn bad_input_exits_2_with_a_reason() {
 #[test]
 fn check_lists_every_problem() {
     let out = flowcraft(&["check", "--blueprints", EXAMPLES]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let dir = tempdir("check");
-    std::fs::write(dir.join("a.json"), r#"{"id":"a","nodes":[{"id":"x","uses":"transform"},{"id":"x","uses":"transform"}]}"#).unwrap();
+    std::fs::write(
+        dir.join("a.json"),
+        r#"{"id":"a","nodes":[{"id":"x","uses":"transform"},{"id":"x","uses":"transform"}]}"#,
+    )
+    .unwrap();
     std::fs::write(dir.join("b.json"), "{\"id\": \n oops").unwrap();
-    std::fs::write(dir.join("c.json"), r#"{"id":"c","nodes":[{"id":"s","uses":"subflow","params":{"blueprintId":"ghost"}}]}"#).unwrap();
+    std::fs::write(
+        dir.join("c.json"),
+        r#"{"id":"c","nodes":[{"id":"s","uses":"subflow","params":{"blueprintId":"ghost"}}]}"#,
+    )
+    .unwrap();
     let out = flowcraft(&["check", "--blueprints", dir.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");

@@ -9,7 +9,11 @@ use serde_json::{json, Value};
 
 fn inc_registry() -> NodeRegistry {
     let mut r = NodeRegistry::with_builtins();
-    r.register_fn("inc", |ctx| Ok(NodeResult::output(json!(ctx.input.as_i64().unwrap_or(0) + 1))));
+    r.register_fn("inc", |ctx| {
+        Ok(NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) + 1
+        )))
+    });
     r
 }
 
@@ -22,11 +26,17 @@ fn ctx(v: Value) -> ContextMap {
 }
 
 fn workload(name: &str) -> (Blueprint, Value) {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/workloads.json"))
-        .expect("benches/workloads.json");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/workloads.json"
+    ))
+    .expect("benches/workloads.json");
     let all: Value = serde_json::from_str(&text).unwrap();
     let w = &all["workloads"][name];
-    (Blueprint::new(serde_json::from_value(w["blueprint"].clone()).unwrap()).unwrap(), w["expectedOutputs"].clone())
+    (
+        Blueprint::new(serde_json::from_value(w["blueprint"].clone()).unwrap()).unwrap(),
+        w["expectedOutputs"].clone(),
+    )
 }
 
 #[test]
@@ -35,9 +45,18 @@ fn bench_workloads_give_their_expected_outputs() {
     for name in ["chain5", "diamond8"] {
         let (b, expected) = workload(name);
         let result = runtime.run(&b, ContextMap::new());
-        assert_eq!(result.status, RunStatus::Completed, "{name}: {:?}", result.errors);
+        assert_eq!(
+            result.status,
+            RunStatus::Completed,
+            "{name}: {:?}",
+            result.errors
+        );
         for (node, value) in expected.as_object().unwrap() {
-            assert_eq!(result.context[&format!("_outputs.{node}")], *value, "{name}.{node}");
+            assert_eq!(
+                result.context[&format!("_outputs.{node}")],
+                *value,
+                "{name}.{node}"
+            );
         }
     }
 }
@@ -49,12 +68,20 @@ fn all_join_runs_once_after_every_branch() {
     let mut reg = inc_registry();
     reg.register_fn("count", move |ctx| {
         seen.fetch_add(1, Ordering::SeqCst);
-        Ok(NodeResult::output(json!([ctx.context.get("_outputs.a"), ctx.context.get("_outputs.b")])))
+        Ok(NodeResult::output(json!([
+            ctx.context.get("_outputs.a"),
+            ctx.context.get("_outputs.b")
+        ])))
     });
-    let b = bp(r#"{"id":"j","nodes":[{"id":"s","uses":"inc"},{"id":"a","uses":"inc"},{"id":"b","uses":"inc"},
+    let b = bp(
+        r#"{"id":"j","nodes":[{"id":"s","uses":"inc"},{"id":"a","uses":"inc"},{"id":"b","uses":"inc"},
         {"id":"j","uses":"count"}],"edges":[{"source":"s","target":"a"},{"source":"s","target":"b"},
-        {"source":"a","target":"j"},{"source":"b","target":"j"}]}"#);
-    let result = LocalRuntime::builder(reg).threads(2).build().run(&b, ContextMap::new());
+        {"source":"a","target":"j"},{"source":"b","target":"j"}]}"#,
+    );
+    let result = LocalRuntime::builder(reg)
+        .threads(2)
+        .build()
+        .run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Completed);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(result.context["_outputs.j"], json!([2, 2]));
@@ -62,9 +89,11 @@ fn all_join_runs_once_after_every_branch() {
 
 #[test]
 fn untaken_branches_do_not_hold_the_run_open() {
-    let b = bp(r#"{"id":"u","nodes":[{"id":"s","uses":"inc"},{"id":"yes","uses":"inc"},{"id":"no","uses":"inc"}],
+    let b = bp(
+        r#"{"id":"u","nodes":[{"id":"s","uses":"inc"},{"id":"yes","uses":"inc"},{"id":"no","uses":"inc"}],
         "edges":[{"source":"s","target":"yes","condition":"result.output == 1"},
-                 {"source":"s","target":"no","condition":"result.output != 1"}]}"#);
+                 {"source":"s","target":"no","condition":"result.output != 1"}]}"#,
+    );
     let result = LocalRuntime::new(inc_registry()).run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Completed);
     assert!(result.context.contains_key("_outputs.yes"));
@@ -75,13 +104,18 @@ fn untaken_branches_do_not_hold_the_run_open() {
 fn failure_without_fallback_fails_the_run_with_the_reason() {
     let mut reg = inc_registry();
     reg.register_fn("boom", |_| Err(NodeError::new("disk on fire")));
-    let b = bp(r#"{"id":"f","nodes":[{"id":"a","uses":"boom","config":{"maxRetries":2}},{"id":"b","uses":"inc"}],
-        "edges":[{"source":"a","target":"b"}]}"#);
+    let b = bp(
+        r#"{"id":"f","nodes":[{"id":"a","uses":"boom","config":{"maxRetries":2}},{"id":"b","uses":"inc"}],
+        "edges":[{"source":"a","target":"b"}]}"#,
+    );
     let result = LocalRuntime::new(reg).run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Failed);
     assert_eq!(result.errors.len(), 1);
     assert_eq!(result.errors[0].node_id, "a");
-    assert!(result.errors[0].message.contains("disk on fire") && result.errors[0].message.contains("2 attempt"));
+    assert!(
+        result.errors[0].message.contains("disk on fire")
+            && result.errors[0].message.contains("2 attempt")
+    );
     assert!(!result.context.contains_key("_outputs.b"));
 }
 
@@ -90,8 +124,10 @@ fn fallback_output_is_recorded_under_both_ids_and_edges_followed() {
     let mut reg = inc_registry();
     reg.register_fn("boom", |_| Err(NodeError::new("nope")));
     reg.register_fn("fb", |_| Ok(NodeResult::output(json!(41))));
-    let b = bp(r#"{"id":"f","nodes":[{"id":"a","uses":"boom","config":{"fallback":"f"}},{"id":"f","uses":"fb"},
-        {"id":"next","uses":"inc"}],"edges":[{"source":"a","target":"next"}]}"#);
+    let b = bp(
+        r#"{"id":"f","nodes":[{"id":"a","uses":"boom","config":{"fallback":"f"}},{"id":"f","uses":"fb"},
+        {"id":"next","uses":"inc"}],"edges":[{"source":"a","target":"next"}]}"#,
+    );
     let result = LocalRuntime::new(reg).run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     assert_eq!(result.context["_outputs.a"], json!(41));
@@ -112,7 +148,9 @@ fn timeouts_fail_attempts_then_retry() {
         }
         Ok(NodeResult::output(json!(ctx.attempt)))
     });
-    let b = bp(r#"{"id":"t","nodes":[{"id":"a","uses":"slow_first","config":{"timeout":30,"maxRetries":2}}]}"#);
+    let b = bp(
+        r#"{"id":"t","nodes":[{"id":"a","uses":"slow_first","config":{"timeout":30,"maxRetries":2}}]}"#,
+    );
     let result = LocalRuntime::new(reg).run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     assert_eq!(result.context["_outputs.a"], json!(2));
@@ -136,13 +174,22 @@ fn node_context_writes_are_applied() {
 
 #[test]
 fn loops_stop_at_the_iteration_limit() {
-    let b = bp(r#"{"id":"forever","nodes":[{"id":"init","uses":"inc"},{"id":"body","uses":"inc"},
+    let b = bp(
+        r#"{"id":"forever","nodes":[{"id":"init","uses":"inc"},{"id":"body","uses":"inc"},
         {"id":"ctl","uses":"loop-controller","params":{"condition":"true"}}],
         "edges":[{"source":"init","target":"body"},{"source":"body","target":"ctl"},
-        {"source":"ctl","target":"body","action":"continue"}]}"#);
-    let result = LocalRuntime::builder(inc_registry()).max_iterations(25).build().run(&b, ContextMap::new());
+        {"source":"ctl","target":"body","action":"continue"}]}"#,
+    );
+    let result = LocalRuntime::builder(inc_registry())
+        .max_iterations(25)
+        .build()
+        .run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Failed);
-    assert!(result.errors[0].message.contains("iteration limit"), "{:?}", result.errors);
+    assert!(
+        result.errors[0].message.contains("iteration limit"),
+        "{:?}",
+        result.errors
+    );
 }
 
 #[test]
@@ -150,15 +197,24 @@ fn joins_inside_loops_fire_once_per_iteration() {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let mut reg = inc_registry();
-    reg.register_fn("tick", move |_| Ok(NodeResult::output(json!(seen.fetch_add(1, Ordering::SeqCst) + 1))));
-    let b = bp(r#"{"id":"lj","nodes":[{"id":"init","uses":"inc"},{"id":"fan","uses":"inc"},
+    reg.register_fn("tick", move |_| {
+        Ok(NodeResult::output(json!(
+            seen.fetch_add(1, Ordering::SeqCst) + 1
+        )))
+    });
+    let b = bp(
+        r#"{"id":"lj","nodes":[{"id":"init","uses":"inc"},{"id":"fan","uses":"inc"},
         {"id":"l","uses":"inc"},{"id":"r","uses":"inc"},{"id":"join","uses":"tick"},
         {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.join < 3"}},
         {"id":"out","uses":"inc"}],
         "edges":[{"source":"init","target":"fan"},{"source":"fan","target":"l"},{"source":"fan","target":"r"},
         {"source":"l","target":"join"},{"source":"r","target":"join"},{"source":"join","target":"ctl"},
-        {"source":"ctl","target":"fan","action":"continue"},{"source":"ctl","target":"out","action":"break"}]}"#);
-    let result = LocalRuntime::builder(reg).threads(3).build().run(&b, ContextMap::new());
+        {"source":"ctl","target":"fan","action":"continue"},{"source":"ctl","target":"out","action":"break"}]}"#,
+    );
+    let result = LocalRuntime::builder(reg)
+        .threads(3)
+        .build()
+        .run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert!(result.context.contains_key("_outputs.out"));
@@ -166,15 +222,20 @@ fn joins_inside_loops_fire_once_per_iteration() {
 
 #[test]
 fn wait_pauses_and_resume_follows_the_action() {
-    let b = bp(r#"{"id":"w","nodes":[{"id":"a","uses":"inc"},{"id":"w","uses":"wait"},
+    let b = bp(
+        r#"{"id":"w","nodes":[{"id":"a","uses":"inc"},{"id":"w","uses":"wait"},
         {"id":"yes","uses":"inc"},{"id":"no","uses":"inc"}],
         "edges":[{"source":"a","target":"w"},{"source":"w","target":"yes","action":"approve"},
-        {"source":"w","target":"no","action":"reject"}]}"#);
+        {"source":"w","target":"no","action":"reject"}]}"#,
+    );
     let runtime = LocalRuntime::new(inc_registry());
     let paused = runtime.run(&b, ContextMap::new());
     assert_eq!(paused.status, RunStatus::Awaiting);
     assert_eq!(paused.context["_awaitingNodeIds"], json!(["w"]));
-    assert_eq!(paused.context["_awaitingDetails"]["w"]["type"], json!("wait"));
+    assert_eq!(
+        paused.context["_awaitingDetails"]["w"]["type"],
+        json!("wait")
+    );
     let done = runtime.resume(&b, paused.context, Some("approve".into()), json!(10));
     assert_eq!(done.status, RunStatus::Completed, "{:?}", done.errors);
     assert_eq!(done.context["_outputs.w"], json!(10));
@@ -186,8 +247,10 @@ fn wait_pauses_and_resume_follows_the_action() {
 
 #[test]
 fn sleep_and_webhook_pause_the_run() {
-    let b = bp(r#"{"id":"s","nodes":[{"id":"nap","uses":"sleep","params":{"duration":"5m"}},
-        {"id":"hook","uses":"webhook"}]}"#);
+    let b = bp(
+        r#"{"id":"s","nodes":[{"id":"nap","uses":"sleep","params":{"duration":"5m"}},
+        {"id":"hook","uses":"webhook"}]}"#,
+    );
     let result = LocalRuntime::new(inc_registry()).run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Awaiting);
     let details = &result.context["_awaitingDetails"];
@@ -198,10 +261,15 @@ fn sleep_and_webhook_pause_the_run() {
 
 #[test]
 fn batch_of_a_thousand_items_gathers_in_order() {
-    let b = bp(r#"{"id":"b","nodes":[{"id":"s","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"g"}},
-        {"id":"g","uses":"batch-gather","params":{"outputKey":"all"}}],"edges":[{"source":"s","target":"g"}]}"#);
+    let b = bp(
+        r#"{"id":"b","nodes":[{"id":"s","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"g"}},
+        {"id":"g","uses":"batch-gather","params":{"outputKey":"all"}}],"edges":[{"source":"s","target":"g"}]}"#,
+    );
     let items: Vec<i64> = (0..1000).collect();
-    let result = LocalRuntime::builder(inc_registry()).threads(4).build().run(&b, ctx(json!({"_inputs.s": items})));
+    let result = LocalRuntime::builder(inc_registry())
+        .threads(4)
+        .build()
+        .run(&b, ctx(json!({"_inputs.s": items})));
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     let expected: Vec<i64> = (1..=1000).collect();
     assert_eq!(result.context["all"], json!(expected));
@@ -210,8 +278,10 @@ fn batch_of_a_thousand_items_gathers_in_order() {
 
 #[test]
 fn empty_batch_still_gathers() {
-    let b = bp(r#"{"id":"b","nodes":[{"id":"s","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"g"}},
-        {"id":"g","uses":"batch-gather"}],"edges":[{"source":"s","target":"g"}]}"#);
+    let b = bp(
+        r#"{"id":"b","nodes":[{"id":"s","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"g"}},
+        {"id":"g","uses":"batch-gather"}],"edges":[{"source":"s","target":"g"}]}"#,
+    );
     let result = LocalRuntime::new(inc_registry()).run(&b, ctx(json!({"_inputs.s": []})));
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     assert_eq!(result.context["_outputs.g"], json!([]));
@@ -222,13 +292,18 @@ fn failed_subflow_fails_the_parent_node_so_its_fallback_runs() {
     let mut reg = inc_registry();
     reg.register_fn("boom", |_| Err(NodeError::new("child broke")));
     let child = bp(r#"{"id":"child","nodes":[{"id":"x","uses":"boom"}]}"#);
-    let parent = bp(r#"{"id":"parent","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child"},
-        "config":{"fallback":"fb"}},{"id":"fb","uses":"inc"}]}"#);
+    let parent = bp(
+        r#"{"id":"parent","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child"},
+        "config":{"fallback":"fb"}},{"id":"fb","uses":"inc"}]}"#,
+    );
     let runtime = LocalRuntime::builder(reg).blueprint(child).build();
     let result = runtime.run(&parent, ContextMap::new());
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     assert_eq!(result.context["_outputs.sub"], json!(1));
-    assert!(result.context["_catch_error"]["message"].as_str().unwrap().contains("child broke"));
+    assert!(result.context["_catch_error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("child broke"));
 }
 
 #[test]
@@ -237,7 +312,9 @@ fn subflow_outputs_mapping_sets_parent_keys() {
     let parent = bp(r#"{"id":"parent","nodes":[{"id":"seed","uses":"inc"},
         {"id":"sub","uses":"subflow","params":{"blueprintId":"child","outputs":{"fromChild":"x"}}}],
         "edges":[{"source":"seed","target":"sub"}]}"#);
-    let runtime = LocalRuntime::builder(inc_registry()).blueprint(child).build();
+    let runtime = LocalRuntime::builder(inc_registry())
+        .blueprint(child)
+        .build();
     let result = runtime.run(&parent, ContextMap::new());
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     // The unmapped input (seed's output, 1) reaches the child's start node: 1 + 1.
@@ -247,8 +324,12 @@ fn subflow_outputs_mapping_sets_parent_keys() {
 
 #[test]
 fn recursive_subflows_are_bounded() {
-    let looped = bp(r#"{"id":"me","nodes":[{"id":"again","uses":"subflow","params":{"blueprintId":"me"}}]}"#);
-    let runtime = LocalRuntime::builder(inc_registry()).blueprint(looped.clone()).build();
+    let looped = bp(
+        r#"{"id":"me","nodes":[{"id":"again","uses":"subflow","params":{"blueprintId":"me"}}]}"#,
+    );
+    let runtime = LocalRuntime::builder(inc_registry())
+        .blueprint(looped.clone())
+        .build();
     let result = runtime.run(&looped, ContextMap::new());
     assert_eq!(result.status, RunStatus::Failed);
     assert!(format!("{:?}", result.errors).contains("nest deeper"));

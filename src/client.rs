@@ -1,0 +1,232 @@
+//! [`Client`]: start runs, read their status, resume and cancel them.
+//!
+//! `start_workflow` follows the seed client's protocol exactly — insert the context row,
+//! insert a `running` status row, publish one persistent job per start node to the queue —
+//! so runs started by any client written that way behave the same.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use amiquip::Connection;
+use serde_json::{Map, Value};
+
+use crate::amqp::{self, AmqpError, ConfirmPublisher};
+use crate::blueprint::Blueprint;
+use crate::coordination::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
+use crate::node::ContextMap;
+use crate::protocol::JobPayload;
+use crate::resume::{ResumeError, Resumer};
+use crate::store::{PgPool, RunStore, StatusRow, StoreError, Tables};
+use crate::worker::{WorkerError, DEFAULT_QUEUE};
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("unknown blueprint '{0}'")]
+    UnknownBlueprint(String),
+    #[error("run '{0}' does not exist")]
+    UnknownRun(String),
+    #[error("run '{run}' cannot be cancelled: it is {status}")]
+    NotCancellable { run: String, status: String },
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+impl From<amiquip::Error> for ClientError {
+    fn from(e: amiquip::Error) -> Self {
+        ClientError::Amqp(AmqpError::Protocol(e))
+    }
+}
+
+struct Publishing {
+    _connection: Connection,
+    publisher: ConfirmPublisher,
+}
+
+/// Starts and steers runs. Opens its RabbitMQ connection on first use and keeps it.
+pub struct Client {
+    store: RunStore,
+    coord: RedisCoordinationStore,
+    blueprints: HashMap<String, Arc<Blueprint>>,
+    amqp_url: String,
+    queue: String,
+    publishing: Mutex<Option<Publishing>>,
+}
+
+impl Client {
+    /// A client with default table names, queue and key prefix.
+    pub fn new(
+        amqp_url: impl Into<String>,
+        pg: PgPool,
+        redis: RedisPool,
+    ) -> Result<Client, ClientError> {
+        Client::with_options(
+            amqp_url,
+            pg,
+            redis,
+            Tables::default(),
+            DEFAULT_QUEUE,
+            DEFAULT_PREFIX,
+        )
+    }
+
+    /// A client with explicit table names, queue and Redis key prefix.
+    pub fn with_options(
+        amqp_url: impl Into<String>,
+        pg: PgPool,
+        redis: RedisPool,
+        tables: Tables,
+        queue: &str,
+        redis_prefix: &str,
+    ) -> Result<Client, ClientError> {
+        Ok(Client {
+            store: RunStore::new(pg, tables)?,
+            coord: RedisCoordinationStore::new(redis, redis_prefix),
+            blueprints: HashMap::new(),
+            amqp_url: amqp_url.into(),
+            queue: queue.to_string(),
+            publishing: Mutex::new(None),
+        })
+    }
+
+    /// Adds blueprints the client may start and resume.
+    pub fn with_blueprints(mut self, bps: impl IntoIterator<Item = Blueprint>) -> Self {
+        for bp in bps {
+            self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
+        }
+        self
+    }
+
+    /// The run store (status queries, tests).
+    pub fn store(&self) -> &RunStore {
+        &self.store
+    }
+
+    fn with_publisher<T>(
+        &self,
+        f: impl FnOnce(&mut ConfirmPublisher) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let mut guard = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let mut connection = amqp::connect(&self.amqp_url)?;
+            let publisher = ConfirmPublisher::new(connection.open_channel(None)?)?;
+            amqp::declare_job_queue(publisher.channel(), &self.queue)?;
+            *guard = Some(Publishing {
+                _connection: connection,
+                publisher,
+            });
+        }
+        let result = match guard.as_mut() {
+            Some(p) => f(&mut p.publisher),
+            None => Err(ClientError::Amqp(AmqpError::Closed)),
+        };
+        if matches!(
+            result,
+            Err(ClientError::Amqp(_)) | Err(ClientError::Worker(WorkerError::Amqp(_)))
+        ) {
+            // Reconnect next time.
+            *guard = None;
+        }
+        result
+    }
+
+    /// Starts a run: context row, `running` status row, one job per start node. Returns the
+    /// run id.
+    pub fn start_workflow(
+        &self,
+        blueprint_id: &str,
+        initial_context: ContextMap,
+    ) -> Result<String, ClientError> {
+        let bp = self
+            .blueprints
+            .get(blueprint_id)
+            .ok_or_else(|| ClientError::UnknownBlueprint(blueprint_id.to_string()))?;
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let mut context = initial_context;
+        context.insert("blueprintId".into(), Value::String(bp.id().to_string()));
+        if let Some(v) = bp.version() {
+            context.insert("blueprintVersion".into(), Value::String(v));
+        }
+        self.store.create_run(&run_id, &context)?;
+        let bodies: Vec<Vec<u8>> = bp
+            .start_node_ids()
+            .iter()
+            .map(|n| JobPayload::new(&run_id, bp.id(), n, 0).to_body())
+            .collect();
+        self.with_publisher(|p| Ok(p.publish_confirmed("", &self.queue, &bodies)?))?;
+        log::info!("run {run_id}: started ({blueprint_id})");
+        Ok(run_id)
+    }
+
+    /// A run's status row (`None` if unknown).
+    pub fn status(&self, run_id: &str) -> Result<Option<StatusRow>, ClientError> {
+        Ok(self.store.status(run_id)?)
+    }
+
+    /// Resumes a paused run: `_resume.action`/`_resume.output` are set, `output` becomes every
+    /// awaited node's output, and the run continues along the edges matching `action`.
+    /// Resuming a run that is not awaiting is an error; resuming twice applies once.
+    pub fn resume_with_action(
+        &self,
+        run_id: &str,
+        action: Option<&str>,
+        output: Value,
+    ) -> Result<Vec<String>, ClientError> {
+        self.resume_nodes(run_id, None, action, output)
+    }
+
+    /// Resumes only the named awaited nodes.
+    pub fn resume_nodes(
+        &self,
+        run_id: &str,
+        nodes: Option<&[String]>,
+        action: Option<&str>,
+        output: Value,
+    ) -> Result<Vec<String>, ClientError> {
+        match self.store.status(run_id)? {
+            None => return Err(ClientError::UnknownRun(run_id.into())),
+            Some(row) if row.status != "awaiting" => {
+                return Err(ResumeError::NotAwaiting {
+                    run: run_id.into(),
+                    status: row.status,
+                }
+                .into())
+            }
+            Some(_) => {}
+        }
+        self.with_publisher(|publisher| {
+            let resumer = Resumer {
+                store: &self.store,
+                coord: &self.coord,
+                blueprints: &self.blueprints,
+                queue: &self.queue,
+            };
+            Ok(resumer.resume(run_id, nodes, action, output, Map::new(), publisher)?)
+        })
+    }
+
+    /// Cancels a running or awaiting run: status `cancelled`; its queued jobs are dropped.
+    pub fn cancel(&self, run_id: &str) -> Result<(), ClientError> {
+        let result = serde_json::json!({"status": "cancelled"});
+        if self
+            .store
+            .set_status(run_id, "cancelled", Some(&result), &["running", "awaiting"])?
+        {
+            log::info!("run {run_id}: cancelled");
+            return Ok(());
+        }
+        match self.store.status(run_id)? {
+            None => Err(ClientError::UnknownRun(run_id.into())),
+            Some(row) => Err(ClientError::NotCancellable {
+                run: run_id.into(),
+                status: row.status,
+            }),
+        }
+    }
+}

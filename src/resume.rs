@@ -1,0 +1,201 @@
+//! Resuming awaited nodes (`wait` by a person, `sleep` by its timer, `webhook` by its HTTP
+//! call, `subflow` by its child): record the given output as each node's output, clear them
+//! from the awaiting keys — atomically and only while they are still awaited, so a second
+//! resume does nothing — then report their successors and publish the ready ones.
+
+use serde_json::{json, Map, Value};
+
+use crate::amqp::ConfirmPublisher;
+use crate::blueprint::Blueprint;
+use crate::coordination::{job_id, RedisCoordinationStore};
+use crate::flow::{input_key, output_key};
+use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
+use crate::node::{ContextMap, NodeResult};
+use crate::protocol::JobPayload;
+use crate::scheduling::{meta_key, next_jobs, RunNode};
+use crate::store::RunStore;
+use crate::worker::WorkerError;
+
+/// Why a resume did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("run '{0}' does not exist")]
+    UnknownRun(String),
+    #[error("run '{run}' is not awaiting (status: {status})")]
+    NotAwaiting { run: String, status: String },
+    #[error("run '{run}' is not awaiting node '{node}'")]
+    NodeNotAwaited { run: String, node: String },
+    #[error("run '{run}' uses blueprint '{blueprint}', which is not loaded here")]
+    UnknownBlueprint { run: String, blueprint: String },
+    #[error("run '{0}' was resumed by someone else first")]
+    AlreadyResumed(String),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+impl From<crate::store::StoreError> for ResumeError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ResumeError::Worker(e.into())
+    }
+}
+
+impl From<crate::coordination::CoordinationError> for ResumeError {
+    fn from(e: crate::coordination::CoordinationError) -> Self {
+        ResumeError::Worker(e.into())
+    }
+}
+
+impl From<crate::amqp::AmqpError> for ResumeError {
+    fn from(e: crate::amqp::AmqpError) -> Self {
+        ResumeError::Worker(e.into())
+    }
+}
+
+/// Everything a resume needs.
+pub struct Resumer<'a> {
+    pub store: &'a RunStore,
+    pub coord: &'a RedisCoordinationStore,
+    pub blueprints: &'a std::collections::HashMap<String, std::sync::Arc<Blueprint>>,
+    pub queue: &'a str,
+}
+
+impl Resumer<'_> {
+    /// Resumes `nodes` (all awaited nodes when `None`) with one action and output. Extra
+    /// context writes (`extra`) are applied in the same statement.
+    pub fn resume(
+        &self,
+        run_id: &str,
+        nodes: Option<&[String]>,
+        action: Option<&str>,
+        output: Value,
+        extra: Map<String, Value>,
+        publisher: &mut ConfirmPublisher,
+    ) -> Result<Vec<String>, ResumeError> {
+        let snapshot = self
+            .store
+            .load(run_id)?
+            .ok_or_else(|| ResumeError::UnknownRun(run_id.to_string()))?;
+        let status = snapshot.status.clone().unwrap_or_else(|| "unknown".into());
+        if !matches!(status.as_str(), "awaiting" | "running") {
+            return Err(ResumeError::NotAwaiting {
+                run: run_id.into(),
+                status,
+            });
+        }
+        let context = snapshot.context;
+        let awaited: Vec<String> = context
+            .get(AWAITING_NODE_IDS)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        let targets: Vec<String> = match nodes {
+            Some(nodes) => {
+                for n in nodes {
+                    if !awaited.contains(n) {
+                        return Err(ResumeError::NodeNotAwaited {
+                            run: run_id.into(),
+                            node: n.clone(),
+                        });
+                    }
+                }
+                nodes.to_vec()
+            }
+            None => awaited.clone(),
+        };
+        if targets.is_empty() {
+            return Err(ResumeError::NotAwaiting {
+                run: run_id.into(),
+                status,
+            });
+        }
+        let blueprint_id = context
+            .get("blueprintId")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let bp =
+            self.blueprints
+                .get(&blueprint_id)
+                .ok_or_else(|| ResumeError::UnknownBlueprint {
+                    run: run_id.into(),
+                    blueprint: blueprint_id.clone(),
+                })?;
+        let mut set = extra;
+        set.insert(
+            "_resume.action".into(),
+            action
+                .map(|a| Value::String(a.into()))
+                .unwrap_or(Value::Null),
+        );
+        set.insert("_resume.output".into(), output.clone());
+        let remaining: Vec<&String> = awaited.iter().filter(|a| !targets.contains(a)).collect();
+        if !remaining.is_empty() {
+            let details = context
+                .get(AWAITING_DETAILS)
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let kept: Map<String, Value> = details
+                .into_iter()
+                .filter(|(k, _)| remaining.contains(&k))
+                .collect();
+            set.insert(AWAITING_NODE_IDS.into(), json!(remaining));
+            set.insert(AWAITING_DETAILS.into(), Value::Object(kept));
+        }
+        let result = NodeResult {
+            output: output.clone(),
+            action: action.map(String::from),
+            ..NodeResult::default()
+        };
+        let mut merged: ContextMap = context.clone();
+        merged.remove(AWAITING_NODE_IDS);
+        merged.remove(AWAITING_DETAILS);
+        for n in &targets {
+            set.insert(output_key(n), output.clone());
+            set.insert(meta_key(n), json!({"n": 1, "action": action}));
+        }
+        for (k, v) in &set {
+            merged.insert(k.clone(), v.clone());
+        }
+        let mut reports = Vec::new();
+        for n in &targets {
+            let Some(node) = RunNode::resolve(bp, &merged, n) else {
+                continue;
+            };
+            for next in next_jobs(bp, &node, &result, None, &merged) {
+                if let Some(input) = next.input {
+                    set.insert(input_key(&next.report.node), input.clone());
+                    merged.insert(input_key(&next.report.node), input);
+                }
+                reports.push((n.clone(), next.report));
+            }
+        }
+        if !self.store.resume_nodes(run_id, &targets, &set)? {
+            return Err(ResumeError::AlreadyResumed(run_id.into()));
+        }
+        // Report each resumed node's successors as that node's (already finished) job.
+        let mut idle = false;
+        for n in &targets {
+            let mine: Vec<_> = reports
+                .iter()
+                .filter(|(from, _)| from == n)
+                .map(|(_, r)| r.clone())
+                .collect();
+            let outcome = self.coord.finish_job(run_id, &job_id(n, 0), &[], &mine)?;
+            let bodies: Vec<Vec<u8>> = mine
+                .iter()
+                .zip(&outcome.ready)
+                .filter(|(_, ready)| **ready)
+                .map(|(s, _)| JobPayload::new(run_id, bp.id(), &s.node, s.iteration).to_body())
+                .collect();
+            if !bodies.is_empty() {
+                publisher.publish_confirmed("", self.queue, &bodies)?;
+            }
+            idle = outcome.run_idle;
+        }
+        if idle && self.store.complete_run(run_id)? {
+            log::info!("run {run_id}: completed");
+        }
+        log::info!("run {run_id}: resumed {targets:?} with action {action:?}");
+        Ok(targets)
+    }
+}

@@ -1,0 +1,277 @@
+//! What to run next in the distributed runtime: a node's execution count, the jobs a finished
+//! node makes (with their join rules), and the frontier of a stalled run.
+//!
+//! Shared by the per-job protocol, the reconciler and `resume`, so all three agree on what a
+//! node's "iteration" is and on who reports to which join.
+
+use serde_json::Value;
+
+use crate::blueprint::{Blueprint, NodeDef};
+use crate::coordination::{job_id, JoinRule, SuccessorReport};
+use crate::flow::{self, choose_successors, output_key, readiness, Readiness};
+use crate::local::AWAITING_NODE_IDS;
+use crate::node::{ContextMap, NodeResult};
+use crate::nodes::batch;
+
+/// Context key prefix of per-node bookkeeping (`{"n", "action", "fallback"}`), written for
+/// nodes on cycles and for nodes whose result had an action or came from a fallback.
+pub const NODE_META_PREFIX: &str = "_node.";
+
+/// The bookkeeping key of a node.
+pub fn meta_key(node_id: &str) -> String {
+    format!("{NODE_META_PREFIX}{node_id}")
+}
+
+/// A node of a run: one of the blueprint, or a batch worker made at run time.
+#[derive(Debug, Clone)]
+pub enum RunNode {
+    Static(usize),
+    Dynamic(NodeDef),
+}
+
+impl RunNode {
+    /// Finds a node by id: in the blueprint, else as a batch worker recorded in the context.
+    pub fn resolve(bp: &Blueprint, context: &ContextMap, node_id: &str) -> Option<RunNode> {
+        if let Some(i) = bp.node_index(node_id) {
+            return Some(RunNode::Static(i));
+        }
+        let gather = batch::gather_of(node_id)?;
+        let record = context.get(&batch::batch_key(gather))?;
+        batch::dynamic_node_def(record, node_id).map(RunNode::Dynamic)
+    }
+
+    /// The node's definition.
+    pub fn def<'a>(&'a self, bp: &'a Blueprint) -> &'a NodeDef {
+        match self {
+            RunNode::Static(i) => bp.node(*i),
+            RunNode::Dynamic(d) => d,
+        }
+    }
+
+    /// Whether the node lies on a cycle.
+    pub fn in_cycle(&self, bp: &Blueprint) -> bool {
+        matches!(self, RunNode::Static(i) if bp.in_cycle(*i))
+    }
+}
+
+/// How many executions of a node have been committed: for nodes on cycles the bookkeeping
+/// counter, otherwise whether its output exists.
+pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
+    let id = &node.def(bp).id;
+    if node.in_cycle(bp) {
+        context
+            .get(&meta_key(id))
+            .and_then(|m| m.get("n"))
+            .and_then(Value::as_u64)
+            .map(|n| n as u32)
+            .unwrap_or(0)
+    } else {
+        u32::from(context.contains_key(&output_key(id)))
+    }
+}
+
+/// Whether the run currently awaits this node.
+pub fn is_awaiting(context: &ContextMap, node_id: &str) -> bool {
+    context
+        .get(AWAITING_NODE_IDS)
+        .and_then(Value::as_array)
+        .is_some_and(|ids| ids.iter().any(|v| v.as_str() == Some(node_id)))
+}
+
+/// A finished node's stored result (output plus the action/fallback bookkeeping), used to
+/// re-derive successors after a redelivery or by the reconciler.
+pub fn stored_result(context: &ContextMap, node_id: &str) -> Option<(NodeResult, Option<String>)> {
+    let output = context.get(&output_key(node_id))?.clone();
+    let meta = context.get(&meta_key(node_id));
+    let text = |k: &str| {
+        meta.and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .map(String::from)
+    };
+    Some((
+        NodeResult {
+            output,
+            action: text("action"),
+            ..NodeResult::default()
+        },
+        text("fallback"),
+    ))
+}
+
+/// A job a finished node makes ready (subject to its join).
+#[derive(Debug, Clone)]
+pub struct NextJob {
+    pub report: SuccessorReport,
+    /// `_inputs.<target>` to write with the finishing node's commit.
+    pub input: Option<Value>,
+}
+
+/// The jobs a finished node reports to, with their join rules (SPEC §4), and the inputs to
+/// record. `context` is the run's context with the node's writes applied.
+pub fn next_jobs(
+    bp: &Blueprint,
+    node: &RunNode,
+    result: &NodeResult,
+    fallback: Option<&str>,
+    context: &ContextMap,
+) -> Vec<NextJob> {
+    match node {
+        RunNode::Dynamic(def) => {
+            // A batch worker reports to its gather, which waits for every worker.
+            let Some(gather_id) = batch::gather_of(&def.id) else {
+                return Vec::new();
+            };
+            let Some(gather) = bp.node_index(gather_id) else {
+                return Vec::new();
+            };
+            let workers = context
+                .get(&batch::batch_key(gather_id))
+                .map(|b| batch::workers_of(b).len())
+                .unwrap_or(0);
+            let iteration = executions(bp, &RunNode::Static(gather), context);
+            vec![NextJob {
+                report: SuccessorReport {
+                    job: job_id(gather_id, iteration),
+                    node: gather_id.to_string(),
+                    iteration,
+                    predecessor: def.id.clone(),
+                    rule: JoinRule::All(workers.max(1)),
+                },
+                input: None,
+            }]
+        }
+        RunNode::Static(index) => {
+            let fallback_index = fallback.and_then(|f| bp.node_index(f));
+            let mut jobs: Vec<NextJob> =
+                choose_successors(bp, *index, fallback_index, result, context)
+                    .into_iter()
+                    .map(|taken| {
+                        let target = bp.node(taken.target);
+                        let iteration = executions(bp, &RunNode::Static(taken.target), context);
+                        let rule = match readiness(bp, taken.edge) {
+                            Readiness::Immediate => JoinRule::Immediate,
+                            Readiness::All(n) => JoinRule::All(n),
+                            Readiness::Any => JoinRule::Any,
+                        };
+                        NextJob {
+                            report: SuccessorReport {
+                                job: job_id(&target.id, iteration),
+                                node: target.id.clone(),
+                                iteration,
+                                predecessor: bp.edge(taken.edge).source.clone(),
+                                rule,
+                            },
+                            input: Some(taken.input),
+                        }
+                    })
+                    .collect();
+            let def = bp.node(*index);
+            if def.uses == flow::BATCH_SCATTER {
+                for d in &result.dynamic_nodes {
+                    jobs.push(NextJob {
+                        report: SuccessorReport {
+                            job: job_id(&d.id, 0),
+                            node: d.id.clone(),
+                            iteration: 0,
+                            predecessor: def.id.clone(),
+                            rule: JoinRule::Immediate,
+                        },
+                        input: None,
+                    });
+                }
+                let gather = def.params.get("gatherNodeId").and_then(Value::as_str);
+                if let (true, Some(g)) = (result.dynamic_nodes.is_empty(), gather) {
+                    if bp.node_index(g).is_some() {
+                        jobs.push(NextJob {
+                            report: SuccessorReport {
+                                job: job_id(g, 0),
+                                node: g.to_string(),
+                                iteration: 0,
+                                predecessor: def.id.clone(),
+                                rule: JoinRule::Immediate,
+                            },
+                            input: None,
+                        });
+                    }
+                }
+            }
+            jobs
+        }
+    }
+}
+
+/// The start jobs of a run (registered in the ledger when a start job finishes).
+pub fn start_jobs(bp: &Blueprint) -> Vec<String> {
+    bp.start_node_ids().iter().map(|id| job_id(id, 0)).collect()
+}
+
+/// The frontier of a run (SPEC §6, reconciler): nodes without output that should run now —
+/// start nodes without output, and nodes whose predecessors' taken edges satisfy their join
+/// (all forward predecessors for `all`, any for `any`) — plus unfinished batch workers and
+/// gathers whose workers are all done. Awaited nodes are not part of it.
+pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = Vec::new();
+    let push = |id: &str, iteration: u32, out: &mut Vec<(String, u32)>| {
+        if !is_awaiting(context, id) && !out.iter().any(|(o, _)| o == id) {
+            out.push((id.to_string(), iteration));
+        }
+    };
+    let done = |i: usize| executions(bp, &RunNode::Static(i), context) > 0;
+    for &s in bp.start_nodes() {
+        if !done(s) {
+            push(&bp.node(s).id, 0, &mut out);
+        }
+    }
+    // Which finished node took an edge to which target.
+    let mut reported: Vec<Vec<usize>> = vec![Vec::new(); bp.node_count()];
+    let mut via_back_edge = vec![false; bp.node_count()];
+    for source in 0..bp.node_count() {
+        let id = &bp.node(source).id;
+        let Some((result, fallback)) = stored_result(context, id) else {
+            continue;
+        };
+        let node = RunNode::Static(source);
+        for job in next_jobs(bp, &node, &result, fallback.as_deref(), context) {
+            if let Some(t) = bp.node_index(&job.report.node) {
+                reported[t].push(source);
+                if job.report.rule == JoinRule::Immediate && bp.forward_predecessors(t).len() > 1 {
+                    via_back_edge[t] = true;
+                }
+            } else if !context.contains_key(&output_key(&job.report.node)) {
+                push(&job.report.node, 0, &mut out);
+            }
+        }
+    }
+    for target in 0..bp.node_count() {
+        if done(target) || reported[target].is_empty() {
+            continue;
+        }
+        let predecessors = bp.forward_predecessors(target);
+        let ready = via_back_edge[target]
+            || predecessors.len() <= 1
+            || match bp.join_strategy(target) {
+                crate::blueprint::JoinStrategy::Any => true,
+                crate::blueprint::JoinStrategy::All => {
+                    predecessors.iter().all(|p| reported[target].contains(p))
+                }
+            };
+        if ready {
+            let iteration = executions(bp, &RunNode::Static(target), context);
+            push(&bp.node(target).id, iteration, &mut out);
+        }
+    }
+    // Gathers whose workers have all finished.
+    for (key, record) in context.iter() {
+        let Some(gather) = key.strip_prefix(batch::BATCH_PREFIX) else {
+            continue;
+        };
+        let Some(g) = bp.node_index(gather) else {
+            continue;
+        };
+        let workers = batch::workers_of(record);
+        if !done(g) && workers.iter().all(|w| context.contains_key(&output_key(w))) {
+            push(gather, 0, &mut out);
+        }
+    }
+    out
+}

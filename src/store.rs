@@ -1,0 +1,479 @@
+//! PostgreSQL state of runs: one JSONB context row and one status row per run.
+//!
+//! Every statement takes values as parameters; table names are validated identifiers
+//! ([`Tables::new`]). The per-job write ([`RunStore::commit_node`]) is one statement — a CTE
+//! that patches the context and touches the status row — so it commits atomically in one
+//! round trip, and it carries the idempotency guard: it applies only if the node's execution
+//! has not been committed yet (the first commit wins).
+
+use std::time::Duration;
+
+use postgres::types::Type;
+use postgres::NoTls;
+use r2d2_postgres::PostgresConnectionManager;
+use serde_json::{Map, Value};
+
+use crate::amqp::mask_url;
+use crate::node::ContextMap;
+
+/// A pool of PostgreSQL connections.
+pub type PgPool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Errors of the PostgreSQL layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid table name '{0}': use letters, digits and underscores (optionally schema.table), at most 63 characters each")]
+    InvalidTableName(String),
+    #[error("invalid PostgreSQL URL '{url}': {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot connect to PostgreSQL at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("PostgreSQL pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("PostgreSQL: {0}")]
+    Query(#[from] postgres::Error),
+    #[error("run '{run_id}' has a malformed row: {reason}")]
+    Malformed { run_id: String, reason: String },
+}
+
+/// Opens a pool. `test_on_check_out` is off: a broken connection surfaces as a query error,
+/// which the worker retries, instead of costing a round trip on every check-out.
+pub fn connect_pool(url: &str, max_size: u32) -> Result<PgPool, StoreError> {
+    let config: postgres::Config =
+        url.parse()
+            .map_err(|e: postgres::Error| StoreError::InvalidUrl {
+                url: mask_url(url),
+                reason: e.to_string(),
+            })?;
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    r2d2::Pool::builder()
+        .max_size(max_size.max(1))
+        .min_idle(Some(0))
+        .test_on_check_out(false)
+        .connection_timeout(Duration::from_secs(10))
+        .build(manager)
+        .map_err(|e| StoreError::Connect {
+            url: mask_url(url),
+            reason: e.to_string(),
+        })
+}
+
+/// Validates a table name: `name` or `schema.name`, each part `[A-Za-z_][A-Za-z0-9_]*`,
+/// at most 63 bytes.
+pub fn validate_identifier(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.split('.').count() <= 2
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidTableName(name.to_string()))
+    }
+}
+
+/// The three table names (validated).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tables {
+    pub contexts: String,
+    pub statuses: String,
+    pub webhooks: String,
+}
+
+impl Default for Tables {
+    fn default() -> Tables {
+        Tables {
+            contexts: "flowcraft_contexts".into(),
+            statuses: "flowcraft_statuses".into(),
+            webhooks: "flowcraft_webhooks".into(),
+        }
+    }
+}
+
+impl Tables {
+    /// Validated table names.
+    pub fn new(contexts: &str, statuses: &str, webhooks: &str) -> Result<Tables, StoreError> {
+        for t in [contexts, statuses, webhooks] {
+            validate_identifier(t)?;
+        }
+        Ok(Tables {
+            contexts: contexts.into(),
+            statuses: statuses.into(),
+            webhooks: webhooks.into(),
+        })
+    }
+
+    /// Checks the names (for values built with struct syntax).
+    pub fn validate(&self) -> Result<(), StoreError> {
+        for t in [&self.contexts, &self.statuses, &self.webhooks] {
+            validate_identifier(t)?;
+        }
+        Ok(())
+    }
+
+    /// `CREATE TABLE IF NOT EXISTS` for all three tables and the reconciler's index.
+    pub fn create_sql(&self) -> String {
+        let index = format!("{}_status_updated_idx", self.statuses.replace('.', "_"));
+        format!(
+            "CREATE TABLE IF NOT EXISTS {c} (run_id TEXT PRIMARY KEY, context_data JSONB NOT NULL);
+             CREATE TABLE IF NOT EXISTS {s} (run_id TEXT PRIMARY KEY, status TEXT NOT NULL,
+                 updated_at TIMESTAMPTZ DEFAULT NOW(), result JSONB);
+             CREATE TABLE IF NOT EXISTS {w} (webhook_id TEXT PRIMARY KEY, event_name TEXT NOT NULL,
+                 url TEXT NOT NULL, created_at TIMESTAMPTZ DEFAULT NOW());
+             CREATE INDEX IF NOT EXISTS {index} ON {s} (status, updated_at);",
+            c = self.contexts,
+            s = self.statuses,
+            w = self.webhooks,
+        )
+    }
+}
+
+/// A run's context and status, read in one round trip.
+#[derive(Debug, Clone)]
+pub struct RunSnapshot {
+    pub context: ContextMap,
+    /// `None` when the run has no status row.
+    pub status: Option<String>,
+}
+
+/// A run's status row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusRow {
+    pub run_id: String,
+    pub status: String,
+    /// RFC 3339.
+    pub updated_at: Option<String>,
+    pub result: Option<Value>,
+}
+
+/// The guard a node commit carries: it applies only to the execution it is for.
+#[derive(Debug, Clone)]
+pub struct CommitGuard {
+    /// `_outputs.<node>`: for nodes outside cycles, the commit applies only while it is absent.
+    pub output_key: String,
+    /// `_node.<node>`: for nodes on cycles, the commit applies only while its `n` equals `iteration`.
+    pub meta_key: String,
+    pub iteration: u32,
+    pub in_cycle: bool,
+}
+
+/// One node's effects, applied in one statement.
+#[derive(Debug, Clone, Default)]
+pub struct NodeCommit {
+    pub set: Map<String, Value>,
+    pub delete: Vec<String>,
+    /// A node that paused the run: its id and `_awaitingDetails` entry.
+    pub awaiting: Option<(String, Value)>,
+}
+
+/// PostgreSQL access for one pair of context/status tables.
+#[derive(Clone)]
+pub struct RunStore {
+    pool: PgPool,
+    tables: Tables,
+    sql: Statements,
+}
+
+#[derive(Clone)]
+struct Statements {
+    load: String,
+    commit: String,
+    complete: String,
+    fail: String,
+    set_status: String,
+    status: String,
+    stalled: String,
+    touch: String,
+    insert_context: String,
+    insert_status: String,
+    resume: String,
+}
+
+impl RunStore {
+    /// A store over validated tables.
+    pub fn new(pool: PgPool, tables: Tables) -> Result<RunStore, StoreError> {
+        tables.validate()?;
+        let (c, s) = (&tables.contexts, &tables.statuses);
+        let sql = Statements {
+            load: format!(
+                "SELECT c.context_data, s.status FROM {c} c LEFT JOIN {s} s ON s.run_id = c.run_id WHERE c.run_id = $1"
+            ),
+            commit: format!(
+                "WITH c AS (
+                   UPDATE {c} SET context_data = ((context_data - $2::text[]) || $3::jsonb) ||
+                     CASE WHEN $8::text IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object(
+                       '_awaitingNodeIds',
+                         CASE WHEN COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array($8::text)
+                              THEN context_data->'_awaitingNodeIds'
+                              ELSE COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) || jsonb_build_array($8::text) END,
+                       '_awaitingDetails',
+                         COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb) || jsonb_build_object($8::text, $9::jsonb)) END
+                   WHERE run_id = $1 AND CASE WHEN $7::bool
+                       THEN COALESCE((context_data->$5::text->>'n')::int, 0) = $6::int
+                       ELSE NOT jsonb_exists(context_data, $4::text) END
+                   RETURNING 1),
+                 s AS (
+                   UPDATE {s} SET updated_at = NOW(),
+                     status = CASE WHEN $8::text IS NOT NULL AND status = 'running' THEN 'awaiting' ELSE status END
+                   WHERE run_id = $1 AND EXISTS (SELECT 1 FROM c) RETURNING 1)
+                 SELECT (SELECT count(*) FROM c)::int"
+            ),
+            complete: format!(
+                "UPDATE {s} st SET status = 'completed', updated_at = NOW(),
+                   result = jsonb_build_object('status', 'completed', 'context', c.context_data,
+                                               'serializedContext', c.context_data::text)
+                 FROM {c} c
+                 WHERE st.run_id = $1 AND c.run_id = st.run_id AND st.status = 'running'
+                   AND COALESCE(jsonb_array_length(c.context_data->'_awaitingNodeIds'), 0) = 0"
+            ),
+            fail: format!(
+                "INSERT INTO {s} (run_id, status, updated_at, result)
+                 VALUES ($1, 'failed', NOW(), jsonb_build_object('status', 'failed', 'reason', $2::text))
+                 ON CONFLICT (run_id) DO UPDATE SET status = 'failed', updated_at = NOW(), result = EXCLUDED.result
+                 WHERE {s}.status IN ('running', 'awaiting')"
+            ),
+            set_status: format!(
+                "UPDATE {s} SET status = $2, updated_at = NOW(), result = COALESCE($3::jsonb, result)
+                 WHERE run_id = $1 AND status = ANY($4::text[])"
+            ),
+            status: format!(
+                "SELECT status, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), result
+                 FROM {s} WHERE run_id = $1"
+            ),
+            stalled: format!(
+                "SELECT run_id FROM {s} WHERE status = 'running'
+                   AND updated_at < NOW() - make_interval(secs => $1::float8)
+                 ORDER BY updated_at LIMIT $2::bigint"
+            ),
+            touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
+            insert_context: format!("INSERT INTO {c} (run_id, context_data) VALUES ($1, $2)"),
+            insert_status: format!("INSERT INTO {s} (run_id, status) VALUES ($1, $2)"),
+            resume: format!(
+                "WITH c AS (
+                   UPDATE {c} SET context_data = (context_data - ARRAY['_awaitingNodeIds', '_awaitingDetails']) || $3::jsonb
+                   WHERE run_id = $1 AND COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> $2::jsonb
+                   RETURNING context_data),
+                 s AS (
+                   UPDATE {s} SET updated_at = NOW(), status = CASE
+                       WHEN (SELECT COALESCE(jsonb_array_length(context_data->'_awaitingNodeIds'), 0) FROM c) > 0
+                       THEN 'awaiting' ELSE 'running' END
+                   WHERE run_id = $1 AND status IN ('awaiting', 'running') AND EXISTS (SELECT 1 FROM c)
+                   RETURNING 1)
+                 SELECT (SELECT count(*) FROM c)::int"
+            ),
+        };
+        Ok(RunStore { pool, tables, sql })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table names.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// Creates the tables if they do not exist (tests and `flowcraft migrate` use migrations).
+    pub fn create_tables(&self) -> Result<(), StoreError> {
+        self.pool.get()?.batch_execute(&self.tables.create_sql())?;
+        Ok(())
+    }
+
+    /// A run's context and status; `None` if it has no context row.
+    pub fn load(&self, run_id: &str) -> Result<Option<RunSnapshot>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let row = conn.query_typed_opt(&self.sql.load, &[(&run_id, Type::TEXT)])?;
+        let Some(row) = row else { return Ok(None) };
+        let context: Value = row.try_get(0)?;
+        let Value::Object(context) = context else {
+            return Err(StoreError::Malformed {
+                run_id: run_id.into(),
+                reason: "context_data is not a JSON object".into(),
+            });
+        };
+        let status: Option<String> = row.try_get(1)?;
+        Ok(Some(RunSnapshot { context, status }))
+    }
+
+    /// Applies a node's effects if its guard holds; returns whether they were applied.
+    pub fn commit_node(
+        &self,
+        run_id: &str,
+        commit: &NodeCommit,
+        guard: &CommitGuard,
+    ) -> Result<bool, StoreError> {
+        let set = Value::Object(commit.set.clone());
+        let (awaiting_id, awaiting_details) = match &commit.awaiting {
+            Some((id, details)) => (Some(id.as_str()), details.clone()),
+            None => (None, Value::Null),
+        };
+        let iteration = i32::try_from(guard.iteration).unwrap_or(i32::MAX);
+        let mut conn = self.pool.get()?;
+        let row = conn.query_typed_one(
+            &self.sql.commit,
+            &[
+                (&run_id, Type::TEXT),
+                (&commit.delete, Type::TEXT_ARRAY),
+                (&set, Type::JSONB),
+                (&guard.output_key, Type::TEXT),
+                (&guard.meta_key, Type::TEXT),
+                (&iteration, Type::INT4),
+                (&guard.in_cycle, Type::BOOL),
+                (&awaiting_id, Type::TEXT),
+                (&awaiting_details, Type::JSONB),
+            ],
+        )?;
+        let applied: i32 = row.try_get(0)?;
+        Ok(applied > 0)
+    }
+
+    /// Marks a running run `completed` with its final context, unless it awaits a node.
+    pub fn complete_run(&self, run_id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .pool
+            .get()?
+            .execute_typed(&self.sql.complete, &[(&run_id, Type::TEXT)])?;
+        Ok(n > 0)
+    }
+
+    /// Marks a running or awaiting run `failed` with a reason (creating the status row if
+    /// missing).
+    pub fn fail_run(&self, run_id: &str, reason: &str) -> Result<bool, StoreError> {
+        let n = self.pool.get()?.execute_typed(
+            &self.sql.fail,
+            &[(&run_id, Type::TEXT), (&reason, Type::TEXT)],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Moves a run to `status` if its current status is one of `from`; returns whether it moved.
+    pub fn set_status(
+        &self,
+        run_id: &str,
+        status: &str,
+        result: Option<&Value>,
+        from: &[&str],
+    ) -> Result<bool, StoreError> {
+        let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+        let n = self.pool.get()?.execute_typed(
+            &self.sql.set_status,
+            &[
+                (&run_id, Type::TEXT),
+                (&status, Type::TEXT),
+                (&result, Type::JSONB),
+                (&from, Type::TEXT_ARRAY),
+            ],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// A run's status row.
+    pub fn status(&self, run_id: &str) -> Result<Option<StatusRow>, StoreError> {
+        let row = self
+            .pool
+            .get()?
+            .query_typed_opt(&self.sql.status, &[(&run_id, Type::TEXT)])?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(StatusRow {
+            run_id: run_id.to_string(),
+            status: row.try_get(0)?,
+            updated_at: row.try_get(1)?,
+            result: row.try_get(2)?,
+        }))
+    }
+
+    /// Runs whose status is `running` and that have not moved for `idle`.
+    pub fn stalled_runs(&self, idle: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
+        let secs = idle.as_secs_f64();
+        let rows = self.pool.get()?.query_typed(
+            &self.sql.stalled,
+            &[(&secs, Type::FLOAT8), (&limit, Type::INT8)],
+        )?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Moves a run's `updated_at` to now.
+    pub fn touch(&self, run_id: &str) -> Result<(), StoreError> {
+        self.pool
+            .get()?
+            .execute_typed(&self.sql.touch, &[(&run_id, Type::TEXT)])?;
+        Ok(())
+    }
+
+    /// Resumes awaited nodes: applies `set` (their outputs, `_resume.*`, the remaining
+    /// awaiting keys) only while every node of `nodes` is still awaited, and moves the status
+    /// back to `running` (or keeps `awaiting` if other nodes still wait). Returns whether it
+    /// applied: resuming twice applies once.
+    pub fn resume_nodes(
+        &self,
+        run_id: &str,
+        nodes: &[String],
+        set: &Map<String, Value>,
+    ) -> Result<bool, StoreError> {
+        let nodes = Value::from(nodes.to_vec());
+        let set = Value::Object(set.clone());
+        let row = self.pool.get()?.query_typed_one(
+            &self.sql.resume,
+            &[
+                (&run_id, Type::TEXT),
+                (&nodes, Type::JSONB),
+                (&set, Type::JSONB),
+            ],
+        )?;
+        let applied: i32 = row.try_get(0)?;
+        Ok(applied > 0)
+    }
+
+    /// Inserts a new run's context row and `running` status row in one transaction.
+    pub fn create_run(&self, run_id: &str, context: &ContextMap) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        let context = Value::Object(context.clone());
+        tx.execute_typed(
+            &self.sql.insert_context,
+            &[(&run_id, Type::TEXT), (&context, Type::JSONB)],
+        )?;
+        tx.execute_typed(
+            &self.sql.insert_status,
+            &[(&run_id, Type::TEXT), (&"running", Type::TEXT)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_validated() {
+        for ok in ["flowcraft_contexts", "_t1", "app.flowcraft_statuses"] {
+            assert!(validate_identifier(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "x; DROP TABLE y",
+            "a.b.c",
+            "t\"",
+            &"a".repeat(64),
+            "a..b",
+        ] {
+            assert!(validate_identifier(bad).is_err(), "{bad}");
+        }
+        assert!(Tables::new("ok", "fine", "bad name").is_err());
+    }
+}

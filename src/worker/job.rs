@@ -1,0 +1,345 @@
+//! The per-job protocol (SPEC §6), in order: guard → execute → commit → coordinate →
+//! publish → ack. Each step is a named function; each crash window is described once, here:
+//!
+//! - Crash before the commit: nothing was written; the redelivery executes the node again
+//!   (node code runs at least once).
+//! - Crash after the commit, before the Redis step or the publish: the redelivery (flagged
+//!   `redelivered`) finds the node's execution committed, skips execution and re-derives
+//!   the successors from the stored output; the join scripts are idempotent and a join's
+//!   firing lock remembers which predecessor fired it, so that predecessor fires it again.
+//! - Crash after the publish, before the ack: as above; successors may be published twice,
+//!   and their own guards make the copies harmless.
+//!
+//! A *duplicate* message (not a redelivery) whose node is already committed is acked
+//! without re-publishing: the original delivery published (or, if it crashed, will be
+//! redelivered and publish).
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::amqp::ConfirmPublisher;
+use crate::blueprint::{Blueprint, JoinStrategy};
+use crate::coordination::{job_id, SuccessorReport};
+use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
+use crate::flow::{self, output_key};
+use crate::node::{ContextMap, NodeResult};
+use crate::protocol::JobPayload;
+use crate::scheduling::{self, executions, is_awaiting, meta_key, next_jobs, RunNode};
+use crate::store::{CommitGuard, NodeCommit};
+
+use super::{Shared, WorkerError};
+
+/// What the consumer thread does with a delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    Ack,
+    /// Reject without requeue: the broker routes it to `<queue>.dead`.
+    DeadLetter(String),
+    /// A service failed; requeue (dead-lettered after repeated failures).
+    Retry(String),
+}
+
+/// Handles one delivery body.
+pub(crate) fn handle(
+    shared: &Shared,
+    body: &[u8],
+    redelivered: bool,
+    publisher: &mut ConfirmPublisher,
+) -> Outcome {
+    let job = match JobPayload::parse(body) {
+        Ok(job) => job,
+        Err(reason) => return Outcome::DeadLetter(reason),
+    };
+    log::debug!(
+        "run {}: job {} (iteration {})",
+        job.run_id,
+        job.node_id,
+        job.iteration
+    );
+    match process(shared, &job, redelivered, publisher) {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::Retry(format!("run {} node {}: {e}", job.run_id, job.node_id)),
+    }
+}
+
+fn process(
+    shared: &Shared,
+    job: &JobPayload,
+    redelivered: bool,
+    publisher: &mut ConfirmPublisher,
+) -> Result<Outcome, WorkerError> {
+    // Guard: the blueprint, the run, its version, the node.
+    let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
+        let reason = format!("unknown blueprint '{}'", job.blueprint_id);
+        log::warn!("run {}: {reason}; marking it failed", job.run_id);
+        shared.store.fail_run(&job.run_id, &reason)?;
+        return Ok(Outcome::Ack);
+    };
+    let Some(snapshot) = shared.store.load(&job.run_id)? else {
+        return Ok(Outcome::DeadLetter(format!(
+            "run '{}' has no context row",
+            job.run_id
+        )));
+    };
+    if let Some(status @ ("failed" | "cancelled" | "completed")) = snapshot.status.as_deref() {
+        log::debug!(
+            "run {}: dropping job {} of a {status} run",
+            job.run_id,
+            job.node_id
+        );
+        return Ok(Outcome::Ack);
+    }
+    if let Some(reason) = version_mismatch(bp, &snapshot.context) {
+        return Ok(Outcome::DeadLetter(reason));
+    }
+    let context = snapshot.context;
+    let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
+        let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
+        shared.store.fail_run(&job.run_id, &reason)?;
+        return Ok(Outcome::Ack);
+    };
+    // Guard: idempotency.
+    if is_awaiting(&context, &job.node_id) {
+        return Ok(Outcome::Ack);
+    }
+    let committed = executions(bp, &node, &context);
+    if committed > job.iteration {
+        if redelivered && committed == job.iteration + 1 {
+            return rederive(shared, bp, job, &node, &context, publisher);
+        }
+        return Ok(Outcome::Ack);
+    }
+    // Execute, holding no connection.
+    let snapshot = Arc::new(context);
+    let node_job = NodeJob {
+        blueprint: bp,
+        node: node.def(bp),
+        run_id: &job.run_id,
+    };
+    match execute_node(node_job, &shared.registry, snapshot.clone()) {
+        Ok(success) => finish_node(shared, bp, job, &node, &snapshot, success, publisher),
+        Err(failure) => fail_node(shared, bp, job, &node, failure),
+    }
+}
+
+fn version_mismatch(bp: &Blueprint, context: &ContextMap) -> Option<String> {
+    let stored = context.get("blueprintVersion")?;
+    let stored = match stored {
+        Value::String(s) => s.clone(),
+        Value::Null => return None,
+        other => other.to_string(),
+    };
+    match bp.version() {
+        Some(v) if v == stored => None,
+        mine => Some(format!(
+            "blueprint version mismatch: run has '{stored}', this worker has {}",
+            mine.map(|v| format!("'{v}'"))
+                .unwrap_or_else(|| "none".into())
+        )),
+    }
+}
+
+/// Commit → coordinate → publish for a node that executed.
+fn finish_node(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    snapshot: &ContextMap,
+    success: NodeSuccess,
+    publisher: &mut ConfirmPublisher,
+) -> Result<Outcome, WorkerError> {
+    let def = node.def(bp);
+    let NodeSuccess {
+        result,
+        deltas,
+        fallback,
+        ..
+    } = success;
+    let mut commit = NodeCommit::default();
+    for (k, v) in deltas.iter() {
+        match v {
+            Some(v) => {
+                commit.set.insert(k.to_string(), v.clone());
+            }
+            None => commit.delete.push(k.to_string()),
+        }
+    }
+    if !snapshot.contains_key("blueprintId") {
+        commit
+            .set
+            .insert("blueprintId".into(), Value::String(bp.id().to_string()));
+        if let Some(v) = bp.version() {
+            commit
+                .set
+                .insert("blueprintVersion".into(), Value::String(v));
+        }
+    }
+    let guard = CommitGuard {
+        output_key: output_key(&def.id),
+        meta_key: meta_key(&def.id),
+        iteration: job.iteration,
+        in_cycle: node.in_cycle(bp),
+    };
+    if let Some(details) = result.awaiting.clone() {
+        let details = super::pause::prepare(shared, bp, job, def, details)?;
+        commit.awaiting = Some((def.id.clone(), details.clone()));
+        if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
+            return Ok(Outcome::Ack);
+        }
+        super::pause::after_commit(shared, bp, job, def, &details, publisher)?;
+        log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
+        coordinate(shared, bp, job, node, Vec::new(), publisher)?;
+        return Ok(Outcome::Ack);
+    }
+    let mut merged = snapshot.clone();
+    deltas.apply_to(&mut merged);
+    let mut outputs = crate::node::ContextDeltas::default();
+    flow::record_output(&mut outputs, &def.id, fallback.as_deref(), &result.output);
+    outputs.apply_to(&mut merged);
+    for (k, v) in outputs.iter() {
+        commit
+            .set
+            .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
+    }
+    if guard.in_cycle || result.action.is_some() || fallback.is_some() {
+        commit.set.insert(
+            guard.meta_key.clone(),
+            json!({"n": job.iteration + 1, "action": result.action, "fallback": fallback}),
+        );
+    }
+    if guard.in_cycle {
+        merged.insert(guard.meta_key.clone(), json!({"n": job.iteration + 1}));
+    }
+    let next = next_jobs(bp, node, &result, fallback.as_deref(), &merged);
+    for n in &next {
+        if let Some(input) = &n.input {
+            commit
+                .set
+                .insert(flow::input_key(&n.report.node), input.clone());
+        }
+    }
+    if let Some(over) = next
+        .iter()
+        .find(|n| n.report.iteration >= shared.max_iterations)
+    {
+        let reason = format!(
+            "node '{}' would execute more than {} times in one run (iteration limit)",
+            over.report.node, shared.max_iterations
+        );
+        shared.store.fail_run(&job.run_id, &reason)?;
+        log::info!("run {}: failed: {reason}", job.run_id);
+        return Ok(Outcome::Ack);
+    }
+    if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
+        log::debug!(
+            "run {}: node '{}' was committed by another delivery",
+            job.run_id,
+            def.id
+        );
+        return Ok(Outcome::Ack);
+    }
+    coordinate(
+        shared,
+        bp,
+        job,
+        node,
+        next.into_iter().map(|n| n.report).collect(),
+        publisher,
+    )?;
+    Ok(Outcome::Ack)
+}
+
+/// A redelivered job whose execution is committed: derive the successors again from the
+/// stored result and finish coordination.
+fn rederive(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    context: &ContextMap,
+    publisher: &mut ConfirmPublisher,
+) -> Result<Outcome, WorkerError> {
+    let def = node.def(bp);
+    let (result, fallback) =
+        scheduling::stored_result(context, &def.id).unwrap_or((NodeResult::default(), None));
+    log::debug!(
+        "run {}: redelivered '{}' is committed; re-deriving its successors",
+        job.run_id,
+        def.id
+    );
+    let next = next_jobs(bp, node, &result, fallback.as_deref(), context);
+    coordinate(
+        shared,
+        bp,
+        job,
+        node,
+        next.into_iter().map(|n| n.report).collect(),
+        publisher,
+    )?;
+    Ok(Outcome::Ack)
+}
+
+/// Redis bookkeeping, then publishing the successors that became ready, then the final
+/// status if the run has no outstanding work.
+fn coordinate(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    successors: Vec<SuccessorReport>,
+    publisher: &mut ConfirmPublisher,
+) -> Result<(), WorkerError> {
+    let is_start =
+        matches!(node, RunNode::Static(i) if bp.start_nodes().contains(i)) && job.iteration == 0;
+    let also = if is_start {
+        scheduling::start_jobs(bp)
+    } else {
+        Vec::new()
+    };
+    let me = job_id(&job.node_id, job.iteration);
+    let outcome = shared
+        .coord
+        .finish_job(&job.run_id, &me, &also, &successors)?;
+    let bodies: Vec<Vec<u8>> = successors
+        .iter()
+        .zip(&outcome.ready)
+        .filter(|(_, ready)| **ready)
+        .map(|(s, _)| JobPayload::new(&job.run_id, bp.id(), &s.node, s.iteration).to_body())
+        .collect();
+    if !bodies.is_empty() {
+        publisher.publish_confirmed("", &shared.queue, &bodies)?;
+    }
+    if outcome.run_idle && shared.store.complete_run(&job.run_id)? {
+        log::info!("run {}: completed", job.run_id);
+    }
+    Ok(())
+}
+
+/// A node failed for good: the run fails with the reason; its `all` successors get a poison
+/// pill and its `any` successors a cancel pill, so nothing waits on it.
+fn fail_node(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    failure: NodeFailure,
+) -> Result<Outcome, WorkerError> {
+    let reason = failure.to_string();
+    shared.store.fail_run(&job.run_id, &reason)?;
+    log::info!("run {}: failed: {reason}", job.run_id);
+    if let RunNode::Static(i) = node {
+        let (mut poisoned, mut cancelled) = (Vec::new(), Vec::new());
+        for &e in bp.outgoing(*i) {
+            let target = bp.edge_ends(e).1;
+            let id = bp.node(target).id.clone();
+            match bp.join_strategy(target) {
+                JoinStrategy::All => poisoned.push(id),
+                JoinStrategy::Any => cancelled.push(id),
+            }
+        }
+        shared.coord.poison(&job.run_id, &poisoned, &cancelled)?;
+    }
+    Ok(Outcome::Ack)
+}

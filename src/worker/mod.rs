@@ -1,0 +1,516 @@
+//! The distributed worker: one consumer thread, a fixed pool of worker threads, and a
+//! reconciler on a timer thread.
+//!
+//! ```text
+//!             deliveries (bounded by prefetch)            publish successors (confirms)
+//!  RabbitMQ ──► consumer thread ──crossbeam──► worker threads ──► PostgreSQL / Redis / RabbitMQ
+//!                   ▲                               │
+//!                   └──── done: ack / reject ───────┘   (acks go out on the consuming channel)
+//! ```
+//!
+//! A delivery is acked only after its effects are committed and its successor jobs are
+//! confirmed by the broker (see [`job`] for the crash windows). When the connection is lost
+//! the session ends — unacked deliveries go back to the queue — and the worker reconnects
+//! with backoff. [`WorkerHandle::shutdown`] stops consuming, lets in-flight jobs finish and
+//! be acked, then closes cleanly.
+
+mod job;
+mod pause;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use amiquip::{Connection, ConsumerMessage, ConsumerOptions, Delivery};
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
+
+use crate::amqp::{self, AmqpError, ConfirmPublisher};
+use crate::blueprint::Blueprint;
+use crate::coordination::{CoordinationError, RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
+use crate::local::DEFAULT_MAX_ITERATIONS;
+use crate::node::NodeRegistry;
+use crate::reconciler::Reconciler;
+use crate::store::{PgPool, RunStore, StoreError, Tables};
+
+/// Default job queue.
+pub const DEFAULT_QUEUE: &str = "flowcraft-jobs";
+
+/// How often a delivery may fail on a service error before it is dead-lettered.
+const MAX_DELIVERY_FAILURES: u32 = 5;
+
+/// Errors of the distributed worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Coordination(#[from] CoordinationError),
+    #[error("invalid worker options: {0}")]
+    Options(String),
+    #[error("a worker thread panicked")]
+    Panicked,
+}
+
+impl From<amiquip::Error> for WorkerError {
+    fn from(e: amiquip::Error) -> Self {
+        WorkerError::Amqp(AmqpError::Protocol(e))
+    }
+}
+
+/// State every worker thread shares.
+pub(crate) struct Shared {
+    pub blueprints: HashMap<String, Arc<Blueprint>>,
+    pub registry: NodeRegistry,
+    pub store: RunStore,
+    pub coord: RedisCoordinationStore,
+    pub queue: String,
+    pub max_iterations: u32,
+}
+
+/// Builder of the distributed worker ([`RabbitMqAdapter`]).
+pub struct RabbitMqAdapterBuilder {
+    amqp_url: String,
+    pg: PgPool,
+    redis: RedisPool,
+    blueprints: HashMap<String, Arc<Blueprint>>,
+    registry: NodeRegistry,
+    queue: String,
+    tables: Tables,
+    threads: usize,
+    prefetch: Option<u16>,
+    redis_prefix: String,
+    reconcile_every: Option<Duration>,
+    stalled_after: Duration,
+    max_iterations: u32,
+}
+
+impl RabbitMqAdapterBuilder {
+    /// Adds a blueprint.
+    pub fn blueprint(mut self, bp: Blueprint) -> Self {
+        self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
+        self
+    }
+
+    /// Adds blueprints.
+    pub fn blueprints(mut self, bps: impl IntoIterator<Item = Blueprint>) -> Self {
+        for bp in bps {
+            self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
+        }
+        self
+    }
+
+    /// The node registry (default: the built-ins only).
+    pub fn registry(mut self, registry: NodeRegistry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Job queue name (default `flowcraft-jobs`).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Table names (default `flowcraft_contexts`, `flowcraft_statuses`, `flowcraft_webhooks`).
+    pub fn tables(mut self, tables: Tables) -> Self {
+        self.tables = tables;
+        self
+    }
+
+    /// Worker threads (default 4).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Unacked deliveries in flight (default 2 × threads).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch.max(1));
+        self
+    }
+
+    /// Redis key prefix (default `flowcraft:`).
+    pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.redis_prefix = prefix.into();
+        self
+    }
+
+    /// Reconciler interval (default 30 s; `None` disables the timer thread).
+    pub fn reconcile_every(mut self, every: Option<Duration>) -> Self {
+        self.reconcile_every = every;
+        self
+    }
+
+    /// How long a `running` run may be idle before the reconciler resumes it (default 300 s).
+    pub fn stalled_after(mut self, after: Duration) -> Self {
+        self.stalled_after = after;
+        self
+    }
+
+    /// How often one node may execute in one run (loops; default 1 000).
+    pub fn max_iterations(mut self, n: u32) -> Self {
+        self.max_iterations = n.max(1);
+        self
+    }
+
+    /// Validates the options.
+    pub fn build(self) -> Result<RabbitMqAdapter, WorkerError> {
+        if self.queue.trim().is_empty() {
+            return Err(WorkerError::Options("the queue name is empty".into()));
+        }
+        amqp::AmqpUrl::parse(&self.amqp_url)?;
+        let store = RunStore::new(self.pg, self.tables)?;
+        let coord = RedisCoordinationStore::new(self.redis, self.redis_prefix);
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(self.threads * 2).unwrap_or(u16::MAX));
+        Ok(RabbitMqAdapter {
+            shared: Arc::new(Shared {
+                blueprints: self.blueprints,
+                registry: self.registry,
+                store,
+                coord,
+                queue: self.queue,
+                max_iterations: self.max_iterations,
+            }),
+            amqp_url: self.amqp_url,
+            threads: self.threads,
+            prefetch,
+            reconcile_every: self.reconcile_every,
+            stalled_after: self.stalled_after,
+        })
+    }
+}
+
+/// The distributed worker: consumes jobs and executes them (SPEC §6).
+pub struct RabbitMqAdapter {
+    shared: Arc<Shared>,
+    amqp_url: String,
+    threads: usize,
+    prefetch: u16,
+    reconcile_every: Option<Duration>,
+    stalled_after: Duration,
+}
+
+impl RabbitMqAdapter {
+    /// A builder from the three services: an AMQP URL, a PostgreSQL pool and a Redis pool.
+    pub fn builder(
+        amqp_url: impl Into<String>,
+        pg: PgPool,
+        redis: RedisPool,
+    ) -> RabbitMqAdapterBuilder {
+        RabbitMqAdapterBuilder {
+            amqp_url: amqp_url.into(),
+            pg,
+            redis,
+            blueprints: HashMap::new(),
+            registry: NodeRegistry::with_builtins(),
+            queue: DEFAULT_QUEUE.into(),
+            tables: Tables::default(),
+            threads: 4,
+            prefetch: None,
+            redis_prefix: DEFAULT_PREFIX.into(),
+            reconcile_every: Some(Duration::from_secs(30)),
+            stalled_after: Duration::from_secs(300),
+            max_iterations: DEFAULT_MAX_ITERATIONS,
+        }
+    }
+
+    /// A reconciler over the same services and blueprints.
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler::new(
+            self.shared.store.clone(),
+            self.shared.coord.clone(),
+            self.shared.blueprints.clone(),
+            self.amqp_url.clone(),
+            self.shared.queue.clone(),
+        )
+        .stalled_after(self.stalled_after)
+    }
+
+    /// Connects (failing at once if RabbitMQ cannot be reached), then consumes on background
+    /// threads until [`WorkerHandle::shutdown`].
+    pub fn start(self) -> Result<WorkerHandle, WorkerError> {
+        let connection = amqp::connect(&self.amqp_url)?;
+        let (stop_tx, stop_rx) = unbounded::<()>();
+        let reconciler = self.reconcile_every.map(|every| {
+            let reconciler = self.reconciler();
+            let stop = stop_rx.clone();
+            std::thread::Builder::new()
+                .name("flowcraft-reconciler".into())
+                .spawn(move || reconcile_on_timer(reconciler, every, stop))
+        });
+        let reconciler = match reconciler {
+            Some(Ok(handle)) => Some(handle),
+            Some(Err(e)) => {
+                return Err(WorkerError::Options(format!(
+                    "cannot start the reconciler thread: {e}"
+                )))
+            }
+            None => None,
+        };
+        let supervisor = std::thread::Builder::new()
+            .name("flowcraft-consumer".into())
+            .spawn(move || self.supervise(connection, stop_rx))
+            .map_err(|e| WorkerError::Options(format!("cannot start the consumer thread: {e}")))?;
+        Ok(WorkerHandle {
+            stop: std::sync::Mutex::new(Some(stop_tx)),
+            supervisor: Some(supervisor),
+            reconciler,
+        })
+    }
+
+    /// Runs sessions until asked to stop, reconnecting with backoff after a connection loss.
+    fn supervise(self, first: Connection, stop: Receiver<()>) -> Result<(), WorkerError> {
+        let mut connection = Some(first);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let conn = match connection.take() {
+                Some(c) => c,
+                None => match amqp::connect(&self.amqp_url) {
+                    Ok(c) => {
+                        log::info!("reconnected to RabbitMQ");
+                        backoff = Duration::from_millis(200);
+                        c
+                    }
+                    Err(e) => {
+                        log::warn!("{e}; retrying in {backoff:?}");
+                        if wait_or_stop(&stop, backoff) {
+                            return Ok(());
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                },
+            };
+            match self.session(conn, &stop) {
+                Ok(SessionEnd::Stopped) => return Ok(()),
+                Ok(SessionEnd::ConnectionLost(reason)) => {
+                    log::warn!("RabbitMQ connection lost: {reason}; reconnecting")
+                }
+                Err(e) => log::warn!("RabbitMQ session failed: {e}; reconnecting"),
+            }
+            if wait_or_stop(&stop, backoff) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One connection's life: consuming channel, one confirm-mode channel per worker thread.
+    fn session(
+        &self,
+        mut connection: Connection,
+        stop: &Receiver<()>,
+    ) -> Result<SessionEnd, WorkerError> {
+        let channel = connection.open_channel(None)?;
+        amqp::declare_job_queue(&channel, &self.shared.queue)?;
+        channel.qos(0, self.prefetch, false)?;
+        let mut publishers = Vec::with_capacity(self.threads);
+        for _ in 0..self.threads {
+            publishers.push(ConfirmPublisher::new(connection.open_channel(None)?)?);
+        }
+        let consumer =
+            channel.basic_consume(self.shared.queue.clone(), ConsumerOptions::default())?;
+        let (job_tx, job_rx) = unbounded::<Delivery>();
+        let (done_tx, done_rx) = unbounded::<(Delivery, job::Outcome)>();
+        let end = std::thread::scope(|scope| {
+            let mut workers = Vec::new();
+            for (i, mut publisher) in publishers.into_iter().enumerate() {
+                let (jobs, done, shared) = (job_rx.clone(), done_tx.clone(), self.shared.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("flowcraft-worker-{i}"))
+                    .spawn_scoped(scope, move || {
+                        for delivery in jobs.iter() {
+                            let outcome = job::handle(
+                                &shared,
+                                &delivery.body,
+                                delivery.redelivered,
+                                &mut publisher,
+                            );
+                            if done.send((delivery, outcome)).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = publisher.close();
+                    });
+                match spawned {
+                    Ok(handle) => workers.push(handle),
+                    Err(e) => log::error!("cannot start worker thread {i}: {e}"),
+                }
+            }
+            drop(job_rx);
+            let end = consume(&consumer, &job_tx, &done_rx, stop);
+            drop(job_tx);
+            // Workers finish their current job; a lost connection makes their publishes fail
+            // fast, and their deliveries return to the queue.
+            for w in workers {
+                let _ = w.join();
+            }
+            // Acks of jobs that finished while the workers wound down.
+            for (delivery, outcome) in done_rx.try_iter() {
+                let _ = settle(&consumer, delivery, outcome, &mut HashMap::new());
+            }
+            end
+        });
+        drop(consumer);
+        let _ = channel.close();
+        let _ = connection.close();
+        Ok(end)
+    }
+}
+
+enum SessionEnd {
+    Stopped,
+    ConnectionLost(String),
+}
+
+/// The consumer thread's loop: hand deliveries to the workers, settle finished ones, and on a
+/// stop request cancel the consumer and drain until every delivery in flight is settled.
+fn consume(
+    consumer: &amiquip::Consumer<'_>,
+    jobs: &Sender<Delivery>,
+    done: &Receiver<(Delivery, job::Outcome)>,
+    stop: &Receiver<()>,
+) -> SessionEnd {
+    let mut in_flight = 0usize;
+    let mut failures: HashMap<Vec<u8>, u32> = HashMap::new();
+    let mut stopping = false;
+    let mut cancelled = false;
+    let never = crossbeam_channel::never::<()>();
+    loop {
+        if stopping && cancelled && in_flight == 0 {
+            return SessionEnd::Stopped;
+        }
+        let stop_rx = if stopping { &never } else { stop };
+        select! {
+            recv(consumer.receiver()) -> message => match message {
+                Ok(ConsumerMessage::Delivery(delivery)) => {
+                    in_flight += 1;
+                    if jobs.send(delivery).is_err() {
+                        return SessionEnd::ConnectionLost("worker threads are gone".into());
+                    }
+                }
+                Ok(ConsumerMessage::ClientCancelled) => cancelled = true,
+                Ok(ConsumerMessage::ServerClosedChannel(e)) | Ok(ConsumerMessage::ServerClosedConnection(e)) => {
+                    return SessionEnd::ConnectionLost(e.to_string());
+                }
+                Ok(other) => return SessionEnd::ConnectionLost(format!("consumer ended: {other:?}")),
+                Err(_) => return SessionEnd::ConnectionLost("the consumer's channel closed".into()),
+            },
+            recv(done) -> finished => {
+                let Ok((delivery, outcome)) = finished else {
+                    return SessionEnd::ConnectionLost("worker threads are gone".into());
+                };
+                in_flight = in_flight.saturating_sub(1);
+                if let Err(e) = settle(consumer, delivery, outcome, &mut failures) {
+                    return SessionEnd::ConnectionLost(e.to_string());
+                }
+            },
+            recv(stop_rx) -> _ => {
+                log::info!("stopping: no new jobs; finishing {in_flight} in flight");
+                stopping = true;
+                if consumer.cancel().is_err() {
+                    return SessionEnd::Stopped;
+                }
+            },
+        }
+    }
+}
+
+/// Acks, dead-letters or requeues a finished delivery on the consuming channel.
+fn settle(
+    consumer: &amiquip::Consumer<'_>,
+    delivery: Delivery,
+    outcome: job::Outcome,
+    failures: &mut HashMap<Vec<u8>, u32>,
+) -> Result<(), amiquip::Error> {
+    match outcome {
+        job::Outcome::Ack => {
+            if !failures.is_empty() {
+                failures.remove(&delivery.body);
+            }
+            consumer.ack(delivery)
+        }
+        job::Outcome::DeadLetter(reason) => {
+            log::warn!("dead-lettering a message: {reason}");
+            consumer.reject(delivery, false)
+        }
+        job::Outcome::Retry(reason) => {
+            let count = failures.entry(delivery.body.clone()).or_insert(0);
+            *count += 1;
+            if *count >= MAX_DELIVERY_FAILURES {
+                log::error!("dead-lettering a message after {count} failures: {reason}");
+                failures.remove(&delivery.body);
+                consumer.reject(delivery, false)
+            } else {
+                log::warn!("requeueing a message (failure {count}): {reason}");
+                if failures.len() > 10_000 {
+                    failures.clear();
+                }
+                consumer.nack(delivery, true)
+            }
+        }
+    }
+}
+
+/// Waits for `timeout` unless a stop request comes first; returns whether to stop.
+fn wait_or_stop(stop: &Receiver<()>, timeout: Duration) -> bool {
+    !matches!(
+        stop.recv_timeout(timeout),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+    )
+}
+
+fn reconcile_on_timer(reconciler: Reconciler, every: Duration, stop: Receiver<()>) {
+    while !wait_or_stop(&stop, every) {
+        match reconciler.run() {
+            Ok(stats) if stats.stalled_runs > 0 => log::info!(
+                "reconciler: {} stalled, {} reconciled, {} failed",
+                stats.stalled_runs,
+                stats.reconciled_runs,
+                stats.failed_runs
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("reconciler pass failed: {e}"),
+        }
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    /// Dropping the sender is the stop signal: every listener sees the channel disconnect.
+    stop: std::sync::Mutex<Option<Sender<()>>>,
+    supervisor: Option<JoinHandle<Result<(), WorkerError>>>,
+    reconciler: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Stops consuming; in-flight jobs finish and are acked; then the connection closes.
+    /// Returns at once: [`join`](WorkerHandle::join) waits.
+    pub fn shutdown(&self) {
+        if let Ok(mut stop) = self.stop.lock() {
+            stop.take();
+        }
+    }
+
+    /// Waits for the worker to end (after [`shutdown`](WorkerHandle::shutdown)).
+    pub fn join(mut self) -> Result<(), WorkerError> {
+        if let Some(r) = self.reconciler.take() {
+            let _ = r.join();
+        }
+        match self.supervisor.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(WorkerError::Panicked),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops and waits.
+    pub fn stop(self) -> Result<(), WorkerError> {
+        self.shutdown();
+        self.join()
+    }
+}

@@ -1,0 +1,272 @@
+//! Shared harness of the integration tests: every test gets its own tables, queue and Redis
+//! key prefix, removes them when it ends, and fails loudly if a service is down.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use flowcraft_rabbitmq::coordination::{self, RedisPool};
+use flowcraft_rabbitmq::node::ContextMap;
+use flowcraft_rabbitmq::store::{self, PgPool, RunStore, StatusRow, Tables};
+use flowcraft_rabbitmq::{
+    amqp, Blueprint, Client, NodeRegistry, NodeResult, RabbitMqAdapter, WorkerHandle,
+};
+use serde_json::{json, Value};
+
+pub fn amqp_url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// One test's isolated slice of the three services.
+pub struct TestEnv {
+    pub tag: String,
+    pub tables: Tables,
+    pub queue: String,
+    pub prefix: String,
+    pub pg: PgPool,
+    pub redis: RedisPool,
+}
+
+impl TestEnv {
+    pub fn new(name: &str) -> TestEnv {
+        let tag = format!(
+            "{name}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let tables = Tables::new(
+            &format!("ctx_{tag}"),
+            &format!("st_{tag}"),
+            &format!("wh_{tag}"),
+        )
+        .unwrap();
+        let pg = store::connect_pool(&postgres_url(), 8)
+            .expect("PostgreSQL must be running for integration tests");
+        pg.get()
+            .expect("PostgreSQL must be running for integration tests")
+            .batch_execute(&tables.create_sql())
+            .expect("create test tables");
+        let redis = coordination::connect_pool(&redis_url(), 8).expect("Redis must be running");
+        redis::cmd("PING")
+            .query::<String>(
+                &mut *redis
+                    .get()
+                    .expect("Redis must be running for integration tests"),
+            )
+            .expect("Redis PING");
+        let env = TestEnv {
+            queue: format!("fc-test-{tag}"),
+            prefix: format!("fctest:{tag}:"),
+            tag,
+            tables,
+            pg,
+            redis,
+        };
+        // Fail loudly when RabbitMQ is down.
+        amqp::connect(&amqp_url()).expect("RabbitMQ must be running for integration tests");
+        env
+    }
+
+    pub fn store(&self) -> RunStore {
+        RunStore::new(self.pg.clone(), self.tables.clone()).unwrap()
+    }
+
+    pub fn worker(
+        &self,
+        registry: NodeRegistry,
+        blueprints: Vec<Blueprint>,
+    ) -> flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder {
+        RabbitMqAdapter::builder(amqp_url(), self.pg.clone(), self.redis.clone())
+            .registry(registry)
+            .blueprints(blueprints)
+            .queue(self.queue.clone())
+            .tables(self.tables.clone())
+            .redis_prefix(self.prefix.clone())
+            .reconcile_every(None)
+    }
+
+    pub fn start_worker(
+        &self,
+        registry: NodeRegistry,
+        blueprints: Vec<Blueprint>,
+        threads: usize,
+    ) -> WorkerHandle {
+        self.worker(registry, blueprints)
+            .threads(threads)
+            .build()
+            .unwrap()
+            .start()
+            .unwrap()
+    }
+
+    pub fn client(&self, blueprints: Vec<Blueprint>) -> Client {
+        Client::with_options(
+            amqp_url(),
+            self.pg.clone(),
+            self.redis.clone(),
+            self.tables.clone(),
+            &self.queue,
+            &self.prefix,
+        )
+        .unwrap()
+        .with_blueprints(blueprints)
+    }
+
+    /// Polls a run's status until it leaves `running` (or reaches `want`), with a deadline.
+    pub fn wait_for_status(&self, run: &str, want: &str, within: Duration) -> StatusRow {
+        let store = self.store();
+        let deadline = Instant::now() + within;
+        loop {
+            let row = store.status(run).unwrap();
+            if let Some(row) = &row {
+                if row.status == want {
+                    return row.clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {run} did not reach '{want}' within {within:?}; last: {row:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls until `check` holds, with a deadline.
+    pub fn eventually(&self, what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + within;
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn context(&self, run: &str) -> ContextMap {
+        self.store().load(run).unwrap().expect("run exists").context
+    }
+
+    /// Publishes a raw message to the test queue (declaring it).
+    pub fn publish_raw(&self, body: &[u8]) {
+        let mut conn = amqp::connect(&amqp_url()).unwrap();
+        let mut publisher = amqp::ConfirmPublisher::new(conn.open_channel(None).unwrap()).unwrap();
+        amqp::declare_job_queue(publisher.channel(), &self.queue).unwrap();
+        publisher
+            .publish_confirmed("", &self.queue, &[body.to_vec()])
+            .unwrap();
+        let _ = publisher.close();
+        let _ = conn.close();
+    }
+
+    /// Messages currently in a queue of this test.
+    pub fn queue_depth(&self, queue: &str) -> u32 {
+        let mut conn = amqp::connect(&amqp_url()).unwrap();
+        let ch = conn.open_channel(None).unwrap();
+        let depth = ch
+            .queue_declare_passive(queue)
+            .map(|q| q.declared_message_count().unwrap_or(0))
+            .unwrap_or(0);
+        let _ = conn.close();
+        depth
+    }
+
+    /// Takes one message off a queue of this test.
+    pub fn take_message(&self, queue: &str) -> Option<Vec<u8>> {
+        let mut conn = amqp::connect(&amqp_url()).unwrap();
+        let ch = conn.open_channel(None).unwrap();
+        let got = ch
+            .basic_get(queue, true)
+            .ok()
+            .flatten()
+            .map(|g| g.delivery.body);
+        let _ = conn.close();
+        got
+    }
+
+    pub fn purge(&self) -> u32 {
+        let mut conn = amqp::connect(&amqp_url()).unwrap();
+        let ch = conn.open_channel(None).unwrap();
+        let n = ch.queue_purge(self.queue.clone()).unwrap_or(0);
+        let _ = conn.close();
+        n
+    }
+
+    pub fn dead_queue(&self) -> String {
+        amqp::dead_letter_queue(&self.queue)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.pg.get() {
+            let _ = c.batch_execute(&format!(
+                "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
+                self.tables.contexts, self.tables.statuses, self.tables.webhooks
+            ));
+        }
+        if let Ok(mut c) = self.redis.get() {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", self.prefix))
+                .query(&mut *c)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _ = redis::cmd("DEL").arg(keys).query::<()>(&mut *c);
+            }
+        }
+        if let Ok(mut conn) = amqp::connect(&amqp_url()) {
+            if let Ok(ch) = conn.open_channel(None) {
+                for q in [
+                    self.queue.clone(),
+                    self.dead_queue(),
+                    format!("{}.delay", self.queue),
+                ] {
+                    let _ = ch.queue_delete(q, Default::default());
+                }
+            }
+            let _ = conn.close();
+        }
+    }
+}
+
+/// A registry with the built-ins plus `inc` (input + 1, absent → 1), as in the bench workloads.
+pub fn inc_registry() -> NodeRegistry {
+    let mut r = NodeRegistry::with_builtins();
+    r.register_fn("inc", |ctx| {
+        Ok(NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) + 1
+        )))
+    });
+    r
+}
+
+pub fn workload(name: &str) -> (Blueprint, Value) {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/workloads.json"
+    ))
+    .unwrap();
+    let all: Value = serde_json::from_str(&text).unwrap();
+    let w = &all["workloads"][name];
+    (
+        Blueprint::new(serde_json::from_value(w["blueprint"].clone()).unwrap()).unwrap(),
+        w["expectedOutputs"].clone(),
+    )
+}
+
+pub fn bp(text: &str) -> Blueprint {
+    Blueprint::from_json(text).unwrap()
+}
+
+pub fn ctx(v: Value) -> ContextMap {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+pub const WAIT: Duration = Duration::from_secs(30);
