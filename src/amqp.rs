@@ -130,6 +130,12 @@ pub fn mask_url(url: &str) -> String {
 
 /// Opens a connection with TCP_NODELAY set on its socket.
 pub fn connect(url: &str) -> Result<Connection, AmqpError> {
+    connect_named(url, None)
+}
+
+/// Like [`connect`], reporting `name` as the connection's `information` client property (it
+/// shows in `rabbitmqctl list_connections client_properties`).
+pub fn connect_named(url: &str, name: Option<&str>) -> Result<Connection, AmqpError> {
     let parsed = AmqpUrl::parse(url)?;
     let fail = |reason: String| AmqpError::Connect {
         url: mask_url(url),
@@ -151,7 +157,8 @@ pub fn connect(url: &str) -> Result<Connection, AmqpError> {
         })
         .virtual_host(parsed.vhost)
         .heartbeat(30)
-        .connection_timeout(Some(Duration::from_secs(10)));
+        .connection_timeout(Some(Duration::from_secs(10)))
+        .information(name.map(String::from));
     Connection::insecure_open_stream(stream, options, ConnectionTuning::default())
         .map_err(|e| fail(e.to_string()))
 }

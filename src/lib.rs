@@ -28,6 +28,7 @@ pub mod context;
 pub mod coordination;
 pub mod executor;
 pub mod expr;
+pub mod failpoint;
 pub mod flow;
 pub mod local;
 pub mod node;

@@ -22,6 +22,7 @@ use crate::amqp::ConfirmPublisher;
 use crate::blueprint::{Blueprint, JoinStrategy};
 use crate::coordination::{job_id, SuccessorReport};
 use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
+use crate::failpoint;
 use crate::flow::{self, output_key};
 use crate::node::{ContextMap, NodeResult};
 use crate::protocol::JobPayload;
@@ -240,6 +241,7 @@ fn finish_node(
         );
         return Ok(Outcome::Ack);
     }
+    failpoint::hit("after_commit", &def.id);
     coordinate(
         shared,
         bp,
@@ -311,6 +313,7 @@ fn coordinate(
     if !bodies.is_empty() {
         publisher.publish_confirmed("", &shared.queue, &bodies)?;
     }
+    failpoint::hit("after_publish", &job.node_id);
     if outcome.run_idle && shared.store.complete_run(&job.run_id)? {
         log::info!("run {}: completed", job.run_id);
     }

@@ -85,9 +85,17 @@ pub struct RabbitMqAdapterBuilder {
     reconcile_every: Option<Duration>,
     stalled_after: Duration,
     max_iterations: u32,
+    connection_name: Option<String>,
 }
 
 impl RabbitMqAdapterBuilder {
+    /// A name reported to RabbitMQ for the worker's connection (client property
+    /// `information`), so operators can tell workers apart.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
     /// Adds a blueprint.
     pub fn blueprint(mut self, bp: Blueprint) -> Self {
         self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
@@ -181,6 +189,7 @@ impl RabbitMqAdapterBuilder {
             prefetch,
             reconcile_every: self.reconcile_every,
             stalled_after: self.stalled_after,
+            connection_name: self.connection_name,
         })
     }
 }
@@ -193,6 +202,7 @@ pub struct RabbitMqAdapter {
     prefetch: u16,
     reconcile_every: Option<Duration>,
     stalled_after: Duration,
+    connection_name: Option<String>,
 }
 
 impl RabbitMqAdapter {
@@ -216,6 +226,7 @@ impl RabbitMqAdapter {
             reconcile_every: Some(Duration::from_secs(30)),
             stalled_after: Duration::from_secs(300),
             max_iterations: DEFAULT_MAX_ITERATIONS,
+            connection_name: None,
         }
     }
 
@@ -234,7 +245,7 @@ impl RabbitMqAdapter {
     /// Connects (failing at once if RabbitMQ cannot be reached), then consumes on background
     /// threads until [`WorkerHandle::shutdown`].
     pub fn start(self) -> Result<WorkerHandle, WorkerError> {
-        let connection = amqp::connect(&self.amqp_url)?;
+        let connection = amqp::connect_named(&self.amqp_url, self.connection_name.as_deref())?;
         let (stop_tx, stop_rx) = unbounded::<()>();
         let reconciler = self.reconcile_every.map(|every| {
             let reconciler = self.reconciler();
@@ -270,21 +281,23 @@ impl RabbitMqAdapter {
         loop {
             let conn = match connection.take() {
                 Some(c) => c,
-                None => match amqp::connect(&self.amqp_url) {
-                    Ok(c) => {
-                        log::info!("reconnected to RabbitMQ");
-                        backoff = Duration::from_millis(200);
-                        c
-                    }
-                    Err(e) => {
-                        log::warn!("{e}; retrying in {backoff:?}");
-                        if wait_or_stop(&stop, backoff) {
-                            return Ok(());
+                None => {
+                    match amqp::connect_named(&self.amqp_url, self.connection_name.as_deref()) {
+                        Ok(c) => {
+                            log::info!("reconnected to RabbitMQ");
+                            backoff = Duration::from_millis(200);
+                            c
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                        continue;
+                        Err(e) => {
+                            log::warn!("{e}; retrying in {backoff:?}");
+                            if wait_or_stop(&stop, backoff) {
+                                return Ok(());
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            continue;
+                        }
                     }
-                },
+                }
             };
             match self.session(conn, &stop) {
                 Ok(SessionEnd::Stopped) => return Ok(()),
