@@ -206,6 +206,115 @@ pub fn persistent_json() -> AmqpProperties {
         .with_content_type("application/json".into())
 }
 
+/// Something job messages are published through: a [`ConfirmPublisher`] waits for the
+/// broker's confirms; an [`AsyncPublisher`] does not (its confirms are tracked elsewhere).
+pub trait JobSink {
+    /// Publishes persistent messages to an exchange (`""`: routed by queue name).
+    fn publish_jobs(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: &[Vec<u8>],
+    ) -> Result<(), AmqpError>;
+}
+
+impl JobSink for ConfirmPublisher {
+    fn publish_jobs(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: &[Vec<u8>],
+    ) -> Result<(), AmqpError> {
+        self.publish_confirmed(exchange, routing_key, bodies)
+    }
+}
+
+/// A channel in confirm mode whose confirms are consumed by someone else: it only counts
+/// its publishes, so the caller knows which delivery tags to wait for.
+pub struct AsyncPublisher {
+    channel: Channel,
+    published: u64,
+}
+
+impl AsyncPublisher {
+    /// Puts a channel in confirm mode; returns the publisher and its confirm stream.
+    pub fn new(channel: Channel) -> Result<(AsyncPublisher, Receiver<Confirm>), AmqpError> {
+        let confirms = channel.listen_for_publisher_confirms()?;
+        channel.enable_publisher_confirms()?;
+        Ok((
+            AsyncPublisher {
+                channel,
+                published: 0,
+            },
+            confirms,
+        ))
+    }
+
+    /// How many messages were published so far: the delivery tag of the latest one.
+    pub fn published(&self) -> u64 {
+        self.published
+    }
+
+    /// Closes the channel.
+    pub fn close(self) -> Result<(), AmqpError> {
+        self.channel.close().map_err(AmqpError::from)
+    }
+}
+
+impl JobSink for AsyncPublisher {
+    fn publish_jobs(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: &[Vec<u8>],
+    ) -> Result<(), AmqpError> {
+        for body in bodies {
+            self.channel.basic_publish(
+                exchange,
+                Publish::with_properties(body, routing_key, persistent_json()),
+            )?;
+            self.published += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Follows one channel's publisher confirms: which delivery tags are settled, and whether
+/// any of them was refused.
+#[derive(Default)]
+pub struct ConfirmTracker {
+    smoother: ConfirmSmoother,
+    confirmed: u64,
+    nacked: std::collections::BTreeSet<u64>,
+}
+
+impl ConfirmTracker {
+    /// Takes in one confirm from the broker.
+    pub fn record(&mut self, confirm: Confirm) {
+        for c in self.smoother.process(confirm) {
+            let tag = match c {
+                Confirm::Ack(p) => p.delivery_tag,
+                Confirm::Nack(p) => {
+                    self.nacked.insert(p.delivery_tag);
+                    p.delivery_tag
+                }
+            };
+            self.confirmed = self.confirmed.max(tag);
+        }
+    }
+
+    /// Every tag up to and including this one is settled.
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    /// Whether a tag in `first..=last` was refused; forgets refusals before `first`.
+    pub fn any_nacked(&mut self, first: u64, last: u64) -> bool {
+        self.nacked = self.nacked.split_off(&first);
+        self.nacked.range(first..=last).next().is_some()
+    }
+}
+
 /// A channel in confirm mode: [`publish_confirmed`](ConfirmPublisher::publish_confirmed)
 /// returns only once the broker has confirmed every message it sent.
 pub struct ConfirmPublisher {

@@ -5,7 +5,6 @@
 //! as a plain key. The worker does not use this type on its hot path (it reads a snapshot
 //! and writes one patch per job); it is the public, blocking context API.
 
-use postgres::types::Type;
 use serde_json::{Map, Value};
 
 use crate::store::{validate_identifier, PgPool, StoreError};
@@ -56,10 +55,11 @@ impl PostgresContext {
 
     /// A key's value (`None` if absent or the run has no row).
     pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
-        let row = self.pool.get()?.query_typed_opt(
-            &self.get_sql,
-            &[(&self.run_id, Type::TEXT), (&key, Type::TEXT)],
-        )?;
+        let row = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.get_sql)?;
+            conn.query_opt(&stmt, &[&self.run_id, &key])?
+        };
         Ok(match row {
             Some(row) => row.try_get::<_, Option<Value>>(0)?,
             None => None,
@@ -73,10 +73,11 @@ impl PostgresContext {
 
     /// Whether a key is present.
     pub fn has(&self, key: &str) -> Result<bool, StoreError> {
-        let row = self.pool.get()?.query_typed_opt(
-            &self.has_sql,
-            &[(&self.run_id, Type::TEXT), (&key, Type::TEXT)],
-        )?;
+        let row = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.has_sql)?;
+            conn.query_opt(&stmt, &[&self.run_id, &key])?
+        };
         Ok(match row {
             Some(row) => row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
             None => false,
@@ -90,10 +91,11 @@ impl PostgresContext {
 
     /// The whole context (an empty object if the run has no row).
     pub fn to_json(&self) -> Result<Value, StoreError> {
-        let row = self
-            .pool
-            .get()?
-            .query_typed_opt(&self.all_sql, &[(&self.run_id, Type::TEXT)])?;
+        let row = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.all_sql)?;
+            conn.query_opt(&stmt, &[&self.run_id])?
+        };
         Ok(match row {
             Some(row) => row.try_get(0)?,
             None => Value::Object(Map::new()),
@@ -117,14 +119,11 @@ impl PostgresContext {
             }
         }
         let set = Value::Object(set);
-        self.pool.get()?.execute_typed(
-            &self.patch_sql,
-            &[
-                (&self.run_id, Type::TEXT),
-                (&delete, Type::TEXT_ARRAY),
-                (&set, Type::JSONB),
-            ],
-        )?;
+        {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.patch_sql)?;
+            conn.execute(&stmt, &[&self.run_id, &delete, &set])?
+        };
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::amqp::ConfirmPublisher;
+use crate::amqp::JobSink;
 use crate::blueprint::Blueprint;
 use crate::coordination::{job_id, RedisCoordinationStore};
 use crate::flow::{input_key, output_key};
@@ -69,7 +69,7 @@ impl Resumer<'_> {
         action: Option<&str>,
         output: Value,
         extra: Map<String, Value>,
-        publisher: &mut ConfirmPublisher,
+        publisher: &mut dyn JobSink,
     ) -> Result<Vec<String>, ResumeError> {
         let snapshot = self
             .store
@@ -188,7 +188,7 @@ impl Resumer<'_> {
                 .map(|(s, _)| JobPayload::new(run_id, bp.id(), &s.node, s.iteration).to_body())
                 .collect();
             if !bodies.is_empty() {
-                publisher.publish_confirmed("", self.queue, &bodies)?;
+                publisher.publish_jobs("", self.queue, &bodies)?;
             }
             idle = outcome.run_idle;
         }

@@ -6,18 +6,88 @@
 //! round trip, and it carries the idempotency guard: it applies only if the node's execution
 //! has not been committed yet (the first commit wins).
 
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
-use postgres::types::Type;
-use postgres::NoTls;
+use postgres::{Client, NoTls, Statement};
+use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
 use serde_json::{Map, Value};
 
 use crate::amqp::mask_url;
 use crate::node::ContextMap;
 
-/// A pool of PostgreSQL connections.
-pub type PgPool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+/// A pool of PostgreSQL connections, each with its own prepared-statement cache.
+pub type PgPool = r2d2::Pool<PgConnectionManager>;
+
+/// An r2d2 manager: [`PostgresConnectionManager`] connections, each wrapped with a cache of
+/// prepared statements, so the per-job statements are parsed and planned once per
+/// connection instead of once per job.
+#[derive(Debug)]
+pub struct PgConnectionManager {
+    inner: PostgresConnectionManager<NoTls>,
+}
+
+impl PgConnectionManager {
+    /// A manager for a connection configuration.
+    pub fn new(config: postgres::Config) -> PgConnectionManager {
+        PgConnectionManager {
+            inner: PostgresConnectionManager::new(config, NoTls),
+        }
+    }
+}
+
+/// A pooled PostgreSQL connection (derefs to [`postgres::Client`]).
+pub struct PgConnection {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl PgConnection {
+    /// The prepared statement for `sql`, preparing it on first use.
+    pub fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
+impl Deref for PgConnection {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl DerefMut for PgConnection {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+impl ManageConnection for PgConnectionManager {
+    type Connection = PgConnection;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<PgConnection, postgres::Error> {
+        Ok(PgConnection {
+            client: self.inner.connect()?,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut PgConnection) -> Result<(), postgres::Error> {
+        self.inner.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        self.inner.has_broken(&mut conn.client)
+    }
+}
 
 /// Errors of the PostgreSQL layer.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +115,7 @@ pub fn connect_pool(url: &str, max_size: u32) -> Result<PgPool, StoreError> {
                 url: mask_url(url),
                 reason: e.to_string(),
             })?;
-    let manager = PostgresConnectionManager::new(config, NoTls);
+    let manager = PgConnectionManager::new(config);
     r2d2::Pool::builder()
         .max_size(max_size.max(1))
         .min_idle(Some(0))
@@ -272,6 +342,16 @@ impl RunStore {
         Ok(RunStore { pool, tables, sql })
     }
 
+    fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.pool.get()?;
+        let stmt = conn.statement(sql)?;
+        Ok(conn.execute(&stmt, params)?)
+    }
+
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -291,7 +371,8 @@ impl RunStore {
     /// A run's context and status; `None` if it has no context row.
     pub fn load(&self, run_id: &str) -> Result<Option<RunSnapshot>, StoreError> {
         let mut conn = self.pool.get()?;
-        let row = conn.query_typed_opt(&self.sql.load, &[(&run_id, Type::TEXT)])?;
+        let stmt = conn.statement(&self.sql.load)?;
+        let row = conn.query_opt(&stmt, &[&run_id])?;
         let Some(row) = row else { return Ok(None) };
         let context: Value = row.try_get(0)?;
         let Value::Object(context) = context else {
@@ -318,18 +399,19 @@ impl RunStore {
         };
         let iteration = i32::try_from(guard.iteration).unwrap_or(i32::MAX);
         let mut conn = self.pool.get()?;
-        let row = conn.query_typed_one(
-            &self.sql.commit,
+        let stmt = conn.statement(&self.sql.commit)?;
+        let row = conn.query_one(
+            &stmt,
             &[
-                (&run_id, Type::TEXT),
-                (&commit.delete, Type::TEXT_ARRAY),
-                (&set, Type::JSONB),
-                (&guard.output_key, Type::TEXT),
-                (&guard.meta_key, Type::TEXT),
-                (&iteration, Type::INT4),
-                (&guard.in_cycle, Type::BOOL),
-                (&awaiting_id, Type::TEXT),
-                (&awaiting_details, Type::JSONB),
+                &run_id,
+                &commit.delete,
+                &set,
+                &guard.output_key,
+                &guard.meta_key,
+                &iteration,
+                &guard.in_cycle,
+                &awaiting_id,
+                &awaiting_details,
             ],
         )?;
         let applied: i32 = row.try_get(0)?;
@@ -338,20 +420,22 @@ impl RunStore {
 
     /// Marks a running run `completed` with its final context, unless it awaits a node.
     pub fn complete_run(&self, run_id: &str) -> Result<bool, StoreError> {
-        let n = self
-            .pool
-            .get()?
-            .execute_typed(&self.sql.complete, &[(&run_id, Type::TEXT)])?;
+        let n = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.sql.complete)?;
+            conn.execute(&stmt, &[&run_id])?
+        };
         Ok(n > 0)
     }
 
     /// Marks a running or awaiting run `failed` with a reason (creating the status row if
     /// missing).
     pub fn fail_run(&self, run_id: &str, reason: &str) -> Result<bool, StoreError> {
-        let n = self.pool.get()?.execute_typed(
-            &self.sql.fail,
-            &[(&run_id, Type::TEXT), (&reason, Type::TEXT)],
-        )?;
+        let n = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.sql.fail)?;
+            conn.execute(&stmt, &[&run_id, &reason])?
+        };
         Ok(n > 0)
     }
 
@@ -364,24 +448,17 @@ impl RunStore {
         from: &[&str],
     ) -> Result<bool, StoreError> {
         let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
-        let n = self.pool.get()?.execute_typed(
-            &self.sql.set_status,
-            &[
-                (&run_id, Type::TEXT),
-                (&status, Type::TEXT),
-                (&result, Type::JSONB),
-                (&from, Type::TEXT_ARRAY),
-            ],
-        )?;
+        let n = self.execute(&self.sql.set_status, &[&run_id, &status, &result, &from])?;
         Ok(n > 0)
     }
 
     /// A run's status row.
     pub fn status(&self, run_id: &str) -> Result<Option<StatusRow>, StoreError> {
-        let row = self
-            .pool
-            .get()?
-            .query_typed_opt(&self.sql.status, &[(&run_id, Type::TEXT)])?;
+        let row = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.sql.status)?;
+            conn.query_opt(&stmt, &[&run_id])?
+        };
         let Some(row) = row else { return Ok(None) };
         Ok(Some(StatusRow {
             run_id: run_id.to_string(),
@@ -394,10 +471,11 @@ impl RunStore {
     /// Runs whose status is `running` and that have not moved for `idle`.
     pub fn stalled_runs(&self, idle: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
         let secs = idle.as_secs_f64();
-        let rows = self.pool.get()?.query_typed(
-            &self.sql.stalled,
-            &[(&secs, Type::FLOAT8), (&limit, Type::INT8)],
-        )?;
+        let rows = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.sql.stalled)?;
+            conn.query(&stmt, &[&secs, &limit])?
+        };
         rows.iter()
             .map(|r| r.try_get(0).map_err(StoreError::from))
             .collect()
@@ -405,9 +483,11 @@ impl RunStore {
 
     /// Moves a run's `updated_at` to now.
     pub fn touch(&self, run_id: &str) -> Result<(), StoreError> {
-        self.pool
-            .get()?
-            .execute_typed(&self.sql.touch, &[(&run_id, Type::TEXT)])?;
+        {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.sql.touch)?;
+            conn.execute(&stmt, &[&run_id])?
+        };
         Ok(())
     }
 
@@ -423,14 +503,11 @@ impl RunStore {
     ) -> Result<bool, StoreError> {
         let nodes = Value::from(nodes.to_vec());
         let set = Value::Object(set.clone());
-        let row = self.pool.get()?.query_typed_one(
-            &self.sql.resume,
-            &[
-                (&run_id, Type::TEXT),
-                (&nodes, Type::JSONB),
-                (&set, Type::JSONB),
-            ],
-        )?;
+        let row = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.sql.resume)?;
+            conn.query_one(&stmt, &[&run_id, &nodes, &set])?
+        };
         let applied: i32 = row.try_get(0)?;
         Ok(applied > 0)
     }
@@ -438,16 +515,12 @@ impl RunStore {
     /// Inserts a new run's context row and `running` status row in one transaction.
     pub fn create_run(&self, run_id: &str, context: &ContextMap) -> Result<(), StoreError> {
         let mut conn = self.pool.get()?;
+        let insert_context = conn.statement(&self.sql.insert_context)?;
+        let insert_status = conn.statement(&self.sql.insert_status)?;
         let mut tx = conn.transaction()?;
         let context = Value::Object(context.clone());
-        tx.execute_typed(
-            &self.sql.insert_context,
-            &[(&run_id, Type::TEXT), (&context, Type::JSONB)],
-        )?;
-        tx.execute_typed(
-            &self.sql.insert_status,
-            &[(&run_id, Type::TEXT), (&"running", Type::TEXT)],
-        )?;
+        tx.execute(&insert_context, &[&run_id, &context])?;
+        tx.execute(&insert_status, &[&run_id, &"running"])?;
         tx.commit()?;
         Ok(())
     }

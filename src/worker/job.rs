@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::amqp::ConfirmPublisher;
+use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, JoinStrategy};
 use crate::coordination::{job_id, SuccessorReport};
 use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
@@ -46,7 +46,7 @@ pub(crate) fn handle(
     shared: &Shared,
     body: &[u8],
     redelivered: bool,
-    publisher: &mut ConfirmPublisher,
+    publisher: &mut dyn JobSink,
 ) -> Outcome {
     let job = match JobPayload::parse(body) {
         Ok(job) => job,
@@ -68,7 +68,7 @@ fn process(
     shared: &Shared,
     job: &JobPayload,
     redelivered: bool,
-    publisher: &mut ConfirmPublisher,
+    publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
     // Guard: the blueprint, the run, its version, the node.
     let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
@@ -149,7 +149,7 @@ fn finish_node(
     node: &RunNode,
     snapshot: &ContextMap,
     success: NodeSuccess,
-    publisher: &mut ConfirmPublisher,
+    publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
     let def = node.def(bp);
     let NodeSuccess {
@@ -261,7 +261,7 @@ fn rederive(
     job: &JobPayload,
     node: &RunNode,
     context: &ContextMap,
-    publisher: &mut ConfirmPublisher,
+    publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
     let def = node.def(bp);
     let (result, fallback) =
@@ -291,7 +291,7 @@ fn coordinate(
     job: &JobPayload,
     node: &RunNode,
     successors: Vec<SuccessorReport>,
-    publisher: &mut ConfirmPublisher,
+    publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
     let is_start =
         matches!(node, RunNode::Static(i) if bp.start_nodes().contains(i)) && job.iteration == 0;
@@ -311,7 +311,7 @@ fn coordinate(
         .map(|(s, _)| JobPayload::new(&job.run_id, bp.id(), &s.node, s.iteration).to_body())
         .collect();
     if !bodies.is_empty() {
-        publisher.publish_confirmed("", &shared.queue, &bodies)?;
+        publisher.publish_jobs("", &shared.queue, &bodies)?;
     }
     failpoint::hit("after_publish", &job.node_id);
     if outcome.run_idle && shared.store.complete_run(&job.run_id)? {

@@ -17,15 +17,15 @@
 mod job;
 mod pause;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use amiquip::{Connection, ConsumerMessage, ConsumerOptions, Delivery};
-use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Receiver, Select, Sender};
 
-use crate::amqp::{self, AmqpError, ConfirmPublisher};
+use crate::amqp::{self, AmqpError, AsyncPublisher, ConfirmTracker};
 use crate::blueprint::Blueprint;
 use crate::coordination::{CoordinationError, RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
 use crate::local::DEFAULT_MAX_ITERATIONS;
@@ -36,8 +36,9 @@ use crate::store::{PgPool, RunStore, StoreError, Tables};
 /// Default job queue.
 pub const DEFAULT_QUEUE: &str = "flowcraft-jobs";
 
-/// How often a delivery may fail on a service error before it is dead-lettered.
-const MAX_DELIVERY_FAILURES: u32 = 5;
+/// How often a delivery may fail on a service error before it is dead-lettered (with the
+/// workers' backoff, about a minute and a half of outage).
+const MAX_DELIVERY_FAILURES: u32 = 20;
 
 /// Errors of the distributed worker.
 #[derive(Debug, thiserror::Error)]
@@ -322,13 +323,16 @@ impl RabbitMqAdapter {
         amqp::declare_job_queue(&channel, &self.shared.queue)?;
         channel.qos(0, self.prefetch, false)?;
         let mut publishers = Vec::with_capacity(self.threads);
+        let mut confirms = Vec::with_capacity(self.threads);
         for _ in 0..self.threads {
-            publishers.push(ConfirmPublisher::new(connection.open_channel(None)?)?);
+            let (publisher, confirm_rx) = AsyncPublisher::new(connection.open_channel(None)?)?;
+            publishers.push(publisher);
+            confirms.push(confirm_rx);
         }
         let consumer =
             channel.basic_consume(self.shared.queue.clone(), ConsumerOptions::default())?;
         let (job_tx, job_rx) = unbounded::<Delivery>();
-        let (done_tx, done_rx) = unbounded::<(Delivery, job::Outcome)>();
+        let (done_tx, done_rx) = unbounded::<Finished>();
         let end = std::thread::scope(|scope| {
             let mut workers = Vec::new();
             for (i, mut publisher) in publishers.into_iter().enumerate() {
@@ -336,14 +340,33 @@ impl RabbitMqAdapter {
                 let spawned = std::thread::Builder::new()
                     .name(format!("flowcraft-worker-{i}"))
                     .spawn_scoped(scope, move || {
+                        let mut failing = 0u32;
                         for delivery in jobs.iter() {
+                            let before = publisher.published();
                             let outcome = job::handle(
                                 &shared,
                                 &delivery.body,
                                 delivery.redelivered,
                                 &mut publisher,
                             );
-                            if done.send((delivery, outcome)).is_err() {
+                            if let job::Outcome::Retry(reason) = &outcome {
+                                // A service is failing: back off before the message is requeued.
+                                failing = (failing + 1).min(7);
+                                let pause = Duration::from_millis(50 << failing)
+                                    .min(Duration::from_secs(5));
+                                log::warn!("{reason}; retrying in {pause:?}");
+                                std::thread::sleep(pause);
+                            } else {
+                                failing = 0;
+                            }
+                            let after = publisher.published();
+                            let finished = Finished {
+                                delivery,
+                                outcome,
+                                publisher: i,
+                                tags: (after > before).then_some((before + 1, after)),
+                            };
+                            if done.send(finished).is_err() {
                                 break;
                             }
                         }
@@ -355,16 +378,13 @@ impl RabbitMqAdapter {
                 }
             }
             drop(job_rx);
-            let end = consume(&consumer, &job_tx, &done_rx, stop);
+            let mut settler = Settler::new(&consumer, self.threads);
+            let end = consume(&consumer, &job_tx, &done_rx, &confirms, stop, &mut settler);
             drop(job_tx);
             // Workers finish their current job; a lost connection makes their publishes fail
-            // fast, and their deliveries return to the queue.
+            // fast. Whatever is not acked returns to the queue.
             for w in workers {
                 let _ = w.join();
-            }
-            // Acks of jobs that finished while the workers wound down.
-            for (delivery, outcome) in done_rx.try_iter() {
-                let _ = settle(&consumer, delivery, outcome, &mut HashMap::new());
             }
             end
         });
@@ -380,55 +400,146 @@ enum SessionEnd {
     ConnectionLost(String),
 }
 
-/// The consumer thread's loop: hand deliveries to the workers, settle finished ones, and on a
-/// stop request cancel the consumer and drain until every delivery in flight is settled.
+/// A delivery a worker thread is done with, and the delivery tags of the messages it
+/// published on its channel (it is acked once the broker confirmed them all).
+struct Finished {
+    delivery: Delivery,
+    outcome: job::Outcome,
+    publisher: usize,
+    tags: Option<(u64, u64)>,
+}
+
+/// Settles deliveries on the consuming channel: at once when they published nothing,
+/// otherwise when their publishes are confirmed (and requeued if one was refused).
+struct Settler<'c, 'a> {
+    consumer: &'c amiquip::Consumer<'a>,
+    trackers: Vec<ConfirmTracker>,
+    waiting: Vec<VecDeque<Finished>>,
+    failures: HashMap<Vec<u8>, u32>,
+    in_flight: usize,
+}
+
+impl<'c, 'a> Settler<'c, 'a> {
+    fn new(consumer: &'c amiquip::Consumer<'a>, publishers: usize) -> Self {
+        Settler {
+            consumer,
+            trackers: (0..publishers).map(|_| ConfirmTracker::default()).collect(),
+            waiting: (0..publishers).map(|_| VecDeque::new()).collect(),
+            failures: HashMap::new(),
+            in_flight: 0,
+        }
+    }
+
+    fn finished(&mut self, f: Finished) -> Result<(), amiquip::Error> {
+        match f.tags {
+            Some((_, last)) if self.trackers[f.publisher].confirmed() < last => {
+                self.waiting[f.publisher].push_back(f);
+                Ok(())
+            }
+            _ => self.settle(f),
+        }
+    }
+
+    fn confirm(
+        &mut self,
+        publisher: usize,
+        confirm: amiquip::Confirm,
+    ) -> Result<(), amiquip::Error> {
+        self.trackers[publisher].record(confirm);
+        let confirmed = self.trackers[publisher].confirmed();
+        while self.waiting[publisher]
+            .front()
+            .is_some_and(|f| f.tags.is_none_or(|(_, last)| last <= confirmed))
+        {
+            if let Some(f) = self.waiting[publisher].pop_front() {
+                self.settle(f)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self, f: Finished) -> Result<(), amiquip::Error> {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let mut outcome = f.outcome;
+        if let Some((first, last)) = f.tags {
+            if self.trackers[f.publisher].any_nacked(first, last) && outcome == job::Outcome::Ack {
+                outcome = job::Outcome::Retry("the broker refused a successor job".into());
+            }
+        }
+        settle(self.consumer, f.delivery, outcome, &mut self.failures)
+    }
+}
+
+/// The consumer thread's loop: hand deliveries to the workers, settle finished ones as their
+/// publishes are confirmed, and on a stop request cancel the consumer and drain until every
+/// delivery in flight is settled.
 fn consume(
     consumer: &amiquip::Consumer<'_>,
     jobs: &Sender<Delivery>,
-    done: &Receiver<(Delivery, job::Outcome)>,
+    done: &Receiver<Finished>,
+    confirms: &[Receiver<amiquip::Confirm>],
     stop: &Receiver<()>,
+    settler: &mut Settler<'_, '_>,
 ) -> SessionEnd {
-    let mut in_flight = 0usize;
-    let mut failures: HashMap<Vec<u8>, u32> = HashMap::new();
-    let mut stopping = false;
+    let mut select = Select::new();
+    let deliveries_op = select.recv(consumer.receiver());
+    let done_op = select.recv(done);
+    let confirm_ops: Vec<usize> = confirms.iter().map(|c| select.recv(c)).collect();
+    let mut stop_op = Some(select.recv(stop));
     let mut cancelled = false;
-    let never = crossbeam_channel::never::<()>();
     loop {
-        if stopping && cancelled && in_flight == 0 {
+        if stop_op.is_none() && cancelled && settler.in_flight == 0 {
             return SessionEnd::Stopped;
         }
-        let stop_rx = if stopping { &never } else { stop };
-        select! {
-            recv(consumer.receiver()) -> message => match message {
+        let op = select.select();
+        let index = op.index();
+        if index == deliveries_op {
+            match op.recv(consumer.receiver()) {
                 Ok(ConsumerMessage::Delivery(delivery)) => {
-                    in_flight += 1;
+                    settler.in_flight += 1;
                     if jobs.send(delivery).is_err() {
                         return SessionEnd::ConnectionLost("worker threads are gone".into());
                     }
                 }
                 Ok(ConsumerMessage::ClientCancelled) => cancelled = true,
-                Ok(ConsumerMessage::ServerClosedChannel(e)) | Ok(ConsumerMessage::ServerClosedConnection(e)) => {
+                Ok(ConsumerMessage::ServerClosedChannel(e))
+                | Ok(ConsumerMessage::ServerClosedConnection(e)) => {
                     return SessionEnd::ConnectionLost(e.to_string());
                 }
-                Ok(other) => return SessionEnd::ConnectionLost(format!("consumer ended: {other:?}")),
-                Err(_) => return SessionEnd::ConnectionLost("the consumer's channel closed".into()),
-            },
-            recv(done) -> finished => {
-                let Ok((delivery, outcome)) = finished else {
-                    return SessionEnd::ConnectionLost("worker threads are gone".into());
-                };
-                in_flight = in_flight.saturating_sub(1);
-                if let Err(e) = settle(consumer, delivery, outcome, &mut failures) {
-                    return SessionEnd::ConnectionLost(e.to_string());
+                Ok(other) => {
+                    return SessionEnd::ConnectionLost(format!("consumer ended: {other:?}"))
                 }
-            },
-            recv(stop_rx) -> _ => {
-                log::info!("stopping: no new jobs; finishing {in_flight} in flight");
-                stopping = true;
-                if consumer.cancel().is_err() {
-                    return SessionEnd::Stopped;
+                Err(_) => {
+                    return SessionEnd::ConnectionLost("the consumer's channel closed".into())
                 }
-            },
+            }
+        } else if index == done_op {
+            let Ok(finished) = op.recv(done) else {
+                return SessionEnd::ConnectionLost("worker threads are gone".into());
+            };
+            if let Err(e) = settler.finished(finished) {
+                return SessionEnd::ConnectionLost(e.to_string());
+            }
+        } else if Some(index) == stop_op {
+            let _ = op.recv(stop);
+            log::info!(
+                "stopping: no new jobs; finishing {} in flight",
+                settler.in_flight
+            );
+            select.remove(index);
+            stop_op = None;
+            if consumer.cancel().is_err() {
+                return SessionEnd::Stopped;
+            }
+        } else if let Some(publisher) = confirm_ops.iter().position(|&o| o == index) {
+            match op.recv(&confirms[publisher]) {
+                Ok(confirm) => {
+                    if let Err(e) = settler.confirm(publisher, confirm) {
+                        return SessionEnd::ConnectionLost(e.to_string());
+                    }
+                }
+                Err(_) => return SessionEnd::ConnectionLost("a publishing channel closed".into()),
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::amqp::ConfirmPublisher;
+use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, NodeDef};
 use crate::protocol::JobPayload;
 
@@ -27,7 +27,7 @@ pub(crate) fn after_commit(
     _job: &JobPayload,
     _node: &NodeDef,
     _details: &Value,
-    _publisher: &mut ConfirmPublisher,
+    _publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
     Ok(())
 }

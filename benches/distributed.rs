@@ -1,0 +1,172 @@
+//! End-to-end throughput of the distributed worker against the real services, on the shared
+//! workloads (`benches/workloads.json`: `chain5`, `diamond8`; every node is `inc`).
+//!
+//! For each worker thread count, N runs are created and their start jobs queued first; then a
+//! worker starts and the clock runs until every run is `completed`. Printed: jobs/s, runs/s
+//! and the p50/p99 *job latency*: from the moment a node's predecessor started executing (or
+//! the worker started, for start nodes) to the moment the node itself started — the cost of
+//! one hop (commit, Redis, publish with confirm, delivery, dispatch).
+//!
+//! `cargo bench --bench distributed` (all), or with arguments:
+//! `cargo bench --bench distributed -- --runs 500 --threads 1,2,4,8 --workload chain5`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use flowcraft_rabbitmq::node::ContextMap;
+use flowcraft_rabbitmq::{NodeRegistry, NodeResult};
+use serde_json::json;
+
+struct Args {
+    runs: usize,
+    prefetch: Option<u16>,
+    threads: Vec<usize>,
+    workloads: Vec<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        runs: 500,
+        prefetch: None,
+        threads: vec![1, 2, 4, 8, 16],
+        workloads: vec!["chain5".into(), "diamond8".into()],
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let value = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--runs" => a.runs = value.parse().expect("--runs N"),
+            "--threads" => {
+                a.threads = value
+                    .split(',')
+                    .map(|t| t.parse().expect("--threads 1,2,4"))
+                    .collect()
+            }
+            "--workload" => a.workloads = vec![value],
+            "--prefetch" => a.prefetch = Some(value.parse().expect("--prefetch N")),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+type Starts = Arc<Mutex<HashMap<(String, String), Instant>>>;
+
+fn timed_registry(starts: Starts) -> NodeRegistry {
+    let mut r = NodeRegistry::with_builtins();
+    r.register_fn("inc", move |ctx| {
+        starts
+            .lock()
+            .unwrap()
+            .insert((ctx.run_id.clone(), ctx.node_id.clone()), Instant::now());
+        Ok(NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) + 1
+        )))
+    });
+    r
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn bench(workload: &str, runs: usize, threads: usize, prefetch: Option<u16>) {
+    let env = TestEnv::new(&format!("bench_{workload}_{threads}"));
+    let (blueprint, _) = workload_def(workload);
+    let jobs_per_run = blueprint.node_count();
+    let client = env.client(vec![blueprint.clone()]);
+    let mut run_ids = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        run_ids.push(client.start_workflow(workload, ContextMap::new()).unwrap());
+    }
+    let starts: Starts = Arc::new(Mutex::new(HashMap::new()));
+    let clock = Instant::now();
+    let mut builder = env
+        .worker(timed_registry(starts.clone()), vec![blueprint.clone()])
+        .threads(threads);
+    if let Some(p) = prefetch {
+        builder = builder.prefetch(p);
+    }
+    let worker = builder.build().unwrap().start().unwrap();
+    let table = env.tables.statuses.clone();
+    let mut pg = env.pg.get().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done: i64 = pg
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE status = 'completed'"),
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if done as usize == runs {
+            break;
+        }
+        assert!(Instant::now() < deadline, "runs did not complete");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let elapsed = clock.elapsed();
+    drop(pg);
+    worker.stop().unwrap();
+    let starts = starts.lock().unwrap();
+    let mut latencies = Vec::with_capacity(runs * jobs_per_run);
+    for run in &run_ids {
+        for node in 0..blueprint.node_count() {
+            let id = &blueprint.node(node).id;
+            let Some(&at) = starts.get(&(run.clone(), id.clone())) else {
+                continue;
+            };
+            let ready_at = blueprint
+                .forward_predecessors(node)
+                .iter()
+                .filter_map(|&p| {
+                    starts
+                        .get(&(run.clone(), blueprint.node(p).id.clone()))
+                        .copied()
+                })
+                .max()
+                .unwrap_or(clock);
+            latencies.push(at.saturating_duration_since(ready_at));
+        }
+    }
+    latencies.sort();
+    let jobs = runs * jobs_per_run;
+    println!(
+        "{workload:<9} threads={threads:<3} runs={runs:<5} {:>8.0} jobs/s {:>7.0} runs/s   job latency p50 {:>7.2} ms  p99 {:>7.2} ms   ({:.2} s)",
+        jobs as f64 / elapsed.as_secs_f64(),
+        runs as f64 / elapsed.as_secs_f64(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        elapsed.as_secs_f64(),
+    );
+}
+
+fn workload_def(name: &str) -> (flowcraft_rabbitmq::Blueprint, serde_json::Value) {
+    workload(name)
+}
+
+fn main() {
+    let a = args();
+    if std::env::args().any(|x| x == "--list") {
+        return;
+    }
+    for w in &a.workloads {
+        for &t in &a.threads {
+            bench(w, a.runs, t, a.prefetch);
+        }
+    }
+}
