@@ -266,6 +266,9 @@ fn the_reconciler_finishes_a_run_whose_next_job_was_purged() {
     entered_rx.recv_timeout(WAIT).expect("n2 starts");
     // Stop consuming while n2 runs; n2 finishes, publishes n3 and is acked; n3 stays queued.
     worker.shutdown();
+    env.eventually("the worker stops consuming", WAIT, || {
+        env.consumer_count(&env.queue) == 0
+    });
     gate_tx.send(()).unwrap();
     worker.join().unwrap();
     env.eventually("n3 is queued", WAIT, || env.queue_depth(&env.queue) == 1);

@@ -501,7 +501,11 @@ fn consume(
                         return SessionEnd::ConnectionLost("worker threads are gone".into());
                     }
                 }
-                Ok(ConsumerMessage::ClientCancelled) => cancelled = true,
+                Ok(ConsumerMessage::ClientCancelled) => {
+                    // No more deliveries; the receiver closes, so stop selecting on it.
+                    cancelled = true;
+                    select.remove(deliveries_op);
+                }
                 Ok(ConsumerMessage::ServerClosedChannel(e))
                 | Ok(ConsumerMessage::ServerClosedConnection(e)) => {
                     return SessionEnd::ConnectionLost(e.to_string());

@@ -178,6 +178,18 @@ impl TestEnv {
         depth
     }
 
+    /// Consumers currently attached to a queue of this test.
+    pub fn consumer_count(&self, queue: &str) -> u32 {
+        let mut conn = amqp::connect(&amqp_url()).unwrap();
+        let ch = conn.open_channel(None).unwrap();
+        let count = ch
+            .queue_declare_passive(queue)
+            .map(|q| q.declared_consumer_count().unwrap_or(0))
+            .unwrap_or(0);
+        let _ = conn.close();
+        count
+    }
+
     /// Takes one message off a queue of this test.
     pub fn take_message(&self, queue: &str) -> Option<Vec<u8>> {
         let mut conn = amqp::connect(&amqp_url()).unwrap();
