@@ -1,0 +1,101 @@
+//! The public blocking APIs over PostgreSQL and Redis: `PostgresContext` and
+//! `RedisCoordinationStore`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use flowcraft_rabbitmq::context::PatchOp;
+use flowcraft_rabbitmq::coordination::{JoinRule, SuccessorReport};
+use flowcraft_rabbitmq::{PostgresContext, RedisCoordinationStore};
+use serde_json::json;
+
+#[test]
+fn postgres_context_round_trips_any_key_as_a_parameter() {
+    let env = TestEnv::new("pgctx");
+    let ctx = PostgresContext::new(env.pg.clone(), &env.tables.contexts, "run-1").unwrap();
+    assert_eq!(ctx.get("missing").unwrap(), None);
+    assert_eq!(ctx.to_json().unwrap(), json!({}));
+    let nasty = "a'}; DROP TABLE x; --";
+    ctx.set(nasty, json!({"v": 1})).unwrap();
+    ctx.set("_outputs.n1", json!(null)).unwrap();
+    assert_eq!(ctx.get(nasty).unwrap(), Some(json!({"v": 1})));
+    assert!(ctx.has(nasty).unwrap());
+    assert!(ctx.has("_outputs.n1").unwrap());
+    assert_eq!(ctx.get("_outputs.n1").unwrap(), Some(json!(null)));
+    ctx.patch(&[PatchOp::Set("k".into(), json!(2)), PatchOp::Delete(nasty.into()), PatchOp::Set("k".into(), json!(3))])
+        .unwrap();
+    assert!(!ctx.has(nasty).unwrap());
+    assert_eq!(ctx.to_json().unwrap(), json!({"_outputs.n1": null, "k": 3}));
+    ctx.delete("k").unwrap();
+    assert_eq!(ctx.to_json().unwrap(), json!({"_outputs.n1": null}));
+    // The table still exists and holds exactly this row.
+    let rows: i64 = env.pg.get().unwrap().query_one(&format!("SELECT count(*) FROM {}", env.tables.contexts), &[]).unwrap().get(0);
+    assert_eq!(rows, 1);
+}
+
+#[test]
+fn table_names_are_validated() {
+    let env = TestEnv::new("pgname");
+    let err = PostgresContext::new(env.pg.clone(), "x; DROP TABLE y", "r").err().unwrap();
+    assert!(err.to_string().contains("invalid table name"), "{err}");
+}
+
+#[test]
+fn redis_coordination_primitives() {
+    let env = TestEnv::new("redis");
+    let store = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    let ttl = Duration::from_secs(60);
+    let k = store.key("counter");
+    assert_eq!(store.increment(&k, ttl).unwrap(), 1);
+    assert_eq!(store.increment(&k, ttl).unwrap(), 2);
+    let lock = store.key("lock");
+    assert!(store.set_if_not_exist(&lock, "me", ttl).unwrap());
+    assert!(!store.set_if_not_exist(&lock, "you", ttl).unwrap());
+    assert_eq!(store.get(&lock).unwrap().as_deref(), Some("me"));
+    assert!(store.extend_ttl(&lock, ttl).unwrap());
+    store.delete(&[lock.clone()]).unwrap();
+    assert_eq!(store.get(&lock).unwrap(), None);
+    assert!(!store.extend_ttl(&lock, ttl).unwrap());
+    let join = store.key("join");
+    assert_eq!(store.join_report(&join, "a", ttl).unwrap(), 1);
+    assert_eq!(store.join_report(&join, "a", ttl).unwrap(), 1, "the same predecessor counts once");
+    assert_eq!(store.join_report(&join, "b", ttl).unwrap(), 2);
+}
+
+#[test]
+fn finish_job_fires_joins_once_and_tracks_outstanding_work() {
+    let env = TestEnv::new("ledger");
+    let store = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    let report = |pred: &str, rule: JoinRule| SuccessorReport {
+        job: "j".into(),
+        node: "j".into(),
+        iteration: 0,
+        predecessor: pred.into(),
+        rule,
+    };
+    let starts = vec!["a".to_string(), "b".to_string()];
+    // a finishes: the all-join of 2 is not ready; b is still outstanding.
+    let out = store.finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))]).unwrap();
+    assert_eq!((out.ready.clone(), out.run_idle), (vec![false], false));
+    // a again (a duplicate): nothing changes.
+    let out = store.finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))]).unwrap();
+    assert_eq!((out.ready.clone(), out.run_idle), (vec![false], false));
+    // b finishes: the join fires, and j is outstanding.
+    let out = store.finish_job("run", "b", &starts, &[report("b", JoinRule::All(2))]).unwrap();
+    assert_eq!((out.ready.clone(), out.run_idle), (vec![true], false));
+    // b redelivered: it fired the join, so it fires it again (its successors are re-published).
+    let out = store.finish_job("run", "b", &starts, &[report("b", JoinRule::All(2))]).unwrap();
+    assert_eq!(out.ready, vec![true]);
+    // a cannot fire it.
+    let out = store.finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))]).unwrap();
+    assert_eq!(out.ready, vec![false]);
+    // j finishes with no successors: the run is idle.
+    let out = store.finish_job("run", "j", &[], &[]).unwrap();
+    assert!(out.run_idle);
+    // An any-join: the first predecessor wins.
+    let any = |pred: &str| SuccessorReport { job: "k".into(), node: "k".into(), iteration: 0, predecessor: pred.into(), rule: JoinRule::Any };
+    assert_eq!(store.finish_job("run2", "x", &[], &[any("x")]).unwrap().ready, vec![true]);
+    assert_eq!(store.finish_job("run2", "y", &[], &[any("y")]).unwrap().ready, vec![false]);
+}
