@@ -31,6 +31,7 @@ pub mod expr;
 pub mod failpoint;
 pub mod flow;
 pub mod local;
+pub mod migrate;
 pub mod node;
 pub mod nodes;
 pub mod protocol;

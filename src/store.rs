@@ -188,20 +188,14 @@ impl Tables {
         Ok(())
     }
 
-    /// `CREATE TABLE IF NOT EXISTS` for all three tables and the reconciler's index.
+    /// The SQL of every migration for these table names (tests create their tables with it;
+    /// operators run `flowcraft migrate`).
     pub fn create_sql(&self) -> String {
-        let index = format!("{}_status_updated_idx", self.statuses.replace('.', "_"));
-        format!(
-            "CREATE TABLE IF NOT EXISTS {c} (run_id TEXT PRIMARY KEY, context_data JSONB NOT NULL);
-             CREATE TABLE IF NOT EXISTS {s} (run_id TEXT PRIMARY KEY, status TEXT NOT NULL,
-                 updated_at TIMESTAMPTZ DEFAULT NOW(), result JSONB);
-             CREATE TABLE IF NOT EXISTS {w} (webhook_id TEXT PRIMARY KEY, event_name TEXT NOT NULL,
-                 url TEXT NOT NULL, created_at TIMESTAMPTZ DEFAULT NOW());
-             CREATE INDEX IF NOT EXISTS {index} ON {s} (status, updated_at);",
-            c = self.contexts,
-            s = self.statuses,
-            w = self.webhooks,
-        )
+        crate::migrate::MIGRATIONS
+            .iter()
+            .filter_map(|(_, template)| crate::migrate::render(template, self).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

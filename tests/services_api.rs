@@ -24,21 +24,36 @@ fn postgres_context_round_trips_any_key_as_a_parameter() {
     assert!(ctx.has(nasty).unwrap());
     assert!(ctx.has("_outputs.n1").unwrap());
     assert_eq!(ctx.get("_outputs.n1").unwrap(), Some(json!(null)));
-    ctx.patch(&[PatchOp::Set("k".into(), json!(2)), PatchOp::Delete(nasty.into()), PatchOp::Set("k".into(), json!(3))])
-        .unwrap();
+    ctx.patch(&[
+        PatchOp::Set("k".into(), json!(2)),
+        PatchOp::Delete(nasty.into()),
+        PatchOp::Set("k".into(), json!(3)),
+    ])
+    .unwrap();
     assert!(!ctx.has(nasty).unwrap());
     assert_eq!(ctx.to_json().unwrap(), json!({"_outputs.n1": null, "k": 3}));
     ctx.delete("k").unwrap();
     assert_eq!(ctx.to_json().unwrap(), json!({"_outputs.n1": null}));
     // The table still exists and holds exactly this row.
-    let rows: i64 = env.pg.get().unwrap().query_one(&format!("SELECT count(*) FROM {}", env.tables.contexts), &[]).unwrap().get(0);
+    let rows: i64 = env
+        .pg
+        .get()
+        .unwrap()
+        .query_one(
+            &format!("SELECT count(*) FROM {}", env.tables.contexts),
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(rows, 1);
 }
 
 #[test]
 fn table_names_are_validated() {
     let env = TestEnv::new("pgname");
-    let err = PostgresContext::new(env.pg.clone(), "x; DROP TABLE y", "r").err().unwrap();
+    let err = PostgresContext::new(env.pg.clone(), "x; DROP TABLE y", "r")
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("invalid table name"), "{err}");
 }
 
@@ -60,7 +75,11 @@ fn redis_coordination_primitives() {
     assert!(!store.extend_ttl(&lock, ttl).unwrap());
     let join = store.key("join");
     assert_eq!(store.join_report(&join, "a", ttl).unwrap(), 1);
-    assert_eq!(store.join_report(&join, "a", ttl).unwrap(), 1, "the same predecessor counts once");
+    assert_eq!(
+        store.join_report(&join, "a", ttl).unwrap(),
+        1,
+        "the same predecessor counts once"
+    );
     assert_eq!(store.join_report(&join, "b", ttl).unwrap(), 2);
 }
 
@@ -77,25 +96,53 @@ fn finish_job_fires_joins_once_and_tracks_outstanding_work() {
     };
     let starts = vec!["a".to_string(), "b".to_string()];
     // a finishes: the all-join of 2 is not ready; b is still outstanding.
-    let out = store.finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))]).unwrap();
+    let out = store
+        .finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))])
+        .unwrap();
     assert_eq!((out.ready.clone(), out.run_idle), (vec![false], false));
     // a again (a duplicate): nothing changes.
-    let out = store.finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))]).unwrap();
+    let out = store
+        .finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))])
+        .unwrap();
     assert_eq!((out.ready.clone(), out.run_idle), (vec![false], false));
     // b finishes: the join fires, and j is outstanding.
-    let out = store.finish_job("run", "b", &starts, &[report("b", JoinRule::All(2))]).unwrap();
+    let out = store
+        .finish_job("run", "b", &starts, &[report("b", JoinRule::All(2))])
+        .unwrap();
     assert_eq!((out.ready.clone(), out.run_idle), (vec![true], false));
     // b redelivered: it fired the join, so it fires it again (its successors are re-published).
-    let out = store.finish_job("run", "b", &starts, &[report("b", JoinRule::All(2))]).unwrap();
+    let out = store
+        .finish_job("run", "b", &starts, &[report("b", JoinRule::All(2))])
+        .unwrap();
     assert_eq!(out.ready, vec![true]);
     // a cannot fire it.
-    let out = store.finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))]).unwrap();
+    let out = store
+        .finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))])
+        .unwrap();
     assert_eq!(out.ready, vec![false]);
     // j finishes with no successors: the run is idle.
     let out = store.finish_job("run", "j", &[], &[]).unwrap();
     assert!(out.run_idle);
     // An any-join: the first predecessor wins.
-    let any = |pred: &str| SuccessorReport { job: "k".into(), node: "k".into(), iteration: 0, predecessor: pred.into(), rule: JoinRule::Any };
-    assert_eq!(store.finish_job("run2", "x", &[], &[any("x")]).unwrap().ready, vec![true]);
-    assert_eq!(store.finish_job("run2", "y", &[], &[any("y")]).unwrap().ready, vec![false]);
+    let any = |pred: &str| SuccessorReport {
+        job: "k".into(),
+        node: "k".into(),
+        iteration: 0,
+        predecessor: pred.into(),
+        rule: JoinRule::Any,
+    };
+    assert_eq!(
+        store
+            .finish_job("run2", "x", &[], &[any("x")])
+            .unwrap()
+            .ready,
+        vec![true]
+    );
+    assert_eq!(
+        store
+            .finish_job("run2", "y", &[], &[any("y")])
+            .unwrap()
+            .ready,
+        vec![false]
+    );
 }

@@ -1,7 +1,10 @@
 //! Command-line interface. Every subcommand returns its exit code; errors are one clear line
 //! on stderr, never a panic.
 
+mod demo;
 mod local_cmds;
+mod ops;
+mod services;
 
 use std::path::PathBuf;
 
@@ -13,23 +16,105 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 /// Exit code: bad usage, invalid blueprint, unreachable service.
 pub const EXIT_USAGE: i32 = 2;
+/// Exit code of `start --wait`: the run did not finish in time.
+pub const EXIT_TIMEOUT: i32 = 3;
+/// Exit code of `start --wait`: the run is awaiting (a wait, sleep, webhook or subflow node).
+pub const EXIT_AWAITING: i32 = 4;
 
 #[derive(Parser)]
 #[command(
     name = "flowcraft",
     version,
-    about = "Run Flowcraft workflow blueprints in process or across workers (RabbitMQ + PostgreSQL + Redis)"
+    about = "Run Flowcraft workflow blueprints in process, or across worker processes with RabbitMQ, PostgreSQL and Redis"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--blueprints DIR`.
 #[derive(Args, Clone)]
 pub struct BlueprintDir {
     /// Directory of blueprint *.json files.
     #[arg(long, env = "FLOWCRAFT_BLUEPRINTS", value_name = "DIR")]
     pub blueprints: PathBuf,
+}
+
+/// `--blueprints DIR` where it is optional.
+#[derive(Args, Clone)]
+pub struct OptionalBlueprintDir {
+    /// Directory of blueprint *.json files.
+    #[arg(long, env = "FLOWCRAFT_BLUEPRINTS", value_name = "DIR")]
+    pub blueprints: Option<PathBuf>,
+}
+
+/// Where the services are, and the names the runtime uses in them.
+#[derive(Args, Clone)]
+pub struct ServiceArgs {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "RABBITMQ_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        value_name = "URL"
+    )]
+    pub rabbitmq_url: String,
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        value_name = "URL"
+    )]
+    pub postgres_url: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        value_name = "URL"
+    )]
+    pub redis_url: String,
+    /// Job queue.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_QUEUE",
+        default_value = "flowcraft-jobs",
+        value_name = "NAME"
+    )]
+    pub queue: String,
+    /// Table of run contexts.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_CONTEXTS_TABLE",
+        default_value = "flowcraft_contexts",
+        value_name = "NAME"
+    )]
+    pub contexts_table: String,
+    /// Table of run statuses.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_STATUSES_TABLE",
+        default_value = "flowcraft_statuses",
+        value_name = "NAME"
+    )]
+    pub statuses_table: String,
+    /// Table of webhook endpoints.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_WEBHOOKS_TABLE",
+        default_value = "flowcraft_webhooks",
+        value_name = "NAME"
+    )]
+    pub webhooks_table: String,
+    /// Prefix of every Redis key.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_REDIS_PREFIX",
+        default_value = "flowcraft:",
+        value_name = "PREFIX"
+    )]
+    pub redis_prefix: String,
 }
 
 #[derive(Subcommand)]
@@ -59,6 +144,70 @@ enum Command {
         /// Id of the blueprint to draw.
         blueprint_id: String,
     },
+    /// Create or update the PostgreSQL tables (idempotent; safe from several hosts at once).
+    Migrate {
+        #[command(flatten)]
+        services: ServiceArgs,
+    },
+    /// Run a distributed worker until SIGINT/SIGTERM (a second signal exits at once).
+    Worker(ops::WorkerArgs),
+    /// Start a run; print its id (with --wait, its final status).
+    Start {
+        #[command(flatten)]
+        dir: BlueprintDir,
+        #[command(flatten)]
+        services: ServiceArgs,
+        /// Id of the blueprint to start.
+        blueprint_id: String,
+        /// Initial context (a JSON object).
+        #[arg(long, value_name = "JSON")]
+        context: Option<String>,
+        /// Wait until the run leaves `running`; exit 0 completed, 1 failed, 3 timed out, 4 awaiting.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 60.0, value_name = "SECS", requires = "wait")]
+        timeout: f64,
+    },
+    /// Print a run's status as JSON; exit 1 if the run is unknown.
+    Status {
+        #[command(flatten)]
+        services: ServiceArgs,
+        run_id: String,
+    },
+    /// Resume an awaiting run along the edges of an action.
+    Resume {
+        #[command(flatten)]
+        dir: BlueprintDir,
+        #[command(flatten)]
+        services: ServiceArgs,
+        run_id: String,
+        /// The action to follow.
+        #[arg(long)]
+        action: String,
+        /// Output recorded for the awaited nodes (JSON).
+        #[arg(long, value_name = "JSON")]
+        output: Option<String>,
+    },
+    /// Cancel a running or awaiting run; its queued jobs are dropped.
+    Cancel {
+        #[command(flatten)]
+        services: ServiceArgs,
+        run_id: String,
+    },
+    /// One reconciler pass over stalled runs; prints its stats as JSON.
+    Reconcile {
+        #[command(flatten)]
+        dir: BlueprintDir,
+        #[command(flatten)]
+        services: ServiceArgs,
+        /// Runs idle longer than this are stalled.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        stalled_after: u64,
+    },
+    /// Migrate, run a worker pool in this process, push a batch of fan-out/fan-in runs through
+    /// it and print a summary.
+    Demo(demo::DemoArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -80,6 +229,37 @@ pub fn main() -> i32 {
         } => local_cmds::run(&dir, &blueprint_id, context.as_deref(), threads),
         Command::Check { dir } => local_cmds::check(&dir),
         Command::Graph { dir, blueprint_id } => local_cmds::graph(&dir, &blueprint_id),
+        Command::Migrate { services } => ops::migrate(&services),
+        Command::Worker(args) => ops::worker(&args),
+        Command::Start {
+            dir,
+            services,
+            blueprint_id,
+            context,
+            wait,
+            timeout,
+        } => ops::start(
+            &dir,
+            &services,
+            &blueprint_id,
+            context.as_deref(),
+            wait.then_some(timeout),
+        ),
+        Command::Status { services, run_id } => ops::status(&services, &run_id),
+        Command::Resume {
+            dir,
+            services,
+            run_id,
+            action,
+            output,
+        } => ops::resume(&dir, &services, &run_id, &action, output.as_deref()),
+        Command::Cancel { services, run_id } => ops::cancel(&services, &run_id),
+        Command::Reconcile {
+            dir,
+            services,
+            stalled_after,
+        } => ops::reconcile(&dir, &services, stalled_after),
+        Command::Demo(args) => demo::demo(&args),
     }
 }
 
@@ -89,8 +269,9 @@ pub fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
     code
 }
 
-/// Parses `--context` as a JSON object.
-pub fn parse_context(
+/// Parses a JSON object argument.
+pub fn parse_object(
+    flag: &str,
     text: Option<&str>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     let Some(text) = text else {
@@ -98,7 +279,14 @@ pub fn parse_context(
     };
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err("--context must be a JSON object".to_string()),
-        Err(e) => Err(format!("--context is not valid JSON: {e}")),
+        Ok(_) => Err(format!("{flag} must be a JSON object")),
+        Err(e) => Err(format!("{flag} is not valid JSON: {e}")),
     }
+}
+
+/// Parses `--context` as a JSON object.
+pub fn parse_context(
+    text: Option<&str>,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    parse_object("--context", text)
 }

@@ -37,6 +37,15 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new(name: &str) -> TestEnv {
+        TestEnv::create(name, true)
+    }
+
+    /// Like [`TestEnv::new`], but leaves creating the tables to the test (`flowcraft migrate`).
+    pub fn without_tables(name: &str) -> TestEnv {
+        TestEnv::create(name, false)
+    }
+
+    fn create(name: &str, with_tables: bool) -> TestEnv {
         let tag = format!(
             "{name}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -49,10 +58,14 @@ impl TestEnv {
         .unwrap();
         let pg = store::connect_pool(&postgres_url(), 8)
             .expect("PostgreSQL must be running for integration tests");
-        pg.get()
-            .expect("PostgreSQL must be running for integration tests")
-            .batch_execute(&tables.create_sql())
-            .expect("create test tables");
+        let mut conn = pg
+            .get()
+            .expect("PostgreSQL must be running for integration tests");
+        if with_tables {
+            conn.batch_execute(&tables.create_sql())
+                .expect("create test tables");
+        }
+        drop(conn);
         let redis = coordination::connect_pool(&redis_url(), 8).expect("Redis must be running");
         redis::cmd("PING")
             .query::<String>(
@@ -211,6 +224,29 @@ impl TestEnv {
         n
     }
 
+    /// Environment variables that point the `flowcraft` binary at this test's slice.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("RABBITMQ_URL".into(), amqp_url()),
+            ("POSTGRES_URL".into(), postgres_url()),
+            ("REDIS_URL".into(), redis_url()),
+            ("FLOWCRAFT_QUEUE".into(), self.queue.clone()),
+            (
+                "FLOWCRAFT_CONTEXTS_TABLE".into(),
+                self.tables.contexts.clone(),
+            ),
+            (
+                "FLOWCRAFT_STATUSES_TABLE".into(),
+                self.tables.statuses.clone(),
+            ),
+            (
+                "FLOWCRAFT_WEBHOOKS_TABLE".into(),
+                self.tables.webhooks.clone(),
+            ),
+            ("FLOWCRAFT_REDIS_PREFIX".into(), self.prefix.clone()),
+        ]
+    }
+
     pub fn dead_queue(&self) -> String {
         amqp::dead_letter_queue(&self.queue)
     }
@@ -223,6 +259,14 @@ impl Drop for TestEnv {
                 "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
                 self.tables.contexts, self.tables.statuses, self.tables.webhooks
             ));
+            let scope = format!(
+                "{},{},{}",
+                self.tables.contexts, self.tables.statuses, self.tables.webhooks
+            );
+            let _ = c.execute(
+                "DELETE FROM flowcraft_migrations WHERE scope = $1",
+                &[&scope],
+            );
         }
         if let Ok(mut c) = self.redis.get() {
             let keys: Vec<String> = redis::cmd("KEYS")

@@ -1,0 +1,308 @@
+//! The distributed subcommands: `migrate`, `worker`, `start`, `status`, `resume`, `cancel`,
+//! `reconcile`.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use flowcraft_rabbitmq::store::StatusRow;
+use flowcraft_rabbitmq::{migrate as migrations, NodeRegistry, RabbitMqAdapter};
+use serde_json::{json, Value};
+
+use super::local_cmds::load_valid;
+use super::{
+    fail, parse_context, BlueprintDir, ServiceArgs, EXIT_AWAITING, EXIT_FAILED, EXIT_OK,
+    EXIT_TIMEOUT, EXIT_USAGE,
+};
+
+/// `flowcraft worker`.
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    dir: BlueprintDir,
+    #[command(flatten)]
+    services: ServiceArgs,
+    /// Worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Unacked deliveries in flight (default: 2 × threads).
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// Seconds between reconciler passes (0: no reconciler in this worker).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    reconcile_every: u64,
+    /// Runs idle longer than this are resumed by the reconciler.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    stalled_after: u64,
+    /// How often one node may execute in one run (loops).
+    #[arg(long, default_value_t = 1000)]
+    max_iterations: u32,
+}
+
+pub fn migrate(services: &ServiceArgs) -> i32 {
+    let tables = match services.tables() {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let pg = match services.postgres(1) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match migrations::migrate(&pg, &tables) {
+        Ok(applied) if applied.is_empty() => {
+            println!("database is up to date");
+            EXIT_OK
+        }
+        Ok(applied) => {
+            println!("applied {}", applied.join(", "));
+            EXIT_OK
+        }
+        Err(e) => fail(EXIT_FAILED, format!("migration failed: {e}")),
+    }
+}
+
+pub fn worker(args: &WorkerArgs) -> i32 {
+    let blueprints = match load_valid(&args.dir) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    if blueprints.is_empty() {
+        return fail(
+            EXIT_USAGE,
+            format!("no blueprints in {}", args.dir.blueprints.display()),
+        );
+    }
+    let s = &args.services;
+    let (tables, pg, redis) = match (
+        s.tables(),
+        s.postgres(args.threads as u32 + 2),
+        s.redis(args.threads as u32 + 2),
+    ) {
+        (Ok(t), Ok(p), Ok(r)) => (t, p, r),
+        (Err(code), _, _) | (_, Err(code), _) | (_, _, Err(code)) => return code,
+    };
+    if let Err(code) = s.check_rabbitmq() {
+        return code;
+    }
+    let (signal_tx, signal_rx) = crossbeam_channel::unbounded::<()>();
+    let mut signals = 0u32;
+    let handler = ctrlc::set_handler(move || {
+        signals += 1;
+        if signals > 1 {
+            eprintln!("flowcraft: second signal; exiting now");
+            std::process::exit(130);
+        }
+        let _ = signal_tx.send(());
+    });
+    if let Err(e) = handler {
+        return fail(
+            EXIT_FAILED,
+            format!("cannot install the signal handler: {e}"),
+        );
+    }
+    let ids: Vec<String> = blueprints.keys().cloned().collect();
+    let mut builder = RabbitMqAdapter::builder(&s.rabbitmq_url, pg, redis)
+        .registry(NodeRegistry::with_builtins())
+        .blueprints(blueprints.into_values())
+        .queue(&s.queue)
+        .tables(tables)
+        .redis_prefix(&s.redis_prefix)
+        .threads(args.threads)
+        .reconcile_every(
+            (args.reconcile_every > 0).then(|| Duration::from_secs(args.reconcile_every)),
+        )
+        .stalled_after(Duration::from_secs(args.stalled_after))
+        .max_iterations(args.max_iterations)
+        .connection_name(format!("flowcraft worker pid {}", std::process::id()));
+    if let Some(p) = args.prefetch {
+        builder = builder.prefetch(p);
+    }
+    let handle = match builder.build().and_then(|w| w.start()) {
+        Ok(h) => h,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    log::info!(
+        "worker started: queue '{}', {} threads, blueprints {ids:?}",
+        s.queue,
+        args.threads
+    );
+    eprintln!(
+        "flowcraft: worker consuming '{}' with {} threads (Ctrl-C to stop)",
+        s.queue, args.threads
+    );
+    let _ = signal_rx.recv();
+    eprintln!("flowcraft: stopping: finishing the jobs in flight (a second signal exits at once)");
+    handle.shutdown();
+    match handle.join() {
+        Ok(()) => {
+            eprintln!("flowcraft: worker stopped");
+            EXIT_OK
+        }
+        Err(e) => fail(EXIT_FAILED, format!("worker ended with an error: {e}")),
+    }
+}
+
+/// `{"runId","status","updatedAt","result"}`.
+pub fn status_json(row: &StatusRow) -> Value {
+    json!({"runId": row.run_id, "status": row.status, "updatedAt": row.updated_at, "result": row.result})
+}
+
+pub fn start(
+    dir: &BlueprintDir,
+    services: &ServiceArgs,
+    id: &str,
+    context: Option<&str>,
+    wait: Option<f64>,
+) -> i32 {
+    let initial = match parse_context(context) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let blueprints = match load_valid(dir) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    if !blueprints.contains_key(id) {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "no blueprint with id '{id}' in {}",
+                dir.blueprints.display()
+            ),
+        );
+    }
+    let client = match services.client(blueprints) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let run = match client.start_workflow(id, initial) {
+        Ok(run) => run,
+        Err(e) => return fail(EXIT_FAILED, format!("cannot start the run: {e}")),
+    };
+    let Some(timeout) = wait else {
+        println!("{run}");
+        return EXIT_OK;
+    };
+    eprintln!("flowcraft: started run {run}; waiting");
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+    loop {
+        let row = match client.status(&run) {
+            Ok(Some(row)) => row,
+            Ok(None) => return fail(EXIT_FAILED, format!("run {run} disappeared")),
+            Err(e) => return fail(EXIT_FAILED, e),
+        };
+        let code = match row.status.as_str() {
+            "completed" => Some(EXIT_OK),
+            "failed" | "cancelled" => Some(EXIT_FAILED),
+            "awaiting" => Some(EXIT_AWAITING),
+            _ if Instant::now() >= deadline => Some(EXIT_TIMEOUT),
+            _ => None,
+        };
+        if let Some(code) = code {
+            println!("{}", status_json(&row));
+            if code == EXIT_TIMEOUT {
+                eprintln!("flowcraft: run {run} is still running after {timeout} s");
+            }
+            return code;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn status(services: &ServiceArgs, run: &str) -> i32 {
+    let (tables, pg) = match (services.tables(), services.postgres(1)) {
+        (Ok(t), Ok(p)) => (t, p),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    let store = match flowcraft_rabbitmq::store::RunStore::new(pg, tables) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    match store.status(run) {
+        Ok(Some(row)) => {
+            println!("{}", status_json(&row));
+            EXIT_OK
+        }
+        Ok(None) => fail(EXIT_FAILED, format!("no run with id '{run}'")),
+        Err(e) => fail(EXIT_FAILED, e),
+    }
+}
+
+pub fn resume(
+    dir: &BlueprintDir,
+    services: &ServiceArgs,
+    run: &str,
+    action: &str,
+    output: Option<&str>,
+) -> i32 {
+    let output: Value = match output {
+        None => Value::Null,
+        Some(text) => match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return fail(EXIT_USAGE, format!("--output is not valid JSON: {e}")),
+        },
+    };
+    let blueprints = match load_valid(dir) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let client = match services.client(blueprints) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.resume_with_action(run, Some(action), output) {
+        Ok(nodes) => {
+            println!(
+                "{}",
+                json!({"runId": run, "resumed": nodes, "action": action})
+            );
+            EXIT_OK
+        }
+        Err(e) => fail(EXIT_FAILED, e),
+    }
+}
+
+pub fn cancel(services: &ServiceArgs, run: &str) -> i32 {
+    let client = match services.client(Default::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.cancel(run) {
+        Ok(()) => {
+            println!("{}", json!({"runId": run, "status": "cancelled"}));
+            EXIT_OK
+        }
+        Err(e) => fail(EXIT_FAILED, e),
+    }
+}
+
+pub fn reconcile(dir: &BlueprintDir, services: &ServiceArgs, stalled_after: u64) -> i32 {
+    let blueprints = match load_valid(dir) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let (tables, pg, redis) = match (services.tables(), services.postgres(2), services.redis(2)) {
+        (Ok(t), Ok(p), Ok(r)) => (t, p, r),
+        (Err(code), _, _) | (_, Err(code), _) | (_, _, Err(code)) => return code,
+    };
+    if let Err(code) = services.check_rabbitmq() {
+        return code;
+    }
+    let adapter = RabbitMqAdapter::builder(&services.rabbitmq_url, pg, redis)
+        .blueprints(blueprints.into_values())
+        .queue(&services.queue)
+        .tables(tables)
+        .redis_prefix(&services.redis_prefix)
+        .stalled_after(Duration::from_secs(stalled_after))
+        .build();
+    let adapter = match adapter {
+        Ok(a) => a,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    match adapter.reconciler().run() {
+        Ok(stats) => {
+            println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+            EXIT_OK
+        }
+        Err(e) => fail(EXIT_FAILED, format!("reconciliation failed: {e}")),
+    }
+}

@@ -1,0 +1,118 @@
+//! Connecting to the three services from the command line: each is checked up front, and an
+//! unreachable one is one clear line naming it and the URL tried (password masked).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flowcraft_rabbitmq::amqp::{self, mask_url};
+use flowcraft_rabbitmq::coordination::{self, RedisPool};
+use flowcraft_rabbitmq::store::{self, PgPool, Tables};
+use flowcraft_rabbitmq::{Blueprint, Client};
+
+use super::{fail, ServiceArgs, EXIT_USAGE};
+
+impl ServiceArgs {
+    /// Validated table names.
+    pub fn tables(&self) -> Result<Tables, i32> {
+        Tables::new(
+            &self.contexts_table,
+            &self.statuses_table,
+            &self.webhooks_table,
+        )
+        .map_err(|e| fail(EXIT_USAGE, e))
+    }
+
+    /// A PostgreSQL pool whose first connection worked.
+    pub fn postgres(&self, size: u32) -> Result<PgPool, i32> {
+        let unreachable = |reason: String| {
+            fail(
+                EXIT_USAGE,
+                format!(
+                    "cannot reach PostgreSQL at {}: {reason}",
+                    mask_url(&self.postgres_url)
+                ),
+            )
+        };
+        // One direct attempt first: a clear reason, fast, and no pool retries logged.
+        let mut config: postgres::Config =
+            self.postgres_url.parse().map_err(|e: postgres::Error| {
+                fail(
+                    EXIT_USAGE,
+                    format!(
+                        "invalid PostgreSQL URL {}: {e}",
+                        mask_url(&self.postgres_url)
+                    ),
+                )
+            })?;
+        config.connect_timeout(Duration::from_secs(5));
+        config
+            .connect(postgres::NoTls)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let pool = store::connect_pool(&self.postgres_url, size)
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(pool)
+    }
+
+    /// A Redis pool that answered PING.
+    pub fn redis(&self, size: u32) -> Result<RedisPool, i32> {
+        let unreachable = |reason: String| {
+            fail(
+                EXIT_USAGE,
+                format!(
+                    "cannot reach Redis at {}: {reason}",
+                    mask_url(&self.redis_url)
+                ),
+            )
+        };
+        let client =
+            redis::Client::open(self.redis_url.as_str()).map_err(|e| unreachable(e.to_string()))?;
+        let mut conn = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(|e| unreachable(e.to_string()))?;
+        redis::cmd("PING")
+            .query::<String>(&mut conn)
+            .map_err(|e| unreachable(e.to_string()))?;
+        coordination::connect_pool(&self.redis_url, size).map_err(|e| unreachable(e.to_string()))
+    }
+
+    /// Checks that RabbitMQ accepts a connection.
+    pub fn check_rabbitmq(&self) -> Result<(), i32> {
+        match amqp::connect(&self.rabbitmq_url) {
+            Ok(conn) => {
+                let _ = conn.close();
+                Ok(())
+            }
+            Err(e) => Err(fail(
+                EXIT_USAGE,
+                format!(
+                    "cannot reach RabbitMQ at {}: {}",
+                    mask_url(&self.rabbitmq_url),
+                    root_cause(&e.to_string())
+                ),
+            )),
+        }
+    }
+
+    /// A client over all three services.
+    pub fn client(&self, blueprints: BTreeMap<String, Blueprint>) -> Result<Client, i32> {
+        let tables = self.tables()?;
+        let pg = self.postgres(2)?;
+        let redis = self.redis(2)?;
+        self.check_rabbitmq()?;
+        Client::with_options(
+            &self.rabbitmq_url,
+            pg,
+            redis,
+            tables,
+            &self.queue,
+            &self.redis_prefix,
+        )
+        .map(|c| c.with_blueprints(blueprints.into_values()))
+        .map_err(|e| fail(EXIT_USAGE, e))
+    }
+}
+
+/// The last part of a nested error message ("cannot connect …: <reason>").
+fn root_cause(message: &str) -> &str {
+    message.rsplit(": ").next().unwrap_or(message)
+}

@@ -1,0 +1,254 @@
+//! The `flowcraft` binary end to end: migrate, two worker processes, runs started from the
+//! command line, a worker stopped with SIGTERM mid-batch — and its bad-input answers.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn flowcraft(env: &TestEnv) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flowcraft"));
+    c.env_remove("FLOWCRAFT_BLUEPRINTS");
+    for (k, v) in env.cli_env() {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run flowcraft")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A blueprint with an `exec` node (python3 doubles context.n) and a `transform` (+1).
+fn blueprint_dir(env: &TestEnv) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("flowcraft-e2e-{}", env.tag));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bp = json!({
+        "id": "e2e",
+        "metadata": {"version": "1"},
+        "nodes": [
+            {"id": "double", "uses": "exec", "params": {"command": ["python3", "-c",
+                "import json,sys; d=json.load(sys.stdin); print(json.dumps({'output': d['context']['n'] * 2, 'context': {'seen': True}}))"]}},
+            {"id": "plus_one", "uses": "transform", "params": {"expression": "input + 1"}}
+        ],
+        "edges": [{"source": "double", "target": "plus_one"}]
+    });
+    std::fs::write(dir.join("e2e.json"), bp.to_string()).unwrap();
+    dir
+}
+
+fn start_worker(env: &TestEnv, dir: &std::path::Path) -> Child {
+    flowcraft(env)
+        .args([
+            "worker",
+            "--blueprints",
+            dir.to_str().unwrap(),
+            "--threads",
+            "2",
+            "--reconcile-every",
+            "0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a worker")
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn two_workers_finish_every_run_and_sigterm_loses_nothing() {
+    let env = TestEnv::without_tables("cli_e2e");
+    let dir = blueprint_dir(&env);
+    let out = run(flowcraft(&env).arg("migrate"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("applied 0001_init"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(flowcraft(&env).arg("migrate"));
+    assert!(text(&out.stdout).contains("up to date"));
+
+    let mut first = start_worker(&env, &dir);
+    let mut second = start_worker(&env, &dir);
+    let mut runs = Vec::new();
+    for n in 0..20 {
+        let out = run(flowcraft(&env).args([
+            "start",
+            "--blueprints",
+            dir.to_str().unwrap(),
+            "e2e",
+            "--context",
+            &json!({"n": n}).to_string(),
+        ]));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        runs.push((n, text(&out.stdout).trim().to_string()));
+        if n == 9 {
+            // Mid-batch: the first worker finishes its in-flight jobs and exits cleanly.
+            sigterm(&first);
+            let status = first.wait().unwrap();
+            assert_eq!(status.code(), Some(0));
+        }
+    }
+    for (n, run_id) in &runs {
+        let row = env.wait_for_status(run_id, "completed", Duration::from_secs(60));
+        let context = &row.result.unwrap()["context"];
+        assert_eq!(
+            context["_outputs.plus_one"],
+            json!(n * 2 + 1),
+            "run {run_id}"
+        );
+        assert_eq!(context["seen"], json!(true));
+    }
+    // status prints the documented JSON.
+    let out = run(flowcraft(&env).args(["status", &runs[0].1]));
+    assert_eq!(out.status.code(), Some(0));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["runId"], json!(runs[0].1));
+    assert_eq!(status["status"], json!("completed"));
+    assert!(status["updatedAt"].as_str().unwrap().ends_with('Z'));
+    // start --wait prints the final status and exits 0.
+    let out = run(flowcraft(&env).args([
+        "start",
+        "--blueprints",
+        dir.to_str().unwrap(),
+        "e2e",
+        "--context",
+        "{\"n\": 50}",
+        "--wait",
+        "--timeout",
+        "60",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["result"]["context"]["_outputs.plus_one"], json!(101));
+    sigterm(&second);
+    assert_eq!(second.wait().unwrap().code(), Some(0));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn operator_commands_answer_bad_input_clearly() {
+    let env = TestEnv::new("cli_bad");
+    let dir = blueprint_dir(&env);
+    // Unknown subcommand.
+    let out = run(flowcraft(&env).arg("frobnicate"));
+    assert_eq!(out.status.code(), Some(2));
+    // Invalid blueprint directory: the worker refuses to start.
+    let bad = std::env::temp_dir().join(format!("flowcraft-bad-{}", env.tag));
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("x.json"), r#"{"id":"x","nodes":[{"id":"a","uses":"transform"}],"edges":[{"source":"a","target":"nope"}]}"#).unwrap();
+    let out = run(flowcraft(&env).args(["worker", "--blueprints", bad.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("target 'nope'"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(flowcraft(&env).args(["worker", "--blueprints", "/no/such/dir"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot read blueprint directory"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Unreachable services: one line naming the service and the URL, password masked.
+    let out = run(flowcraft(&env).args(["status", "some-run"]).env(
+        "POSTGRES_URL",
+        "postgres://postgres:hunter2@127.0.0.1:1/postgres",
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot reach PostgreSQL at postgres://postgres:***@127.0.0.1:1/postgres"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let out = run(flowcraft(&env)
+        .args(["cancel", "r"])
+        .env("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(flowcraft(&env)
+        .args(["cancel", "r"])
+        .env("REDIS_URL", "redis://127.0.0.1:1"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot reach Redis at redis://127.0.0.1:1"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Unknown run id.
+    let out = run(flowcraft(&env).args(["status", "no-such-run"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no run with id 'no-such-run'"));
+    // Malformed --context.
+    let out = run(flowcraft(&env).args([
+        "start",
+        "--blueprints",
+        dir.to_str().unwrap(),
+        "e2e",
+        "--context",
+        "[1,",
+    ]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--context is not valid JSON"));
+    // Resume of an unknown run.
+    let out = run(flowcraft(&env).args([
+        "resume",
+        "--blueprints",
+        dir.to_str().unwrap(),
+        "ghost",
+        "--action",
+        "go",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::remove_dir_all(bad).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn demo_prints_its_summary() {
+    let env = TestEnv::without_tables("cli_demo");
+    let out = run(flowcraft(&env).args(["demo", "--runs", "20", "--threads", "2"]));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("runs completed   20 of 20"), "{stdout}");
+    assert!(
+        stdout.contains("jobs/s") && stdout.contains("p99"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"_outputs.summary\""), "{stdout}");
+}
