@@ -85,25 +85,28 @@ fn two_workers_finish_every_run_and_sigterm_loses_nothing() {
 
     let mut first = start_worker(&env, &dir);
     let mut second = start_worker(&env, &dir);
-    let mut runs = Vec::new();
-    for n in 0..20 {
-        let out = run(flowcraft(&env).args([
-            "start",
-            "--blueprints",
-            dir.to_str().unwrap(),
-            "e2e",
-            "--context",
-            &json!({"n": n}).to_string(),
-        ]));
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        runs.push((n, text(&out.stdout).trim().to_string()));
-        if n == 9 {
-            // Mid-batch: the first worker finishes its in-flight jobs and exits cleanly.
-            sigterm(&first);
-            let status = first.wait().unwrap();
-            assert_eq!(status.code(), Some(0));
-        }
-    }
+    let start_runs = |range: std::ops::Range<i64>| -> Vec<(i64, String)> {
+        range
+            .map(|n| {
+                let context = json!({"n": n}).to_string();
+                let out = run(flowcraft(&env).args([
+                    "start",
+                    "--blueprints",
+                    dir.to_str().unwrap(),
+                    "e2e",
+                    "--context",
+                    &context,
+                ]));
+                assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+                (n, text(&out.stdout).trim().to_string())
+            })
+            .collect()
+    };
+    let mut runs = start_runs(0..10);
+    // Mid-batch: the first worker finishes its in-flight jobs and exits cleanly.
+    sigterm(&first);
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    runs.extend(start_runs(10..20));
     for (n, run_id) in &runs {
         let row = env.wait_for_status(run_id, "completed", Duration::from_secs(60));
         let context = &row.result.unwrap()["context"];

@@ -70,7 +70,7 @@ fn redis_coordination_primitives() {
     assert!(!store.set_if_not_exist(&lock, "you", ttl).unwrap());
     assert_eq!(store.get(&lock).unwrap().as_deref(), Some("me"));
     assert!(store.extend_ttl(&lock, ttl).unwrap());
-    store.delete(&[lock.clone()]).unwrap();
+    store.delete(std::slice::from_ref(&lock)).unwrap();
     assert_eq!(store.get(&lock).unwrap(), None);
     assert!(!store.extend_ttl(&lock, ttl).unwrap());
     let join = store.key("join");
