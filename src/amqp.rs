@@ -199,6 +199,49 @@ pub fn declare_job_queue(channel: &Channel, queue: &str) -> Result<(), AmqpError
     Ok(())
 }
 
+/// Declares the durable fanout exchange of events and binds the job queue to it, so events
+/// (webhook calls) reach the workers with the jobs.
+pub fn declare_events(channel: &Channel, exchange: &str, queue: &str) -> Result<(), AmqpError> {
+    channel.exchange_declare(
+        amiquip::ExchangeType::Fanout,
+        exchange,
+        amiquip::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+    )?;
+    channel.queue_bind(queue, exchange, "", FieldTable::new())?;
+    Ok(())
+}
+
+/// Declares (idempotently) the delay queue for one duration, `<queue>.delay.<ms>`: its
+/// messages expire after at most `ms` and dead-letter into the job queue. One queue per
+/// duration keeps every queue in expiry order (RabbitMQ expires messages only at the head).
+/// An unused delay queue deletes itself after `ms` + 10 minutes.
+pub fn declare_delay_queue(channel: &Channel, queue: &str, ms: u64) -> Result<String, AmqpError> {
+    let name = format!("{queue}.delay.{ms}");
+    let mut arguments = FieldTable::new();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AmqpValue::LongString(String::new()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AmqpValue::LongString(queue.to_string()),
+    );
+    let expires = ms.saturating_add(600_000).min(i32::MAX as u64) as i32;
+    arguments.insert("x-expires".into(), AmqpValue::LongInt(expires));
+    channel.queue_declare(
+        name.clone(),
+        QueueDeclareOptions {
+            durable: true,
+            arguments,
+            ..QueueDeclareOptions::default()
+        },
+    )?;
+    Ok(name)
+}
+
 /// Persistent JSON message properties.
 pub fn persistent_json() -> AmqpProperties {
     AmqpProperties::default()
@@ -216,6 +259,15 @@ pub trait JobSink {
         routing_key: &str,
         bodies: &[Vec<u8>],
     ) -> Result<(), AmqpError>;
+    /// Publishes one persistent message that expires after `expiration_ms` (delay queues).
+    fn publish_expiring(
+        &mut self,
+        routing_key: &str,
+        body: &[u8],
+        expiration_ms: u64,
+    ) -> Result<(), AmqpError>;
+    /// The channel (to declare queues on).
+    fn channel(&self) -> &Channel;
 }
 
 impl JobSink for ConfirmPublisher {
@@ -227,6 +279,27 @@ impl JobSink for ConfirmPublisher {
     ) -> Result<(), AmqpError> {
         self.publish_confirmed(exchange, routing_key, bodies)
     }
+
+    fn publish_expiring(
+        &mut self,
+        routing_key: &str,
+        body: &[u8],
+        expiration_ms: u64,
+    ) -> Result<(), AmqpError> {
+        self.channel.basic_publish(
+            "",
+            Publish::with_properties(body, routing_key, expiring(expiration_ms)),
+        )?;
+        self.wait_for_confirms(1)
+    }
+
+    fn channel(&self) -> &Channel {
+        &self.channel
+    }
+}
+
+fn expiring(expiration_ms: u64) -> AmqpProperties {
+    persistent_json().with_expiration(expiration_ms.to_string())
 }
 
 /// A channel in confirm mode whose confirms are consumed by someone else: it only counts
@@ -276,6 +349,24 @@ impl JobSink for AsyncPublisher {
             self.published += 1;
         }
         Ok(())
+    }
+
+    fn publish_expiring(
+        &mut self,
+        routing_key: &str,
+        body: &[u8],
+        expiration_ms: u64,
+    ) -> Result<(), AmqpError> {
+        self.channel.basic_publish(
+            "",
+            Publish::with_properties(body, routing_key, expiring(expiration_ms)),
+        )?;
+        self.published += 1;
+        Ok(())
+    }
+
+    fn channel(&self) -> &Channel {
+        &self.channel
     }
 }
 
@@ -356,7 +447,11 @@ impl ConfirmPublisher {
                 Publish::with_properties(body, routing_key, persistent_json()),
             )?;
         }
-        let mut pending = bodies.len();
+        self.wait_for_confirms(bodies.len())
+    }
+
+    fn wait_for_confirms(&mut self, count: usize) -> Result<(), AmqpError> {
+        let mut pending = count;
         let mut nacked = false;
         while pending > 0 {
             let raw = match self.confirms.recv_timeout(self.timeout) {

@@ -207,7 +207,11 @@ impl Client {
                 blueprints: &self.blueprints,
                 queue: &self.queue,
             };
-            Ok(resumer.resume(run_id, nodes, action, output, Map::new(), publisher)?)
+            let outcome = resumer.resume(run_id, nodes, action, output, Map::new(), publisher)?;
+            if outcome.completed {
+                resumer.notify_parent(run_id, publisher)?;
+            }
+            Ok(outcome.nodes)
         })
     }
 

@@ -20,10 +20,85 @@ pub struct JobPayload {
     pub is_last_attempt: Option<bool>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub iteration: u32,
+    /// A `sleep` node's wake-up (our extension): resume the node instead of executing it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub timer: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// An event published to the events exchange by the webhook receiver:
+/// `{"event": "webhook:<run>:<node>", "payload": …}` (plus `runId`/`nodeId`, our extension,
+/// so ids containing `:` need no parsing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventMessage {
+    pub event: String,
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+}
+
+impl EventMessage {
+    /// The event of a webhook node.
+    pub fn webhook(run_id: &str, node_id: &str, payload: serde_json::Value) -> EventMessage {
+        EventMessage {
+            event: webhook_event_name(run_id, node_id),
+            payload,
+            run_id: Some(run_id.to_string()),
+            node_id: Some(node_id.to_string()),
+        }
+    }
+
+    /// The run and node a webhook event is for.
+    pub fn webhook_target(&self) -> Option<(String, String)> {
+        if let (Some(r), Some(n)) = (&self.run_id, &self.node_id) {
+            return Some((r.clone(), n.clone()));
+        }
+        let rest = self.event.strip_prefix("webhook:")?;
+        let (run, node) = rest.split_once(':')?;
+        Some((run.to_string(), node.to_string()))
+    }
+
+    /// The JSON body.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// `webhook:<run>:<node>`.
+pub fn webhook_event_name(run_id: &str, node_id: &str) -> String {
+    format!("webhook:{run_id}:{node_id}")
+}
+
+/// A message on the job queue: a job, or an event routed there from the events exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Job(JobPayload),
+    Event(EventMessage),
+}
+
+impl Message {
+    /// Parses a message body; the error says what is wrong with it.
+    pub fn parse(body: &[u8]) -> Result<Message, String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("malformed message: {e}"))?;
+        if value.get("event").is_some() && value.get("blueprintId").is_none() {
+            let event: EventMessage = serde_json::from_value(value)
+                .map_err(|e| format!("malformed event message: {e}"))?;
+            return Ok(Message::Event(event));
+        }
+        JobPayload::parse(body).map(Message::Job)
+    }
 }
 
 impl JobPayload {
@@ -36,6 +111,7 @@ impl JobPayload {
             attempt: Some(1),
             is_last_attempt: None,
             iteration,
+            timer: false,
         }
     }
 
@@ -74,6 +150,19 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
             serde_json::json!({"runId":"r","blueprintId":"b","nodeId":"n","attempt":1,"iteration":2})
         );
+    }
+
+    #[test]
+    fn events_and_jobs_are_told_apart() {
+        let e = Message::parse(br#"{"event":"webhook:r1:n1","payload":{"ok":true}}"#).unwrap();
+        match e {
+            Message::Event(e) => assert_eq!(e.webhook_target(), Some(("r1".into(), "n1".into()))),
+            other => panic!("{other:?}"),
+        }
+        let j = Message::parse(br#"{"runId":"r","blueprintId":"b","nodeId":"n","timer":true}"#)
+            .unwrap();
+        assert!(matches!(j, Message::Job(JobPayload { timer: true, .. })));
+        assert!(Message::parse(b"[]").is_err());
     }
 
     #[test]

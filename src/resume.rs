@@ -51,6 +51,15 @@ impl From<crate::amqp::AmqpError> for ResumeError {
     }
 }
 
+/// What a resume did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumeOutcome {
+    /// The nodes resumed.
+    pub nodes: Vec<String>,
+    /// Whether the run completed as a result.
+    pub completed: bool,
+}
+
 /// Everything a resume needs.
 pub struct Resumer<'a> {
     pub store: &'a RunStore,
@@ -70,7 +79,7 @@ impl Resumer<'_> {
         output: Value,
         extra: Map<String, Value>,
         publisher: &mut dyn JobSink,
-    ) -> Result<Vec<String>, ResumeError> {
+    ) -> Result<ResumeOutcome, ResumeError> {
         let snapshot = self
             .store
             .load(run_id)?
@@ -192,10 +201,105 @@ impl Resumer<'_> {
             }
             idle = outcome.run_idle;
         }
-        if idle && self.store.complete_run(run_id)? {
+        let completed = idle && self.store.complete_run(run_id)?;
+        log::info!("run {run_id}: resumed {targets:?} with action {action:?}");
+        if completed {
             log::info!("run {run_id}: completed");
         }
-        log::info!("run {run_id}: resumed {targets:?} with action {action:?}");
-        Ok(targets)
+        Ok(ResumeOutcome {
+            nodes: targets,
+            completed,
+        })
+    }
+
+    /// After a run completed: if it is a subflow's child, resume the parent's subflow node
+    /// with the child's result (SPEC §5), and so on up while parents complete too. Stale or
+    /// repeated notifications change nothing.
+    pub fn notify_parent(
+        &self,
+        completed_run: &str,
+        publisher: &mut dyn JobSink,
+    ) -> Result<(), ResumeError> {
+        let mut child_run = completed_run.to_string();
+        loop {
+            let Some(child) = self.store.load(&child_run)? else {
+                return Ok(());
+            };
+            let Some(link) = ParentLink::of(&child.context) else {
+                return Ok(());
+            };
+            let Some(details) = link.awaited_details(self.store, &child_run)? else {
+                return Ok(());
+            };
+            let Some(child_bp) = child
+                .context
+                .get("blueprintId")
+                .and_then(Value::as_str)
+                .and_then(|id| self.blueprints.get(id))
+            else {
+                return Ok(());
+            };
+            let (result, deltas) =
+                crate::nodes::subflow::subflow_result(&details, child_bp, &child.context);
+            let extra: Map<String, Value> = deltas
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.cloned().unwrap_or(Value::Null)))
+                .collect();
+            let nodes = [link.node_id.clone()];
+            match self.resume(
+                &link.run_id,
+                Some(&nodes),
+                result.action.as_deref(),
+                result.output,
+                extra,
+                publisher,
+            ) {
+                Ok(outcome) if outcome.completed => child_run = link.run_id,
+                Ok(_) => return Ok(()),
+                Err(ResumeError::Worker(e)) => return Err(ResumeError::Worker(e)),
+                Err(other) => {
+                    log::debug!("subflow parent of {child_run} not resumed: {other}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Context key linking a child run to the parent's subflow node.
+pub const PARENT_KEY: &str = "_parent";
+
+/// Where a child run reports: `_parent` = `{runId, nodeId, blueprintId}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParentLink {
+    pub run_id: String,
+    pub node_id: String,
+}
+
+impl ParentLink {
+    /// The link stored in a child's context.
+    pub fn of(context: &ContextMap) -> Option<ParentLink> {
+        let p = context.get(PARENT_KEY)?;
+        Some(ParentLink {
+            run_id: p.get("runId")?.as_str()?.to_string(),
+            node_id: p.get("nodeId")?.as_str()?.to_string(),
+        })
+    }
+
+    /// The parent node's awaiting details, if it still awaits this very child.
+    pub fn awaited_details(
+        &self,
+        store: &RunStore,
+        child_run: &str,
+    ) -> Result<Option<Value>, ResumeError> {
+        let Some(parent) = store.load(&self.run_id)? else {
+            return Ok(None);
+        };
+        let details = parent
+            .context
+            .get(AWAITING_DETAILS)
+            .and_then(|d| d.get(&self.node_id))
+            .cloned();
+        Ok(details.filter(|d| d.get("childRunId").and_then(Value::as_str) == Some(child_run)))
     }
 }

@@ -257,7 +257,12 @@ struct Statements {
     touch: String,
     insert_context: String,
     insert_status: String,
+    insert_context_if_absent: String,
+    insert_status_if_absent: String,
     resume: String,
+    register_webhook: String,
+    webhook: String,
+    awaiting_details: String,
 }
 
 impl RunStore {
@@ -285,7 +290,10 @@ impl RunStore {
                    RETURNING 1),
                  s AS (
                    UPDATE {s} SET updated_at = NOW(),
-                     status = CASE WHEN $8::text IS NOT NULL AND status = 'running' THEN 'awaiting' ELSE status END
+                     status = CASE WHEN $8::text IS NOT NULL AND status = 'running' THEN 'awaiting' ELSE status END,
+                     result = CASE WHEN $8::text IS NOT NULL AND status IN ('running', 'awaiting')
+                       THEN jsonb_build_object('status', 'awaiting', 'nodeId', $8::text, 'details', $9::jsonb)
+                       ELSE result END
                    WHERE run_id = $1 AND EXISTS (SELECT 1 FROM c) RETURNING 1)
                  SELECT (SELECT count(*) FROM c)::int"
             ),
@@ -319,6 +327,22 @@ impl RunStore {
             touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
             insert_context: format!("INSERT INTO {c} (run_id, context_data) VALUES ($1, $2)"),
             insert_status: format!("INSERT INTO {s} (run_id, status) VALUES ($1, $2)"),
+            insert_context_if_absent: format!(
+                "INSERT INTO {c} (run_id, context_data) VALUES ($1, $2) ON CONFLICT (run_id) DO NOTHING"
+            ),
+            insert_status_if_absent: format!(
+                "INSERT INTO {s} (run_id, status) VALUES ($1, $2) ON CONFLICT (run_id) DO NOTHING"
+            ),
+            register_webhook: format!(
+                "INSERT INTO {w} (webhook_id, event_name, url) VALUES ($1, $2, $3)
+                 ON CONFLICT (webhook_id) DO UPDATE SET event_name = EXCLUDED.event_name, url = EXCLUDED.url",
+                w = tables.webhooks
+            ),
+            webhook: format!("SELECT event_name, url FROM {w} WHERE webhook_id = $1", w = tables.webhooks),
+            awaiting_details: format!(
+                "UPDATE {c} SET context_data = jsonb_set(context_data, ARRAY['_awaitingDetails', $2::text], $3::jsonb)
+                 WHERE run_id = $1 AND COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array($2::text)"
+            ),
             resume: format!(
                 "WITH c AS (
                    UPDATE {c} SET context_data = (context_data - ARRAY['_awaitingNodeIds', '_awaitingDetails']) || $3::jsonb
@@ -508,9 +532,75 @@ impl RunStore {
 
     /// Inserts a new run's context row and `running` status row in one transaction.
     pub fn create_run(&self, run_id: &str, context: &ContextMap) -> Result<(), StoreError> {
+        self.insert_run(
+            run_id,
+            context,
+            &self.sql.insert_context,
+            &self.sql.insert_status,
+        )
+    }
+
+    /// Like [`create_run`](RunStore::create_run), doing nothing if the run exists (a child
+    /// run started again after a redelivery).
+    pub fn create_run_if_absent(
+        &self,
+        run_id: &str,
+        context: &ContextMap,
+    ) -> Result<(), StoreError> {
+        self.insert_run(
+            run_id,
+            context,
+            &self.sql.insert_context_if_absent,
+            &self.sql.insert_status_if_absent,
+        )
+    }
+
+    /// Replaces an awaited node's `_awaitingDetails` entry; returns whether the node is still
+    /// awaited.
+    pub fn update_awaiting_details(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        details: &Value,
+    ) -> Result<bool, StoreError> {
+        Ok(self.execute(&self.sql.awaiting_details, &[&run_id, &node_id, details])? > 0)
+    }
+
+    /// Stores a webhook endpoint: `webhook_id` = `<run>:<node>`.
+    pub fn register_webhook(
+        &self,
+        webhook_id: &str,
+        event_name: &str,
+        url: &str,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            &self.sql.register_webhook,
+            &[&webhook_id, &event_name, &url],
+        )?;
+        Ok(())
+    }
+
+    /// A webhook endpoint's `(event_name, url)`.
+    pub fn webhook(&self, webhook_id: &str) -> Result<Option<(String, String)>, StoreError> {
         let mut conn = self.pool.get()?;
-        let insert_context = conn.statement(&self.sql.insert_context)?;
-        let insert_status = conn.statement(&self.sql.insert_status)?;
+        let stmt = conn.statement(&self.sql.webhook)?;
+        let row = conn.query_opt(&stmt, &[&webhook_id])?;
+        match row {
+            Some(row) => Ok(Some((row.try_get(0)?, row.try_get(1)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn insert_run(
+        &self,
+        run_id: &str,
+        context: &ContextMap,
+        context_sql: &str,
+        status_sql: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        let insert_context = conn.statement(context_sql)?;
+        let insert_status = conn.statement(status_sql)?;
         let mut tx = conn.transaction()?;
         let context = Value::Object(context.clone());
         tx.execute(&insert_context, &[&run_id, &context])?;

@@ -24,11 +24,13 @@ use crate::coordination::{job_id, SuccessorReport};
 use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::failpoint;
 use crate::flow::{self, output_key};
+use crate::local::AWAITING_DETAILS;
 use crate::node::{ContextMap, NodeResult};
-use crate::protocol::JobPayload;
+use crate::protocol::{JobPayload, Message};
 use crate::scheduling::{self, executions, is_awaiting, meta_key, next_jobs, RunNode};
 use crate::store::{CommitGuard, NodeCommit};
 
+use super::pause::{self, Prepared};
 use super::{Shared, WorkerError};
 
 /// What the consumer thread does with a delivery.
@@ -41,27 +43,40 @@ pub(crate) enum Outcome {
     Retry(String),
 }
 
-/// Handles one delivery body.
+/// Handles one delivery body: a job, a timer, or an event.
 pub(crate) fn handle(
     shared: &Shared,
     body: &[u8],
     redelivered: bool,
     publisher: &mut dyn JobSink,
 ) -> Outcome {
-    let job = match JobPayload::parse(body) {
-        Ok(job) => job,
+    let (result, what) = match Message::parse(body) {
         Err(reason) => return Outcome::DeadLetter(reason),
+        Ok(Message::Event(event)) => (
+            pause::on_event(shared, &event, publisher),
+            event.event.clone(),
+        ),
+        Ok(Message::Job(job)) if job.timer => {
+            (pause::on_timer(shared, &job, publisher), describe(&job))
+        }
+        Ok(Message::Job(job)) => {
+            log::debug!(
+                "run {}: job {} (iteration {})",
+                job.run_id,
+                job.node_id,
+                job.iteration
+            );
+            (
+                process(shared, &job, redelivered, publisher),
+                describe(&job),
+            )
+        }
     };
-    log::debug!(
-        "run {}: job {} (iteration {})",
-        job.run_id,
-        job.node_id,
-        job.iteration
-    );
-    match process(shared, &job, redelivered, publisher) {
-        Ok(outcome) => outcome,
-        Err(e) => Outcome::Retry(format!("run {} node {}: {e}", job.run_id, job.node_id)),
-    }
+    result.unwrap_or_else(|e| Outcome::Retry(format!("{what}: {e}")))
+}
+
+fn describe(job: &JobPayload) -> String {
+    format!("run {} node {}", job.run_id, job.node_id)
 }
 
 fn process(
@@ -74,7 +89,7 @@ fn process(
     let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
         let reason = format!("unknown blueprint '{}'", job.blueprint_id);
         log::warn!("run {}: {reason}; marking it failed", job.run_id);
-        shared.store.fail_run(&job.run_id, &reason)?;
+        pause::fail_run(shared, &job.run_id, &reason, publisher)?;
         return Ok(Outcome::Ack);
     };
     let Some(snapshot) = shared.store.load(&job.run_id)? else {
@@ -97,11 +112,21 @@ fn process(
     let context = snapshot.context;
     let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
-        shared.store.fail_run(&job.run_id, &reason)?;
+        pause::fail_run(shared, &job.run_id, &reason, publisher)?;
         return Ok(Outcome::Ack);
     };
     // Guard: idempotency.
     if is_awaiting(&context, &job.node_id) {
+        if redelivered {
+            // The pause is committed; repeat what follows it (timer, child run).
+            let details = context
+                .get(AWAITING_DETAILS)
+                .and_then(|d| d.get(&job.node_id))
+                .cloned()
+                .unwrap_or(Value::Null);
+            pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
+            coordinate(shared, bp, job, &node, Vec::new(), publisher)?;
+        }
         return Ok(Outcome::Ack);
     }
     let committed = executions(bp, &node, &context);
@@ -120,7 +145,7 @@ fn process(
     };
     match execute_node(node_job, &shared.registry, snapshot.clone()) {
         Ok(success) => finish_node(shared, bp, job, &node, &snapshot, success, publisher),
-        Err(failure) => fail_node(shared, bp, job, &node, failure),
+        Err(failure) => fail_node(shared, bp, job, &node, failure, publisher),
     }
 }
 
@@ -184,12 +209,18 @@ fn finish_node(
         in_cycle: node.in_cycle(bp),
     };
     if let Some(details) = result.awaiting.clone() {
-        let details = super::pause::prepare(shared, bp, job, def, details)?;
+        let details = match pause::prepare(shared, bp, job, def, details)? {
+            Prepared::Details(d) => d,
+            Prepared::Fail(reason) => {
+                pause::fail_run(shared, &job.run_id, &reason, publisher)?;
+                return Ok(Outcome::Ack);
+            }
+        };
         commit.awaiting = Some((def.id.clone(), details.clone()));
         if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
             return Ok(Outcome::Ack);
         }
-        super::pause::after_commit(shared, bp, job, def, &details, publisher)?;
+        pause::after_commit(shared, bp, job, def, &details, publisher)?;
         log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
         coordinate(shared, bp, job, node, Vec::new(), publisher)?;
         return Ok(Outcome::Ack);
@@ -229,8 +260,7 @@ fn finish_node(
             "node '{}' would execute more than {} times in one run (iteration limit)",
             over.report.node, shared.max_iterations
         );
-        shared.store.fail_run(&job.run_id, &reason)?;
-        log::info!("run {}: failed: {reason}", job.run_id);
+        pause::fail_run(shared, &job.run_id, &reason, publisher)?;
         return Ok(Outcome::Ack);
     }
     if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
@@ -316,6 +346,7 @@ fn coordinate(
     failpoint::hit("after_publish", &job.node_id);
     if outcome.run_idle && shared.store.complete_run(&job.run_id)? {
         log::info!("run {}: completed", job.run_id);
+        pause::notify_parent(shared, &job.run_id, publisher)?;
     }
     Ok(())
 }
@@ -328,10 +359,8 @@ fn fail_node(
     job: &JobPayload,
     node: &RunNode,
     failure: NodeFailure,
+    publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
-    let reason = failure.to_string();
-    shared.store.fail_run(&job.run_id, &reason)?;
-    log::info!("run {}: failed: {reason}", job.run_id);
     if let RunNode::Static(i) = node {
         let (mut poisoned, mut cancelled) = (Vec::new(), Vec::new());
         for &e in bp.outgoing(*i) {
@@ -344,5 +373,6 @@ fn fail_node(
         }
         shared.coord.poison(&job.run_id, &poisoned, &cancelled)?;
     }
+    pause::fail_run(shared, &job.run_id, &failure.to_string(), publisher)?;
     Ok(Outcome::Ack)
 }

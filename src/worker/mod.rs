@@ -35,6 +35,10 @@ use crate::store::{PgPool, RunStore, StoreError, Tables};
 
 /// Default job queue.
 pub const DEFAULT_QUEUE: &str = "flowcraft-jobs";
+/// Default fanout exchange of webhook events.
+pub const DEFAULT_EVENTS_EXCHANGE: &str = "flowcraft-events";
+/// Default base of webhook URLs.
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
 
 /// How often a delivery may fail on a service error before it is dead-lettered (with the
 /// workers' backoff, about a minute and a half of outage).
@@ -69,6 +73,9 @@ pub(crate) struct Shared {
     pub coord: RedisCoordinationStore,
     pub queue: String,
     pub max_iterations: u32,
+    /// Base of webhook URLs (`<public_url>/webhooks/<run>/<node>`).
+    pub public_url: String,
+    pub events_exchange: String,
 }
 
 /// Builder of the distributed worker ([`RabbitMqAdapter`]).
@@ -87,9 +94,23 @@ pub struct RabbitMqAdapterBuilder {
     stalled_after: Duration,
     max_iterations: u32,
     connection_name: Option<String>,
+    public_url: String,
+    events_exchange: String,
 }
 
 impl RabbitMqAdapterBuilder {
+    /// Base URL of webhook endpoints as callers reach them (default `http://127.0.0.1:8080`).
+    pub fn public_url(mut self, url: impl Into<String>) -> Self {
+        self.public_url = url.into();
+        self
+    }
+
+    /// The fanout exchange webhook events are published to (default `flowcraft-events`).
+    pub fn events_exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.events_exchange = exchange.into();
+        self
+    }
+
     /// A name reported to RabbitMQ for the worker's connection (client property
     /// `information`), so operators can tell workers apart.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
@@ -184,6 +205,8 @@ impl RabbitMqAdapterBuilder {
                 coord,
                 queue: self.queue,
                 max_iterations: self.max_iterations,
+                public_url: self.public_url,
+                events_exchange: self.events_exchange,
             }),
             amqp_url: self.amqp_url,
             threads: self.threads,
@@ -228,6 +251,8 @@ impl RabbitMqAdapter {
             stalled_after: Duration::from_secs(300),
             max_iterations: DEFAULT_MAX_ITERATIONS,
             connection_name: None,
+            public_url: DEFAULT_PUBLIC_URL.into(),
+            events_exchange: DEFAULT_EVENTS_EXCHANGE.into(),
         }
     }
 
@@ -321,6 +346,7 @@ impl RabbitMqAdapter {
     ) -> Result<SessionEnd, WorkerError> {
         let channel = connection.open_channel(None)?;
         amqp::declare_job_queue(&channel, &self.shared.queue)?;
+        amqp::declare_events(&channel, &self.shared.events_exchange, &self.shared.queue)?;
         channel.qos(0, self.prefetch, false)?;
         let mut publishers = Vec::with_capacity(self.threads);
         let mut confirms = Vec::with_capacity(self.threads);

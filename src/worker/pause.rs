@@ -1,33 +1,404 @@
-//! Pausing nodes in the distributed runtime (`wait`, `sleep`, `webhook`, `subflow`): what
-//! their awaiting details become before the commit, and what happens right after it.
+//! Pausing nodes in the distributed runtime, and what wakes them.
+//!
+//! - `wait`: nothing to do; a person resumes the run (`Client::resume_with_action`).
+//! - `sleep`: after the commit, a timer message goes to the delay queue of its duration
+//!   (`<queue>.delay.<ms>`) and dead-letters into the job queue at `wakeUpAt`; whichever
+//!   worker receives it resumes the node. Nothing holds a thread, and the timer survives
+//!   worker restarts.
+//! - `webhook`: before the commit, the endpoint is registered (`{url, event}` in the
+//!   details); the receiver publishes the call to the events exchange, bound to the job
+//!   queue, and a worker resumes the node with the payload.
+//! - `subflow`: after the commit, the child run is created (idempotently, with a
+//!   deterministic id) and its start jobs published; when the child completes, the parent
+//!   node is resumed with its result; when it fails, the parent node retries (a new child
+//!   run), falls back, or fails.
+//!
+//! Every step is idempotent: a redelivered pausing job repeats `after_commit`, and resumes
+//! are guarded by the awaiting keys.
 
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
-use crate::amqp::JobSink;
+use crate::amqp::{self, JobSink};
 use crate::blueprint::{Blueprint, NodeDef};
-use crate::protocol::JobPayload;
+use crate::executor::{execute_node, NodeJob};
+use crate::flow::{input_key, output_key};
+use crate::node::NodeResult;
+use crate::nodes::{now_ms, subflow};
+use crate::protocol::{webhook_event_name, EventMessage, JobPayload};
+use crate::resume::{ParentLink, ResumeError, Resumer, PARENT_KEY};
+use crate::scheduling::is_awaiting;
 
+use super::job::Outcome;
 use super::{Shared, WorkerError};
+
+/// What a pausing node's details become before the commit.
+pub(crate) enum Prepared {
+    Details(Value),
+    /// The node cannot pause (e.g. a subflow of an unknown blueprint): the run fails.
+    Fail(String),
+}
+
+fn kind(details: &Value) -> &str {
+    details
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
 
 /// Completes a pausing node's `_awaitingDetails` entry before it is committed.
 pub(crate) fn prepare(
-    _shared: &Shared,
+    shared: &Shared,
     _bp: &Blueprint,
-    _job: &JobPayload,
-    _node: &NodeDef,
-    details: Value,
-) -> Result<Value, WorkerError> {
-    Ok(details)
+    job: &JobPayload,
+    node: &NodeDef,
+    mut details: Value,
+) -> Result<Prepared, WorkerError> {
+    match kind(&details) {
+        "webhook" => {
+            let url = format!(
+                "{}/webhooks/{}/{}",
+                shared.public_url.trim_end_matches('/'),
+                job.run_id,
+                node.id
+            );
+            let event = webhook_event_name(&job.run_id, &node.id);
+            shared
+                .store
+                .register_webhook(&format!("{}:{}", job.run_id, node.id), &event, &url)?;
+            details["url"] = Value::String(url);
+            details["event"] = Value::String(event);
+        }
+        "subflow" => {
+            let child = details["blueprintId"].as_str().unwrap_or_default();
+            if !shared.blueprints.contains_key(child) {
+                return Ok(Prepared::Fail(format!(
+                    "subflow node '{}' names blueprint '{child}', which this worker does not have",
+                    node.id
+                )));
+            }
+            details["attempt"] = json!(1);
+            details["childRunId"] = json!(child_run_id(&job.run_id, &node.id, job.iteration, 1));
+        }
+        _ => {}
+    }
+    Ok(Prepared::Details(details))
 }
 
-/// Runs after a pausing node's commit.
+fn child_run_id(parent: &str, node: &str, iteration: u32, attempt: u32) -> String {
+    format!("{parent}.{node}.{iteration}.{attempt}")
+}
+
+/// Runs after a pausing node's commit (and again when its job is redelivered).
 pub(crate) fn after_commit(
-    _shared: &Shared,
+    shared: &Shared,
     _bp: &Blueprint,
-    _job: &JobPayload,
-    _node: &NodeDef,
-    _details: &Value,
-    _publisher: &mut dyn JobSink,
+    job: &JobPayload,
+    node: &NodeDef,
+    details: &Value,
+    publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
+    match kind(details) {
+        "sleep" => {
+            let duration = details["durationMs"].as_u64().unwrap_or(0);
+            let wake_at = details["wakeUpAtMs"].as_u64().unwrap_or(0);
+            let remaining = wake_at.saturating_sub(now_ms());
+            let mut timer =
+                JobPayload::new(&job.run_id, &job.blueprint_id, &node.id, job.iteration);
+            timer.timer = true;
+            if remaining == 0 {
+                publisher.publish_jobs("", &shared.queue, &[timer.to_body()])?;
+            } else {
+                let delay_queue = amqp::declare_delay_queue(
+                    publisher.channel(),
+                    &shared.queue,
+                    duration.max(remaining),
+                )?;
+                publisher.publish_expiring(&delay_queue, &timer.to_body(), remaining)?;
+            }
+            log::info!(
+                "run {}: '{}' sleeps until {}",
+                job.run_id,
+                node.id,
+                details["wakeUpAt"]
+            );
+        }
+        "subflow" => start_child(shared, job, node, details, publisher)?,
+        _ => {}
+    }
     Ok(())
+}
+
+fn start_child(
+    shared: &Shared,
+    job: &JobPayload,
+    node: &NodeDef,
+    details: &Value,
+    publisher: &mut dyn JobSink,
+) -> Result<(), WorkerError> {
+    let child_id = details["blueprintId"].as_str().unwrap_or_default();
+    let Some(child) = shared.blueprints.get(child_id) else {
+        return Ok(());
+    };
+    let child_run = details["childRunId"].as_str().unwrap_or_default();
+    let mut context = subflow::child_initial_context(details, child);
+    context.insert("blueprintId".into(), json!(child.id()));
+    if let Some(v) = child.version() {
+        context.insert("blueprintVersion".into(), json!(v));
+    }
+    context.insert(
+        PARENT_KEY.into(),
+        json!({"runId": job.run_id, "nodeId": node.id, "blueprintId": job.blueprint_id}),
+    );
+    shared.store.create_run_if_absent(child_run, &context)?;
+    let bodies: Vec<Vec<u8>> = child
+        .start_node_ids()
+        .iter()
+        .map(|s| JobPayload::new(child_run, child.id(), s, 0).to_body())
+        .collect();
+    publisher.publish_jobs("", &shared.queue, &bodies)?;
+    log::info!(
+        "run {}: subflow '{}' started child run {child_run} ({child_id})",
+        job.run_id,
+        node.id
+    );
+    Ok(())
+}
+
+fn resumer(shared: &Shared) -> Resumer<'_> {
+    Resumer {
+        store: &shared.store,
+        coord: &shared.coord,
+        blueprints: &shared.blueprints,
+        queue: &shared.queue,
+    }
+}
+
+/// Resumes one awaited node; a node no longer awaited (resumed already, or the run ended)
+/// is not an error.
+fn resume_node(
+    shared: &Shared,
+    run: &str,
+    node: &str,
+    action: Option<&str>,
+    output: Value,
+    extra: Map<String, Value>,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, WorkerError> {
+    let r = resumer(shared);
+    let nodes = [node.to_string()];
+    match r.resume(run, Some(&nodes), action, output, extra, publisher) {
+        Ok(outcome) => {
+            if outcome.completed {
+                notify_parent(shared, run, publisher)?;
+            }
+            Ok(Outcome::Ack)
+        }
+        Err(ResumeError::Worker(e)) => Err(e),
+        Err(other) => {
+            log::debug!("run {run}: '{node}' not resumed: {other}");
+            Ok(Outcome::Ack)
+        }
+    }
+}
+
+/// A `sleep` node's timer fired.
+pub(crate) fn on_timer(
+    shared: &Shared,
+    job: &JobPayload,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, WorkerError> {
+    let Some(snapshot) = shared.store.load(&job.run_id)? else {
+        return Ok(Outcome::Ack);
+    };
+    if !is_awaiting(&snapshot.context, &job.node_id) {
+        return Ok(Outcome::Ack);
+    }
+    // A sleep passes its input through.
+    let output = snapshot
+        .context
+        .get(&input_key(&job.node_id))
+        .cloned()
+        .unwrap_or(Value::Null);
+    log::info!("run {}: '{}' wakes up", job.run_id, job.node_id);
+    resume_node(
+        shared,
+        &job.run_id,
+        &job.node_id,
+        None,
+        output,
+        Map::new(),
+        publisher,
+    )
+}
+
+/// A webhook was called.
+pub(crate) fn on_event(
+    shared: &Shared,
+    event: &EventMessage,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, WorkerError> {
+    let Some((run, node)) = event.webhook_target() else {
+        return Ok(Outcome::DeadLetter(format!(
+            "event '{}' names no run and node",
+            event.event
+        )));
+    };
+    log::info!("run {run}: webhook '{node}' called");
+    resume_node(
+        shared,
+        &run,
+        &node,
+        None,
+        event.payload.clone(),
+        Map::new(),
+        publisher,
+    )
+}
+
+/// A run completed: resume its subflow parent, if any.
+pub(crate) fn notify_parent(
+    shared: &Shared,
+    run: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<(), WorkerError> {
+    match resumer(shared).notify_parent(run, publisher) {
+        Ok(()) => Ok(()),
+        Err(ResumeError::Worker(e)) => Err(e),
+        Err(other) => {
+            log::debug!("run {run}: parent not resumed: {other}");
+            Ok(())
+        }
+    }
+}
+
+/// Marks a run failed; if it is a subflow's child, the parent node retries it (a new child
+/// run, while `maxRetries` allows), runs its fallback, or fails too.
+pub(crate) fn fail_run(
+    shared: &Shared,
+    run: &str,
+    reason: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<(), WorkerError> {
+    let mut run = run.to_string();
+    let mut reason = reason.to_string();
+    loop {
+        if !shared.store.fail_run(&run, &reason)? {
+            return Ok(());
+        }
+        log::info!("run {run}: failed: {reason}");
+        let Some(child) = shared.store.load(&run)? else {
+            return Ok(());
+        };
+        let Some(link) = ParentLink::of(&child.context) else {
+            return Ok(());
+        };
+        let details = match link.awaited_details(&shared.store, &run) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(ResumeError::Worker(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        };
+        match child_failed(shared, &link, &run, &reason, details, publisher)? {
+            None => return Ok(()),
+            Some(parent_reason) => {
+                run = link.run_id;
+                reason = parent_reason;
+            }
+        }
+    }
+}
+
+/// The parent's answer to a failed child: `None` when handled (retry or fallback), or the
+/// reason the parent run fails.
+fn child_failed(
+    shared: &Shared,
+    link: &ParentLink,
+    child_run: &str,
+    child_reason: &str,
+    details: Value,
+    publisher: &mut dyn JobSink,
+) -> Result<Option<String>, WorkerError> {
+    let Some(parent) = shared.store.load(&link.run_id)? else {
+        return Ok(None);
+    };
+    let bp_id = parent
+        .context
+        .get("blueprintId")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Some(bp) = shared.blueprints.get(bp_id) else {
+        return Ok(None);
+    };
+    let Some(node) = bp.node_by_id(&link.node_id) else {
+        return Ok(None);
+    };
+    let message = format!(
+        "subflow '{}' (run {child_run}) failed: {child_reason}",
+        details["blueprintId"].as_str().unwrap_or_default()
+    );
+    let attempt = details["attempt"].as_u64().unwrap_or(1) as u32;
+    if attempt < node.config.max_retries.unwrap_or(1) {
+        let iteration = child_run
+            .rsplit('.')
+            .nth(1)
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(0);
+        let mut next = details.clone();
+        next["attempt"] = json!(attempt + 1);
+        next["childRunId"] = json!(child_run_id(&link.run_id, &node.id, iteration, attempt + 1));
+        if shared
+            .store
+            .update_awaiting_details(&link.run_id, &node.id, &next)?
+        {
+            log::info!(
+                "run {}: retrying subflow '{}' (attempt {})",
+                link.run_id,
+                node.id,
+                attempt + 1
+            );
+            let job = JobPayload::new(&link.run_id, bp.id(), &node.id, iteration);
+            start_child(shared, &job, node, &next, publisher)?;
+        }
+        return Ok(None);
+    }
+    let Some(fallback_id) = node.config.fallback.as_deref() else {
+        return Ok(Some(format!("node '{}' failed: {message}", node.id)));
+    };
+    let Some(fallback) = bp.node_by_id(fallback_id) else {
+        return Ok(Some(format!("node '{}' failed: {message}", node.id)));
+    };
+    let catch = json!({"message": message, "nodeId": node.id, "blueprintId": bp.id()});
+    let mut snapshot = parent.context.clone();
+    snapshot.insert("_catch_error".into(), catch.clone());
+    let job = NodeJob {
+        blueprint: bp,
+        node: fallback,
+        run_id: &link.run_id,
+    };
+    match execute_node(job, &shared.registry, std::sync::Arc::new(snapshot)) {
+        Ok(success) => {
+            let mut extra: Map<String, Value> = success
+                .deltas
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.cloned().unwrap_or(Value::Null)))
+                .collect();
+            extra.insert("_catch_error".into(), catch);
+            extra.insert(output_key(fallback_id), success.result.output.clone());
+            let NodeResult { output, action, .. } = success.result;
+            resume_node(
+                shared,
+                &link.run_id,
+                &node.id,
+                action.as_deref(),
+                output,
+                extra,
+                publisher,
+            )?;
+            Ok(None)
+        }
+        Err(failure) => Ok(Some(format!(
+            "{failure} (fallback of '{}' after: {message})",
+            node.id
+        ))),
+    }
 }
