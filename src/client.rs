@@ -56,6 +56,7 @@ pub struct Client {
     blueprints: HashMap<String, Arc<Blueprint>>,
     amqp_url: String,
     queue: String,
+    public_url: String,
     publishing: Mutex<Option<Publishing>>,
 }
 
@@ -91,6 +92,7 @@ impl Client {
             blueprints: HashMap::new(),
             amqp_url: amqp_url.into(),
             queue: queue.to_string(),
+            public_url: crate::worker::DEFAULT_PUBLIC_URL.to_string(),
             publishing: Mutex::new(None),
         })
     }
@@ -101,6 +103,27 @@ impl Client {
             self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
         }
         self
+    }
+
+    /// Base URL of webhook endpoints (default `http://127.0.0.1:8080`).
+    pub fn with_public_url(mut self, url: impl Into<String>) -> Self {
+        self.public_url = url.into();
+        self
+    }
+
+    /// Registers the webhook endpoint of a run's node (SPEC §6) and returns `{url, event}`.
+    /// Workers do this themselves when a `webhook` node runs.
+    pub fn register_webhook_endpoint(
+        &self,
+        run_id: &str,
+        node_id: &str,
+    ) -> Result<crate::webhook::WebhookEndpoint, ClientError> {
+        Ok(crate::webhook::register_endpoint(
+            &self.store,
+            &self.public_url,
+            run_id,
+            node_id,
+        )?)
     }
 
     /// The run store (status queries, tests).

@@ -315,6 +315,9 @@ impl RedisCoordinationStore {
         poisoned: &[String],
         cancelled: &[String],
     ) -> Result<(), CoordinationError> {
+        if poisoned.is_empty() && cancelled.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for n in poisoned {
             pipe.cmd("SET")

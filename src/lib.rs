@@ -39,6 +39,7 @@ pub mod reconciler;
 pub mod resume;
 pub mod scheduling;
 pub mod store;
+pub mod webhook;
 pub mod worker;
 
 pub use blueprint::{Blueprint, BlueprintError};

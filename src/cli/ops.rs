@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use flowcraft_rabbitmq::store::StatusRow;
+use flowcraft_rabbitmq::webhook::{WebhookOptions, WebhookServer};
 use flowcraft_rabbitmq::{migrate as migrations, NodeRegistry, RabbitMqAdapter};
 use serde_json::{json, Value};
 
@@ -36,6 +37,36 @@ pub struct WorkerArgs {
     /// How often one node may execute in one run (loops).
     #[arg(long, default_value_t = 1000)]
     max_iterations: u32,
+    /// Serve webhook calls (POST /webhooks/<runId>/<nodeId>) on this address, e.g. 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    webhook_listen: Option<String>,
+    /// Base URL of webhook endpoints as callers reach them.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_PUBLIC_URL",
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL"
+    )]
+    public_url: String,
+    /// Shared secret: webhook calls must carry X-Flowcraft-Signature: sha256=<HMAC-SHA256 of the body>.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    webhook_secret: Option<String>,
+    /// Largest accepted webhook body, in bytes.
+    #[arg(long, default_value_t = flowcraft_rabbitmq::webhook::DEFAULT_MAX_BODY, value_name = "BYTES")]
+    webhook_max_body: usize,
+    /// Fanout exchange of webhook events.
+    #[arg(
+        long,
+        env = "FLOWCRAFT_EVENTS_EXCHANGE",
+        default_value = "flowcraft-events",
+        value_name = "NAME"
+    )]
+    events_exchange: String,
 }
 
 pub fn migrate(services: &ServiceArgs) -> i32 {
@@ -83,6 +114,33 @@ pub fn worker(args: &WorkerArgs) -> i32 {
     if let Err(code) = s.check_rabbitmq() {
         return code;
     }
+    let webhooks = match &args.webhook_listen {
+        None => None,
+        Some(addr) => {
+            let store = match flowcraft_rabbitmq::store::RunStore::new(pg.clone(), tables.clone()) {
+                Ok(store) => store,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            let options = WebhookOptions {
+                store,
+                coord: flowcraft_rabbitmq::RedisCoordinationStore::new(
+                    redis.clone(),
+                    s.redis_prefix.clone(),
+                ),
+                amqp_url: s.rabbitmq_url.clone(),
+                exchange: args.events_exchange.clone(),
+                secret: args.webhook_secret.clone(),
+                max_body: args.webhook_max_body,
+            };
+            match WebhookServer::start(addr, options) {
+                Ok(server) => {
+                    eprintln!("flowcraft: webhooks on http://{}", server.local_addr());
+                    Some(server)
+                }
+                Err(e) => return fail(EXIT_USAGE, e),
+            }
+        }
+    };
     let (signal_tx, signal_rx) = crossbeam_channel::unbounded::<()>();
     let mut signals = 0u32;
     let handler = ctrlc::set_handler(move || {
@@ -112,6 +170,8 @@ pub fn worker(args: &WorkerArgs) -> i32 {
         )
         .stalled_after(Duration::from_secs(args.stalled_after))
         .max_iterations(args.max_iterations)
+        .public_url(&args.public_url)
+        .events_exchange(&args.events_exchange)
         .connection_name(format!("flowcraft worker pid {}", std::process::id()));
     if let Some(p) = args.prefetch {
         builder = builder.prefetch(p);
@@ -132,6 +192,9 @@ pub fn worker(args: &WorkerArgs) -> i32 {
     let _ = signal_rx.recv();
     eprintln!("flowcraft: stopping: finishing the jobs in flight (a second signal exits at once)");
     handle.shutdown();
+    if let Some(server) = webhooks {
+        server.stop();
+    }
     match handle.join() {
         Ok(()) => {
             eprintln!("flowcraft: worker stopped");

@@ -24,7 +24,7 @@ use crate::executor::{execute_node, NodeJob};
 use crate::flow::{input_key, output_key};
 use crate::node::NodeResult;
 use crate::nodes::{now_ms, subflow};
-use crate::protocol::{webhook_event_name, EventMessage, JobPayload};
+use crate::protocol::{EventMessage, JobPayload};
 use crate::resume::{ParentLink, ResumeError, Resumer, PARENT_KEY};
 use crate::scheduling::is_awaiting;
 
@@ -55,18 +55,14 @@ pub(crate) fn prepare(
 ) -> Result<Prepared, WorkerError> {
     match kind(&details) {
         "webhook" => {
-            let url = format!(
-                "{}/webhooks/{}/{}",
-                shared.public_url.trim_end_matches('/'),
-                job.run_id,
-                node.id
-            );
-            let event = webhook_event_name(&job.run_id, &node.id);
-            shared
-                .store
-                .register_webhook(&format!("{}:{}", job.run_id, node.id), &event, &url)?;
-            details["url"] = Value::String(url);
-            details["event"] = Value::String(event);
+            let endpoint = crate::webhook::register_endpoint(
+                &shared.store,
+                &shared.public_url,
+                &job.run_id,
+                &node.id,
+            )?;
+            details["url"] = Value::String(endpoint.url);
+            details["event"] = Value::String(endpoint.event);
         }
         "subflow" => {
             let child = details["blueprintId"].as_str().unwrap_or_default();

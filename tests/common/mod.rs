@@ -18,7 +18,7 @@ pub fn amqp_url() -> String {
 
 pub fn postgres_url() -> String {
     std::env::var("POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub fn redis_url() -> String {
@@ -33,6 +33,8 @@ pub struct TestEnv {
     pub prefix: String,
     pub pg: PgPool,
     pub redis: RedisPool,
+    /// More queues to delete at the end (delay queues).
+    pub extra_queues: Vec<String>,
 }
 
 impl TestEnv {
@@ -81,6 +83,7 @@ impl TestEnv {
             tables,
             pg,
             redis,
+            extra_queues: Vec::new(),
         };
         // Fail loudly when RabbitMQ is down.
         amqp::connect(&amqp_url()).expect("RabbitMQ must be running for integration tests");
@@ -91,6 +94,11 @@ impl TestEnv {
         RunStore::new(self.pg.clone(), self.tables.clone()).unwrap()
     }
 
+    /// This test's events exchange.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.queue)
+    }
+
     pub fn worker(
         &self,
         registry: NodeRegistry,
@@ -99,6 +107,7 @@ impl TestEnv {
         RabbitMqAdapter::builder(amqp_url(), self.pg.clone(), self.redis.clone())
             .registry(registry)
             .blueprints(blueprints)
+            .events_exchange(self.events_exchange())
             .queue(self.queue.clone())
             .tables(self.tables.clone())
             .redis_prefix(self.prefix.clone())
@@ -279,13 +288,18 @@ impl Drop for TestEnv {
         }
         if let Ok(mut conn) = amqp::connect(&amqp_url()) {
             if let Ok(ch) = conn.open_channel(None) {
-                for q in [
+                let demo = format!("{}.demo", self.queue);
+                let mut queues = vec![
                     self.queue.clone(),
                     self.dead_queue(),
-                    format!("{}.delay", self.queue),
-                ] {
+                    format!("{demo}.dead"),
+                    demo,
+                ];
+                queues.extend(self.extra_queues.iter().cloned());
+                for q in queues {
                     let _ = ch.queue_delete(q, Default::default());
                 }
+                let _ = ch.exchange_delete(self.events_exchange(), false);
             }
             let _ = conn.close();
         }
@@ -326,3 +340,40 @@ pub fn ctx(v: Value) -> ContextMap {
 }
 
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A minimal HTTP/1.1 POST; returns the status code and the body.
+pub fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the webhook receiver");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    let _ = stream.write_all(request.as_bytes());
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,485 @@
+//! Human in the loop, durable timers, webhooks, subflows, batches and loops in the
+//! distributed runtime, against the real services.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use flowcraft_rabbitmq::node::ContextMap;
+use flowcraft_rabbitmq::webhook::{sign, WebhookOptions, WebhookServer};
+use flowcraft_rabbitmq::{
+    NodeError, NodeRegistry, NodeResult, RedisCoordinationStore, WorkerHandle,
+};
+use serde_json::json;
+
+type Counts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// Built-ins, `inc`, and a counter of executions per (run, node) for every transform.
+fn counting(counts: &Counts) -> NodeRegistry {
+    let mut r = inc_registry();
+    let seen = counts.clone();
+    let transform = r.get("transform").unwrap();
+    r.register_fn("transform", move |ctx| {
+        *seen
+            .lock()
+            .unwrap()
+            .entry(format!("{}/{}", ctx.run_id, ctx.node_id))
+            .or_insert(0) += 1;
+        transform.execute(ctx)
+    });
+    r
+}
+
+fn examples() -> Vec<flowcraft_rabbitmq::Blueprint> {
+    let (bps, problems) = flowcraft_rabbitmq::blueprint::load_dir(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/blueprints"
+    ));
+    assert!(problems.is_empty(), "{problems:?}");
+    bps.into_values().collect()
+}
+
+fn two_workers(
+    env: &TestEnv,
+    registry: &NodeRegistry,
+    bps: &[flowcraft_rabbitmq::Blueprint],
+    public_url: &str,
+) -> (WorkerHandle, WorkerHandle) {
+    let start = || {
+        env.worker(registry.clone(), bps.to_vec())
+            .threads(2)
+            .public_url(public_url)
+            .build()
+            .unwrap()
+            .start()
+            .unwrap()
+    };
+    (start(), start())
+}
+
+#[test]
+fn a_timer_survives_a_worker_restart() {
+    let mut env = TestEnv::new("timer");
+    env.extra_queues.push(format!("{}.delay.2000", env.queue));
+    let bps = examples();
+    let worker = env.start_worker(inc_registry(), bps.clone(), 2);
+    let client = env.client(bps.clone());
+    let run = client.start_workflow("sleep", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "awaiting", WAIT);
+    let details = &row.result.unwrap()["details"];
+    assert_eq!(details["type"], json!("sleep"));
+    assert!(details["wakeUpAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        env.context(&run)["_awaitingDetails"]["nap"]["durationMs"],
+        json!(2000)
+    );
+    // No worker runs while the timer is due: the wake-up waits in the job queue.
+    worker.stop().unwrap();
+    env.eventually("the timer moves to the job queue", WAIT, || {
+        env.queue_depth(&env.queue) == 1
+    });
+    assert_eq!(
+        env.store().status(&run).unwrap().unwrap().status,
+        "awaiting"
+    );
+    let worker = env.start_worker(inc_registry(), bps, 2);
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(
+        context["_outputs.nap"],
+        json!("ready"),
+        "a sleep passes its input through"
+    );
+    assert_eq!(context["_outputs.after"], json!("ready, then woke up"));
+    worker.stop().unwrap();
+}
+
+#[test]
+fn resume_is_an_error_when_not_awaiting_and_applies_once() {
+    let env = TestEnv::new("resume2");
+    let counts: Counts = Default::default();
+    let bps = examples();
+    let (w1, w2) = two_workers(&env, &counting(&counts), &bps, "http://127.0.0.1:1");
+    let client = env.client(bps);
+    let run = client
+        .start_workflow("approval", ContextMap::new())
+        .unwrap();
+    env.wait_for_status(&run, "awaiting", WAIT);
+    // Two people resume at once: one wins, the other is told.
+    let results: Vec<_> = std::thread::scope(|s| {
+        let a = s.spawn(|| client.resume_with_action(&run, Some("approve"), json!({"by": "ann"})));
+        let b = s.spawn(|| client.resume_with_action(&run, Some("approve"), json!({"by": "bob"})));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let by = row.result.unwrap()["context"]["_outputs.approved"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(by == "approved by ann" || by == "approved by bob", "{by}");
+    assert_eq!(
+        counts.lock().unwrap().get(&format!("{run}/approved")),
+        Some(&1)
+    );
+    let err = client
+        .resume_with_action(&run, Some("approve"), json!({}))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is not awaiting (status: completed)"),
+        "{err}"
+    );
+    w1.stop().unwrap();
+    w2.stop().unwrap();
+}
+
+#[test]
+fn webhooks_resume_runs_once_and_the_receiver_rejects_bad_calls() {
+    let env = TestEnv::new("webhook");
+    let counts: Counts = Default::default();
+    let bps = examples();
+    let server = WebhookServer::start(
+        "127.0.0.1:0",
+        WebhookOptions {
+            store: env.store(),
+            coord: RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone()),
+            amqp_url: amqp_url(),
+            exchange: env.events_exchange(),
+            secret: Some("s3cret".into()),
+            max_body: 1024,
+        },
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let (w1, w2) = two_workers(&env, &counting(&counts), &bps, &format!("http://{addr}"));
+    let client = env.client(bps);
+    let run = client
+        .start_workflow("webhook-approval", ContextMap::new())
+        .unwrap();
+    env.wait_for_status(&run, "awaiting", WAIT);
+    let details = env.context(&run)["_awaitingDetails"]["review"].clone();
+    let path = format!("/webhooks/{run}/review");
+    assert_eq!(details["url"], json!(format!("http://{addr}{path}")));
+    assert_eq!(details["event"], json!(format!("webhook:{run}:review")));
+
+    let body = br#"{"decision": "approve", "by": "finance"}"#;
+    let signature = sign("s3cret", body);
+    let signed = [
+        ("X-Flowcraft-Signature", signature.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    assert_eq!(
+        http_post(addr, "/webhooks/no-such-run/review", body, &signed).0,
+        404
+    );
+    assert_eq!(http_post(addr, "/elsewhere", body, &signed).0, 404);
+    assert_eq!(http_post(addr, &path, body, &[]).0, 401, "unsigned");
+    assert_eq!(
+        http_post(addr, &path, body, &[("X-Flowcraft-Signature", "sha256=00")]).0,
+        401,
+        "wrong signature"
+    );
+    let bad_json = b"{not json";
+    assert_eq!(
+        http_post(
+            addr,
+            &path,
+            bad_json,
+            &[("X-Flowcraft-Signature", &sign("s3cret", bad_json))]
+        )
+        .0,
+        400
+    );
+    let big = vec![b' '; 2000];
+    assert_eq!(
+        http_post(
+            addr,
+            &path,
+            &big,
+            &[("X-Flowcraft-Signature", &sign("s3cret", &big))]
+        )
+        .0,
+        413
+    );
+    // None of those fired it.
+    assert_eq!(
+        env.store().status(&run).unwrap().unwrap().status,
+        "awaiting"
+    );
+    let (status, reply) = http_post(addr, &path, body, &signed);
+    assert_eq!(status, 202, "{reply}");
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(
+        context["_outputs.review"],
+        json!({"decision": "approve", "by": "finance"})
+    );
+    assert_eq!(context["_outputs.approved"], json!("approved: laptop"));
+    // A replay after the run resumed.
+    assert_eq!(http_post(addr, &path, body, &signed).0, 409);
+    assert_eq!(
+        counts.lock().unwrap().get(&format!("{run}/approved")),
+        Some(&1)
+    );
+    assert_eq!(
+        counts.lock().unwrap().get(&format!("{run}/decide")),
+        Some(&1)
+    );
+
+    // Escalation: the webhook says escalate, a person approves with `resume`.
+    let run = client
+        .start_workflow("webhook-approval", ContextMap::new())
+        .unwrap();
+    env.wait_for_status(&run, "awaiting", WAIT);
+    let body = br#"{"decision": "escalate"}"#;
+    let path = format!("/webhooks/{run}/review");
+    assert_eq!(
+        http_post(
+            addr,
+            &path,
+            body,
+            &[("X-Flowcraft-Signature", &sign("s3cret", body))]
+        )
+        .0,
+        202
+    );
+    env.eventually("the escalation waits", WAIT, || {
+        env.context(&run).get("_awaitingNodeIds") == Some(&json!(["escalation"]))
+    });
+    client
+        .resume_with_action(&run, Some("reject"), json!(null))
+        .unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    assert_eq!(
+        row.result.unwrap()["context"]["_outputs.rejected"],
+        json!("rejected: laptop")
+    );
+    server.stop();
+    w1.stop().unwrap();
+    w2.stop().unwrap();
+}
+
+#[test]
+fn two_workers_share_timers_and_resumes_and_run_successors_once() {
+    let mut env = TestEnv::new("compete");
+    env.extra_queues.push(format!("{}.delay.2000", env.queue));
+    let counts: Counts = Default::default();
+    let bps = examples();
+    let (w1, w2) = two_workers(&env, &counting(&counts), &bps, "http://127.0.0.1:1");
+    let client = env.client(bps);
+    let sleepers: Vec<String> = (0..6)
+        .map(|_| client.start_workflow("sleep", ContextMap::new()).unwrap())
+        .collect();
+    let waiters: Vec<String> = (0..6)
+        .map(|_| {
+            client
+                .start_workflow("approval", ContextMap::new())
+                .unwrap()
+        })
+        .collect();
+    for run in &waiters {
+        env.wait_for_status(run, "awaiting", WAIT);
+        client
+            .resume_with_action(run, Some("reject"), json!(null))
+            .unwrap();
+    }
+    for run in sleepers.iter().chain(&waiters) {
+        env.wait_for_status(run, "completed", WAIT);
+    }
+    let counts = counts.lock().unwrap();
+    for run in &sleepers {
+        assert_eq!(counts.get(&format!("{run}/after")), Some(&1), "{run}");
+    }
+    for run in &waiters {
+        assert_eq!(counts.get(&format!("{run}/rejected")), Some(&1), "{run}");
+        assert_eq!(counts.get(&format!("{run}/approved")), None, "{run}");
+    }
+    w1.stop().unwrap();
+    w2.stop().unwrap();
+}
+
+#[test]
+fn subflows_run_as_child_runs() {
+    let env = TestEnv::new("subflow");
+    let bps = examples();
+    let worker = env.start_worker(inc_registry(), bps.clone(), 2);
+    let client = env.client(bps);
+    let run = client.start_workflow("subflow", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.tax"], json!(20));
+    assert_eq!(context["_outputs.total"], json!(120));
+    let child = format!("{run}.tax.0.1");
+    let child_row = env
+        .store()
+        .status(&child)
+        .unwrap()
+        .expect("the child run exists");
+    assert_eq!(child_row.status, "completed");
+    assert_eq!(
+        child_row.result.unwrap()["context"]["_parent"]["runId"],
+        json!(run)
+    );
+    worker.stop().unwrap();
+}
+
+#[test]
+fn a_failed_child_is_retried_then_falls_back() {
+    let env = TestEnv::new("subfail");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let mut registry = inc_registry();
+    registry.register_fn("flaky", move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            Err(NodeError::fatal("first child run breaks"))
+        } else {
+            Ok(NodeResult::output(json!("second time lucky")))
+        }
+    });
+    registry.register_fn("always_broken", |_| Err(NodeError::fatal("never works")));
+    let child_ok_second = bp(r#"{"id":"child1","nodes":[{"id":"x","uses":"flaky"}]}"#);
+    let child_broken = bp(r#"{"id":"child2","nodes":[{"id":"x","uses":"always_broken"}]}"#);
+    let retrying = bp(
+        r#"{"id":"p1","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child1"},
+        "config":{"maxRetries":2}},{"id":"next","uses":"inc"}],"edges":[{"source":"sub","target":"next"}]}"#,
+    );
+    let falling_back = bp(
+        r#"{"id":"p2","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child2"},
+        "config":{"fallback":"fb"}},{"id":"fb","uses":"transform","params":{"expression":"'fallback after: ' + context._catch_error.message"}},
+        {"id":"next","uses":"transform","params":{"expression":"input"}}],"edges":[{"source":"sub","target":"next"}]}"#,
+    );
+    let failing = bp(
+        r#"{"id":"p3","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child2"}}]}"#,
+    );
+    let all = vec![
+        child_ok_second,
+        child_broken,
+        retrying,
+        falling_back,
+        failing,
+    ];
+    let worker = env.start_worker(registry, all.clone(), 2);
+    let client = env.client(all);
+
+    let run = client.start_workflow("p1", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    assert_eq!(
+        row.result.unwrap()["context"]["_outputs.sub"],
+        json!("second time lucky")
+    );
+    assert_eq!(
+        env.store()
+            .status(&format!("{run}.sub.0.1"))
+            .unwrap()
+            .unwrap()
+            .status,
+        "failed"
+    );
+
+    let run = client.start_workflow("p2", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let next = row.result.unwrap()["context"]["_outputs.next"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        next.starts_with("fallback after: subflow 'child2'") && next.contains("never works"),
+        "{next}"
+    );
+
+    let run = client.start_workflow("p3", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "failed", WAIT);
+    let reason = row.result.unwrap()["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("node 'sub' failed: subflow 'child2'") && reason.contains("never works"),
+        "{reason}"
+    );
+    worker.stop().unwrap();
+}
+
+#[test]
+fn a_thousand_item_batch_gathers_in_order() {
+    let env = TestEnv::new("batch");
+    let b = bp(
+        r#"{"id":"big","nodes":[{"id":"s","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"g"}},
+        {"id":"g","uses":"batch-gather","params":{"outputKey":"all"}}],"edges":[{"source":"s","target":"g"}]}"#,
+    );
+    let worker = env.start_worker(inc_registry(), vec![b.clone()], 4);
+    let items: Vec<i64> = (0..1000).collect();
+    let run = env
+        .client(vec![b])
+        .start_workflow("big", ctx(json!({"_inputs.s": items})))
+        .unwrap();
+    let row = env.wait_for_status(&run, "completed", Duration::from_secs(120));
+    let expected: Vec<i64> = (1..=1000).collect();
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["all"], json!(expected));
+    assert_eq!(context["_outputs.g"], json!(expected));
+    worker.stop().unwrap();
+}
+
+#[test]
+fn loops_run_each_iteration_and_stop_at_the_limit() {
+    let env = TestEnv::new("loops");
+    let bps = examples();
+    let forever = bp(
+        r#"{"id":"forever","nodes":[{"id":"init","uses":"inc"},{"id":"body","uses":"inc"},
+        {"id":"ctl","uses":"loop-controller","params":{"condition":"true"}}],
+        "edges":[{"source":"init","target":"body"},{"source":"body","target":"ctl"},
+        {"source":"ctl","target":"body","action":"continue"}]}"#,
+    );
+    let mut all = bps.clone();
+    all.push(forever);
+    let worker = env
+        .worker(inc_registry(), all.clone())
+        .threads(2)
+        .max_iterations(20)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let client = env.client(all);
+    let run = client.start_workflow("loop", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.body"], json!(3));
+    assert_eq!(context["_outputs.done"], json!("counted to 3"));
+    assert_eq!(
+        context["_node.body"]["n"],
+        json!(3),
+        "three iterations of the body"
+    );
+    let run = client.start_workflow("forever", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "failed", WAIT);
+    assert!(row.result.unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("iteration limit"));
+    worker.stop().unwrap();
+}
+
+#[test]
+fn batch_example_runs_distributed() {
+    let env = TestEnv::new("batchex");
+    let bps = examples();
+    let worker = env.start_worker(inc_registry(), bps.clone(), 2);
+    let run = env
+        .client(bps)
+        .start_workflow("batch", ContextMap::new())
+        .unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    assert_eq!(
+        row.result.unwrap()["context"]["squares"],
+        json!([1, 4, 9, 16])
+    );
+    worker.stop().unwrap();
+}
