@@ -22,13 +22,19 @@ pub enum AmqpError {
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error("RabbitMQ: {0}")]
-    Protocol(#[from] amiquip::Error),
+    Protocol(Box<amiquip::Error>),
     #[error("RabbitMQ did not confirm a publish within {0:?}")]
     ConfirmTimeout(Duration),
     #[error("RabbitMQ refused (nacked) a publish")]
     Nacked,
     #[error("the RabbitMQ connection is closed")]
     Closed,
+}
+
+impl From<amiquip::Error> for AmqpError {
+    fn from(e: amiquip::Error) -> Self {
+        AmqpError::Protocol(Box::new(e))
+    }
 }
 
 /// The parts of an `amqp://user:pass@host:port/vhost` URL.

@@ -40,7 +40,7 @@ pub enum ClientError {
 
 impl From<amiquip::Error> for ClientError {
     fn from(e: amiquip::Error) -> Self {
-        ClientError::Amqp(AmqpError::Protocol(e))
+        ClientError::Amqp(AmqpError::from(e))
     }
 }
 

@@ -61,7 +61,7 @@ pub enum WorkerError {
 
 impl From<amiquip::Error> for WorkerError {
     fn from(e: amiquip::Error) -> Self {
-        WorkerError::Amqp(AmqpError::Protocol(e))
+        WorkerError::Amqp(AmqpError::from(e))
     }
 }
 
