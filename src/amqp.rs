@@ -175,35 +175,34 @@ pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dead")
 }
 
-/// Declares the durable job queue, routing rejected messages to `<queue>.dead` (also
-/// declared, durable).
+/// Declares the durable job queue and its dead-letter queue `<queue>.dead`, both without
+/// arguments, so a client that declares the job queue as the seed README does
+/// (`assertQueue(queue, {durable: true})`) agrees with it. Dead letters are published to
+/// `<queue>.dead` explicitly (with a reason header), not routed by a queue argument.
 pub fn declare_job_queue(channel: &Channel, queue: &str) -> Result<(), AmqpError> {
-    let dead = dead_letter_queue(queue);
-    channel.queue_declare(
-        dead.clone(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-    )?;
-    let mut arguments = FieldTable::new();
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AmqpValue::LongString(String::new()),
-    );
-    arguments.insert(
-        "x-dead-letter-routing-key".into(),
-        AmqpValue::LongString(dead),
-    );
-    channel.queue_declare(
-        queue,
-        QueueDeclareOptions {
-            durable: true,
-            arguments,
-            ..QueueDeclareOptions::default()
-        },
-    )?;
+    for name in [dead_letter_queue(queue), queue.to_string()] {
+        channel.queue_declare(
+            name,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+        )?;
+    }
     Ok(())
+}
+
+/// Header of a dead-lettered message that says why it was dead-lettered.
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-flowcraft-reason";
+
+/// Properties of a dead letter: persistent, with the reason in a header.
+pub fn dead_letter_properties(reason: &str) -> AmqpProperties {
+    let mut headers = FieldTable::new();
+    headers.insert(
+        DEAD_LETTER_REASON_HEADER.into(),
+        AmqpValue::LongString(reason.to_string()),
+    );
+    persistent_json().with_headers(headers)
 }
 
 /// Declares the durable fanout exchange of events and binds the job queue to it, so events
@@ -482,6 +481,18 @@ impl ConfirmPublisher {
         } else {
             Ok(())
         }
+    }
+
+    /// Publishes one message with explicit properties and waits for its confirm.
+    pub fn publish_one(
+        &mut self,
+        routing_key: &str,
+        body: &[u8],
+        properties: AmqpProperties,
+    ) -> Result<(), AmqpError> {
+        self.channel
+            .basic_publish("", Publish::with_properties(body, routing_key, properties))?;
+        self.wait_for_confirms(1)
     }
 
     /// Closes the channel.

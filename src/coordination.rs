@@ -379,6 +379,19 @@ impl RedisCoordinationStore {
         Ok(FinishOutcome { ready, run_idle })
     }
 
+    /// Jobs of a run made ready but not finished (`jobs` minus `done`), and whether the
+    /// run has a ledger at all.
+    pub fn outstanding_jobs(&self, run: &str) -> Result<(Vec<String>, bool), CoordinationError> {
+        let (outstanding, registered): (Vec<String>, i64) = redis::pipe()
+            .cmd("SDIFF")
+            .arg(self.jobs_key(run))
+            .arg(self.done_key(run))
+            .cmd("SCARD")
+            .arg(self.jobs_key(run))
+            .query(&mut *self.conn()?)?;
+        Ok((outstanding, registered > 0))
+    }
+
     /// Deletes a run's ledger (for tests and cleanup).
     pub fn forget_run(&self, run: &str) -> Result<(), CoordinationError> {
         self.delete(&[self.jobs_key(run), self.done_key(run)])
@@ -390,6 +403,17 @@ fn with_iteration(key: String, iteration: u32) -> String {
         key
     } else {
         format!("{key}:{iteration}")
+    }
+}
+
+/// The node and iteration of a ledger job id.
+pub fn parse_job_id(job: &str) -> (String, u32) {
+    match job.rsplit_once('@') {
+        Some((node, iteration)) => match iteration.parse() {
+            Ok(i) => (node.to_string(), i),
+            Err(_) => (job.to_string(), 0),
+        },
+        None => (job.to_string(), 0),
     }
 }
 

@@ -496,7 +496,7 @@ impl<'a> RunState<'a> {
             let limit = self.runtime.inner.max_iterations;
             return self.fail(
                 &id,
-                format!("node executed more than {limit} times in one run (iteration limit)"),
+                format!("node '{id}' exceeded the iteration limit ({limit} executions in one run)"),
             );
         }
         let NodeSuccess {
@@ -518,10 +518,16 @@ impl<'a> RunState<'a> {
             NodeRef::Static(index) => {
                 let fallback_index = fallback.as_deref().and_then(|f| bp.node_index(f));
                 let taken = choose_successors(bp, index, fallback_index, &result, ctx);
-                for t in &taken {
-                    ctx.insert(flow::input_key(&bp.node(t.target).id), t.input.clone());
-                }
                 for t in taken {
+                    // An `any` join keeps the winner's input; later predecessors change nothing.
+                    let late = readiness(bp, t.edge) == Readiness::Any
+                        && self
+                            .any_fired
+                            .contains(&(t.target, self.generation(t.target)));
+                    if !late {
+                        Arc::make_mut(&mut self.context)
+                            .insert(flow::input_key(&bp.node(t.target).id), t.input);
+                    }
                     let source = bp.edge(t.edge).source.clone();
                     self.arrive(t.edge, t.target, source);
                 }

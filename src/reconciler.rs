@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::amqp::{self, ConfirmPublisher};
 use crate::blueprint::Blueprint;
-use crate::coordination::{job_id, RedisCoordinationStore};
+use crate::coordination::{job_id, parse_job_id, RedisCoordinationStore};
 use crate::protocol::JobPayload;
 use crate::scheduling::frontier;
 use crate::store::RunStore;
@@ -122,8 +122,21 @@ impl Reconciler {
                 "run {run}: blueprint '{blueprint_id}' is not loaded (or the run's first job never ran)"
             )));
         };
+        // What should run: the frontier derived from the context, plus every job the run's
+        // ledger says was made ready and never finished (it covers loop iterations too).
+        let mut candidates = frontier(bp, &snapshot.context);
+        let (outstanding, has_ledger) = self.coord.outstanding_jobs(run)?;
+        for job in outstanding {
+            let (node, iteration) = parse_job_id(&job);
+            if !candidates
+                .iter()
+                .any(|(n, i)| *n == node && *i == iteration)
+            {
+                candidates.push((node, iteration));
+            }
+        }
         let mut jobs = Vec::new();
-        for (node, iteration) in frontier(bp, &snapshot.context) {
+        for (node, iteration) in candidates {
             if self.coord.is_poisoned(run, &node)? {
                 continue;
             }
@@ -136,7 +149,9 @@ impl Reconciler {
             }
         }
         if jobs.is_empty() {
-            let completed = self.store.complete_run(run)?;
+            // Complete only what the ledger confirms is idle (a run without ledger has never
+            // had a job finish: leave it to a later pass).
+            let completed = has_ledger && self.store.complete_run(run)?;
             if completed {
                 log::info!("reconciler: run {run} had nothing left to do; completed");
             } else {

@@ -158,9 +158,23 @@ impl Resumer<'_> {
         let mut merged: ContextMap = context.clone();
         merged.remove(AWAITING_NODE_IDS);
         merged.remove(AWAITING_DETAILS);
+        let details = context
+            .get(AWAITING_DETAILS)
+            .cloned()
+            .unwrap_or(Value::Null);
+        let iteration_of = |n: &str| {
+            details
+                .get(n)
+                .and_then(|d| d.get("iteration"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as u32
+        };
         for n in &targets {
             set.insert(output_key(n), output.clone());
-            set.insert(meta_key(n), json!({"n": 1, "action": action}));
+            set.insert(
+                meta_key(n),
+                json!({"n": iteration_of(n) + 1, "action": action}),
+            );
         }
         for (k, v) in &set {
             merged.insert(k.clone(), v.clone());
@@ -189,7 +203,9 @@ impl Resumer<'_> {
                 .filter(|(from, _)| from == n)
                 .map(|(_, r)| r.clone())
                 .collect();
-            let outcome = self.coord.finish_job(run_id, &job_id(n, 0), &[], &mine)?;
+            let outcome = self
+                .coord
+                .finish_job(run_id, &job_id(n, iteration_of(n)), &[], &mine)?;
             let bodies: Vec<Vec<u8>> = mine
                 .iter()
                 .zip(&outcome.ready)

@@ -232,6 +232,8 @@ pub struct CommitGuard {
 #[derive(Debug, Clone, Default)]
 pub struct NodeCommit {
     pub set: Map<String, Value>,
+    /// Keys set only where absent (the input of an `any` join).
+    pub set_if_absent: Map<String, Value>,
     pub delete: Vec<String>,
     /// A node that paused the run: its id and `_awaitingDetails` entry.
     pub awaiting: Option<(String, Value)>,
@@ -277,6 +279,8 @@ impl RunStore {
             commit: format!(
                 "WITH c AS (
                    UPDATE {c} SET context_data = ((context_data - $2::text[]) || $3::jsonb) ||
+                     (SELECT COALESCE(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb)
+                        FROM jsonb_each($10::jsonb) e WHERE NOT jsonb_exists(context_data, e.key)) ||
                      CASE WHEN $8::text IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object(
                        '_awaitingNodeIds',
                          CASE WHEN COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array($8::text)
@@ -411,6 +415,7 @@ impl RunStore {
         guard: &CommitGuard,
     ) -> Result<bool, StoreError> {
         let set = Value::Object(commit.set.clone());
+        let set_if_absent = Value::Object(commit.set_if_absent.clone());
         let (awaiting_id, awaiting_details) = match &commit.awaiting {
             Some((id, details)) => (Some(id.as_str()), details.clone()),
             None => (None, Value::Null),
@@ -430,6 +435,7 @@ impl RunStore {
                 &guard.in_cycle,
                 &awaiting_id,
                 &awaiting_details,
+                &set_if_absent,
             ],
         )?;
         let applied: i32 = row.try_get(0)?;

@@ -77,6 +77,12 @@ fn any_join_example_runs_its_join_once() {
         first == "first answer a:query" || first == "first answer b:query",
         "{first}"
     );
+    // The join's input is the winner's output, not the loser's.
+    let input = result["context"]["_inputs.first"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(first, format!("first answer {input}"));
 }
 
 #[test]

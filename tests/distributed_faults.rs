@@ -325,7 +325,15 @@ fn a_run_started_exactly_like_the_seed_client_completes() {
     // A plain publish (no confirms, default exchange, persistent), as amqplib's sendToQueue.
     let mut conn = amqp::connect(&amqp_url()).unwrap();
     let ch = conn.open_channel(None).unwrap();
-    amqp::declare_job_queue(&ch, &env.queue).unwrap();
+    // assertQueue(queue, {durable: true}), exactly: no arguments.
+    ch.queue_declare(
+        env.queue.clone(),
+        amiquip::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     ch.basic_publish(
         "",
         amiquip::Publish::with_properties(

@@ -483,3 +483,39 @@ fn batch_example_runs_distributed() {
     );
     worker.stop().unwrap();
 }
+
+#[test]
+fn a_wait_inside_a_loop_is_resumed_once_per_iteration() {
+    let env = TestEnv::new("waitloop");
+    let b = bp(
+        r#"{"id":"wl","nodes":[{"id":"init","uses":"inc"},{"id":"ask","uses":"wait"},
+        {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.ask < 3"}},
+        {"id":"done","uses":"transform","inputs":"ask","params":{"expression":"'stopped at ' + input"}}],
+        "edges":[{"source":"init","target":"ask"},{"source":"ask","target":"ctl"},
+        {"source":"ctl","target":"ask","action":"continue"},{"source":"ctl","target":"done","action":"break"}]}"#,
+    );
+    let worker = env.start_worker(inc_registry(), vec![b.clone()], 2);
+    let client = env.client(vec![b]);
+    let run = client.start_workflow("wl", ContextMap::new()).unwrap();
+    for answer in 1..=3u64 {
+        env.eventually(&format!("iteration {answer} waits"), WAIT, || {
+            env.store()
+                .status(&run)
+                .unwrap()
+                .is_some_and(|r| r.status == "awaiting")
+                && env
+                    .context(&run)
+                    .get("_awaitingDetails")
+                    .and_then(|d| d["ask"]["iteration"].as_u64())
+                    == Some(answer - 1)
+        });
+        client
+            .resume_with_action(&run, None, json!(answer))
+            .unwrap();
+    }
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.done"], json!("stopped at 3"));
+    assert_eq!(context["_node.ask"]["n"], json!(3));
+    worker.stop().unwrap();
+}

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, JoinStrategy};
-use crate::coordination::{job_id, SuccessorReport};
+use crate::coordination::{job_id, JoinRule, SuccessorReport};
 use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::failpoint;
 use crate::flow::{self, output_key};
@@ -125,7 +125,7 @@ fn process(
                 .cloned()
                 .unwrap_or(Value::Null);
             pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
-            coordinate(shared, bp, job, &node, Vec::new(), publisher)?;
+            register_paused(shared, bp, job, &node)?;
         }
         return Ok(Outcome::Ack);
     }
@@ -216,13 +216,17 @@ fn finish_node(
                 return Ok(Outcome::Ack);
             }
         };
+        let mut details = details;
+        if let Some(d) = details.as_object_mut() {
+            d.insert("iteration".into(), json!(job.iteration));
+        }
         commit.awaiting = Some((def.id.clone(), details.clone()));
         if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
             return Ok(Outcome::Ack);
         }
         pause::after_commit(shared, bp, job, def, &details, publisher)?;
         log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
-        coordinate(shared, bp, job, node, Vec::new(), publisher)?;
+        register_paused(shared, bp, job, node)?;
         return Ok(Outcome::Ack);
     }
     let mut merged = snapshot.clone();
@@ -247,9 +251,13 @@ fn finish_node(
     let next = next_jobs(bp, node, &result, fallback.as_deref(), &merged);
     for n in &next {
         if let Some(input) = &n.input {
-            commit
-                .set
-                .insert(flow::input_key(&n.report.node), input.clone());
+            // An `any` join takes the first predecessor's input; later ones do not overwrite it.
+            let target = if n.report.rule == JoinRule::Any {
+                &mut commit.set_if_absent
+            } else {
+                &mut commit.set
+            };
+            target.insert(flow::input_key(&n.report.node), input.clone());
         }
     }
     if let Some(over) = next
@@ -257,7 +265,7 @@ fn finish_node(
         .find(|n| n.report.iteration >= shared.max_iterations)
     {
         let reason = format!(
-            "node '{}' would execute more than {} times in one run (iteration limit)",
+            "node '{}' exceeded the iteration limit ({} executions in one run)",
             over.report.node, shared.max_iterations
         );
         pause::fail_run(shared, &job.run_id, &reason, publisher)?;
@@ -315,6 +323,33 @@ fn rederive(
 
 /// Redis bookkeeping, then publishing the successors that became ready, then the final
 /// status if the run has no outstanding work.
+/// The jobs the ledger must know when `job` finishes: itself, and the run's start jobs when
+/// it is one of them.
+fn ledger_jobs(bp: &Blueprint, job: &JobPayload, node: &RunNode) -> Vec<String> {
+    let is_start =
+        matches!(node, RunNode::Static(i) if bp.start_nodes().contains(i)) && job.iteration == 0;
+    if is_start {
+        scheduling::start_jobs(bp)
+    } else {
+        Vec::new()
+    }
+}
+
+/// A paused node's job stays outstanding in the ledger — registered, not done — until the
+/// resume marks it done together with its successors, so the run never looks idle between
+/// the resume's commit and its successors' registration.
+fn register_paused(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+) -> Result<(), WorkerError> {
+    let mut jobs = ledger_jobs(bp, job, node);
+    jobs.push(job_id(&job.node_id, job.iteration));
+    shared.coord.register_jobs(&job.run_id, &jobs)?;
+    Ok(())
+}
+
 fn coordinate(
     shared: &Shared,
     bp: &Blueprint,
@@ -323,13 +358,7 @@ fn coordinate(
     successors: Vec<SuccessorReport>,
     publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
-    let is_start =
-        matches!(node, RunNode::Static(i) if bp.start_nodes().contains(i)) && job.iteration == 0;
-    let also = if is_start {
-        scheduling::start_jobs(bp)
-    } else {
-        Vec::new()
-    };
+    let also = ledger_jobs(bp, job, node);
     let me = job_id(&job.node_id, job.iteration);
     let outcome = shared
         .coord

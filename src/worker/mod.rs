@@ -25,7 +25,7 @@ use std::time::Duration;
 use amiquip::{Connection, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{unbounded, Receiver, Select, Sender};
 
-use crate::amqp::{self, AmqpError, AsyncPublisher, ConfirmTracker};
+use crate::amqp::{self, AmqpError, AsyncPublisher, ConfirmPublisher, ConfirmTracker};
 use crate::blueprint::Blueprint;
 use crate::coordination::{CoordinationError, RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
 use crate::local::DEFAULT_MAX_ITERATIONS;
@@ -355,6 +355,7 @@ impl RabbitMqAdapter {
             publishers.push(publisher);
             confirms.push(confirm_rx);
         }
+        let dead_letters = ConfirmPublisher::new(connection.open_channel(None)?)?;
         let consumer =
             channel.basic_consume(self.shared.queue.clone(), ConsumerOptions::default())?;
         let (job_tx, job_rx) = unbounded::<Delivery>();
@@ -404,7 +405,12 @@ impl RabbitMqAdapter {
                 }
             }
             drop(job_rx);
-            let mut settler = Settler::new(&consumer, self.threads);
+            let mut settler = Settler::new(
+                &consumer,
+                dead_letters,
+                amqp::dead_letter_queue(&self.shared.queue),
+                self.threads,
+            );
             let end = consume(&consumer, &job_tx, &done_rx, &confirms, stop, &mut settler);
             drop(job_tx);
             // Workers finish their current job; a lost connection makes their publishes fail
@@ -439,6 +445,9 @@ struct Finished {
 /// otherwise when their publishes are confirmed (and requeued if one was refused).
 struct Settler<'c, 'a> {
     consumer: &'c amiquip::Consumer<'a>,
+    /// Publishes dead letters to `<queue>.dead` (rare: waits for its confirm).
+    dead_letters: ConfirmPublisher,
+    dead_queue: String,
     trackers: Vec<ConfirmTracker>,
     waiting: Vec<VecDeque<Finished>>,
     failures: HashMap<Vec<u8>, u32>,
@@ -446,9 +455,16 @@ struct Settler<'c, 'a> {
 }
 
 impl<'c, 'a> Settler<'c, 'a> {
-    fn new(consumer: &'c amiquip::Consumer<'a>, publishers: usize) -> Self {
+    fn new(
+        consumer: &'c amiquip::Consumer<'a>,
+        dead_letters: ConfirmPublisher,
+        dead_queue: String,
+        publishers: usize,
+    ) -> Self {
         Settler {
             consumer,
+            dead_letters,
+            dead_queue,
             trackers: (0..publishers).map(|_| ConfirmTracker::default()).collect(),
             waiting: (0..publishers).map(|_| VecDeque::new()).collect(),
             failures: HashMap::new(),
@@ -492,7 +508,50 @@ impl<'c, 'a> Settler<'c, 'a> {
                 outcome = job::Outcome::Retry("the broker refused a successor job".into());
             }
         }
-        settle(self.consumer, f.delivery, outcome, &mut self.failures)
+        self.settle_outcome(f.delivery, outcome)
+    }
+
+    /// Acks, dead-letters or requeues a finished delivery on the consuming channel.
+    fn settle_outcome(
+        &mut self,
+        delivery: Delivery,
+        outcome: job::Outcome,
+    ) -> Result<(), amiquip::Error> {
+        let reason = match outcome {
+            job::Outcome::Ack => {
+                if !self.failures.is_empty() {
+                    self.failures.remove(&delivery.body);
+                }
+                return self.consumer.ack(delivery);
+            }
+            job::Outcome::Retry(reason) => {
+                let count = self.failures.entry(delivery.body.clone()).or_insert(0);
+                *count += 1;
+                if *count < MAX_DELIVERY_FAILURES {
+                    log::warn!("requeueing a message (failure {count}): {reason}");
+                    if self.failures.len() > 10_000 {
+                        self.failures.clear();
+                    }
+                    return self.consumer.nack(delivery, true);
+                }
+                self.failures.remove(&delivery.body);
+                format!("failed {MAX_DELIVERY_FAILURES} times: {reason}")
+            }
+            job::Outcome::DeadLetter(reason) => reason,
+        };
+        log::warn!("dead-lettering a message to {}: {reason}", self.dead_queue);
+        let properties = amqp::dead_letter_properties(&reason);
+        match self
+            .dead_letters
+            .publish_one(&self.dead_queue, &delivery.body, properties)
+        {
+            Ok(()) => self.consumer.ack(delivery),
+            Err(e) => {
+                // Nothing is dropped: the message goes back to the queue.
+                log::error!("cannot dead-letter a message ({e}); requeueing it");
+                self.consumer.nack(delivery, true)
+            }
+        }
     }
 }
 
@@ -569,42 +628,6 @@ fn consume(
                     }
                 }
                 Err(_) => return SessionEnd::ConnectionLost("a publishing channel closed".into()),
-            }
-        }
-    }
-}
-
-/// Acks, dead-letters or requeues a finished delivery on the consuming channel.
-fn settle(
-    consumer: &amiquip::Consumer<'_>,
-    delivery: Delivery,
-    outcome: job::Outcome,
-    failures: &mut HashMap<Vec<u8>, u32>,
-) -> Result<(), amiquip::Error> {
-    match outcome {
-        job::Outcome::Ack => {
-            if !failures.is_empty() {
-                failures.remove(&delivery.body);
-            }
-            consumer.ack(delivery)
-        }
-        job::Outcome::DeadLetter(reason) => {
-            log::warn!("dead-lettering a message: {reason}");
-            consumer.reject(delivery, false)
-        }
-        job::Outcome::Retry(reason) => {
-            let count = failures.entry(delivery.body.clone()).or_insert(0);
-            *count += 1;
-            if *count >= MAX_DELIVERY_FAILURES {
-                log::error!("dead-lettering a message after {count} failures: {reason}");
-                failures.remove(&delivery.body);
-                consumer.reject(delivery, false)
-            } else {
-                log::warn!("requeueing a message (failure {count}): {reason}");
-                if failures.len() > 10_000 {
-                    failures.clear();
-                }
-                consumer.nack(delivery, true)
             }
         }
     }

@@ -22,6 +22,7 @@ use crate::amqp::{self, JobSink};
 use crate::blueprint::{Blueprint, NodeDef};
 use crate::executor::{execute_node, NodeJob};
 use crate::flow::{input_key, output_key};
+use crate::local::AWAITING_DETAILS;
 use crate::node::NodeResult;
 use crate::nodes::{now_ms, subflow};
 use crate::protocol::{EventMessage, JobPayload};
@@ -95,22 +96,7 @@ pub(crate) fn after_commit(
 ) -> Result<(), WorkerError> {
     match kind(details) {
         "sleep" => {
-            let duration = details["durationMs"].as_u64().unwrap_or(0);
-            let wake_at = details["wakeUpAtMs"].as_u64().unwrap_or(0);
-            let remaining = wake_at.saturating_sub(now_ms());
-            let mut timer =
-                JobPayload::new(&job.run_id, &job.blueprint_id, &node.id, job.iteration);
-            timer.timer = true;
-            if remaining == 0 {
-                publisher.publish_jobs("", &shared.queue, &[timer.to_body()])?;
-            } else {
-                let delay_queue = amqp::declare_delay_queue(
-                    publisher.channel(),
-                    &shared.queue,
-                    duration.max(remaining),
-                )?;
-                publisher.publish_expiring(&delay_queue, &timer.to_body(), remaining)?;
-            }
+            arm_timer(shared, job, node, details, publisher)?;
             log::info!(
                 "run {}: '{}' sleeps until {}",
                 job.run_id,
@@ -122,6 +108,33 @@ pub(crate) fn after_commit(
         _ => {}
     }
     Ok(())
+}
+
+/// Longest single hop of a timer; longer sleeps re-arm when the hop ends.
+const MAX_TIMER_HOP_MS: u64 = 20 * 24 * 3600 * 1000;
+
+/// Publishes a sleep's wake-up: to the delay queue of its duration, expiring at `wakeUpAt`
+/// (or at the end of the hop, for sleeps over 20 days), or straight to the job queue when
+/// the time has come.
+fn arm_timer(
+    shared: &Shared,
+    job: &JobPayload,
+    node: &NodeDef,
+    details: &Value,
+    publisher: &mut dyn JobSink,
+) -> Result<(), WorkerError> {
+    let duration = details["durationMs"].as_u64().unwrap_or(0);
+    let wake_at = details["wakeUpAtMs"].as_u64().unwrap_or(0);
+    let remaining = wake_at.saturating_sub(now_ms());
+    let mut timer = JobPayload::new(&job.run_id, &job.blueprint_id, &node.id, job.iteration);
+    timer.timer = true;
+    if remaining == 0 {
+        return Ok(publisher.publish_jobs("", &shared.queue, &[timer.to_body()])?);
+    }
+    let hop = remaining.min(MAX_TIMER_HOP_MS);
+    let queue_ms = duration.clamp(hop, MAX_TIMER_HOP_MS);
+    let delay_queue = amqp::declare_delay_queue(publisher.channel(), &shared.queue, queue_ms)?;
+    Ok(publisher.publish_expiring(&delay_queue, &timer.to_body(), hop)?)
 }
 
 fn start_child(
@@ -207,6 +220,23 @@ pub(crate) fn on_timer(
         return Ok(Outcome::Ack);
     };
     if !is_awaiting(&snapshot.context, &job.node_id) {
+        return Ok(Outcome::Ack);
+    }
+    let details = snapshot
+        .context
+        .get(AWAITING_DETAILS)
+        .and_then(|d| d.get(&job.node_id))
+        .cloned()
+        .unwrap_or(Value::Null);
+    if details["wakeUpAtMs"].as_u64().unwrap_or(0) > now_ms() + 50 {
+        // One hop of a long sleep ended: arm the next.
+        if let Some(node) = shared
+            .blueprints
+            .get(&job.blueprint_id)
+            .and_then(|bp| bp.node_by_id(&job.node_id))
+        {
+            arm_timer(shared, job, node, &details, publisher)?;
+        }
         return Ok(Outcome::Ack);
     }
     // A sleep passes its input through.
