@@ -257,6 +257,7 @@ struct Statements {
     status: String,
     stalled: String,
     touch: String,
+    touch_many: String,
     insert_context: String,
     insert_status: String,
     insert_context_if_absent: String,
@@ -329,6 +330,9 @@ impl RunStore {
                  ORDER BY updated_at LIMIT $2::bigint"
             ),
             touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
+            touch_many: format!(
+                "UPDATE {s} SET updated_at = NOW() WHERE run_id = ANY($1) AND status = 'running'"
+            ),
             insert_context: format!("INSERT INTO {c} (run_id, context_data) VALUES ($1, $2)"),
             insert_status: format!("INSERT INTO {s} (run_id, status) VALUES ($1, $2)"),
             insert_context_if_absent: format!(
@@ -534,6 +538,15 @@ impl RunStore {
         };
         let applied: i32 = row.try_get(0)?;
         Ok(applied > 0)
+    }
+
+    /// Moves `updated_at` of several running runs to now (the worker's heartbeat for runs
+    /// whose nodes are executing, so a long node is not mistaken for a stalled run).
+    pub fn touch_many(&self, run_ids: &[String]) -> Result<(), StoreError> {
+        if !run_ids.is_empty() {
+            self.execute(&self.sql.touch_many, &[&run_ids])?;
+        }
+        Ok(())
     }
 
     /// Inserts a new run's context row and `running` status row in one transaction.

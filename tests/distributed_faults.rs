@@ -489,3 +489,36 @@ fn sleeping_nodes_do_not_pin_database_connections() {
     );
     worker.stop().unwrap();
 }
+
+#[test]
+fn a_long_node_keeps_its_run_from_looking_stalled() {
+    let env = TestEnv::new("heartbeat");
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
+    let mut registry = inc_registry();
+    registry.register_fn("long", move |_| {
+        let _ = entered_tx.send(());
+        let _ = gate_rx.recv_timeout(Duration::from_secs(60));
+        Ok(NodeResult::output(json!("done")))
+    });
+    let b = bp(r#"{"id":"long","nodes":[{"id":"a","uses":"long"}]}"#);
+    let worker = env
+        .worker(registry, vec![b.clone()])
+        .stalled_after(Duration::from_secs(3))
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let run = env
+        .client(vec![b])
+        .start_workflow("long", ContextMap::new())
+        .unwrap();
+    entered_rx.recv_timeout(WAIT).expect("the node starts");
+    let before = env.store().status(&run).unwrap().unwrap().updated_at;
+    env.eventually("the heartbeat moves updated_at", WAIT, || {
+        env.store().status(&run).unwrap().unwrap().updated_at != before
+    });
+    gate_tx.send(()).unwrap();
+    env.wait_for_status(&run, "completed", WAIT);
+    worker.stop().unwrap();
+}

@@ -143,7 +143,10 @@ fn process(
         node: node.def(bp),
         run_id: &job.run_id,
     };
-    match execute_node(node_job, &shared.registry, snapshot.clone()) {
+    let executing = shared.executing(&job.run_id);
+    let outcome = execute_node(node_job, &shared.registry, snapshot.clone());
+    drop(executing);
+    match outcome {
         Ok(success) => finish_node(shared, bp, job, &node, &snapshot, success, publisher),
         Err(failure) => fail_node(shared, bp, job, &node, failure, publisher),
     }

@@ -18,7 +18,7 @@ mod job;
 mod pause;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -76,6 +76,42 @@ pub(crate) struct Shared {
     /// Base of webhook URLs (`<public_url>/webhooks/<run>/<node>`).
     pub public_url: String,
     pub events_exchange: String,
+    /// Runs with a node executing right now, and how many (the heartbeat touches them).
+    pub executing: Mutex<HashMap<String, usize>>,
+}
+
+impl Shared {
+    /// Marks a run as executing a node until the returned guard drops.
+    pub(crate) fn executing(&self, run_id: &str) -> ExecutingGuard<'_> {
+        let mut map = self.executing.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(run_id.to_string()).or_insert(0) += 1;
+        ExecutingGuard {
+            shared: self,
+            run_id: run_id.to_string(),
+        }
+    }
+}
+
+/// See [`Shared::executing`].
+pub(crate) struct ExecutingGuard<'a> {
+    shared: &'a Shared,
+    run_id: String,
+}
+
+impl Drop for ExecutingGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .executing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.run_id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.run_id);
+            }
+        }
+    }
 }
 
 /// Builder of the distributed worker ([`RabbitMqAdapter`]).
@@ -207,6 +243,7 @@ impl RabbitMqAdapterBuilder {
                 max_iterations: self.max_iterations,
                 public_url: self.public_url,
                 events_exchange: self.events_exchange,
+                executing: Mutex::new(HashMap::new()),
             }),
             amqp_url: self.amqp_url,
             threads: self.threads,
@@ -289,6 +326,19 @@ impl RabbitMqAdapter {
             }
             None => None,
         };
+        // Heartbeat: a run whose node runs long keeps moving `updated_at`, so the reconciler
+        // does not take it for stalled.
+        let heartbeat = {
+            let (shared, stop) = (self.shared.clone(), stop_rx.clone());
+            let every =
+                (self.stalled_after / 3).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            std::thread::Builder::new()
+                .name("flowcraft-heartbeat".into())
+                .spawn(move || heartbeat(&shared, every, &stop))
+                .map_err(|e| {
+                    WorkerError::Options(format!("cannot start the heartbeat thread: {e}"))
+                })?
+        };
         let supervisor = std::thread::Builder::new()
             .name("flowcraft-consumer".into())
             .spawn(move || self.supervise(connection, stop_rx))
@@ -296,7 +346,7 @@ impl RabbitMqAdapter {
         Ok(WorkerHandle {
             stop: std::sync::Mutex::new(Some(stop_tx)),
             supervisor: Some(supervisor),
-            reconciler,
+            timers: reconciler.into_iter().chain([heartbeat]).collect(),
         })
     }
 
@@ -641,6 +691,18 @@ fn wait_or_stop(stop: &Receiver<()>, timeout: Duration) -> bool {
     )
 }
 
+fn heartbeat(shared: &Shared, every: Duration, stop: &Receiver<()>) {
+    while !wait_or_stop(stop, every) {
+        let runs: Vec<String> = {
+            let map = shared.executing.lock().unwrap_or_else(|p| p.into_inner());
+            map.keys().cloned().collect()
+        };
+        if let Err(e) = shared.store.touch_many(&runs) {
+            log::warn!("heartbeat failed: {e}");
+        }
+    }
+}
+
 fn reconcile_on_timer(reconciler: Reconciler, every: Duration, stop: Receiver<()>) {
     while !wait_or_stop(&stop, every) {
         match reconciler.run() {
@@ -661,7 +723,8 @@ pub struct WorkerHandle {
     /// Dropping the sender is the stop signal: every listener sees the channel disconnect.
     stop: std::sync::Mutex<Option<Sender<()>>>,
     supervisor: Option<JoinHandle<Result<(), WorkerError>>>,
-    reconciler: Option<JoinHandle<()>>,
+    /// The reconciler and heartbeat threads.
+    timers: Vec<JoinHandle<()>>,
 }
 
 impl WorkerHandle {
@@ -675,8 +738,8 @@ impl WorkerHandle {
 
     /// Waits for the worker to end (after [`shutdown`](WorkerHandle::shutdown)).
     pub fn join(mut self) -> Result<(), WorkerError> {
-        if let Some(r) = self.reconciler.take() {
-            let _ = r.join();
+        for t in self.timers.drain(..) {
+            let _ = t.join();
         }
         match self.supervisor.take().map(JoinHandle::join) {
             Some(Ok(result)) => result,
