@@ -159,9 +159,55 @@ fn workload_def(name: &str) -> (flowcraft_rabbitmq::Blueprint, serde_json::Value
     workload(name)
 }
 
+/// Timer accuracy: runs of `mark → sleep 2s → stamp`; lateness = stamp − (mark + 2 s).
+fn timers(runs: usize) {
+    let mut env = TestEnv::new("bench_timers");
+    env.extra_queues.push(format!("{}.delay.2000", env.queue));
+    let marks: Arc<Mutex<HashMap<(String, String), u64>>> = Arc::new(Mutex::new(HashMap::new()));
+    let mut registry = NodeRegistry::with_builtins();
+    let seen = marks.clone();
+    registry.register_fn("mark", move |ctx| {
+        seen.lock().unwrap().insert((ctx.run_id.clone(), ctx.node_id.clone()), flowcraft_rabbitmq::nodes::now_ms());
+        Ok(NodeResult::output(json!(null)))
+    });
+    let bp = flowcraft_rabbitmq::Blueprint::from_json(
+        r#"{"id":"timer","nodes":[{"id":"before","uses":"mark"},{"id":"nap","uses":"sleep","params":{"duration":2000}},
+            {"id":"after","uses":"mark"}],"edges":[{"source":"before","target":"nap"},{"source":"nap","target":"after"}]}"#,
+    )
+    .unwrap();
+    let worker = env.worker(registry, vec![bp.clone()]).threads(4).build().unwrap().start().unwrap();
+    let client = env.client(vec![bp]);
+    let ids: Vec<String> = (0..runs).map(|_| client.start_workflow("timer", ContextMap::new()).unwrap()).collect();
+    for id in &ids {
+        env.wait_for_status(id, "completed", Duration::from_secs(60));
+    }
+    worker.stop().unwrap();
+    let marks = marks.lock().unwrap();
+    let mut late: Vec<u64> = ids
+        .iter()
+        .filter_map(|id| {
+            let before = marks.get(&(id.clone(), "before".into()))?;
+            let after = marks.get(&(id.clone(), "after".into()))?;
+            Some(after.saturating_sub(before + 2000))
+        })
+        .collect();
+    late.sort();
+    println!(
+        "timers    runs={runs:<5} sleep 2 s: lateness after wakeUpAt p50 {} ms, p99 {} ms, max {} ms",
+        late[late.len() / 2],
+        late[(late.len() * 99 / 100).min(late.len() - 1)],
+        late[late.len() - 1]
+    );
+    drop(env);
+}
+
 fn main() {
     let a = args();
     if std::env::args().any(|x| x == "--list") {
+        return;
+    }
+    if std::env::args().any(|x| x == "--timers") {
+        timers(a.runs.min(200));
         return;
     }
     for w in &a.workloads {
