@@ -167,7 +167,10 @@ fn timers(runs: usize) {
     let mut registry = NodeRegistry::with_builtins();
     let seen = marks.clone();
     registry.register_fn("mark", move |ctx| {
-        seen.lock().unwrap().insert((ctx.run_id.clone(), ctx.node_id.clone()), flowcraft_rabbitmq::nodes::now_ms());
+        seen.lock().unwrap().insert(
+            (ctx.run_id.clone(), ctx.node_id.clone()),
+            flowcraft_rabbitmq::nodes::now_ms(),
+        );
         Ok(NodeResult::output(json!(null)))
     });
     let bp = flowcraft_rabbitmq::Blueprint::from_json(
@@ -175,9 +178,17 @@ fn timers(runs: usize) {
             {"id":"after","uses":"mark"}],"edges":[{"source":"before","target":"nap"},{"source":"nap","target":"after"}]}"#,
     )
     .unwrap();
-    let worker = env.worker(registry, vec![bp.clone()]).threads(4).build().unwrap().start().unwrap();
+    let worker = env
+        .worker(registry, vec![bp.clone()])
+        .threads(4)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
     let client = env.client(vec![bp]);
-    let ids: Vec<String> = (0..runs).map(|_| client.start_workflow("timer", ContextMap::new()).unwrap()).collect();
+    let ids: Vec<String> = (0..runs)
+        .map(|_| client.start_workflow("timer", ContextMap::new()).unwrap())
+        .collect();
     for id in &ids {
         env.wait_for_status(id, "completed", Duration::from_secs(60));
     }

@@ -139,6 +139,7 @@ pub struct Blueprint {
     back_edge: Vec<bool>,
     fallback_of: Vec<Vec<usize>>,
     in_cycle: Vec<bool>,
+    may_repeat: Vec<bool>,
     ends: Vec<(usize, usize)>,
     conditions: Vec<Option<Expression>>,
     transforms: Vec<Option<Expression>>,
@@ -294,6 +295,7 @@ impl Blueprint {
             }
         }
         let in_cycle = nodes_in_cycles(n, &outgoing, &edge_ends);
+        let may_repeat = downstream_of(&in_cycle, &outgoing, &edge_ends);
         let mut warnings = Vec::new();
         let mut compile = |text: &Option<String>, what: &str, e: usize| {
             text.as_ref().and_then(|src| match Expression::parse(src) {
@@ -326,6 +328,7 @@ impl Blueprint {
             back_edge,
             fallback_of,
             in_cycle,
+            may_repeat,
             ends: edge_ends,
             conditions,
             transforms,
@@ -431,6 +434,12 @@ impl Blueprint {
     /// Whether the node lies on a cycle (it may execute several times in one run).
     pub fn in_cycle(&self, node: usize) -> bool {
         self.in_cycle[node]
+    }
+
+    /// Whether the node may execute several times in one run: it lies on a cycle, or
+    /// downstream of one (a side branch of a loop body runs once per iteration).
+    pub fn may_repeat(&self, node: usize) -> bool {
+        self.may_repeat[node]
     }
 
     /// Nodes whose `config.fallback` is this node.
@@ -562,6 +571,26 @@ fn find_back_edges(
         }
     }
     back
+}
+
+/// Nodes on a cycle and every node reachable from one.
+fn downstream_of(
+    in_cycle: &[bool],
+    outgoing: &[Vec<usize>],
+    edge_ends: &[(usize, usize)],
+) -> Vec<bool> {
+    let mut marked = in_cycle.to_vec();
+    let mut todo: Vec<usize> = (0..in_cycle.len()).filter(|&i| in_cycle[i]).collect();
+    while let Some(n) = todo.pop() {
+        for &e in &outgoing[n] {
+            let t = edge_ends[e].1;
+            if !marked[t] {
+                marked[t] = true;
+                todo.push(t);
+            }
+        }
+    }
+    marked
 }
 
 /// Nodes that lie on some cycle: members of a strongly connected component with more than one
@@ -821,6 +850,9 @@ mod tests {
         assert_eq!(b.forward_predecessors(body), &[0]);
         assert!(b.in_cycle(body));
         assert!(!b.in_cycle(0));
+        let done = b.node_index("done").unwrap();
+        assert!(!b.in_cycle(done) && b.may_repeat(done));
+        assert!(!b.may_repeat(0));
         assert_eq!(b.join_strategy(2), JoinStrategy::Any);
     }
 

@@ -23,8 +23,9 @@ pub type RedisPool = r2d2::Pool<redis::Client>;
 
 /// Default prefix of every key.
 pub const DEFAULT_PREFIX: &str = "flowcraft:";
-/// Default lifetime of coordination keys (refreshed on every use).
-pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default lifetime of coordination keys (refreshed whenever a job of the run finishes): a
+/// run may stay paused this long and still join correctly when resumed.
+pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Errors of the Redis layer.
 #[derive(Debug, thiserror::Error)]

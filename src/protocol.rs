@@ -119,6 +119,12 @@ impl JobPayload {
     pub fn parse(body: &[u8]) -> Result<JobPayload, String> {
         let job: JobPayload =
             serde_json::from_slice(body).map_err(|e| format!("malformed job message: {e}"))?;
+        if job.iteration > i32::MAX as u32 {
+            return Err(format!(
+                "malformed job message: \"iteration\" {} is out of range",
+                job.iteration
+            ));
+        }
         for (field, value) in [
             ("runId", &job.run_id),
             ("blueprintId", &job.blueprint_id),

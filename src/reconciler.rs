@@ -135,6 +135,7 @@ impl Reconciler {
                 candidates.push((node, iteration));
             }
         }
+        let nothing_to_run = candidates.is_empty();
         let mut jobs = Vec::new();
         for (node, iteration) in candidates {
             if self.coord.is_poisoned(run, &node)? {
@@ -149,9 +150,10 @@ impl Reconciler {
             }
         }
         if jobs.is_empty() {
-            // Complete only what the ledger confirms is idle (a run without ledger has never
-            // had a job finish: leave it to a later pass).
-            let completed = has_ledger && self.store.complete_run(run)?;
+            // Complete only a run with nothing to run whose ledger confirms it is idle (a run
+            // without ledger has never had a job finish; a node locked by another reconciler
+            // is being enqueued): otherwise leave it to a later pass.
+            let completed = nothing_to_run && has_ledger && self.store.complete_run(run)?;
             if completed {
                 log::info!("reconciler: run {run} had nothing left to do; completed");
             } else {

@@ -136,20 +136,6 @@ impl Resumer<'_> {
                 .unwrap_or(Value::Null),
         );
         set.insert("_resume.output".into(), output.clone());
-        let remaining: Vec<&String> = awaited.iter().filter(|a| !targets.contains(a)).collect();
-        if !remaining.is_empty() {
-            let details = context
-                .get(AWAITING_DETAILS)
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
-            let kept: Map<String, Value> = details
-                .into_iter()
-                .filter(|(k, _)| remaining.contains(&k))
-                .collect();
-            set.insert(AWAITING_NODE_IDS.into(), json!(remaining));
-            set.insert(AWAITING_DETAILS.into(), Value::Object(kept));
-        }
         let result = NodeResult {
             output: output.clone(),
             action: action.map(String::from),

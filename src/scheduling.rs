@@ -48,17 +48,18 @@ impl RunNode {
         }
     }
 
-    /// Whether the node lies on a cycle.
-    pub fn in_cycle(&self, bp: &Blueprint) -> bool {
-        matches!(self, RunNode::Static(i) if bp.in_cycle(*i))
+    /// Whether the node may execute several times in one run (on or after a cycle): its
+    /// executions are counted per iteration.
+    pub fn may_repeat(&self, bp: &Blueprint) -> bool {
+        matches!(self, RunNode::Static(i) if bp.may_repeat(*i))
     }
 }
 
-/// How many executions of a node have been committed: for nodes on cycles the bookkeeping
-/// counter, otherwise whether its output exists.
+/// How many executions of a node have been committed: for nodes that may repeat the
+/// bookkeeping counter, otherwise whether its output exists.
 pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
     let id = &node.def(bp).id;
-    if node.in_cycle(bp) {
+    if node.may_repeat(bp) {
         context
             .get(&meta_key(id))
             .and_then(|m| m.get("n"))

@@ -353,7 +353,18 @@ impl RunStore {
             ),
             resume: format!(
                 "WITH c AS (
-                   UPDATE {c} SET context_data = (context_data - ARRAY['_awaitingNodeIds', '_awaitingDetails']) || $3::jsonb
+                   UPDATE {c} SET context_data = (
+                     -- Remove the resumed nodes from the awaiting keys *as they are now*: a
+                     -- branch that paused meanwhile stays awaited.
+                     SELECT CASE WHEN jsonb_array_length(q.ids) = 0
+                       THEN q.base - ARRAY['_awaitingNodeIds', '_awaitingDetails']
+                       ELSE q.base || jsonb_build_object('_awaitingNodeIds', q.ids, '_awaitingDetails', q.details) END
+                     FROM (SELECT
+                       context_data || $3::jsonb AS base,
+                       COALESCE((SELECT jsonb_agg(x) FROM jsonb_array_elements(context_data->'_awaitingNodeIds') x
+                                 WHERE NOT $2::jsonb @> jsonb_build_array(x)), '[]'::jsonb) AS ids,
+                       COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb)
+                         - ARRAY(SELECT jsonb_array_elements_text($2::jsonb)) AS details) q)
                    WHERE run_id = $1 AND COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> $2::jsonb
                    RETURNING context_data),
                  s AS (

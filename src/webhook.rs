@@ -253,15 +253,38 @@ impl Receiver {
             Ok(v) => v,
             Err(e) => return error(400, &format!("the body is not JSON: {e}")),
         };
+        // A webhook fires once per pause: once its node is no longer awaited (resumed, or the
+        // run ended), every call is a replay. The marker (per loop iteration) stops two calls
+        // racing within the same pause; it expires, so a receiver that crashed between
+        // marker and publish does not block the webhook for good.
+        let awaited = match self.options.store.load(&run) {
+            Ok(snapshot) => snapshot.and_then(|s| {
+                s.context
+                    .get(crate::local::AWAITING_DETAILS)
+                    .and_then(|d| d.get(&node))
+                    .filter(|d| d.get("type").and_then(Value::as_str) == Some("webhook"))
+                    .map(|d| d.get("iteration").and_then(Value::as_u64).unwrap_or(0))
+            }),
+            Err(e) => {
+                log::warn!("webhook lookup failed: {e}");
+                return error(503, "the database is unavailable; retry later");
+            }
+        };
+        let Some(iteration) = awaited else {
+            return error(
+                409,
+                "this webhook already fired (its node is not awaiting a call)",
+            );
+        };
         let fired_key = self
             .options
             .coord
-            .key(&format!("webhook:fired:{run}:{node}"));
-        match self.options.coord.set_if_not_exist(
-            &fired_key,
-            "1",
-            Duration::from_secs(30 * 24 * 3600),
-        ) {
+            .key(&format!("webhook:fired:{run}:{node}:{iteration}"));
+        match self
+            .options
+            .coord
+            .set_if_not_exist(&fired_key, "1", Duration::from_secs(3600))
+        {
             Ok(true) => {}
             Ok(false) => return error(409, "this webhook already fired"),
             Err(e) => {

@@ -519,3 +519,73 @@ fn a_wait_inside_a_loop_is_resumed_once_per_iteration() {
     assert_eq!(context["_node.ask"]["n"], json!(3));
     worker.stop().unwrap();
 }
+
+#[test]
+fn parallel_pauses_resume_independently_and_side_branches_of_loops_repeat() {
+    let env = TestEnv::new("parallel");
+    let two_waits = bp(
+        r#"{"id":"two","nodes":[{"id":"s","uses":"inc"},{"id":"w1","uses":"wait"},{"id":"w2","uses":"wait"},
+        {"id":"after1","uses":"inc"},{"id":"after2","uses":"inc"}],
+        "edges":[{"source":"s","target":"w1"},{"source":"s","target":"w2"},
+        {"source":"w1","target":"after1"},{"source":"w2","target":"after2"}]}"#,
+    );
+    let side = bp(
+        r#"{"id":"side","nodes":[{"id":"init","uses":"inc"},{"id":"body","uses":"transform","params":{"expression":"(context['_outputs.body'] ?? 0) + 1"}},
+        {"id":"log","uses":"inc"},{"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.body < 3"}}],
+        "edges":[{"source":"init","target":"body"},{"source":"body","target":"ctl"},{"source":"body","target":"log"},
+        {"source":"ctl","target":"body","action":"continue"}]}"#,
+    );
+    let all = vec![two_waits, side];
+    let worker = env.start_worker(inc_registry(), all.clone(), 2);
+    let client = env.client(all);
+
+    let run = client.start_workflow("two", ContextMap::new()).unwrap();
+    env.eventually("both branches wait", WAIT, || {
+        env.context(&run)
+            .get("_awaitingNodeIds")
+            .and_then(|v| v.as_array())
+            .map(|a| a.len())
+            == Some(2)
+    });
+    client
+        .resume_nodes(&run, Some(&["w1".to_string()]), None, json!(10))
+        .unwrap();
+    env.eventually("after1 ran", WAIT, || {
+        env.context(&run).contains_key("_outputs.after1")
+    });
+    let context = env.context(&run);
+    assert_eq!(
+        context["_awaitingNodeIds"],
+        json!(["w2"]),
+        "the other pause is still awaited"
+    );
+    assert!(context["_awaitingDetails"].get("w2").is_some());
+    assert_eq!(
+        env.store().status(&run).unwrap().unwrap().status,
+        "awaiting"
+    );
+    client
+        .resume_nodes(&run, Some(&["w2".to_string()]), None, json!(20))
+        .unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(
+        (
+            context["_outputs.after1"].clone(),
+            context["_outputs.after2"].clone()
+        ),
+        (json!(11), json!(21))
+    );
+    assert!(context.get("_awaitingNodeIds").is_none());
+
+    let run = client.start_workflow("side", ContextMap::new()).unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_node.body"]["n"], json!(3));
+    assert_eq!(
+        context["_node.log"]["n"],
+        json!(3),
+        "a side branch of the loop body runs once per iteration"
+    );
+    worker.stop().unwrap();
+}

@@ -27,6 +27,7 @@ use crate::flow::{self, output_key};
 use crate::local::AWAITING_DETAILS;
 use crate::node::{ContextMap, NodeResult};
 use crate::protocol::{JobPayload, Message};
+use crate::resume::ParentLink;
 use crate::scheduling::{self, executions, is_awaiting, meta_key, next_jobs, RunNode};
 use crate::store::{CommitGuard, NodeCommit};
 
@@ -99,6 +100,9 @@ fn process(
         )));
     };
     if let Some(status @ ("failed" | "cancelled" | "completed")) = snapshot.status.as_deref() {
+        if ParentLink::of(&snapshot.context).is_some() {
+            pause::renotify_parent(shared, &job.run_id, status, publisher)?;
+        }
         log::debug!(
             "run {}: dropping job {} of a {status} run",
             job.run_id,
@@ -124,14 +128,22 @@ fn process(
                 .and_then(|d| d.get(&job.node_id))
                 .cloned()
                 .unwrap_or(Value::Null);
-            pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
             register_paused(shared, bp, job, &node)?;
+            pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
         }
         return Ok(Outcome::Ack);
     }
     let committed = executions(bp, &node, &context);
     if committed > job.iteration {
-        if redelivered && committed == job.iteration + 1 {
+        // Committed before. Its coordination may not have happened (a crash, a failed step):
+        // a redelivery, or a job its ledger does not show done, re-derives the successors;
+        // a duplicate of a finished job is dropped.
+        let unfinished = committed == job.iteration.saturating_add(1)
+            && (redelivered
+                || !shared
+                    .coord
+                    .is_done(&job.run_id, &job_id(&job.node_id, job.iteration))?);
+        if unfinished {
             return rederive(shared, bp, job, &node, &context, publisher);
         }
         return Ok(Outcome::Ack);
@@ -209,7 +221,7 @@ fn finish_node(
         output_key: output_key(&def.id),
         meta_key: meta_key(&def.id),
         iteration: job.iteration,
-        in_cycle: node.in_cycle(bp),
+        in_cycle: node.may_repeat(bp),
     };
     if let Some(details) = result.awaiting.clone() {
         let details = match pause::prepare(shared, bp, job, def, details)? {
@@ -227,9 +239,10 @@ fn finish_node(
         if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
             return Ok(Outcome::Ack);
         }
+        // Registered before anything can resume it (a 0 ms timer, a fast child run).
+        register_paused(shared, bp, job, node)?;
         pause::after_commit(shared, bp, job, def, &details, publisher)?;
         log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
-        register_paused(shared, bp, job, node)?;
         return Ok(Outcome::Ack);
     }
     let mut merged = snapshot.clone();
@@ -245,17 +258,24 @@ fn finish_node(
     if guard.in_cycle || result.action.is_some() || fallback.is_some() {
         commit.set.insert(
             guard.meta_key.clone(),
-            json!({"n": job.iteration + 1, "action": result.action, "fallback": fallback}),
+            json!({"n": job.iteration.saturating_add(1), "action": result.action, "fallback": fallback}),
         );
     }
     if guard.in_cycle {
-        merged.insert(guard.meta_key.clone(), json!({"n": job.iteration + 1}));
+        merged.insert(
+            guard.meta_key.clone(),
+            json!({"n": job.iteration.saturating_add(1)}),
+        );
     }
     let next = next_jobs(bp, node, &result, fallback.as_deref(), &merged);
     for n in &next {
         if let Some(input) = &n.input {
-            // An `any` join takes the first predecessor's input; later ones do not overwrite it.
-            let target = if n.report.rule == JoinRule::Any {
+            // An `any` join takes the first committed predecessor's input; later ones do not
+            // overwrite it (in loops each iteration's input replaces the last).
+            let repeats = bp
+                .node_index(&n.report.node)
+                .is_some_and(|t| bp.may_repeat(t));
+            let target = if n.report.rule == JoinRule::Any && !repeats {
                 &mut commit.set_if_absent
             } else {
                 &mut commit.set
@@ -393,6 +413,17 @@ fn fail_node(
     failure: NodeFailure,
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
+    // A concurrent delivery of the same job may have succeeded meanwhile: its result stands.
+    if let Some(now) = shared.store.load(&job.run_id)? {
+        if executions(bp, node, &now.context) > job.iteration {
+            log::info!(
+                "run {}: '{}' failed here ({failure}) but another delivery committed it",
+                job.run_id,
+                node.def(bp).id
+            );
+            return Ok(Outcome::Ack);
+        }
+    }
     if let RunNode::Static(i) = node {
         let (mut poisoned, mut cancelled) = (Vec::new(), Vec::new());
         for &e in bp.outgoing(*i) {

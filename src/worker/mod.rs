@@ -18,6 +18,8 @@ mod job;
 mod pause;
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -410,23 +412,36 @@ impl RabbitMqAdapter {
             channel.basic_consume(self.shared.queue.clone(), ConsumerOptions::default())?;
         let (job_tx, job_rx) = unbounded::<Delivery>();
         let (done_tx, done_rx) = unbounded::<Finished>();
+        let closed = Arc::new(AtomicBool::new(false));
         let end = std::thread::scope(|scope| {
             let mut workers = Vec::new();
             for (i, mut publisher) in publishers.into_iter().enumerate() {
                 let (jobs, done, shared) = (job_rx.clone(), done_tx.clone(), self.shared.clone());
+                let closed = closed.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("flowcraft-worker-{i}"))
                     .spawn_scoped(scope, move || {
                         let mut failing = 0u32;
                         for delivery in jobs.iter() {
+                            if closed.load(Ordering::SeqCst) {
+                                // The session is over: these deliveries return to the queue.
+                                continue;
+                            }
                             let before = publisher.published();
-                            let outcome = job::handle(
-                                &shared,
-                                &delivery.body,
-                                delivery.redelivered,
-                                &mut publisher,
-                            );
-                            if let job::Outcome::Retry(reason) = &outcome {
+                            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                                job::handle(
+                                    &shared,
+                                    &delivery.body,
+                                    delivery.redelivered,
+                                    &mut publisher,
+                                )
+                            }))
+                            .unwrap_or_else(|_| {
+                                job::Outcome::DeadLetter("handling this message panicked".into())
+                            });
+                            if let (job::Outcome::Retry(reason), false) =
+                                (&outcome, closed.load(Ordering::SeqCst))
+                            {
                                 // A service is failing: back off before the message is requeued.
                                 failing = (failing + 1).min(7);
                                 let pause = Duration::from_millis(50 << failing)
@@ -462,6 +477,7 @@ impl RabbitMqAdapter {
                 self.threads,
             );
             let end = consume(&consumer, &job_tx, &done_rx, &confirms, stop, &mut settler);
+            closed.store(true, Ordering::SeqCst);
             drop(job_tx);
             // Workers finish their current job; a lost connection makes their publishes fail
             // fast. Whatever is not acked returns to the queue.
@@ -502,6 +518,8 @@ struct Settler<'c, 'a> {
     waiting: Vec<VecDeque<Finished>>,
     failures: HashMap<Vec<u8>, u32>,
     in_flight: usize,
+    /// Set when the session must end (its dead-letter channel failed).
+    broken: Option<String>,
 }
 
 impl<'c, 'a> Settler<'c, 'a> {
@@ -519,6 +537,7 @@ impl<'c, 'a> Settler<'c, 'a> {
             waiting: (0..publishers).map(|_| VecDeque::new()).collect(),
             failures: HashMap::new(),
             in_flight: 0,
+            broken: None,
         }
     }
 
@@ -597,8 +616,10 @@ impl<'c, 'a> Settler<'c, 'a> {
         {
             Ok(()) => self.consumer.ack(delivery),
             Err(e) => {
-                // Nothing is dropped: the message goes back to the queue.
+                // Nothing is dropped: the message goes back to the queue, and the session
+                // ends so that the channels are rebuilt.
                 log::error!("cannot dead-letter a message ({e}); requeueing it");
+                self.broken = Some(format!("the dead-letter channel failed: {e}"));
                 self.consumer.nack(delivery, true)
             }
         }
@@ -625,6 +646,9 @@ fn consume(
     loop {
         if stop_op.is_none() && cancelled && settler.in_flight == 0 {
             return SessionEnd::Stopped;
+        }
+        if let Some(reason) = settler.broken.take() {
+            return SessionEnd::ConnectionLost(reason);
         }
         let op = select.select();
         let index = op.index();

@@ -132,7 +132,16 @@ fn arm_timer(
         return Ok(publisher.publish_jobs("", &shared.queue, &[timer.to_body()])?);
     }
     let hop = remaining.min(MAX_TIMER_HOP_MS);
-    let queue_ms = duration.clamp(hop, MAX_TIMER_HOP_MS);
+    // A first arming shares the queue of its duration (all its messages expire in publish
+    // order). A re-arming (a redelivered pause, the next hop of a long sleep) has less time
+    // left than its duration, so it goes to a queue of its own rounded hop instead of waiting
+    // behind longer timers.
+    let first_arm = duration.saturating_sub(remaining) < 1_000;
+    let queue_ms = if first_arm {
+        duration.clamp(hop, MAX_TIMER_HOP_MS)
+    } else {
+        hop.div_ceil(1_000) * 1_000
+    };
     let delay_queue = amqp::declare_delay_queue(publisher.channel(), &shared.queue, queue_ms)?;
     Ok(publisher.publish_expiring(&delay_queue, &timer.to_body(), hop)?)
 }
@@ -228,6 +237,11 @@ pub(crate) fn on_timer(
         .and_then(|d| d.get(&job.node_id))
         .cloned()
         .unwrap_or(Value::Null);
+    if kind(&details) != "sleep" || details["iteration"].as_u64() != Some(u64::from(job.iteration))
+    {
+        // A stale timer (an earlier iteration, or the node is not a sleep): nothing to do.
+        return Ok(Outcome::Ack);
+    }
     if details["wakeUpAtMs"].as_u64().unwrap_or(0) > now_ms() + 50 {
         // One hop of a long sleep ended: arm the next.
         if let Some(node) = shared
@@ -270,6 +284,21 @@ pub(crate) fn on_event(
         )));
     };
     log::info!("run {run}: webhook '{node}' called");
+    // The payload must not vanish: an event no awaited webhook node takes is dead-lettered.
+    let Some(snapshot) = shared.store.load(&run)? else {
+        return Ok(Outcome::DeadLetter(format!(
+            "webhook event for unknown run '{run}'"
+        )));
+    };
+    let details = snapshot
+        .context
+        .get(AWAITING_DETAILS)
+        .and_then(|d| d.get(&node));
+    if details.map(kind) != Some("webhook") {
+        return Ok(Outcome::DeadLetter(format!(
+            "webhook event for run '{run}', whose node '{node}' is not an awaited webhook"
+        )));
+    }
     resume_node(
         shared,
         &run,
@@ -305,32 +334,58 @@ pub(crate) fn fail_run(
     reason: &str,
     publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
-    let mut run = run.to_string();
-    let mut reason = reason.to_string();
-    loop {
-        if !shared.store.fail_run(&run, &reason)? {
-            return Ok(());
+    if !shared.store.fail_run(run, reason)? {
+        return Ok(());
+    }
+    log::info!("run {run}: failed: {reason}");
+    propagate_failure(shared, run, reason, publisher)
+}
+
+/// Tells a failed child's parent, if it still awaits this child.
+fn propagate_failure(
+    shared: &Shared,
+    run: &str,
+    reason: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<(), WorkerError> {
+    let Some(child) = shared.store.load(run)? else {
+        return Ok(());
+    };
+    let Some(link) = ParentLink::of(&child.context) else {
+        return Ok(());
+    };
+    let details = match link.awaited_details(&shared.store, run) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(()),
+        Err(ResumeError::Worker(e)) => return Err(e),
+        Err(_) => return Ok(()),
+    };
+    match child_failed(shared, &link, run, reason, details, publisher)? {
+        None => Ok(()),
+        Some(parent_reason) => fail_run(shared, &link.run_id, &parent_reason, publisher),
+    }
+}
+
+/// A job arrived for a child run that already ended: if its parent still awaits it, the
+/// notification was lost (an error or a crash right after the child ended) — do it again.
+pub(crate) fn renotify_parent(
+    shared: &Shared,
+    run: &str,
+    status: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<(), WorkerError> {
+    match status {
+        "completed" => notify_parent(shared, run, publisher),
+        "failed" => {
+            let reason = shared
+                .store
+                .status(run)?
+                .and_then(|row| row.result)
+                .and_then(|r| r.get("reason").and_then(Value::as_str).map(String::from))
+                .unwrap_or_else(|| "the child run failed".into());
+            propagate_failure(shared, run, &reason, publisher)
         }
-        log::info!("run {run}: failed: {reason}");
-        let Some(child) = shared.store.load(&run)? else {
-            return Ok(());
-        };
-        let Some(link) = ParentLink::of(&child.context) else {
-            return Ok(());
-        };
-        let details = match link.awaited_details(&shared.store, &run) {
-            Ok(Some(d)) => d,
-            Ok(None) => return Ok(()),
-            Err(ResumeError::Worker(e)) => return Err(e),
-            Err(_) => return Ok(()),
-        };
-        match child_failed(shared, &link, &run, &reason, details, publisher)? {
-            None => return Ok(()),
-            Some(parent_reason) => {
-                run = link.run_id;
-                reason = parent_reason;
-            }
-        }
+        _ => Ok(()),
     }
 }
 
