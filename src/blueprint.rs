@@ -442,6 +442,18 @@ impl Blueprint {
         self.may_repeat[node]
     }
 
+    /// Whether which edges the node takes depends on the context (a condition on one of its
+    /// candidate edges, including those inherited through fallback).
+    pub fn has_conditional_successors(&self, node: usize) -> bool {
+        std::iter::once(node)
+            .chain(self.fallback_of[node].iter().copied())
+            .any(|n| {
+                self.outgoing[n]
+                    .iter()
+                    .any(|&e| self.def.edges[e].condition.is_some())
+            })
+    }
+
     /// Nodes whose `config.fallback` is this node.
     pub fn fallback_of(&self, node: usize) -> &[usize] {
         &self.fallback_of[node]

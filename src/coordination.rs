@@ -65,6 +65,26 @@ pub enum JoinRule {
     Any,
 }
 
+impl JoinRule {
+    /// The rule as the join script takes it: 0 immediate, -1 any, n all of n.
+    pub fn code(&self) -> i64 {
+        match self {
+            JoinRule::Immediate => 0,
+            JoinRule::Any => -1,
+            JoinRule::All(n) => *n as i64,
+        }
+    }
+
+    /// The rule of a code (see [`code`](JoinRule::code)).
+    pub fn from_code(code: i64) -> JoinRule {
+        match code {
+            0 => JoinRule::Immediate,
+            n if n < 0 => JoinRule::Any,
+            n => JoinRule::All(n as usize),
+        }
+    }
+}
+
 /// A successor reported by a finished job.
 #[derive(Debug, Clone)]
 pub struct SuccessorReport {
@@ -363,12 +383,10 @@ impl RedisCoordinationStore {
             invocation
                 .key(self.fanin_key(run, &s.node, s.iteration))
                 .key(self.joinlock_key(run, &s.node, s.iteration));
-            let mode: i64 = match s.rule {
-                JoinRule::Immediate => 0,
-                JoinRule::Any => -1,
-                JoinRule::All(n) => n as i64,
-            };
-            invocation.arg(&s.job).arg(&s.predecessor).arg(mode);
+            invocation
+                .arg(&s.job)
+                .arg(&s.predecessor)
+                .arg(s.rule.code());
         }
         let flags: Vec<i64> = invocation.invoke(&mut *self.conn()?)?;
         let run_idle = flags.last().copied() == Some(1);

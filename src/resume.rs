@@ -12,7 +12,7 @@ use crate::flow::{input_key, output_key};
 use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::node::{ContextMap, NodeResult};
 use crate::protocol::JobPayload;
-use crate::scheduling::{meta_key, next_jobs, RunNode};
+use crate::scheduling::{meta_key, next_jobs, node_meta, RunNode};
 use crate::store::RunStore;
 use crate::worker::WorkerError;
 
@@ -177,6 +177,17 @@ impl Resumer<'_> {
                 }
                 reports.push((n.clone(), next.report));
             }
+        }
+        for n in &targets {
+            let mine: Vec<_> = reports
+                .iter()
+                .filter(|(from, _)| from == n)
+                .map(|(_, r)| r.clone())
+                .collect();
+            set.insert(
+                meta_key(n),
+                node_meta(iteration_of(n) + 1, action, None, &mine),
+            );
         }
         if !self.store.resume_nodes(run_id, &targets, &set)? {
             return Err(ResumeError::AlreadyResumed(run_id.into()));

@@ -99,6 +99,50 @@ pub fn stored_result(context: &ContextMap, node_id: &str) -> Option<(NodeResult,
     ))
 }
 
+/// A node's bookkeeping entry: executions so far, its result's action and fallback, and the
+/// successors it chose (`[node, iteration, predecessor, join code]` each).
+pub fn node_meta(
+    executions: u32,
+    action: Option<&str>,
+    fallback: Option<&str>,
+    next: &[SuccessorReport],
+) -> Value {
+    let next: Vec<Value> = next
+        .iter()
+        .map(|s| serde_json::json!([s.node, s.iteration, s.predecessor, s.rule.code()]))
+        .collect();
+    let mut meta = serde_json::Map::new();
+    meta.insert("n".into(), Value::from(executions));
+    if let Some(a) = action {
+        meta.insert("action".into(), Value::from(a));
+    }
+    if let Some(f) = fallback {
+        meta.insert("fallback".into(), Value::from(f));
+    }
+    meta.insert("next".into(), Value::Array(next));
+    Value::Object(meta)
+}
+
+/// The successors a node chose when it was committed, if recorded.
+pub fn stored_successors(context: &ContextMap, node_id: &str) -> Option<Vec<SuccessorReport>> {
+    let next = context.get(&meta_key(node_id))?.get("next")?.as_array()?;
+    next.iter()
+        .map(|entry| {
+            let node = entry.get(0)?.as_str()?.to_string();
+            let iteration = u32::try_from(entry.get(1)?.as_u64()?).ok()?;
+            let predecessor = entry.get(2)?.as_str()?.to_string();
+            let rule = JoinRule::from_code(entry.get(3)?.as_i64()?);
+            Some(SuccessorReport {
+                job: job_id(&node, iteration),
+                node,
+                iteration,
+                predecessor,
+                rule,
+            })
+        })
+        .collect()
+}
+
 /// A job a finished node makes ready (subject to its join).
 #[derive(Debug, Clone)]
 pub struct NextJob {

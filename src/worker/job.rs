@@ -255,12 +255,6 @@ fn finish_node(
             .set
             .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
     }
-    if guard.in_cycle || result.action.is_some() || fallback.is_some() {
-        commit.set.insert(
-            guard.meta_key.clone(),
-            json!({"n": job.iteration.saturating_add(1), "action": result.action, "fallback": fallback}),
-        );
-    }
     if guard.in_cycle {
         merged.insert(
             guard.meta_key.clone(),
@@ -268,6 +262,26 @@ fn finish_node(
         );
     }
     let next = next_jobs(bp, node, &result, fallback.as_deref(), &merged);
+    // The chosen successors are committed with the output, so a redelivery re-publishes
+    // exactly these, whatever the context has become since.
+    // (Only where a re-derivation could choose differently: loops, actions, fallbacks and
+    // conditions; elsewhere the blueprint alone decides.)
+    let context_decides = match node {
+        RunNode::Static(i) => bp.has_conditional_successors(*i),
+        RunNode::Dynamic(_) => false,
+    };
+    if guard.in_cycle || context_decides || result.action.is_some() || fallback.is_some() {
+        let reports: Vec<SuccessorReport> = next.iter().map(|n| n.report.clone()).collect();
+        commit.set.insert(
+            guard.meta_key.clone(),
+            scheduling::node_meta(
+                job.iteration.saturating_add(1),
+                result.action.as_deref(),
+                fallback.as_deref(),
+                &reports,
+            ),
+        );
+    }
     for n in &next {
         if let Some(input) = &n.input {
             // An `any` join takes the first committed predecessor's input; later ones do not
@@ -332,15 +346,13 @@ fn rederive(
         job.run_id,
         def.id
     );
-    let next = next_jobs(bp, node, &result, fallback.as_deref(), context);
-    coordinate(
-        shared,
-        bp,
-        job,
-        node,
-        next.into_iter().map(|n| n.report).collect(),
-        publisher,
-    )?;
+    let reports = scheduling::stored_successors(context, &def.id).unwrap_or_else(|| {
+        next_jobs(bp, node, &result, fallback.as_deref(), context)
+            .into_iter()
+            .map(|n| n.report)
+            .collect()
+    });
+    coordinate(shared, bp, job, node, reports, publisher)?;
     Ok(Outcome::Ack)
 }
 
