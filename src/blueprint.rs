@@ -670,6 +670,16 @@ fn nodes_in_cycles(n: usize, outgoing: &[Vec<usize>], edge_ends: &[(usize, usize
     in_cycle
 }
 
+/// Blueprints by id, shared between threads.
+pub type BlueprintSet = HashMap<String, std::sync::Arc<Blueprint>>;
+
+/// Adds blueprints to a set (a later blueprint with the same id replaces the earlier).
+pub fn add_blueprints(set: &mut BlueprintSet, blueprints: impl IntoIterator<Item = Blueprint>) {
+    for bp in blueprints {
+        set.insert(bp.id().to_string(), std::sync::Arc::new(bp));
+    }
+}
+
 /// Loads every `*.json` blueprint in a directory, keyed by blueprint id. Problems are
 /// returned per file, so a caller can list them all (`flowcraft check`).
 pub fn load_dir(dir: impl AsRef<Path>) -> (BTreeMap<String, Blueprint>, Vec<String>) {

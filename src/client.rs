@@ -99,9 +99,7 @@ impl Client {
 
     /// Adds blueprints the client may start and resume.
     pub fn with_blueprints(mut self, bps: impl IntoIterator<Item = Blueprint>) -> Self {
-        for bp in bps {
-            self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
-        }
+        crate::blueprint::add_blueprints(&mut self.blueprints, bps);
         self
     }
 

@@ -129,16 +129,13 @@ pub struct LocalRuntimeBuilder {
 
 impl LocalRuntimeBuilder {
     /// Adds a blueprint (needed for `subflow` and [`LocalRuntime::run_by_id`]).
-    pub fn blueprint(mut self, bp: Blueprint) -> Self {
-        self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
-        self
+    pub fn blueprint(self, bp: Blueprint) -> Self {
+        self.blueprints([bp])
     }
 
     /// Adds several blueprints.
     pub fn blueprints(mut self, bps: impl IntoIterator<Item = Blueprint>) -> Self {
-        for bp in bps {
-            self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
-        }
+        crate::blueprint::add_blueprints(&mut self.blueprints, bps);
         self
     }
 

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::amqp::JobSink;
 use crate::blueprint::Blueprint;
-use crate::coordination::{job_id, RedisCoordinationStore};
+use crate::coordination::{job_id, RedisCoordinationStore, SuccessorReport};
 use crate::flow::{input_key, output_key};
 use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::node::{ContextMap, NodeResult};
@@ -165,44 +165,34 @@ impl Resumer<'_> {
         for (k, v) in &set {
             merged.insert(k.clone(), v.clone());
         }
-        let mut reports = Vec::new();
+        // Each resumed node's successors, in `targets` order.
+        let mut reports: Vec<Vec<SuccessorReport>> = Vec::with_capacity(targets.len());
         for n in &targets {
-            let Some(node) = RunNode::resolve(bp, &merged, n) else {
-                continue;
-            };
-            for next in next_jobs(bp, &node, &result, None, &merged) {
-                if let Some(input) = next.input {
-                    set.insert(input_key(&next.report.node), input.clone());
-                    merged.insert(input_key(&next.report.node), input);
+            let mut mine = Vec::new();
+            if let Some(node) = RunNode::resolve(bp, &merged, n) {
+                for next in next_jobs(bp, &node, &result, None, &merged, iteration_of(n)) {
+                    if let Some(input) = next.input {
+                        set.insert(input_key(&next.report.node), input.clone());
+                        merged.insert(input_key(&next.report.node), input);
+                    }
+                    mine.push(next.report);
                 }
-                reports.push((n.clone(), next.report));
             }
-        }
-        for n in &targets {
-            let mine: Vec<_> = reports
-                .iter()
-                .filter(|(from, _)| from == n)
-                .map(|(_, r)| r.clone())
-                .collect();
             set.insert(
                 meta_key(n),
                 node_meta(iteration_of(n) + 1, action, None, &mine),
             );
+            reports.push(mine);
         }
         if !self.store.resume_nodes(run_id, &targets, &set)? {
             return Err(ResumeError::AlreadyResumed(run_id.into()));
         }
         // Report each resumed node's successors as that node's (already finished) job.
         let mut idle = false;
-        for n in &targets {
-            let mine: Vec<_> = reports
-                .iter()
-                .filter(|(from, _)| from == n)
-                .map(|(_, r)| r.clone())
-                .collect();
+        for (n, mine) in targets.iter().zip(&reports) {
             let outcome = self
                 .coord
-                .finish_job(run_id, &job_id(n, iteration_of(n)), &[], &mine)?;
+                .finish_job(run_id, &job_id(n, iteration_of(n)), &[], mine)?;
             let bodies: Vec<Vec<u8>> = mine
                 .iter()
                 .zip(&outcome.ready)

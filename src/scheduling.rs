@@ -55,8 +55,9 @@ impl RunNode {
     }
 }
 
-/// How many executions of a node have been committed: for nodes that may repeat the
-/// bookkeeping counter, otherwise whether its output exists.
+/// Up to which iteration a node's executions are committed (the last committed iteration
+/// plus one; 0 when none): for nodes that may repeat the bookkeeping counter `n`, otherwise
+/// whether its output exists.
 pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
     let id = &node.def(bp).id;
     if node.may_repeat(bp) {
@@ -152,13 +153,20 @@ pub struct NextJob {
 }
 
 /// The jobs a finished node reports to, with their join rules (SPEC §4), and the inputs to
-/// record. `context` is the run's context with the node's writes applied.
+/// record. `context` is the run's context with the node's writes applied; `iteration` is the
+/// finished job's.
+///
+/// A successor's iteration follows the path: the same as its predecessor's over a forward
+/// edge, one more over a back edge, and always 0 for nodes that never repeat. (Counting the
+/// successor's own committed executions instead would race with its previous iteration
+/// still running.)
 pub fn next_jobs(
     bp: &Blueprint,
     node: &RunNode,
     result: &NodeResult,
     fallback: Option<&str>,
     context: &ContextMap,
+    iteration: u32,
 ) -> Vec<NextJob> {
     match node {
         RunNode::Dynamic(def) => {
@@ -192,7 +200,13 @@ pub fn next_jobs(
                     .into_iter()
                     .map(|taken| {
                         let target = bp.node(taken.target);
-                        let iteration = executions(bp, &RunNode::Static(taken.target), context);
+                        let iteration = if !bp.may_repeat(taken.target) {
+                            0
+                        } else if bp.is_back_edge(taken.edge) {
+                            iteration.saturating_add(1)
+                        } else {
+                            iteration
+                        };
                         let rule = match readiness(bp, taken.edge) {
                             Readiness::Immediate => JoinRule::Immediate,
                             Readiness::All(n) => JoinRule::All(n),
@@ -276,7 +290,8 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
             continue;
         };
         let node = RunNode::Static(source);
-        for job in next_jobs(bp, &node, &result, fallback.as_deref(), context) {
+        let last = executions(bp, &node, context).saturating_sub(1);
+        for job in next_jobs(bp, &node, &result, fallback.as_deref(), context, last) {
             if let Some(t) = bp.node_index(&job.report.node) {
                 reported[t].push(source);
                 if job.report.rule == JoinRule::Immediate && bp.forward_predecessors(t).len() > 1 {

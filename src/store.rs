@@ -222,7 +222,8 @@ pub struct StatusRow {
 pub struct CommitGuard {
     /// `_outputs.<node>`: for nodes outside cycles, the commit applies only while it is absent.
     pub output_key: String,
-    /// `_node.<node>`: for nodes on cycles, the commit applies only while its `n` equals `iteration`.
+    /// `_node.<node>`: for nodes that may repeat, the commit applies only while its `n` (the
+    /// last committed iteration + 1) is at most `iteration`.
     pub meta_key: String,
     pub iteration: u32,
     pub in_cycle: bool,
@@ -290,7 +291,7 @@ impl RunStore {
                        '_awaitingDetails',
                          COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb) || jsonb_build_object($8::text, $9::jsonb)) END
                    WHERE run_id = $1 AND CASE WHEN $7::bool
-                       THEN COALESCE((context_data->$5::text->>'n')::int, 0) = $6::int
+                       THEN COALESCE((context_data->$5::text->>'n')::int, 0) <= $6::int
                        ELSE NOT jsonb_exists(context_data, $4::text) END
                    RETURNING 1),
                  s AS (

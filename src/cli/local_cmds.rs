@@ -20,23 +20,41 @@ pub fn load_valid(dir: &BlueprintDir) -> Result<BTreeMap<String, Blueprint>, i32
     Err(EXIT_USAGE)
 }
 
-pub fn run(dir: &BlueprintDir, id: &str, context: Option<&str>, threads: usize) -> i32 {
-    let initial = match parse_context(context) {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    let blueprints = match load_valid(dir) {
-        Ok(b) => b,
-        Err(code) => return code,
-    };
-    let Some(bp) = blueprints.get(id).cloned() else {
-        return fail(
+/// Loads a valid blueprint directory that has blueprint `id`.
+pub fn load_with(dir: &BlueprintDir, id: &str) -> Result<BTreeMap<String, Blueprint>, i32> {
+    let blueprints = load_valid(dir)?;
+    if blueprints.contains_key(id) {
+        Ok(blueprints)
+    } else {
+        Err(fail(
             EXIT_USAGE,
             format!(
                 "no blueprint with id '{id}' in {}",
                 dir.blueprints.display()
             ),
-        );
+        ))
+    }
+}
+
+/// What `run` and `start` need: the initial context and a directory with blueprint `id`.
+pub type RunInputs = (
+    serde_json::Map<String, serde_json::Value>,
+    BTreeMap<String, Blueprint>,
+);
+
+/// Parses `--context` and loads a directory that has blueprint `id`.
+pub fn run_inputs(dir: &BlueprintDir, id: &str, context: Option<&str>) -> Result<RunInputs, i32> {
+    let initial = parse_context(context).map_err(|e| fail(EXIT_USAGE, e))?;
+    Ok((initial, load_with(dir, id)?))
+}
+
+pub fn run(dir: &BlueprintDir, id: &str, context: Option<&str>, threads: usize) -> i32 {
+    let (initial, blueprints) = match run_inputs(dir, id, context) {
+        Ok(inputs) => inputs,
+        Err(code) => return code,
+    };
+    let Some(bp) = blueprints.get(id).cloned() else {
+        return EXIT_USAGE;
     };
     let runtime = LocalRuntime::builder(NodeRegistry::with_builtins())
         .blueprints(blueprints.into_values())
@@ -103,21 +121,12 @@ pub fn check(dir: &BlueprintDir) -> i32 {
 }
 
 pub fn graph(dir: &BlueprintDir, id: &str) -> i32 {
-    let blueprints = match load_valid(dir) {
-        Ok(b) => b,
-        Err(code) => return code,
-    };
-    match blueprints.get(id) {
-        Some(bp) => {
-            print!("{}", bp.to_mermaid());
+    match load_with(dir, id).map(|b| b.get(id).map(Blueprint::to_mermaid)) {
+        Ok(Some(chart)) => {
+            print!("{chart}");
             EXIT_OK
         }
-        None => fail(
-            EXIT_USAGE,
-            format!(
-                "no blueprint with id '{id}' in {}",
-                dir.blueprints.display()
-            ),
-        ),
+        Ok(None) => EXIT_USAGE,
+        Err(code) => code,
     }
 }

@@ -9,10 +9,9 @@ use flowcraft_rabbitmq::webhook::{WebhookOptions, WebhookServer};
 use flowcraft_rabbitmq::{migrate as migrations, NodeRegistry, RabbitMqAdapter};
 use serde_json::{json, Value};
 
-use super::local_cmds::load_valid;
+use super::local_cmds::{load_valid, run_inputs};
 use super::{
-    fail, parse_context, BlueprintDir, ServiceArgs, EXIT_AWAITING, EXIT_FAILED, EXIT_OK,
-    EXIT_TIMEOUT, EXIT_USAGE,
+    fail, BlueprintDir, ServiceArgs, EXIT_AWAITING, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE,
 };
 
 /// `flowcraft worker`.
@@ -216,23 +215,10 @@ pub fn start(
     context: Option<&str>,
     wait: Option<f64>,
 ) -> i32 {
-    let initial = match parse_context(context) {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    let blueprints = match load_valid(dir) {
-        Ok(b) => b,
+    let (initial, blueprints) = match run_inputs(dir, id, context) {
+        Ok(inputs) => inputs,
         Err(code) => return code,
     };
-    if !blueprints.contains_key(id) {
-        return fail(
-            EXIT_USAGE,
-            format!(
-                "no blueprint with id '{id}' in {}",
-                dir.blueprints.display()
-            ),
-        );
-    }
     let client = match services.client(blueprints) {
         Ok(c) => c,
         Err(code) => return code,

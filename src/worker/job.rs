@@ -261,7 +261,14 @@ fn finish_node(
             json!({"n": job.iteration.saturating_add(1)}),
         );
     }
-    let next = next_jobs(bp, node, &result, fallback.as_deref(), &merged);
+    let next = next_jobs(
+        bp,
+        node,
+        &result,
+        fallback.as_deref(),
+        &merged,
+        job.iteration,
+    );
     // The chosen successors are committed with the output, so a redelivery re-publishes
     // exactly these, whatever the context has become since.
     // (Only where a re-derivation could choose differently: loops, actions, fallbacks and
@@ -347,10 +354,17 @@ fn rederive(
         def.id
     );
     let reports = scheduling::stored_successors(context, &def.id).unwrap_or_else(|| {
-        next_jobs(bp, node, &result, fallback.as_deref(), context)
-            .into_iter()
-            .map(|n| n.report)
-            .collect()
+        next_jobs(
+            bp,
+            node,
+            &result,
+            fallback.as_deref(),
+            context,
+            job.iteration,
+        )
+        .into_iter()
+        .map(|n| n.report)
+        .collect()
     });
     coordinate(shared, bp, job, node, reports, publisher)?;
     Ok(Outcome::Ack)

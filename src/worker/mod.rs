@@ -157,16 +157,13 @@ impl RabbitMqAdapterBuilder {
     }
 
     /// Adds a blueprint.
-    pub fn blueprint(mut self, bp: Blueprint) -> Self {
-        self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
-        self
+    pub fn blueprint(self, bp: Blueprint) -> Self {
+        self.blueprints([bp])
     }
 
     /// Adds blueprints.
     pub fn blueprints(mut self, bps: impl IntoIterator<Item = Blueprint>) -> Self {
-        for bp in bps {
-            self.blueprints.insert(bp.id().to_string(), Arc::new(bp));
-        }
+        crate::blueprint::add_blueprints(&mut self.blueprints, bps);
         self
     }
 
