@@ -58,7 +58,6 @@ pub fn demo(args: &DemoArgs) -> i32 {
         .tables(tables.clone())
         .redis_prefix(&s.redis_prefix)
         .threads(args.threads)
-        .prefetch(u16::try_from(args.threads * 8).unwrap_or(u16::MAX))
         .reconcile_every(None)
         .build()
         .and_then(|w| w.start());

@@ -24,7 +24,7 @@ pub struct WorkerArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
-    /// Unacked deliveries in flight (default: 2 × threads).
+    /// Unacked deliveries in flight (default: 8 × threads).
     #[arg(long)]
     prefetch: Option<u16>,
     /// Seconds between reconciler passes (0: no reconciler in this worker).

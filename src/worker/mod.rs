@@ -191,7 +191,10 @@ impl RabbitMqAdapterBuilder {
         self
     }
 
-    /// Unacked deliveries in flight (default 2 × threads).
+    /// Unacked deliveries in flight (default 8 × threads). A delivery stays unacked until the
+    /// broker confirms the successors it published, a little after its work is done; with
+    /// only 2 × threads the workers starve (measured: 1 325 vs 1 547 jobs/s on `chain5` with
+    /// 8 threads).
     pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = Some(prefetch.max(1));
         self
@@ -231,7 +234,7 @@ impl RabbitMqAdapterBuilder {
         let coord = RedisCoordinationStore::new(self.redis, self.redis_prefix);
         let prefetch = self
             .prefetch
-            .unwrap_or_else(|| u16::try_from(self.threads * 2).unwrap_or(u16::MAX));
+            .unwrap_or_else(|| u16::try_from(self.threads * 8).unwrap_or(u16::MAX));
         Ok(RabbitMqAdapter {
             shared: Arc::new(Shared {
                 blueprints: self.blueprints,
