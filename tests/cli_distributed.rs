@@ -255,3 +255,86 @@ fn demo_prints_its_summary() {
     );
     assert!(stdout.contains("\"_outputs.summary\""), "{stdout}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn pause_worker(env: &TestEnv, port: Option<u16>, public: u16) -> Child {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
+    let mut cmd = flowcraft(env);
+    cmd.args([
+        "worker",
+        "--blueprints",
+        examples,
+        "--threads",
+        "2",
+        "--reconcile-every",
+        "0",
+    ])
+    .args(["--public-url", &format!("http://127.0.0.1:{public}")])
+    .env("FLOWCRAFT_EVENTS_EXCHANGE", env.events_exchange())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(port) = port {
+        cmd.args(["--webhook-listen", &format!("127.0.0.1:{port}")]);
+    }
+    cmd.spawn().expect("start a worker")
+}
+
+#[test]
+fn worker_processes_keep_timers_across_restarts_and_take_webhook_calls() {
+    let mut env = TestEnv::without_tables("cli_pauses");
+    env.extra_queues.push(format!("{}.delay.2000", env.queue));
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
+    assert_eq!(run(flowcraft(&env).arg("migrate")).status.code(), Some(0));
+    let port = free_port();
+    let mut first = pause_worker(&env, None, port);
+    let mut second = pause_worker(&env, None, port);
+    let start = |id: &str| -> String {
+        let out = run(flowcraft(&env).args(["start", "--blueprints", examples, id]));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let sleeper = start("sleep");
+    let hooked = start("webhook-approval");
+    env.wait_for_status(&sleeper, "awaiting", WAIT);
+    env.wait_for_status(&hooked, "awaiting", WAIT);
+    // Every worker stops while the timer runs; the wake-up waits in RabbitMQ.
+    sigterm(&first);
+    sigterm(&second);
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    assert_eq!(second.wait().unwrap().code(), Some(0));
+    env.eventually("the timer fires into the job queue", WAIT, || {
+        env.queue_depth(&env.queue) == 1
+    });
+    assert_eq!(
+        env.store().status(&sleeper).unwrap().unwrap().status,
+        "awaiting"
+    );
+    // A new worker process (with the webhook receiver) picks everything up.
+    let mut third = pause_worker(&env, Some(port), port);
+    let row = env.wait_for_status(&sleeper, "completed", WAIT);
+    assert_eq!(
+        row.result.unwrap()["context"]["_outputs.after"],
+        json!("ready, then woke up")
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let path = format!("/webhooks/{hooked}/review");
+    let body = br#"{"decision": "approve"}"#;
+    env.eventually("the receiver accepts the call", WAIT, || {
+        http_post(addr, &path, body, &[]).0 == 202
+    });
+    let row = env.wait_for_status(&hooked, "completed", WAIT);
+    assert_eq!(
+        row.result.unwrap()["context"]["_outputs.approved"],
+        json!("approved: laptop")
+    );
+    assert_eq!(http_post(addr, &path, body, &[]).0, 409);
+    sigterm(&third);
+    assert_eq!(third.wait().unwrap().code(), Some(0));
+}

@@ -522,3 +522,71 @@ fn a_long_node_keeps_its_run_from_looking_stalled() {
     env.wait_for_status(&run, "completed", WAIT);
     worker.stop().unwrap();
 }
+
+#[test]
+fn postgres_connections_killed_mid_run_are_replaced_and_the_run_completes() {
+    let env = TestEnv::new("pgkill");
+    let (chain, expected) = workload("chain5");
+    let app = format!("fc_{}", env.tag);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut registry = inc_registry();
+    registry.register_fn("inc", move |ctx| {
+        if ctx.node_id == "n2" && first.swap(false, Ordering::SeqCst) {
+            let _ = entered_tx.send(());
+            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
+        }
+        Ok(NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) + 1
+        )))
+    });
+    let separator = if postgres_url().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let pool = flowcraft_rabbitmq::store::connect_pool(
+        &format!("{}{separator}application_name={app}", postgres_url()),
+        4,
+    )
+    .unwrap();
+    let worker = flowcraft_rabbitmq::RabbitMqAdapter::builder(amqp_url(), pool, env.redis.clone())
+        .registry(registry)
+        .blueprint(chain.clone())
+        .queue(env.queue.clone())
+        .tables(env.tables.clone())
+        .redis_prefix(env.prefix.clone())
+        .reconcile_every(None)
+        .threads(2)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let run = env
+        .client(vec![chain])
+        .start_workflow("chain5", ContextMap::new())
+        .unwrap();
+    entered_rx.recv_timeout(WAIT).expect("n2 starts");
+    // Every connection of the worker's pool dies while n2 runs.
+    let killed: i64 = env
+        .pg
+        .get()
+        .unwrap()
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get(0);
+    assert!(killed > 0, "the worker had pooled connections");
+    gate_tx.send(()).unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    for (node, value) in expected.as_object().unwrap() {
+        assert_eq!(
+            row.result.as_ref().unwrap()["context"][format!("_outputs.{node}")],
+            *value
+        );
+    }
+    worker.stop().unwrap();
+}

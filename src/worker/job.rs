@@ -148,6 +148,15 @@ fn process(
         }
         return Ok(Outcome::Ack);
     }
+    if job.iteration == 0
+        && matches!(node, RunNode::Static(i) if bp.start_nodes().contains(&i))
+        && bp
+            .start_node_ids()
+            .iter()
+            .all(|s| !context.contains_key(&output_key(s)))
+    {
+        log::info!("run {}: started ({})", job.run_id, bp.id());
+    }
     // Execute, holding no connection.
     let snapshot = Arc::new(context);
     let node_job = NodeJob {

@@ -349,7 +349,10 @@ pub fn http_post(
     headers: &[(&str, &str)],
 ) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the webhook receiver");
+    // Not listening (yet): status 0.
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
