@@ -295,7 +295,13 @@ impl Blueprint {
             }
         }
         let in_cycle = nodes_in_cycles(n, &outgoing, &edge_ends);
-        let may_repeat = downstream_of(&in_cycle, &outgoing, &edge_ends);
+        let may_repeat = repeating_nodes(
+            &in_cycle,
+            &forward_predecessors,
+            &outgoing,
+            &edge_ends,
+            &back_edge,
+        );
         let mut warnings = Vec::new();
         let mut compile = |text: &Option<String>, what: &str, e: usize| {
             text.as_ref().and_then(|src| match Expression::parse(src) {
@@ -585,24 +591,43 @@ fn find_back_edges(
     back
 }
 
-/// Nodes on a cycle and every node reachable from one.
-fn downstream_of(
+/// Nodes that may execute several times in one run: those on a cycle, and those whose
+/// forward predecessors all may (a side branch of a loop body runs once per iteration). A
+/// node that also has a predecessor outside loops (a join after a loop's exit) runs once.
+/// Computed in topological order of the forward edges, without recursion.
+fn repeating_nodes(
     in_cycle: &[bool],
+    forward_predecessors: &[Vec<usize>],
     outgoing: &[Vec<usize>],
     edge_ends: &[(usize, usize)],
+    back_edge: &[bool],
 ) -> Vec<bool> {
-    let mut marked = in_cycle.to_vec();
-    let mut todo: Vec<usize> = (0..in_cycle.len()).filter(|&i| in_cycle[i]).collect();
-    while let Some(n) = todo.pop() {
-        for &e in &outgoing[n] {
+    let n = in_cycle.len();
+    let mut indegree = vec![0usize; n];
+    for (e, &(_, t)) in edge_ends.iter().enumerate() {
+        if !back_edge[e] {
+            indegree[t] += 1;
+        }
+    }
+    let mut ready: Vec<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut may = in_cycle.to_vec();
+    while let Some(node) = ready.pop() {
+        if !may[node] {
+            let preds = &forward_predecessors[node];
+            may[node] = !preds.is_empty() && preds.iter().all(|&p| may[p]);
+        }
+        for &e in &outgoing[node] {
+            if back_edge[e] {
+                continue;
+            }
             let t = edge_ends[e].1;
-            if !marked[t] {
-                marked[t] = true;
-                todo.push(t);
+            indegree[t] -= 1;
+            if indegree[t] == 0 {
+                ready.push(t);
             }
         }
     }
-    marked
+    may
 }
 
 /// Nodes that lie on some cycle: members of a strongly connected component with more than one
@@ -875,6 +900,17 @@ mod tests {
         let done = b.node_index("done").unwrap();
         assert!(!b.in_cycle(done) && b.may_repeat(done));
         assert!(!b.may_repeat(0));
+        // A join of a loop's exit with a branch outside the loop runs once.
+        let joined = bp(r#"{"id":"l2","nodes":[{"id":"init","uses":"u"},{"id":"body","uses":"u"},
+            {"id":"ctl","uses":"loop-controller"},{"id":"other","uses":"u"},{"id":"done","uses":"u"},{"id":"after","uses":"u"}],
+            "edges":[{"source":"init","target":"body"},{"source":"init","target":"other"},{"source":"body","target":"ctl"},
+            {"source":"ctl","target":"body","action":"continue"},{"source":"ctl","target":"done","action":"break"},
+            {"source":"other","target":"done"},{"source":"done","target":"after"}]}"#)
+        .unwrap();
+        for id in ["done", "after", "other", "init"] {
+            assert!(!joined.may_repeat(joined.node_index(id).unwrap()), "{id}");
+        }
+        assert!(joined.may_repeat(joined.node_index("body").unwrap()));
         assert_eq!(b.join_strategy(2), JoinStrategy::Any);
     }
 

@@ -46,16 +46,25 @@ pub struct EventMessage {
     pub run_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// The loop iteration of the pause the call is for (our extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u32>,
 }
 
 impl EventMessage {
     /// The event of a webhook node.
-    pub fn webhook(run_id: &str, node_id: &str, payload: serde_json::Value) -> EventMessage {
+    pub fn webhook(
+        run_id: &str,
+        node_id: &str,
+        iteration: u32,
+        payload: serde_json::Value,
+    ) -> EventMessage {
         EventMessage {
             event: webhook_event_name(run_id, node_id),
             payload,
             run_id: Some(run_id.to_string()),
             node_id: Some(node_id.to_string()),
+            iteration: Some(iteration),
         }
     }
 

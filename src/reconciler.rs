@@ -156,6 +156,18 @@ impl Reconciler {
             let completed = nothing_to_run && has_ledger && self.store.complete_run(run)?;
             if completed {
                 log::info!("reconciler: run {run} had nothing left to do; completed");
+                // A subflow child: its parent awaits the result.
+                let resumer = crate::resume::Resumer {
+                    store: &self.store,
+                    coord: &self.coord,
+                    blueprints: &self.blueprints,
+                    queue: &self.queue,
+                };
+                match resumer.notify_parent(run, publisher) {
+                    Ok(()) => {}
+                    Err(crate::resume::ResumeError::Worker(e)) => return Err(e),
+                    Err(other) => log::debug!("reconciler: run {run}: parent not resumed: {other}"),
+                }
             } else {
                 self.store.touch(run)?;
             }

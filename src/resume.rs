@@ -180,7 +180,11 @@ impl Resumer<'_> {
             }
             set.insert(
                 meta_key(n),
-                node_meta(iteration_of(n) + 1, action, None, &mine),
+                crate::scheduling::with_iteration(
+                    node_meta(iteration_of(n) + 1, action, None, &mine),
+                    context.get(&meta_key(n)),
+                    iteration_of(n),
+                ),
             );
             reports.push(mine);
         }

@@ -72,6 +72,58 @@ pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
     }
 }
 
+/// Whether a given iteration of a node is committed: for repeating nodes, listed in its
+/// `iters`; otherwise, its output exists.
+pub fn is_committed(bp: &Blueprint, node: &RunNode, context: &ContextMap, iteration: u32) -> bool {
+    let id = &node.def(bp).id;
+    if !node.may_repeat(bp) {
+        return context.contains_key(&output_key(id));
+    }
+    let meta = context.get(&meta_key(id));
+    match meta.and_then(|m| m.get("iters")).and_then(Value::as_array) {
+        Some(iters) => iters
+            .iter()
+            .any(|i| i.as_u64() == Some(u64::from(iteration))),
+        None => false,
+    }
+}
+
+/// How many times a repeating node has executed in the run (its committed iterations).
+pub fn execution_count(context: &ContextMap, node_id: &str) -> usize {
+    context
+        .get(&meta_key(node_id))
+        .and_then(|m| m.get("iters"))
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
+}
+
+/// A repeating node's bookkeeping after one more committed iteration (for resumes, which
+/// commit outside the worker's statement).
+pub fn with_iteration(meta: Value, previous: Option<&Value>, iteration: u32) -> Value {
+    let mut meta = meta;
+    let mut iters = previous
+        .and_then(|p| p.get("iters"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if !iters
+        .iter()
+        .any(|i| i.as_u64() == Some(u64::from(iteration)))
+    {
+        iters.push(Value::from(iteration));
+    }
+    let n = previous
+        .and_then(|p| p.get("n"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .max(u64::from(iteration) + 1);
+    if let Some(m) = meta.as_object_mut() {
+        m.insert("iters".into(), Value::Array(iters));
+        m.insert("n".into(), Value::from(n));
+    }
+    meta
+}
+
 /// Whether the run currently awaits this node.
 pub fn is_awaiting(context: &ContextMap, node_id: &str) -> bool {
     context
@@ -264,26 +316,25 @@ pub fn start_jobs(bp: &Blueprint) -> Vec<String> {
     bp.start_node_ids().iter().map(|id| job_id(id, 0)).collect()
 }
 
-/// The frontier of a run (SPEC §6, reconciler): nodes without output that should run now —
-/// start nodes without output, and nodes whose predecessors' taken edges satisfy their join
-/// (all forward predecessors for `all`, any for `any`) — plus unfinished batch workers and
-/// gathers whose workers are all done. Awaited nodes are not part of it.
+/// The frontier of a run (SPEC §6, reconciler): jobs that should run now and have not
+/// committed — start nodes, and targets whose join is satisfied by the successors their
+/// finished predecessors chose (as stored at commit time where the context could change the
+/// choice), plus unfinished batch workers and gathers whose workers are all done. Awaited
+/// nodes are not part of it.
 pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
     let mut out: Vec<(String, u32)> = Vec::new();
     let push = |id: &str, iteration: u32, out: &mut Vec<(String, u32)>| {
-        if !is_awaiting(context, id) && !out.iter().any(|(o, _)| o == id) {
+        if !is_awaiting(context, id) && !out.iter().any(|(o, i)| o == id && *i == iteration) {
             out.push((id.to_string(), iteration));
         }
     };
-    let done = |i: usize| executions(bp, &RunNode::Static(i), context) > 0;
     for &s in bp.start_nodes() {
-        if !done(s) {
+        if !is_committed(bp, &RunNode::Static(s), context, 0) {
             push(&bp.node(s).id, 0, &mut out);
         }
     }
-    // Which finished node took an edge to which target.
-    let mut reported: Vec<Vec<usize>> = vec![Vec::new(); bp.node_count()];
-    let mut via_back_edge = vec![false; bp.node_count()];
+    // Who reported to which (target, iteration), under which rule.
+    let mut reported: Vec<((usize, u32), JoinRule, Vec<String>)> = Vec::new();
     for source in 0..bp.node_count() {
         let id = &bp.node(source).id;
         let Some((result, fallback)) = stored_result(context, id) else {
@@ -291,32 +342,43 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         };
         let node = RunNode::Static(source);
         let last = executions(bp, &node, context).saturating_sub(1);
-        for job in next_jobs(bp, &node, &result, fallback.as_deref(), context, last) {
-            if let Some(t) = bp.node_index(&job.report.node) {
-                reported[t].push(source);
-                if job.report.rule == JoinRule::Immediate && bp.forward_predecessors(t).len() > 1 {
-                    via_back_edge[t] = true;
+        let reports = stored_successors(context, id).unwrap_or_else(|| {
+            next_jobs(bp, &node, &result, fallback.as_deref(), context, last)
+                .into_iter()
+                .map(|n| n.report)
+                .collect()
+        });
+        for report in reports {
+            match bp.node_index(&report.node) {
+                Some(t) => match reported
+                    .iter_mut()
+                    .find(|(k, _, _)| *k == (t, report.iteration))
+                {
+                    Some((_, _, from)) => from.push(report.predecessor),
+                    None => reported.push((
+                        (t, report.iteration),
+                        report.rule,
+                        vec![report.predecessor],
+                    )),
+                },
+                None if !context.contains_key(&output_key(&report.node)) => {
+                    push(&report.node, 0, &mut out)
                 }
-            } else if !context.contains_key(&output_key(&job.report.node)) {
-                push(&job.report.node, 0, &mut out);
+                None => {}
             }
         }
     }
-    for target in 0..bp.node_count() {
-        if done(target) || reported[target].is_empty() {
+    for ((target, iteration), rule, mut from) in reported {
+        if is_committed(bp, &RunNode::Static(target), context, iteration) {
             continue;
         }
-        let predecessors = bp.forward_predecessors(target);
-        let ready = via_back_edge[target]
-            || predecessors.len() <= 1
-            || match bp.join_strategy(target) {
-                crate::blueprint::JoinStrategy::Any => true,
-                crate::blueprint::JoinStrategy::All => {
-                    predecessors.iter().all(|p| reported[target].contains(p))
-                }
-            };
+        from.sort();
+        from.dedup();
+        let ready = match rule {
+            JoinRule::Immediate | JoinRule::Any => true,
+            JoinRule::All(n) => from.len() >= n,
+        };
         if ready {
-            let iteration = executions(bp, &RunNode::Static(target), context);
             push(&bp.node(target).id, iteration, &mut out);
         }
     }
@@ -329,7 +391,9 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
             continue;
         };
         let workers = batch::workers_of(record);
-        if !done(g) && workers.iter().all(|w| context.contains_key(&output_key(w))) {
+        if !is_committed(bp, &RunNode::Static(g), context, 0)
+            && workers.iter().all(|w| context.contains_key(&output_key(w)))
+        {
             push(gather, 0, &mut out);
         }
     }

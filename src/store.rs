@@ -222,8 +222,8 @@ pub struct StatusRow {
 pub struct CommitGuard {
     /// `_outputs.<node>`: for nodes outside cycles, the commit applies only while it is absent.
     pub output_key: String,
-    /// `_node.<node>`: for nodes that may repeat, the commit applies only while its `n` (the
-    /// last committed iteration + 1) is at most `iteration`.
+    /// `_node.<node>`: for nodes that may repeat, the commit applies only while `iteration` is
+    /// not among its committed `iters`; the commit adds it (and keeps `n`, the highest + 1).
     pub meta_key: String,
     pub iteration: u32,
     pub in_cycle: bool,
@@ -289,9 +289,17 @@ impl RunStore {
                               THEN context_data->'_awaitingNodeIds'
                               ELSE COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) || jsonb_build_array($8::text) END,
                        '_awaitingDetails',
-                         COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb) || jsonb_build_object($8::text, $9::jsonb)) END
+                         COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb) || jsonb_build_object($8::text, $9::jsonb)) END ||
+                     -- A repeating node records which iterations are committed (`iters`) and
+                     -- the last one + 1 (`n`), from the row itself, so concurrent iterations
+                     -- never lose each other's record.
+                     CASE WHEN $7::bool AND $8::text IS NULL THEN jsonb_build_object($5::text,
+                       COALESCE($3::jsonb->$5::text, '{{}}'::jsonb) || jsonb_build_object(
+                         'n', GREATEST(COALESCE((context_data->$5::text->>'n')::int, 0), $6::int + 1),
+                         'iters', COALESCE(context_data->$5::text->'iters', '[]'::jsonb) || jsonb_build_array($6::int)))
+                     ELSE '{{}}'::jsonb END
                    WHERE run_id = $1 AND CASE WHEN $7::bool
-                       THEN COALESCE((context_data->$5::text->>'n')::int, 0) <= $6::int
+                       THEN NOT COALESCE(context_data->$5::text->'iters', '[]'::jsonb) @> jsonb_build_array($6::int)
                        ELSE NOT jsonb_exists(context_data, $4::text) END
                    RETURNING 1),
                  s AS (

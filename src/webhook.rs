@@ -11,9 +11,9 @@
 //! | 400 | the body is not JSON |
 //! | 401 | a secret is configured and `X-Flowcraft-Signature` is not `sha256=<hex HMAC-SHA256 of the body>` |
 //! | 404 | no such endpoint (or not `POST /webhooks/<run>/<node>`: 404/405) |
-//! | 409 | the webhook already fired (it fires once) |
+//! | 409 | the webhook already fired: its node was resumed (it fires once per pause) |
 //! | 413 | the body is over the limit (default 1 MiB) |
-//! | 503 | RabbitMQ is unreachable; nothing was recorded, the caller may retry |
+//! | 503 | a service is unreachable, or the node has not paused yet; nothing was recorded, retry |
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -257,23 +257,32 @@ impl Receiver {
         // run ended), every call is a replay. The marker (per loop iteration) stops two calls
         // racing within the same pause; it expires, so a receiver that crashed between
         // marker and publish does not block the webhook for good.
-        let awaited = match self.options.store.load(&run) {
-            Ok(snapshot) => snapshot.and_then(|s| {
+        let (awaited, fired_before) = match self.options.store.load(&run) {
+            Ok(Some(s)) => (
                 s.context
                     .get(crate::local::AWAITING_DETAILS)
                     .and_then(|d| d.get(&node))
                     .filter(|d| d.get("type").and_then(Value::as_str) == Some("webhook"))
-                    .map(|d| d.get("iteration").and_then(Value::as_u64).unwrap_or(0))
-            }),
+                    .map(|d| d.get("iteration").and_then(Value::as_u64).unwrap_or(0)),
+                s.context.contains_key(&crate::flow::output_key(&node)),
+            ),
+            Ok(None) => (None, false),
             Err(e) => {
                 log::warn!("webhook lookup failed: {e}");
                 return error(503, "the database is unavailable; retry later");
             }
         };
         let Some(iteration) = awaited else {
+            if fired_before {
+                return error(
+                    409,
+                    "this webhook already fired (its node is not awaiting a call)",
+                );
+            }
+            // Registered, but the pause is not committed yet: the caller should retry.
             return error(
-                409,
-                "this webhook already fired (its node is not awaiting a call)",
+                503,
+                "the run is not waiting for this call yet; retry shortly",
             );
         };
         let fired_key = self
@@ -292,7 +301,7 @@ impl Receiver {
                 return error(503, "Redis is unavailable; retry later");
             }
         }
-        let event = EventMessage::webhook(&run, &node, payload);
+        let event = EventMessage::webhook(&run, &node, iteration as u32, payload);
         if let Err(e) = self.publish(&event) {
             log::warn!("cannot publish webhook event {}: {e}", event.event);
             let _ = self.options.coord.delete(&[fired_key]);

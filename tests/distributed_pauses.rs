@@ -589,3 +589,33 @@ fn parallel_pauses_resume_independently_and_side_branches_of_loops_repeat() {
     );
     worker.stop().unwrap();
 }
+
+#[test]
+fn a_join_of_a_loop_exit_and_a_parallel_branch_fires_once() {
+    let env = TestEnv::new("loopjoin");
+    let counts: Counts = Default::default();
+    let b = bp(
+        r#"{"id":"lj","nodes":[{"id":"init","uses":"transform","params":{"expression":"0"}},
+        {"id":"body","uses":"transform","params":{"expression":"(context['_outputs.body'] ?? 0) + 1"}},
+        {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.body < 3"}},
+        {"id":"other","uses":"transform","params":{"expression":"'side'"}},
+        {"id":"done","uses":"transform","inputs":{"b":"body","o":"other"},"params":{"expression":"input.o + ' ' + input.b"}},
+        {"id":"after","uses":"transform","params":{"expression":"input + '!'"}}],
+        "edges":[{"source":"init","target":"body"},{"source":"init","target":"other"},{"source":"body","target":"ctl"},
+        {"source":"ctl","target":"body","action":"continue"},{"source":"ctl","target":"done","action":"break"},
+        {"source":"other","target":"done"},{"source":"done","target":"after"}]}"#,
+    );
+    let worker = env.start_worker(counting(&counts), vec![b.clone()], 3);
+    let run = env
+        .client(vec![b])
+        .start_workflow("lj", ContextMap::new())
+        .unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.done"], json!("side 3"));
+    assert_eq!(context["_outputs.after"], json!("side 3!"));
+    let counts = counts.lock().unwrap();
+    assert_eq!(counts.get(&format!("{run}/done")), Some(&1));
+    assert_eq!(counts.get(&format!("{run}/body")), Some(&3));
+    worker.stop().unwrap();
+}

@@ -28,7 +28,9 @@ use crate::local::AWAITING_DETAILS;
 use crate::node::{ContextMap, NodeResult};
 use crate::protocol::{JobPayload, Message};
 use crate::resume::ParentLink;
-use crate::scheduling::{self, executions, is_awaiting, meta_key, next_jobs, RunNode};
+use crate::scheduling::{
+    self, executions, is_awaiting, is_committed, meta_key, next_jobs, RunNode,
+};
 use crate::store::{CommitGuard, NodeCommit};
 
 use super::pause::{self, Prepared};
@@ -121,31 +123,45 @@ fn process(
     };
     // Guard: idempotency.
     if is_awaiting(&context, &job.node_id) {
+        let details = context
+            .get(AWAITING_DETAILS)
+            .and_then(|d| d.get(&job.node_id))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let paused_iteration = details
+            .get("iteration")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if paused_iteration != u64::from(job.iteration) {
+            // The next iteration of a pausing node arrived while the previous one is still
+            // awaited: it must not be dropped, so it waits in the queue.
+            return Ok(Outcome::Retry(format!(
+                "'{}' iteration {} waits for iteration {paused_iteration} to be resumed",
+                job.node_id, job.iteration
+            )));
+        }
         if redelivered {
             // The pause is committed; repeat what follows it (timer, child run).
-            let details = context
-                .get(AWAITING_DETAILS)
-                .and_then(|d| d.get(&job.node_id))
-                .cloned()
-                .unwrap_or(Value::Null);
             register_paused(shared, bp, job, &node)?;
             pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
         }
         return Ok(Outcome::Ack);
     }
-    let committed = executions(bp, &node, &context);
-    if committed > job.iteration {
+    if is_committed(bp, &node, &context, job.iteration) {
         // Committed before. Its coordination may not have happened (a crash, a failed step):
         // a redelivery, or a job its ledger does not show done, re-derives the successors;
         // a duplicate of a finished job is dropped.
-        let unfinished = committed == job.iteration.saturating_add(1)
-            && (redelivered
-                || !shared
-                    .coord
-                    .is_done(&job.run_id, &job_id(&job.node_id, job.iteration))?);
-        if unfinished {
+        let me = job_id(&job.node_id, job.iteration);
+        if !redelivered && shared.coord.is_done(&job.run_id, &me)? {
+            return Ok(Outcome::Ack);
+        }
+        if executions(bp, &node, &context) == job.iteration.saturating_add(1) {
             return rederive(shared, bp, job, &node, &context, publisher);
         }
+        // A later iteration of this node committed meanwhile (a side branch of a loop whose
+        // jobs overtook each other): the stored successors are that iteration's, so only
+        // close this job in the ledger.
+        shared.coord.finish_job(&job.run_id, &me, &[], &[])?;
         return Ok(Outcome::Ack);
     }
     if job.iteration == 0
@@ -265,10 +281,9 @@ fn finish_node(
             .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
     }
     if guard.in_cycle {
-        merged.insert(
-            guard.meta_key.clone(),
-            json!({"n": job.iteration.saturating_add(1)}),
-        );
+        let meta =
+            scheduling::with_iteration(json!({}), snapshot.get(&guard.meta_key), job.iteration);
+        merged.insert(guard.meta_key.clone(), meta);
     }
     let next = next_jobs(
         bp,
@@ -283,7 +298,9 @@ fn finish_node(
     // (Only where a re-derivation could choose differently: loops, actions, fallbacks and
     // conditions; elsewhere the blueprint alone decides.)
     let context_decides = match node {
-        RunNode::Static(i) => bp.has_conditional_successors(*i),
+        RunNode::Static(i) => {
+            bp.has_conditional_successors(*i) || bp.node(*i).uses == flow::BATCH_SCATTER
+        }
         RunNode::Dynamic(_) => false,
     };
     if guard.in_cycle || context_decides || result.action.is_some() || fallback.is_some() {
@@ -313,10 +330,10 @@ fn finish_node(
             target.insert(flow::input_key(&n.report.node), input.clone());
         }
     }
-    if let Some(over) = next
-        .iter()
-        .find(|n| n.report.iteration >= shared.max_iterations)
-    {
+    let over_limit = |n: &&scheduling::NextJob| {
+        scheduling::execution_count(&merged, &n.report.node) >= shared.max_iterations as usize
+    };
+    if let Some(over) = next.iter().find(over_limit) {
         let reason = format!(
             "node '{}' exceeded the iteration limit ({} executions in one run)",
             over.report.node, shared.max_iterations
@@ -450,7 +467,7 @@ fn fail_node(
 ) -> Result<Outcome, WorkerError> {
     // A concurrent delivery of the same job may have succeeded meanwhile: its result stands.
     if let Some(now) = shared.store.load(&job.run_id)? {
-        if executions(bp, node, &now.context) > job.iteration {
+        if is_committed(bp, node, &now.context, job.iteration) {
             log::info!(
                 "run {}: '{}' failed here ({failure}) but another delivery committed it",
                 job.run_id,

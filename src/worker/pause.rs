@@ -237,7 +237,8 @@ pub(crate) fn on_timer(
         .and_then(|d| d.get(&job.node_id))
         .cloned()
         .unwrap_or(Value::Null);
-    if kind(&details) != "sleep" || details["iteration"].as_u64() != Some(u64::from(job.iteration))
+    if kind(&details) != "sleep"
+        || details["iteration"].as_u64().unwrap_or(0) != u64::from(job.iteration)
     {
         // A stale timer (an earlier iteration, or the node is not a sleep): nothing to do.
         return Ok(Outcome::Ack);
@@ -294,7 +295,22 @@ pub(crate) fn on_event(
         .context
         .get(AWAITING_DETAILS)
         .and_then(|d| d.get(&node));
-    if details.map(kind) != Some("webhook") {
+    let awaited_iteration = details
+        .filter(|d| kind(d) == "webhook")
+        .map(|d| d["iteration"].as_u64().unwrap_or(0));
+    let fresh = match (awaited_iteration, event.iteration) {
+        (Some(awaited), Some(sent)) => awaited == u64::from(sent),
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if !fresh {
+        if snapshot
+            .context
+            .contains_key(&crate::flow::output_key(&node))
+        {
+            // A repeat of an event already applied (a redelivery after the resume).
+            return Ok(Outcome::Ack);
+        }
         return Ok(Outcome::DeadLetter(format!(
             "webhook event for run '{run}', whose node '{node}' is not an awaited webhook"
         )));
