@@ -9,7 +9,8 @@
 //!
 //! `cargo bench --bench distributed` (all), or with arguments:
 //! `cargo bench --bench distributed -- --runs 500 --threads 1,2,4,8 --workload chain5`
-//! (`--prefetch N` overrides the default of 8 × threads). `--timers` measures instead how
+//! (`--prefetch N` overrides the default of 8 × threads; `--inflight N` keeps at most N runs
+//! in flight instead of queueing them all first, so the latency is a hop's, not the queue's). `--timers` measures instead how
 //! late a 2 s `sleep` resumes its run after `wakeUpAt`.
 
 #[path = "../tests/common/mod.rs"]
@@ -27,6 +28,7 @@ use serde_json::json;
 struct Args {
     runs: usize,
     prefetch: Option<u16>,
+    inflight: Option<usize>,
     threads: Vec<usize>,
     workloads: Vec<String>,
 }
@@ -35,6 +37,7 @@ fn args() -> Args {
     let mut a = Args {
         runs: 500,
         prefetch: None,
+        inflight: None,
         threads: vec![1, 2, 4, 8, 16],
         workloads: vec!["chain5".into(), "diamond8".into()],
     };
@@ -52,6 +55,7 @@ fn args() -> Args {
             }
             "--workload" => a.workloads = vec![value],
             "--prefetch" => a.prefetch = Some(value.parse().expect("--prefetch N")),
+            "--inflight" => a.inflight = Some(value.parse().expect("--inflight N")),
             _ => {
                 i += 1;
                 continue;
@@ -86,14 +90,27 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn bench(workload: &str, runs: usize, threads: usize, prefetch: Option<u16>) {
+fn bench(
+    workload: &str,
+    runs: usize,
+    threads: usize,
+    prefetch: Option<u16>,
+    inflight: Option<usize>,
+) {
     let env = TestEnv::new(&format!("bench_{workload}_{threads}"));
     let (blueprint, _) = workload_def(workload);
     let jobs_per_run = blueprint.node_count();
     let client = env.client(vec![blueprint.clone()]);
-    let mut run_ids = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        run_ids.push(client.start_workflow(workload, ContextMap::new()).unwrap());
+    // Backlog mode: every run is queued before the worker starts. Paced mode (--inflight N):
+    // at most N runs are in flight; a new one starts as one completes.
+    let mut submitted: Vec<(String, Option<Instant>)> = Vec::with_capacity(runs);
+    if inflight.is_none() {
+        for _ in 0..runs {
+            submitted.push((
+                client.start_workflow(workload, ContextMap::new()).unwrap(),
+                None,
+            ));
+        }
     }
     let starts: Starts = Arc::new(Mutex::new(HashMap::new()));
     let clock = Instant::now();
@@ -115,18 +132,32 @@ fn bench(workload: &str, runs: usize, threads: usize, prefetch: Option<u16>) {
             )
             .unwrap()
             .get(0);
-        if done as usize == runs {
+        let done = done as usize;
+        if done == runs {
             break;
         }
+        if let Some(limit) = inflight {
+            while submitted.len() < runs && submitted.len() - done < limit {
+                let at = Instant::now();
+                submitted.push((
+                    client.start_workflow(workload, ContextMap::new()).unwrap(),
+                    Some(at),
+                ));
+            }
+        }
         assert!(Instant::now() < deadline, "runs did not complete");
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(if inflight.is_some() {
+            2
+        } else {
+            25
+        }));
     }
     let elapsed = clock.elapsed();
     drop(pg);
     worker.stop().unwrap();
     let starts = starts.lock().unwrap();
     let mut latencies = Vec::with_capacity(runs * jobs_per_run);
-    for run in &run_ids {
+    for (run, submitted_at) in &submitted {
         for node in 0..blueprint.node_count() {
             let id = &blueprint.node(node).id;
             let Some(&at) = starts.get(&(run.clone(), id.clone())) else {
@@ -141,14 +172,17 @@ fn bench(workload: &str, runs: usize, threads: usize, prefetch: Option<u16>) {
                         .copied()
                 })
                 .max()
-                .unwrap_or(clock);
+                .unwrap_or(submitted_at.unwrap_or(clock));
             latencies.push(at.saturating_duration_since(ready_at));
         }
     }
     latencies.sort();
     let jobs = runs * jobs_per_run;
+    let mode = inflight
+        .map(|n| format!("inflight={n}"))
+        .unwrap_or_else(|| "backlog".into());
     println!(
-        "{workload:<9} threads={threads:<3} runs={runs:<5} {:>8.0} jobs/s {:>7.0} runs/s   job latency p50 {:>7.2} ms  p99 {:>7.2} ms   ({:.2} s)",
+        "{workload:<9} threads={threads:<3} runs={runs:<5} {mode:<11} {:>8.0} jobs/s {:>7.0} runs/s   job latency p50 {:>7.2} ms  p99 {:>7.2} ms   ({:.2} s)",
         jobs as f64 / elapsed.as_secs_f64(),
         runs as f64 / elapsed.as_secs_f64(),
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
@@ -225,7 +259,7 @@ fn main() {
     }
     for w in &a.workloads {
         for &t in &a.threads {
-            bench(w, a.runs, t, a.prefetch);
+            bench(w, a.runs, t, a.prefetch, a.inflight);
         }
     }
 }
