@@ -292,11 +292,7 @@ impl JobSink for ConfirmPublisher {
         body: &[u8],
         expiration_ms: u64,
     ) -> Result<(), AmqpError> {
-        self.channel.basic_publish(
-            "",
-            Publish::with_properties(body, routing_key, expiring(expiration_ms)),
-        )?;
-        self.wait_for_confirms(1)
+        self.publish_one(routing_key, body, expiring(expiration_ms))
     }
 
     fn channel(&self) -> &Channel {
@@ -340,6 +336,25 @@ impl AsyncPublisher {
     }
 }
 
+impl AsyncPublisher {
+    fn publish_jobs_with(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: &[Vec<u8>],
+        properties: AmqpProperties,
+    ) -> Result<(), AmqpError> {
+        for body in bodies {
+            self.channel.basic_publish(
+                exchange,
+                Publish::with_properties(body, routing_key, properties.clone()),
+            )?;
+            self.published += 1;
+        }
+        Ok(())
+    }
+}
+
 impl JobSink for AsyncPublisher {
     fn publish_jobs(
         &mut self,
@@ -347,14 +362,7 @@ impl JobSink for AsyncPublisher {
         routing_key: &str,
         bodies: &[Vec<u8>],
     ) -> Result<(), AmqpError> {
-        for body in bodies {
-            self.channel.basic_publish(
-                exchange,
-                Publish::with_properties(body, routing_key, persistent_json()),
-            )?;
-            self.published += 1;
-        }
-        Ok(())
+        self.publish_jobs_with(exchange, routing_key, bodies, persistent_json())
     }
 
     fn publish_expiring(
@@ -363,12 +371,7 @@ impl JobSink for AsyncPublisher {
         body: &[u8],
         expiration_ms: u64,
     ) -> Result<(), AmqpError> {
-        self.channel.basic_publish(
-            "",
-            Publish::with_properties(body, routing_key, expiring(expiration_ms)),
-        )?;
-        self.published += 1;
-        Ok(())
+        self.publish_jobs_with("", routing_key, &[body.to_vec()], expiring(expiration_ms))
     }
 
     fn channel(&self) -> &Channel {

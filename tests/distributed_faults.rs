@@ -464,19 +464,13 @@ fn sleeping_nodes_do_not_pin_database_connections() {
         {"source":"s","target":"b"},{"source":"s","target":"c"},{"source":"s","target":"d"}]}"#,
     );
     let pool_of_one = flowcraft_rabbitmq::store::connect_pool(&postgres_url(), 1).unwrap();
-    let worker =
-        flowcraft_rabbitmq::RabbitMqAdapter::builder(amqp_url(), pool_of_one, env.redis.clone())
-            .registry(registry)
-            .blueprint(b.clone())
-            .queue(env.queue.clone())
-            .tables(env.tables.clone())
-            .redis_prefix(env.prefix.clone())
-            .reconcile_every(None)
-            .threads(4)
-            .build()
-            .unwrap()
-            .start()
-            .unwrap();
+    let worker = env
+        .worker_on(pool_of_one, registry, vec![b.clone()])
+        .threads(4)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
     let run = env
         .client(vec![b])
         .start_workflow("naps", ContextMap::new())
@@ -551,13 +545,8 @@ fn postgres_connections_killed_mid_run_are_replaced_and_the_run_completes() {
         4,
     )
     .unwrap();
-    let worker = flowcraft_rabbitmq::RabbitMqAdapter::builder(amqp_url(), pool, env.redis.clone())
-        .registry(registry)
-        .blueprint(chain.clone())
-        .queue(env.queue.clone())
-        .tables(env.tables.clone())
-        .redis_prefix(env.prefix.clone())
-        .reconcile_every(None)
+    let worker = env
+        .worker_on(pool, registry, vec![chain.clone()])
         .threads(2)
         .build()
         .unwrap()

@@ -104,7 +104,17 @@ impl TestEnv {
         registry: NodeRegistry,
         blueprints: Vec<Blueprint>,
     ) -> flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder {
-        RabbitMqAdapter::builder(amqp_url(), self.pg.clone(), self.redis.clone())
+        self.worker_on(self.pg.clone(), registry, blueprints)
+    }
+
+    /// A worker of this test on its own PostgreSQL pool.
+    pub fn worker_on(
+        &self,
+        pg: PgPool,
+        registry: NodeRegistry,
+        blueprints: Vec<Blueprint>,
+    ) -> flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder {
+        RabbitMqAdapter::builder(amqp_url(), pg, self.redis.clone())
             .registry(registry)
             .blueprints(blueprints)
             .events_exchange(self.events_exchange())
