@@ -580,6 +580,10 @@ impl<'a> RunState<'a> {
     /// A predecessor reported to a target over an edge.
     fn arrive(&mut self, edge: usize, target: usize, predecessor: String) {
         let generation = self.generation(target);
+        if generation > 0 && !self.bp.may_repeat(target) {
+            // A node outside loops runs once (a join after a loop hears from it repeatedly).
+            return;
+        }
         match readiness(self.bp, edge) {
             Readiness::Immediate => self.ready.push_back(NodeRef::Static(target)),
             Readiness::All(n) => {

@@ -128,7 +128,7 @@ impl JobPayload {
     pub fn parse(body: &[u8]) -> Result<JobPayload, String> {
         let job: JobPayload =
             serde_json::from_slice(body).map_err(|e| format!("malformed job message: {e}"))?;
-        if job.iteration > i32::MAX as u32 {
+        if job.iteration >= i32::MAX as u32 {
             return Err(format!(
                 "malformed job message: \"iteration\" {} is out of range",
                 job.iteration

@@ -141,7 +141,7 @@ impl Reconciler {
             if self.coord.is_poisoned(run, &node)? {
                 continue;
             }
-            let lock = self.coord.nodelock_key(run, &node);
+            let lock = self.coord.nodelock_key(run, &job_id(&node, iteration));
             if self
                 .coord
                 .set_if_not_exist(&lock, "reconciler", self.lock_ttl)?

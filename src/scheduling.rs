@@ -84,7 +84,8 @@ pub fn is_committed(bp: &Blueprint, node: &RunNode, context: &ContextMap, iterat
         Some(iters) => iters
             .iter()
             .any(|i| i.as_u64() == Some(u64::from(iteration))),
-        None => false,
+        // Bookkeeping without `iters` (older records): every iteration below `n`.
+        None => executions(bp, node, context) > iteration,
     }
 }
 
@@ -252,17 +253,22 @@ pub fn next_jobs(
                     .into_iter()
                     .map(|taken| {
                         let target = bp.node(taken.target);
-                        let iteration = if !bp.may_repeat(taken.target) {
-                            0
-                        } else if bp.is_back_edge(taken.edge) {
-                            iteration.saturating_add(1)
-                        } else {
-                            iteration
-                        };
                         let rule = match readiness(bp, taken.edge) {
                             Readiness::Immediate => JoinRule::Immediate,
                             Readiness::All(n) => JoinRule::All(n),
                             Readiness::Any => JoinRule::Any,
+                        };
+                        let iteration = if !bp.may_repeat(taken.target) {
+                            0
+                        } else if rule != JoinRule::Immediate {
+                            // A join's predecessors may have taken different numbers of back
+                            // edges (two loops meeting): they meet at the target's own next
+                            // execution, as in the in-process runner.
+                            executions(bp, &RunNode::Static(taken.target), context)
+                        } else if bp.is_back_edge(taken.edge) {
+                            iteration.saturating_add(1)
+                        } else {
+                            iteration
                         };
                         NextJob {
                             report: SuccessorReport {

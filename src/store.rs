@@ -298,8 +298,13 @@ impl RunStore {
                          'n', GREATEST(COALESCE((context_data->$5::text->>'n')::int, 0), $6::int + 1),
                          'iters', COALESCE(context_data->$5::text->'iters', '[]'::jsonb) || jsonb_build_array($6::int)))
                      ELSE '{{}}'::jsonb END
-                   WHERE run_id = $1 AND CASE WHEN $7::bool
-                       THEN NOT COALESCE(context_data->$5::text->'iters', '[]'::jsonb) @> jsonb_build_array($6::int)
+                   WHERE run_id = $1
+                     AND ($8::text IS NULL
+                          OR NOT COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array($8::text))
+                     AND CASE WHEN $7::bool
+                       THEN CASE WHEN context_data->$5::text->'iters' IS NULL
+                         THEN COALESCE((context_data->$5::text->>'n')::int, 0) <= $6::int
+                         ELSE NOT (context_data->$5::text->'iters') @> jsonb_build_array($6::int) END
                        ELSE NOT jsonb_exists(context_data, $4::text) END
                    RETURNING 1),
                  s AS (

@@ -264,7 +264,14 @@ impl Receiver {
                     .and_then(|d| d.get(&node))
                     .filter(|d| d.get("type").and_then(Value::as_str) == Some("webhook"))
                     .map(|d| d.get("iteration").and_then(Value::as_u64).unwrap_or(0)),
-                s.context.contains_key(&crate::flow::output_key(&node)),
+                // Fired before, and not a node that pauses again (in a loop) in a running run.
+                s.context.contains_key(&crate::flow::output_key(&node))
+                    && (s
+                        .context
+                        .get(&crate::scheduling::meta_key(&node))
+                        .and_then(|m| m.get("iters"))
+                        .is_none()
+                        || s.status.as_deref() != Some("running")),
             ),
             Ok(None) => (None, false),
             Err(e) => {

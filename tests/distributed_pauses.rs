@@ -619,3 +619,35 @@ fn a_join_of_a_loop_exit_and_a_parallel_branch_fires_once() {
     assert_eq!(counts.get(&format!("{run}/body")), Some(&3));
     worker.stop().unwrap();
 }
+
+#[test]
+fn two_loops_meeting_at_a_join_fire_it_once() {
+    let env = TestEnv::new("twoloops");
+    let counts: Counts = Default::default();
+    let b = bp(
+        r#"{"id":"tl","nodes":[{"id":"s","uses":"transform","params":{"expression":"0"}},
+        {"id":"a","uses":"transform","params":{"expression":"(context['_outputs.a'] ?? 0) + 1"}},
+        {"id":"ca","uses":"loop-controller","params":{"condition":"_outputs.a < 2"}},
+        {"id":"b","uses":"transform","params":{"expression":"(context['_outputs.b'] ?? 0) + 1"}},
+        {"id":"cb","uses":"loop-controller","params":{"condition":"_outputs.b < 4"}},
+        {"id":"ea","uses":"transform","params":{"expression":"'a done'"}},
+        {"id":"eb","uses":"transform","params":{"expression":"'b done'"}},
+        {"id":"j","uses":"transform","inputs":{"x":"ea","y":"eb"},"params":{"expression":"input.x + ', ' + input.y"}}],
+        "edges":[{"source":"s","target":"a"},{"source":"s","target":"b"},
+        {"source":"a","target":"ca"},{"source":"ca","target":"a","action":"continue"},{"source":"ca","target":"ea","action":"break"},
+        {"source":"b","target":"cb"},{"source":"cb","target":"b","action":"continue"},{"source":"cb","target":"eb","action":"break"},
+        {"source":"ea","target":"j"},{"source":"eb","target":"j"}]}"#,
+    );
+    let worker = env.start_worker(counting(&counts), vec![b.clone()], 3);
+    let run = env
+        .client(vec![b.clone()])
+        .start_workflow("tl", ContextMap::new())
+        .unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.j"], json!("a done, b done"));
+    assert_eq!(counts.lock().unwrap().get(&format!("{run}/j")), Some(&1));
+    let local = flowcraft_rabbitmq::LocalRuntime::new(inc_registry()).run(&b, ContextMap::new());
+    assert_eq!(local.context["_outputs.j"], json!("a done, b done"));
+    worker.stop().unwrap();
+}

@@ -122,30 +122,30 @@ fn process(
         return Ok(Outcome::Ack);
     };
     // Guard: idempotency.
-    if is_awaiting(&context, &job.node_id) {
-        let details = context
-            .get(AWAITING_DETAILS)
-            .and_then(|d| d.get(&job.node_id))
-            .cloned()
-            .unwrap_or(Value::Null);
+    let paused = context
+        .get(AWAITING_DETAILS)
+        .and_then(|d| d.get(&job.node_id))
+        .filter(|_| is_awaiting(&context, &job.node_id))
+        .cloned();
+    if let Some(details) = paused {
         let paused_iteration = details
             .get("iteration")
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        if paused_iteration != u64::from(job.iteration) {
+        if u64::from(job.iteration) > paused_iteration {
             // The next iteration of a pausing node arrived while the previous one is still
-            // awaited: it must not be dropped, so it waits in the queue.
-            return Ok(Outcome::Retry(format!(
-                "'{}' iteration {} waits for iteration {paused_iteration} to be resumed",
-                job.node_id, job.iteration
-            )));
+            // awaited: it must not be dropped, so it comes back in a second.
+            return defer(shared, job, publisher);
         }
-        if redelivered {
-            // The pause is committed; repeat what follows it (timer, child run).
-            register_paused(shared, bp, job, &node)?;
-            pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
+        if u64::from(job.iteration) == paused_iteration {
+            if redelivered {
+                // The pause is committed; repeat what follows it (timer, child run).
+                register_paused(shared, bp, job, &node)?;
+                pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
+            }
+            return Ok(Outcome::Ack);
         }
-        return Ok(Outcome::Ack);
+        // An earlier iteration: handled as any committed job below.
     }
     if is_committed(bp, &node, &context, job.iteration) {
         // Committed before. Its coordination may not have happened (a crash, a failed step):
@@ -187,6 +187,18 @@ fn process(
         Ok(success) => finish_node(shared, bp, job, &node, &snapshot, success, publisher),
         Err(failure) => fail_node(shared, bp, job, &node, failure, publisher),
     }
+}
+
+/// Puts a job back for a second, through the 1 s delay queue, and acks this delivery.
+fn defer(
+    shared: &Shared,
+    job: &JobPayload,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, WorkerError> {
+    const DEFER_MS: u64 = 1_000;
+    let queue = crate::amqp::declare_delay_queue(publisher.channel(), &shared.queue, DEFER_MS)?;
+    publisher.publish_expiring(&queue, &job.to_body(), DEFER_MS)?;
+    Ok(Outcome::Ack)
 }
 
 fn version_mismatch(bp: &Blueprint, context: &ContextMap) -> Option<String> {
@@ -262,7 +274,9 @@ fn finish_node(
         }
         commit.awaiting = Some((def.id.clone(), details.clone()));
         if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
-            return Ok(Outcome::Ack);
+            // Committed already, or the node is paused at another iteration right now: try
+            // again in a second (a copy of a committed pause is then dropped).
+            return defer(shared, job, publisher);
         }
         // Registered before anything can resume it (a 0 ms timer, a fast child run).
         register_paused(shared, bp, job, node)?;

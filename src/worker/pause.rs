@@ -300,7 +300,7 @@ pub(crate) fn on_event(
         .map(|d| d["iteration"].as_u64().unwrap_or(0));
     let fresh = match (awaited_iteration, event.iteration) {
         (Some(awaited), Some(sent)) => awaited == u64::from(sent),
-        (Some(_), None) => true,
+        (Some(awaited), None) => awaited == 0,
         (None, _) => false,
     };
     if !fresh {

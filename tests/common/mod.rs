@@ -304,6 +304,7 @@ impl Drop for TestEnv {
                     self.dead_queue(),
                     format!("{demo}.dead"),
                     demo,
+                    format!("{}.delay.1000", self.queue),
                 ];
                 queues.extend(self.extra_queues.iter().cloned());
                 for q in queues {
