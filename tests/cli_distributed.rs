@@ -144,95 +144,94 @@ fn two_workers_finish_every_run_and_sigterm_loses_nothing() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Arguments, an environment override, the exit code, and what stderr must say.
+type BadInput<'a> = (Vec<&'a str>, Option<(&'a str, &'a str)>, i32, &'a str);
+
 #[test]
 fn operator_commands_answer_bad_input_clearly() {
     let env = TestEnv::new("cli_bad");
     let dir = blueprint_dir(&env);
-    // Unknown subcommand.
-    let out = run(flowcraft(&env).arg("frobnicate"));
-    assert_eq!(out.status.code(), Some(2));
-    // Invalid blueprint directory: the worker refuses to start.
+    let dir = dir.to_str().unwrap().to_string();
     let bad = std::env::temp_dir().join(format!("flowcraft-bad-{}", env.tag));
     std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("x.json"), r#"{"id":"x","nodes":[{"id":"a","uses":"transform"}],"edges":[{"source":"a","target":"nope"}]}"#).unwrap();
-    let out = run(flowcraft(&env).args(["worker", "--blueprints", bad.to_str().unwrap()]));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("target 'nope'"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = run(flowcraft(&env).args(["worker", "--blueprints", "/no/such/dir"]));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("cannot read blueprint directory"),
-        "{}",
-        text(&out.stderr)
-    );
-    // Unreachable services: one line naming the service and the URL, password masked.
-    let out = run(flowcraft(&env).args(["status", "some-run"]).env(
-        "POSTGRES_URL",
-        "postgres://postgres:hunter2@127.0.0.1:1/postgres",
-    ));
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("cannot reach PostgreSQL at postgres://postgres:***@127.0.0.1:1/postgres"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("hunter2") && !err.contains("panicked"),
-        "{err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let out = run(flowcraft(&env)
-        .args(["cancel", "r"])
-        .env("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f"));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = run(flowcraft(&env)
-        .args(["cancel", "r"])
-        .env("REDIS_URL", "redis://127.0.0.1:1"));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("cannot reach Redis at redis://127.0.0.1:1"),
-        "{}",
-        text(&out.stderr)
-    );
-    // Unknown run id.
-    let out = run(flowcraft(&env).args(["status", "no-such-run"]));
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("no run with id 'no-such-run'"));
-    // Malformed --context.
-    let out = run(flowcraft(&env).args([
-        "start",
-        "--blueprints",
-        dir.to_str().unwrap(),
-        "e2e",
-        "--context",
-        "[1,",
-    ]));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--context is not valid JSON"));
-    // Resume of an unknown run.
-    let out = run(flowcraft(&env).args([
-        "resume",
-        "--blueprints",
-        dir.to_str().unwrap(),
-        "ghost",
-        "--action",
-        "go",
-    ]));
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("does not exist"),
-        "{}",
-        text(&out.stderr)
-    );
+    std::fs::write(
+        bad.join("x.json"),
+        r#"{"id":"x","nodes":[{"id":"a","uses":"transform"}],"edges":[{"source":"a","target":"nope"}]}"#,
+    )
+    .unwrap();
+    let bad_dir = bad.to_str().unwrap().to_string();
+    let cases: Vec<BadInput> = vec![
+        (vec!["frobnicate"], None, 2, "unrecognized subcommand"),
+        (
+            vec!["worker", "--blueprints", &bad_dir],
+            None,
+            2,
+            "target 'nope'",
+        ),
+        (
+            vec!["worker", "--blueprints", "/no/such/dir"],
+            None,
+            2,
+            "cannot read blueprint directory",
+        ),
+        (
+            vec!["status", "some-run"],
+            Some((
+                "POSTGRES_URL",
+                "postgres://postgres:hunter2@127.0.0.1:1/postgres",
+            )),
+            2,
+            "cannot reach PostgreSQL at postgres://postgres:***@127.0.0.1:1/postgres",
+        ),
+        (
+            vec!["cancel", "r"],
+            Some(("RABBITMQ_URL", "amqp://guest:secret@127.0.0.1:1/%2f")),
+            2,
+            "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f",
+        ),
+        (
+            vec!["cancel", "r"],
+            Some(("REDIS_URL", "redis://127.0.0.1:1")),
+            2,
+            "cannot reach Redis at redis://127.0.0.1:1",
+        ),
+        (
+            vec!["status", "no-such-run"],
+            None,
+            1,
+            "no run with id 'no-such-run'",
+        ),
+        (
+            vec!["start", "--blueprints", &dir, "e2e", "--context", "[1,"],
+            None,
+            2,
+            "--context is not valid JSON",
+        ),
+        (
+            vec!["resume", "--blueprints", &dir, "ghost", "--action", "go"],
+            None,
+            1,
+            "does not exist",
+        ),
+    ];
+    for (args, env_override, code, needle) in cases {
+        let mut cmd = flowcraft(&env);
+        cmd.args(&args);
+        if let Some((k, v)) = env_override {
+            cmd.env(k, v);
+        }
+        let out = run(&mut cmd);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("hunter2") && !err.contains("secret"),
+            "{err}"
+        );
+        if env_override.is_some() {
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        }
+    }
     std::fs::remove_dir_all(bad).unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
