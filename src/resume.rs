@@ -157,9 +157,15 @@ impl Resumer<'_> {
         };
         for n in &targets {
             set.insert(output_key(n), output.clone());
+            // Seen as committed by the successor computation below; replaced with the full
+            // record once the successors are known.
             set.insert(
                 meta_key(n),
-                json!({"n": iteration_of(n) + 1, "action": action}),
+                crate::scheduling::with_iteration(
+                    json!({}),
+                    context.get(&meta_key(n)),
+                    iteration_of(n),
+                ),
             );
         }
         for (k, v) in &set {
@@ -181,7 +187,7 @@ impl Resumer<'_> {
             set.insert(
                 meta_key(n),
                 crate::scheduling::with_iteration(
-                    node_meta(iteration_of(n) + 1, action, None, &mine),
+                    node_meta(action, None, &mine),
                     context.get(&meta_key(n)),
                     iteration_of(n),
                 ),

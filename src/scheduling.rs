@@ -13,8 +13,9 @@ use crate::local::AWAITING_NODE_IDS;
 use crate::node::{ContextMap, NodeResult};
 use crate::nodes::batch;
 
-/// Context key prefix of per-node bookkeeping (`{"n", "action", "fallback"}`), written for
-/// nodes on cycles and for nodes whose result had an action or came from a fallback.
+/// Context key prefix of per-node bookkeeping (`{"iters", "action", "fallback", "next"}`),
+/// written for nodes that may repeat and wherever the context could change which successors
+/// a node chooses.
 pub const NODE_META_PREFIX: &str = "_node.";
 
 /// The bookkeeping key of a node.
@@ -55,18 +56,15 @@ impl RunNode {
     }
 }
 
-/// Up to which iteration a node's executions are committed (the last committed iteration
-/// plus one; 0 when none): for nodes that may repeat the bookkeeping counter `n`, otherwise
-/// whether its output exists.
+/// The highest committed iteration of a node plus one (0 when none): for nodes that may
+/// repeat, from their committed `iters`; otherwise whether their output exists.
 pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
     let id = &node.def(bp).id;
     if node.may_repeat(bp) {
-        context
-            .get(&meta_key(id))
-            .and_then(|m| m.get("n"))
-            .and_then(Value::as_u64)
-            .map(|n| n as u32)
-            .unwrap_or(0)
+        committed_iterations(context, id)
+            .filter_map(Value::as_u64)
+            .max()
+            .map_or(0, |i| i as u32 + 1)
     } else {
         u32::from(context.contains_key(&output_key(id)))
     }
@@ -79,23 +77,25 @@ pub fn is_committed(bp: &Blueprint, node: &RunNode, context: &ContextMap, iterat
     if !node.may_repeat(bp) {
         return context.contains_key(&output_key(id));
     }
-    let meta = context.get(&meta_key(id));
-    match meta.and_then(|m| m.get("iters")).and_then(Value::as_array) {
-        Some(iters) => iters
-            .iter()
-            .any(|i| i.as_u64() == Some(u64::from(iteration))),
-        // Bookkeeping without `iters` (older records): every iteration below `n`.
-        None => executions(bp, node, context) > iteration,
-    }
+    committed_iterations(context, id).any(|i| i.as_u64() == Some(u64::from(iteration)))
 }
 
-/// How many times a repeating node has executed in the run (its committed iterations).
-pub fn execution_count(context: &ContextMap, node_id: &str) -> usize {
+/// The committed iterations of a repeating node (`_node.<id>.iters`).
+fn committed_iterations<'c>(
+    context: &'c ContextMap,
+    node_id: &str,
+) -> impl Iterator<Item = &'c Value> {
     context
         .get(&meta_key(node_id))
         .and_then(|m| m.get("iters"))
         .and_then(Value::as_array)
-        .map_or(0, Vec::len)
+        .into_iter()
+        .flatten()
+}
+
+/// How many times a repeating node has executed in the run (its committed iterations).
+pub fn execution_count(context: &ContextMap, node_id: &str) -> usize {
+    committed_iterations(context, node_id).count()
 }
 
 /// A repeating node's bookkeeping after one more committed iteration (for resumes, which
@@ -113,14 +113,8 @@ pub fn with_iteration(meta: Value, previous: Option<&Value>, iteration: u32) -> 
     {
         iters.push(Value::from(iteration));
     }
-    let n = previous
-        .and_then(|p| p.get("n"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-        .max(u64::from(iteration) + 1);
     if let Some(m) = meta.as_object_mut() {
         m.insert("iters".into(), Value::Array(iters));
-        m.insert("n".into(), Value::from(n));
     }
     meta
 }
@@ -153,20 +147,15 @@ pub fn stored_result(context: &ContextMap, node_id: &str) -> Option<(NodeResult,
     ))
 }
 
-/// A node's bookkeeping entry: executions so far, its result's action and fallback, and the
-/// successors it chose (`[node, iteration, predecessor, join code]` each).
-pub fn node_meta(
-    executions: u32,
-    action: Option<&str>,
-    fallback: Option<&str>,
-    next: &[SuccessorReport],
-) -> Value {
+/// A node's bookkeeping entry: its result's action and fallback, and the successors it chose
+/// (`[node, iteration, predecessor, join code]` each). Committed iterations (`iters`) are
+/// added by the commit itself.
+pub fn node_meta(action: Option<&str>, fallback: Option<&str>, next: &[SuccessorReport]) -> Value {
     let next: Vec<Value> = next
         .iter()
         .map(|s| serde_json::json!([s.node, s.iteration, s.predecessor, s.rule.code()]))
         .collect();
     let mut meta = serde_json::Map::new();
-    meta.insert("n".into(), Value::from(executions));
     if let Some(a) = action {
         meta.insert("action".into(), Value::from(a));
     }

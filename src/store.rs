@@ -220,13 +220,14 @@ pub struct StatusRow {
 /// The guard a node commit carries: it applies only to the execution it is for.
 #[derive(Debug, Clone)]
 pub struct CommitGuard {
-    /// `_outputs.<node>`: for nodes outside cycles, the commit applies only while it is absent.
+    /// `_outputs.<node>`: for nodes that run once, the commit applies only while it is absent.
     pub output_key: String,
     /// `_node.<node>`: for nodes that may repeat, the commit applies only while `iteration` is
-    /// not among its committed `iters`; the commit adds it (and keeps `n`, the highest + 1).
+    /// not among its committed `iters`; the commit adds it.
     pub meta_key: String,
     pub iteration: u32,
-    pub in_cycle: bool,
+    /// Whether the node may repeat (see [`Blueprint::may_repeat`](crate::blueprint::Blueprint::may_repeat)).
+    pub repeats: bool,
 }
 
 /// One node's effects, applied in one statement.
@@ -290,21 +291,17 @@ impl RunStore {
                               ELSE COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) || jsonb_build_array($8::text) END,
                        '_awaitingDetails',
                          COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb) || jsonb_build_object($8::text, $9::jsonb)) END ||
-                     -- A repeating node records which iterations are committed (`iters`) and
-                     -- the last one + 1 (`n`), from the row itself, so concurrent iterations
-                     -- never lose each other's record.
+                     -- A repeating node records which iterations are committed (`iters`), from
+                     -- the row itself, so concurrent iterations never lose each other's record.
                      CASE WHEN $7::bool AND $8::text IS NULL THEN jsonb_build_object($5::text,
                        COALESCE($3::jsonb->$5::text, '{{}}'::jsonb) || jsonb_build_object(
-                         'n', GREATEST(COALESCE((context_data->$5::text->>'n')::int, 0), $6::int + 1),
                          'iters', COALESCE(context_data->$5::text->'iters', '[]'::jsonb) || jsonb_build_array($6::int)))
                      ELSE '{{}}'::jsonb END
                    WHERE run_id = $1
                      AND ($8::text IS NULL
                           OR NOT COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array($8::text))
                      AND CASE WHEN $7::bool
-                       THEN CASE WHEN context_data->$5::text->'iters' IS NULL
-                         THEN COALESCE((context_data->$5::text->>'n')::int, 0) <= $6::int
-                         ELSE NOT (context_data->$5::text->'iters') @> jsonb_build_array($6::int) END
+                       THEN NOT COALESCE(context_data->$5::text->'iters', '[]'::jsonb) @> jsonb_build_array($6::int)
                        ELSE NOT jsonb_exists(context_data, $4::text) END
                    RETURNING 1),
                  s AS (
@@ -461,7 +458,7 @@ impl RunStore {
                 &guard.output_key,
                 &guard.meta_key,
                 &iteration,
-                &guard.in_cycle,
+                &guard.repeats,
                 &awaiting_id,
                 &awaiting_details,
                 &set_if_absent,

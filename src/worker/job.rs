@@ -258,7 +258,7 @@ fn finish_node(
         output_key: output_key(&def.id),
         meta_key: meta_key(&def.id),
         iteration: job.iteration,
-        in_cycle: node.may_repeat(bp),
+        repeats: node.may_repeat(bp),
     };
     if let Some(details) = result.awaiting.clone() {
         let details = match pause::prepare(shared, bp, job, def, details)? {
@@ -294,7 +294,7 @@ fn finish_node(
             .set
             .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
     }
-    if guard.in_cycle {
+    if guard.repeats {
         let meta =
             scheduling::with_iteration(json!({}), snapshot.get(&guard.meta_key), job.iteration);
         merged.insert(guard.meta_key.clone(), meta);
@@ -317,16 +317,11 @@ fn finish_node(
         }
         RunNode::Dynamic(_) => false,
     };
-    if guard.in_cycle || context_decides || result.action.is_some() || fallback.is_some() {
+    if guard.repeats || context_decides || result.action.is_some() || fallback.is_some() {
         let reports: Vec<SuccessorReport> = next.iter().map(|n| n.report.clone()).collect();
         commit.set.insert(
             guard.meta_key.clone(),
-            scheduling::node_meta(
-                job.iteration.saturating_add(1),
-                result.action.as_deref(),
-                fallback.as_deref(),
-                &reports,
-            ),
+            scheduling::node_meta(result.action.as_deref(), fallback.as_deref(), &reports),
         );
     }
     for n in &next {
