@@ -106,7 +106,9 @@ impl Message {
                 .map_err(|e| format!("malformed event message: {e}"))?;
             return Ok(Message::Event(event));
         }
-        JobPayload::parse(body).map(Message::Job)
+        let job: JobPayload =
+            serde_json::from_value(value).map_err(|e| format!("malformed job message: {e}"))?;
+        job.validated().map(Message::Job)
     }
 }
 
@@ -128,6 +130,12 @@ impl JobPayload {
     pub fn parse(body: &[u8]) -> Result<JobPayload, String> {
         let job: JobPayload =
             serde_json::from_slice(body).map_err(|e| format!("malformed job message: {e}"))?;
+        job.validated()
+    }
+
+    /// Checks the fields a worker relies on.
+    fn validated(self) -> Result<JobPayload, String> {
+        let job = self;
         if job.iteration >= i32::MAX as u32 {
             return Err(format!(
                 "malformed job message: \"iteration\" {} is out of range",
