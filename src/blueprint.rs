@@ -14,7 +14,7 @@
 //! assert_eq!(bp.terminal_node_ids(), vec!["b"]);
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -744,21 +744,6 @@ pub fn load_dir(dir: impl AsRef<Path>) -> (BTreeMap<String, Blueprint>, Vec<Stri
         }
     }
     (found, problems)
-}
-
-/// Names of the nodes reachable along forward edges; used by tests and tools.
-pub fn reachable_from_start(bp: &Blueprint) -> HashSet<usize> {
-    let mut seen: HashSet<usize> = bp.start.iter().copied().collect();
-    let mut todo: Vec<usize> = bp.start.clone();
-    while let Some(n) = todo.pop() {
-        for &e in bp.outgoing(n) {
-            let t = bp.edge_ends(e).1;
-            if seen.insert(t) {
-                todo.push(t);
-            }
-        }
-    }
-    seen
 }
 
 #[cfg(test)]

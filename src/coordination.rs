@@ -410,11 +410,6 @@ impl RedisCoordinationStore {
             .query(&mut *self.conn()?)?;
         Ok((outstanding, registered > 0))
     }
-
-    /// Deletes a run's ledger (for tests and cleanup).
-    pub fn forget_run(&self, run: &str) -> Result<(), CoordinationError> {
-        self.delete(&[self.jobs_key(run), self.done_key(run)])
-    }
 }
 
 fn with_iteration(key: String, iteration: u32) -> String {

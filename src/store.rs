@@ -410,12 +410,6 @@ impl RunStore {
         &self.tables
     }
 
-    /// Creates the tables if they do not exist (tests and `flowcraft migrate` use migrations).
-    pub fn create_tables(&self) -> Result<(), StoreError> {
-        self.pool.get()?.batch_execute(&self.tables.create_sql())?;
-        Ok(())
-    }
-
     /// A run's context and status; `None` if it has no context row.
     pub fn load(&self, run_id: &str) -> Result<Option<RunSnapshot>, StoreError> {
         let mut conn = self.pool.get()?;
