@@ -155,18 +155,20 @@ impl Resumer<'_> {
                 .and_then(Value::as_u64)
                 .unwrap_or(0) as u32
         };
+        // A resumed node's bookkeeping; a repeating node also records this iteration as
+        // committed (the worker's commit statement does that for executed nodes).
+        let record = |meta: Value, n: &str| {
+            if bp.node_index(n).is_some_and(|i| bp.may_repeat(i)) {
+                crate::scheduling::with_iteration(meta, context.get(&meta_key(n)), iteration_of(n))
+            } else {
+                meta
+            }
+        };
         for n in &targets {
             set.insert(output_key(n), output.clone());
             // Seen as committed by the successor computation below; replaced with the full
             // record once the successors are known.
-            set.insert(
-                meta_key(n),
-                crate::scheduling::with_iteration(
-                    json!({}),
-                    context.get(&meta_key(n)),
-                    iteration_of(n),
-                ),
-            );
+            set.insert(meta_key(n), record(json!({}), n));
         }
         for (k, v) in &set {
             merged.insert(k.clone(), v.clone());
@@ -184,14 +186,7 @@ impl Resumer<'_> {
                     mine.push(next.report);
                 }
             }
-            set.insert(
-                meta_key(n),
-                crate::scheduling::with_iteration(
-                    node_meta(action, None, &mine),
-                    context.get(&meta_key(n)),
-                    iteration_of(n),
-                ),
-            );
+            set.insert(meta_key(n), record(node_meta(action, None, &mine), n));
             reports.push(mine);
         }
         if !self.store.resume_nodes(run_id, &targets, &set)? {

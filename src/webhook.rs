@@ -266,11 +266,7 @@ impl Receiver {
                     .map(|d| d.get("iteration").and_then(Value::as_u64).unwrap_or(0)),
                 // Fired before, and not a node that pauses again (in a loop) in a running run.
                 s.context.contains_key(&crate::flow::output_key(&node))
-                    && (s
-                        .context
-                        .get(&crate::scheduling::meta_key(&node))
-                        .and_then(|m| m.get("iters"))
-                        .is_none()
+                    && (crate::scheduling::execution_count(&s.context, &node) == 0
                         || s.status.as_deref() != Some("running")),
             ),
             Ok(None) => (None, false),
