@@ -35,17 +35,10 @@ pub fn demo(args: &DemoArgs) -> i32 {
         Err(e) => return fail(EXIT_FAILED, format!("bundled blueprint: {e}")),
     };
     let jobs_per_run = bp.node_count();
-    let (tables, pg, redis) = match (
-        s.tables(),
-        s.postgres(args.threads as u32 + 4),
-        s.redis(args.threads as u32 + 4),
-    ) {
-        (Ok(t), Ok(p), Ok(r)) => (t, p, r),
-        (Err(code), _, _) | (_, Err(code), _) | (_, _, Err(code)) => return code,
+    let (tables, pg, redis) = match s.connect_all(args.threads as u32 + 4) {
+        Ok(services) => services,
+        Err(code) => return code,
     };
-    if let Err(code) = s.check_rabbitmq() {
-        return code;
-    }
     if let Err(e) = migrate::migrate(&pg, &tables) {
         return fail(EXIT_FAILED, format!("migration failed: {e}"));
     }

@@ -102,17 +102,10 @@ pub fn worker(args: &WorkerArgs) -> i32 {
         );
     }
     let s = &args.services;
-    let (tables, pg, redis) = match (
-        s.tables(),
-        s.postgres(args.threads as u32 + 2),
-        s.redis(args.threads as u32 + 2),
-    ) {
-        (Ok(t), Ok(p), Ok(r)) => (t, p, r),
-        (Err(code), _, _) | (_, Err(code), _) | (_, _, Err(code)) => return code,
+    let (tables, pg, redis) = match s.connect_all(args.threads as u32 + 2) {
+        Ok(services) => services,
+        Err(code) => return code,
     };
-    if let Err(code) = s.check_rabbitmq() {
-        return code;
-    }
     let webhooks = match &args.webhook_listen {
         None => None,
         Some(addr) => {
@@ -329,13 +322,10 @@ pub fn reconcile(dir: &BlueprintDir, services: &ServiceArgs, stalled_after: u64)
         Ok(b) => b,
         Err(code) => return code,
     };
-    let (tables, pg, redis) = match (services.tables(), services.postgres(2), services.redis(2)) {
-        (Ok(t), Ok(p), Ok(r)) => (t, p, r),
-        (Err(code), _, _) | (_, Err(code), _) | (_, _, Err(code)) => return code,
+    let (tables, pg, redis) = match services.connect_all(2) {
+        Ok(services) => services,
+        Err(code) => return code,
     };
-    if let Err(code) = services.check_rabbitmq() {
-        return code;
-    }
     let adapter = RabbitMqAdapter::builder(&services.rabbitmq_url, pg, redis)
         .blueprints(blueprints.into_values())
         .queue(&services.queue)

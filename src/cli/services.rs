@@ -93,12 +93,19 @@ impl ServiceArgs {
         }
     }
 
+    /// Table names and pools of `pool_size` connections, once every service answered
+    /// (stopping at the first that does not, with its one line).
+    pub fn connect_all(&self, pool_size: u32) -> Result<(Tables, PgPool, RedisPool), i32> {
+        let tables = self.tables()?;
+        let pg = self.postgres(pool_size)?;
+        let redis = self.redis(pool_size)?;
+        self.check_rabbitmq()?;
+        Ok((tables, pg, redis))
+    }
+
     /// A client over all three services.
     pub fn client(&self, blueprints: BTreeMap<String, Blueprint>) -> Result<Client, i32> {
-        let tables = self.tables()?;
-        let pg = self.postgres(2)?;
-        let redis = self.redis(2)?;
-        self.check_rabbitmq()?;
+        let (tables, pg, redis) = self.connect_all(2)?;
         Client::with_options(
             &self.rabbitmq_url,
             pg,
