@@ -13,7 +13,7 @@ use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::node::{ContextMap, NodeResult};
 use crate::protocol::JobPayload;
 use crate::scheduling::{meta_key, next_jobs, node_meta, RunNode};
-use crate::store::RunStore;
+use crate::store::{RunSnapshot, RunStore};
 use crate::worker::WorkerError;
 
 /// Why a resume did not happen.
@@ -84,6 +84,22 @@ impl Resumer<'_> {
             .store
             .load(run_id)?
             .ok_or_else(|| ResumeError::UnknownRun(run_id.to_string()))?;
+        self.resume_loaded(run_id, snapshot, nodes, action, output, extra, publisher)
+    }
+
+    /// [`resume`](Resumer::resume) with the run already read (the resume statement itself
+    /// re-checks that the nodes are still awaited).
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume_loaded(
+        &self,
+        run_id: &str,
+        snapshot: RunSnapshot,
+        nodes: Option<&[String]>,
+        action: Option<&str>,
+        output: Value,
+        extra: Map<String, Value>,
+        publisher: &mut dyn JobSink,
+    ) -> Result<ResumeOutcome, ResumeError> {
         let status = snapshot.status.clone().unwrap_or_else(|| "unknown".into());
         if !matches!(status.as_str(), "awaiting" | "running") {
             return Err(ResumeError::NotAwaiting {

@@ -28,6 +28,7 @@ use crate::nodes::{now_ms, subflow};
 use crate::protocol::{EventMessage, JobPayload};
 use crate::resume::{ParentLink, ResumeError, Resumer, PARENT_KEY};
 use crate::scheduling::is_awaiting;
+use crate::store::RunSnapshot;
 
 use super::job::Outcome;
 use super::{Shared, WorkerError};
@@ -193,9 +194,11 @@ fn resumer(shared: &Shared) -> Resumer<'_> {
 
 /// Resumes one awaited node; a node no longer awaited (resumed already, or the run ended)
 /// is not an error.
+#[allow(clippy::too_many_arguments)]
 fn resume_node(
     shared: &Shared,
     run: &str,
+    snapshot: RunSnapshot,
     node: &str,
     action: Option<&str>,
     output: Value,
@@ -204,7 +207,15 @@ fn resume_node(
 ) -> Result<Outcome, WorkerError> {
     let r = resumer(shared);
     let nodes = [node.to_string()];
-    match r.resume(run, Some(&nodes), action, output, extra, publisher) {
+    match r.resume_loaded(
+        run,
+        snapshot,
+        Some(&nodes),
+        action,
+        output,
+        extra,
+        publisher,
+    ) {
         Ok(outcome) => {
             if outcome.completed {
                 notify_parent(shared, run, publisher)?;
@@ -264,6 +275,7 @@ pub(crate) fn on_timer(
     resume_node(
         shared,
         &job.run_id,
+        snapshot,
         &job.node_id,
         None,
         output,
@@ -318,6 +330,7 @@ pub(crate) fn on_event(
     resume_node(
         shared,
         &run,
+        snapshot,
         &node,
         None,
         event.payload.clone(),
@@ -485,6 +498,7 @@ fn child_failed(
             resume_node(
                 shared,
                 &link.run_id,
+                parent,
                 &node.id,
                 action.as_deref(),
                 output,
