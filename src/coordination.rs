@@ -14,9 +14,12 @@
 
 use std::time::Duration;
 
-use redis::Script;
+use std::sync::Arc;
+
+use redis::{ErrorKind, Script, ScriptInvocation, ServerErrorKind};
 
 use crate::amqp::mask_url;
+use crate::group::Group;
 
 /// A pool of Redis connections.
 pub type RedisPool = r2d2::Pool<redis::Client>;
@@ -36,6 +39,8 @@ pub enum CoordinationError {
     Pool(#[from] r2d2::Error),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("the Redis batch this request was in was abandoned (its leader panicked)")]
+    Abandoned,
 }
 
 /// Opens a pool (`test_on_check_out` off, as for PostgreSQL).
@@ -155,8 +160,21 @@ pub struct RedisCoordinationStore {
     pool: RedisPool,
     prefix: String,
     ttl: Duration,
-    finish: std::sync::Arc<Script>,
+    finish: Arc<Script>,
+    /// Concurrent `finish_job` calls share one pipelined round trip ([`crate::group`]).
+    finishing: Arc<Group<FinishRequest, Result<FinishOutcome, CoordinationError>>>,
 }
+
+/// One [`RedisCoordinationStore::finish_job`] call, queued for a pipelined batch.
+struct FinishRequest {
+    run: String,
+    job: String,
+    also_register: Vec<String>,
+    successors: Vec<SuccessorReport>,
+}
+
+/// Most `finish_job` calls one pipeline carries.
+const MAX_PIPELINE: usize = 64;
 
 impl RedisCoordinationStore {
     /// A store over a pool, with a key prefix (default `flowcraft:`).
@@ -165,7 +183,8 @@ impl RedisCoordinationStore {
             pool,
             prefix: prefix.into(),
             ttl: DEFAULT_KEY_TTL,
-            finish: std::sync::Arc::new(Script::new(FINISH_JOB)),
+            finish: Arc::new(Script::new(FINISH_JOB)),
+            finishing: Arc::new(Group::new(MAX_PIPELINE)),
         }
     }
 
@@ -363,6 +382,7 @@ impl RedisCoordinationStore {
     /// The per-job call, one round trip: registers `also_register` (the run's start jobs,
     /// when a start job finishes) and `job`, reports each successor to its join, registers the
     /// ones that became ready, marks `job` done, and tells whether the run is idle.
+    /// Concurrent calls share one pipelined round trip.
     pub fn finish_job(
         &self,
         run: &str,
@@ -370,32 +390,98 @@ impl RedisCoordinationStore {
         also_register: &[String],
         successors: &[SuccessorReport],
     ) -> Result<FinishOutcome, CoordinationError> {
+        let request = FinishRequest {
+            run: run.to_string(),
+            job: job.to_string(),
+            also_register: also_register.to_vec(),
+            successors: successors.to_vec(),
+        };
+        self.finishing.submit(
+            request,
+            |_| None,
+            |batch| self.finish_batch(&batch),
+            || Err(CoordinationError::Abandoned),
+        )
+    }
+
+    /// One pipeline for a batch of `finish_job` calls; if it fails, each call runs alone, so
+    /// that each caller gets its own error.
+    fn finish_batch(
+        &self,
+        batch: &[FinishRequest],
+    ) -> Vec<Result<FinishOutcome, CoordinationError>> {
+        let invocations: Vec<ScriptInvocation<'_>> =
+            batch.iter().map(|r| self.finish_invocation(r)).collect();
+        let one = |r: &FinishRequest, invocation: &ScriptInvocation<'_>| {
+            let flags: Vec<i64> = invocation.invoke(&mut *self.conn()?)?;
+            Ok(Self::finish_outcome(r, &flags))
+        };
+        if batch.len() == 1 {
+            return vec![one(&batch[0], &invocations[0])];
+        }
+        let pipelined = || -> Result<Vec<Vec<i64>>, CoordinationError> {
+            let mut conn = self.conn()?;
+            let mut pipe = redis::pipe();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            match pipe.query(&mut *conn) {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    // A pipeline does not load scripts by itself (first use, or Redis
+                    // restarted): load it, then send the pipeline again.
+                    self.finish.load(&mut *conn)?;
+                    Ok(pipe.query(&mut *conn)?)
+                }
+                other => Ok(other?),
+            }
+        };
+        match pipelined() {
+            Ok(all) if all.len() == batch.len() => batch
+                .iter()
+                .zip(all)
+                .map(|(r, flags)| Ok(Self::finish_outcome(r, &flags)))
+                .collect(),
+            _ => batch
+                .iter()
+                .zip(&invocations)
+                .map(|(r, invocation)| one(r, invocation))
+                .collect(),
+        }
+    }
+
+    fn finish_invocation(&self, r: &FinishRequest) -> ScriptInvocation<'_> {
         let mut invocation = self.finish.prepare_invoke();
-        invocation.key(self.jobs_key(run)).key(self.done_key(run));
+        invocation
+            .key(self.jobs_key(&r.run))
+            .key(self.done_key(&r.run));
         invocation
             .arg(Self::secs(self.ttl))
-            .arg(job)
-            .arg(also_register.len());
-        for extra in also_register {
+            .arg(&r.job)
+            .arg(r.also_register.len());
+        for extra in &r.also_register {
             invocation.arg(extra);
         }
-        for s in successors {
+        for s in &r.successors {
             invocation
-                .key(self.fanin_key(run, &s.node, s.iteration))
-                .key(self.joinlock_key(run, &s.node, s.iteration));
+                .key(self.fanin_key(&r.run, &s.node, s.iteration))
+                .key(self.joinlock_key(&r.run, &s.node, s.iteration));
             invocation
                 .arg(&s.job)
                 .arg(&s.predecessor)
                 .arg(s.rule.code());
         }
-        let flags: Vec<i64> = invocation.invoke(&mut *self.conn()?)?;
-        let run_idle = flags.last().copied() == Some(1);
-        let ready = flags
-            .iter()
-            .take(successors.len())
-            .map(|&f| f == 1)
-            .collect();
-        Ok(FinishOutcome { ready, run_idle })
+        invocation
+    }
+
+    fn finish_outcome(r: &FinishRequest, flags: &[i64]) -> FinishOutcome {
+        FinishOutcome {
+            ready: flags
+                .iter()
+                .take(r.successors.len())
+                .map(|&f| f == 1)
+                .collect(),
+            run_idle: flags.last().copied() == Some(1),
+        }
     }
 
     /// Jobs of a run made ready but not finished (`jobs` minus `done`), and whether the

@@ -30,6 +30,7 @@ pub mod executor;
 pub mod expr;
 pub mod failpoint;
 pub mod flow;
+mod group;
 pub mod local;
 pub mod migrate;
 pub mod node;

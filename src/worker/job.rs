@@ -273,7 +273,7 @@ fn finish_node(
             d.insert("iteration".into(), json!(job.iteration));
         }
         commit.awaiting = Some((def.id.clone(), details.clone()));
-        if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
+        if !shared.store.commit_node(&job.run_id, commit, guard)? {
             // Committed already, or the node is paused at another iteration right now: try
             // again in a second (a copy of a committed pause is then dropped).
             return defer(shared, job, publisher);
@@ -350,7 +350,7 @@ fn finish_node(
         pause::fail_run(shared, &job.run_id, &reason, publisher)?;
         return Ok(Outcome::Ack);
     }
-    if !shared.store.commit_node(&job.run_id, &commit, &guard)? {
+    if !shared.store.commit_node(&job.run_id, commit, guard)? {
         log::debug!(
             "run {}: node '{}' was committed by another delivery",
             job.run_id,

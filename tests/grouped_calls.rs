@@ -1,0 +1,187 @@
+//! Concurrent snapshot reads, node commits and `finish_job` calls are grouped into shared
+//! statements and pipelines: every caller must still get exactly its own answer, guards must
+//! hold across the callers of one batch, and a bad row must fail only its own request.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+
+use common::*;
+use flowcraft_rabbitmq::coordination::{JoinRule, SuccessorReport};
+use flowcraft_rabbitmq::node::ContextMap;
+use flowcraft_rabbitmq::store::{CommitGuard, NodeCommit, StoreError};
+use flowcraft_rabbitmq::RedisCoordinationStore;
+use serde_json::{json, Value};
+
+const THREADS: usize = 8;
+
+fn commit_of(node: &str, value: Value) -> (NodeCommit, CommitGuard) {
+    let mut commit = NodeCommit::default();
+    commit.set.insert(format!("_outputs.{node}"), value);
+    let guard = CommitGuard {
+        output_key: format!("_outputs.{node}"),
+        meta_key: format!("_node.{node}"),
+        iteration: 0,
+        repeats: false,
+    };
+    (commit, guard)
+}
+
+/// Runs `work(thread)` on THREADS threads released together; returns their results.
+fn together<T: Send + 'static>(work: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let work = Arc::new(work);
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (barrier, work) = (barrier.clone(), work.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                work(t)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("a test thread panicked"))
+        .collect()
+}
+
+#[test]
+fn concurrent_commits_apply_once_per_node_and_lose_no_update() {
+    let env = TestEnv::new("grouped_commit");
+    let store = env.store();
+    let runs: Vec<String> = (0..40).map(|i| format!("run-{i}")).collect();
+    for run in &runs {
+        store.create_run(run, &ContextMap::new()).unwrap();
+    }
+    let (shared_store, shared_runs) = (store.clone(), Arc::new(runs.clone()));
+    let applied = together(move |t| {
+        let mut mine = Vec::new();
+        for run in shared_runs.iter() {
+            // Every thread commits the same node `same` (one may win), and its own node.
+            let (commit, guard) = commit_of("same", json!(t));
+            let won = shared_store.commit_node(run, commit, guard).unwrap();
+            let (commit, guard) = commit_of(&format!("own{t}"), json!(t));
+            let own = shared_store.commit_node(run, commit, guard).unwrap();
+            mine.push((run.clone(), won, own));
+        }
+        mine
+    });
+    let mut winners: HashMap<String, usize> = HashMap::new();
+    for (run, won, own) in applied.into_iter().flatten() {
+        assert!(own, "run {run}: a thread's own node did not apply");
+        *winners.entry(run).or_default() += usize::from(won);
+    }
+    for run in &runs {
+        assert_eq!(
+            winners.get(run),
+            Some(&1),
+            "run {run}: `same` applied not once"
+        );
+        let context = env.context(run);
+        for t in 0..THREADS {
+            assert_eq!(context.get(&format!("_outputs.own{t}")), Some(&json!(t)));
+        }
+        let same = context.get("_outputs.same").and_then(Value::as_u64);
+        assert!(same.is_some_and(|t| (t as usize) < THREADS));
+        assert_eq!(
+            env.store()
+                .status(run)
+                .unwrap()
+                .map(|s| s.status)
+                .as_deref(),
+            Some("running")
+        );
+    }
+}
+
+#[test]
+fn concurrent_loads_each_get_their_own_run_and_a_bad_row_fails_alone() {
+    let env = TestEnv::new("grouped_load");
+    let store = env.store();
+    for i in 0..20 {
+        let mut context = ContextMap::new();
+        context.insert("n".into(), json!(i));
+        store.create_run(&format!("run-{i}"), &context).unwrap();
+    }
+    // A context row that is not an object.
+    let mut conn = env.pg.get().unwrap();
+    conn.execute(
+        &format!(
+            "INSERT INTO {} (run_id, context_data) VALUES ('bad', '[1]')",
+            env.tables.contexts
+        ),
+        &[],
+    )
+    .unwrap();
+    drop(conn);
+    let shared = store.clone();
+    let outcomes = together(move |t| {
+        let mut seen = Vec::new();
+        for round in 0..50 {
+            let i = (t * 7 + round) % 23; // 0..19 exist, 20 and 21 do not, 22 is bad
+            let run = if i == 22 {
+                "bad".to_string()
+            } else {
+                format!("run-{i}")
+            };
+            seen.push((i, shared.load(&run)));
+        }
+        seen
+    });
+    let mut bad = 0;
+    for (i, loaded) in outcomes.into_iter().flatten() {
+        match (i, loaded) {
+            (0..=19, Ok(Some(snapshot))) => {
+                assert_eq!(snapshot.context.get("n"), Some(&json!(i)));
+                assert_eq!(snapshot.status.as_deref(), Some("running"));
+            }
+            (20 | 21, Ok(None)) => {}
+            (22, Err(StoreError::Malformed { run_id, .. })) => {
+                assert_eq!(run_id, "bad");
+                bad += 1;
+            }
+            (i, other) => panic!("load {i}: unexpected {other:?}"),
+        }
+    }
+    assert!(bad > 0, "the malformed row was never loaded");
+}
+
+#[test]
+fn concurrent_finish_jobs_fire_an_all_join_once_even_after_a_script_flush() {
+    let env = TestEnv::new("grouped_finish");
+    let store = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    // Pipelined scripts are not loaded by the pipeline itself: start without the script.
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query::<()>(&mut *env.redis.get().unwrap())
+        .unwrap();
+    let starts: Vec<String> = (0..THREADS).map(|t| format!("p{t}")).collect();
+    let shared = (store.clone(), starts.clone());
+    let outcomes = together(move |t| {
+        let (store, starts) = &shared;
+        let report = SuccessorReport {
+            job: "join".into(),
+            node: "join".into(),
+            iteration: 0,
+            predecessor: format!("p{t}"),
+            rule: JoinRule::All(THREADS),
+        };
+        // Other runs in the same batches must not disturb this one.
+        let other = store
+            .finish_job(&format!("other-{t}"), "x", &[], &[])
+            .unwrap();
+        assert!(other.run_idle);
+        store
+            .finish_job("run", &format!("p{t}"), starts, &[report])
+            .unwrap()
+    });
+    let fired = outcomes.iter().filter(|o| o.ready == vec![true]).count();
+    assert_eq!(fired, 1, "the join fired {fired} times");
+    assert!(outcomes.iter().all(|o| !o.run_idle), "join is outstanding");
+    let (outstanding, registered) = store.outstanding_jobs("run").unwrap();
+    assert!(registered);
+    assert_eq!(outstanding, vec!["join".to_string()]);
+    assert!(store.finish_job("run", "join", &[], &[]).unwrap().run_idle);
+}
