@@ -39,8 +39,10 @@ pub enum CoordinationError {
     Pool(#[from] r2d2::Error),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("the Redis batch this request was in was abandoned (its leader panicked)")]
-    Abandoned,
+    /// The pipeline that carried this request failed as a whole (its connection, or the
+    /// thread that ran it); the request may be retried.
+    #[error("pipelined Redis call: {0}")]
+    Grouped(String),
 }
 
 /// Opens a pool (`test_on_check_out` off, as for PostgreSQL).
@@ -191,6 +193,8 @@ impl RedisCoordinationStore {
     /// Sets the lifetime of coordination keys.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
+        // Calls share pipelines only with calls of the same lifetime.
+        self.finishing = Arc::new(Group::new(MAX_PIPELINE));
         self
     }
 
@@ -400,7 +404,11 @@ impl RedisCoordinationStore {
             request,
             |_| None,
             |batch| self.finish_batch(&batch),
-            || Err(CoordinationError::Abandoned),
+            || {
+                Err(CoordinationError::Grouped(
+                    "the thread running it panicked".into(),
+                ))
+            },
         )
     }
 
@@ -441,6 +449,23 @@ impl RedisCoordinationStore {
                 .zip(all)
                 .map(|(r, flags)| Ok(Self::finish_outcome(r, &flags)))
                 .collect(),
+            // No connection, or a broken one: every caller gets the error at once.
+            Err(e @ CoordinationError::Pool(_)) => {
+                let reason = e.to_string();
+                batch
+                    .iter()
+                    .map(|_| Err(CoordinationError::Grouped(reason.clone())))
+                    .collect()
+            }
+            Err(CoordinationError::Redis(e)) if e.is_io_error() || e.is_connection_dropped() => {
+                let reason = e.to_string();
+                batch
+                    .iter()
+                    .map(|_| Err(CoordinationError::Grouped(reason.clone())))
+                    .collect()
+            }
+            // A script error: each call alone, so that each caller gets its own answer (the
+            // script is idempotent, so calls that already ran may run again).
             _ => batch
                 .iter()
                 .zip(&invocations)

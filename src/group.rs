@@ -72,8 +72,8 @@ impl<Req, Resp> Group<Req, Resp> {
             }
             // Nobody leads: lead a batch (again, if a key conflict left our request out of
             // the last one).
-            state.leading = true;
             let (tickets, batch) = self.take_batch(&mut state, &key);
+            state.leading = true;
             drop(state);
             let outcome = catch_unwind(AssertUnwindSafe(|| run(batch)));
             state = self.lock();
@@ -90,6 +90,9 @@ impl<Req, Resp> Group<Req, Resp> {
                     for t in tickets.into_iter().filter(|&t| t != ticket) {
                         state.results.insert(t, abandoned());
                     }
+                    // Our own request may still be queued (left out of the batch): nobody
+                    // will wait for it, so nobody may run it.
+                    state.queue.retain(|(t, _)| *t != ticket);
                     self.finished.notify_all();
                     drop(state);
                     resume_unwind(panic);
@@ -197,6 +200,7 @@ mod tests {
             group.submit(1, |_| None, |_| panic!("boom"), || None)
         }));
         assert!(panicked.is_err());
+        assert!(group.lock().queue.is_empty() && group.lock().results.is_empty());
         assert_eq!(
             group.submit(2, |_| None, |b| b.into_iter().map(Some).collect(), || None),
             Some(2)

@@ -26,6 +26,11 @@ pub type PgPool = r2d2::Pool<PgConnectionManager>;
 /// An r2d2 manager: [`PostgresConnectionManager`] connections, each wrapped with a cache of
 /// prepared statements, so the per-job statements are parsed and planned once per
 /// connection instead of once per job.
+///
+/// Its sessions are tuned for this crate's statements, which all find rows by key: a
+/// prepared statement keeps its generic plan (`plan_cache_mode = force_generic_plan`) and
+/// the planner avoids sequential scans and hash, merge and bitmap plans (`enable_* = off`).
+/// Run analytical queries of your own on a pool of your own.
 #[derive(Debug)]
 pub struct PgConnectionManager {
     inner: PostgresConnectionManager<NoTls>,
@@ -84,9 +89,13 @@ impl ManageConnection for PgConnectionManager {
     fn connect(&self) -> Result<PgConnection, postgres::Error> {
         let mut client = self.inner.connect()?;
         client.batch_execute(
-            "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;
-             SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_bitmapscan = off",
+            "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off;
+             SET enable_bitmapscan = off",
         )?;
+        if let Err(e) = client.batch_execute("SET plan_cache_mode = force_generic_plan") {
+            // PostgreSQL before 12: statements are re-planned more often, nothing worse.
+            log::debug!("plan_cache_mode is not available: {e}");
+        }
         Ok(PgConnection {
             client,
             statements: HashMap::new(),
@@ -117,8 +126,10 @@ pub enum StoreError {
     Query(#[from] postgres::Error),
     #[error("run '{run_id}' has a malformed row: {reason}")]
     Malformed { run_id: String, reason: String },
-    #[error("the statement batch this request was in was abandoned (its leader panicked)")]
-    Abandoned,
+    /// The grouped statement that carried this request failed as a whole (its connection,
+    /// or the thread that ran it); the request may be retried.
+    #[error("grouped statement: {0}")]
+    Grouped(String),
 }
 
 /// Opens a pool. `test_on_check_out` is off: a broken connection surfaces as a query error,
@@ -277,6 +288,20 @@ struct Groups {
 
 /// Most requests one grouped statement carries.
 const MAX_BATCH: usize = 64;
+
+fn abandoned() -> StoreError {
+    StoreError::Grouped("the thread running it panicked".into())
+}
+
+/// Whether an error of a grouped statement concerns the whole batch (no connection, a
+/// broken one): then every request gets it at once instead of being retried alone.
+fn fails_the_whole_batch(e: &StoreError) -> bool {
+    match e {
+        StoreError::Pool(_) => true,
+        StoreError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
+        _ => false,
+    }
+}
 
 fn malformed(run_id: &str, reason: String) -> StoreError {
     StoreError::Malformed {
@@ -536,7 +561,7 @@ impl RunStore {
             run_id.to_string(),
             |_| None,
             |runs| self.load_batch(runs),
-            || Err(StoreError::Abandoned),
+            || Err(abandoned()),
         )
     }
 
@@ -560,6 +585,12 @@ impl RunStore {
                 })
                 .collect(),
             Err(e) if runs.len() == 1 => vec![Err(e)],
+            Err(e) if fails_the_whole_batch(&e) => {
+                let reason = e.to_string();
+                runs.iter()
+                    .map(|_| Err(StoreError::Grouped(reason.clone())))
+                    .collect()
+            }
             Err(_) => runs
                 .iter()
                 .map(|run| {
@@ -616,7 +647,7 @@ impl RunStore {
             request,
             |r| Some(r.run_id.as_str()),
             |batch| self.commit_batch(batch),
-            || Err(StoreError::Abandoned),
+            || Err(abandoned()),
         )
     }
 
@@ -632,6 +663,12 @@ impl RunStore {
         let results: Vec<Result<bool, StoreError>> = match self.run_commit(&columns) {
             Ok(applied) => applied.into_iter().map(Ok).collect(),
             Err(e) if n == 1 => vec![Err(e)],
+            Err(e) if fails_the_whole_batch(&e) => {
+                let reason = e.to_string();
+                (0..n)
+                    .map(|_| Err(StoreError::Grouped(reason.clone())))
+                    .collect()
+            }
             Err(_) => (0..n)
                 .map(|i| Ok(self.run_commit(&columns.only(i))?.first() == Some(&true)))
                 .collect(),
@@ -642,7 +679,7 @@ impl RunStore {
             out[i] = Some(result);
         }
         out.into_iter()
-            .map(|r| r.unwrap_or(Err(StoreError::Abandoned)))
+            .map(|r| r.unwrap_or(Err(abandoned())))
             .collect()
     }
 
