@@ -258,50 +258,63 @@ pub fn persistent_json() -> AmqpProperties {
 /// Something job messages are published through: a [`ConfirmPublisher`] waits for the
 /// broker's confirms; an [`AsyncPublisher`] does not (its confirms are tracked elsewhere).
 pub trait JobSink {
-    /// Publishes persistent messages to an exchange (`""`: routed by queue name).
+    /// Publishes messages with `properties` to an exchange (`""`: routed by queue name).
+    fn publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: &[Vec<u8>],
+        properties: &AmqpProperties,
+    ) -> Result<(), AmqpError>;
+
+    /// The channel (to declare queues on).
+    fn channel(&self) -> &Channel;
+
+    /// Publishes persistent JSON messages to an exchange (`""`: routed by queue name).
     fn publish_jobs(
         &mut self,
         exchange: &str,
         routing_key: &str,
         bodies: &[Vec<u8>],
-    ) -> Result<(), AmqpError>;
-    /// Publishes one persistent message that expires after `expiration_ms` (delay queues).
-    fn publish_expiring(
+    ) -> Result<(), AmqpError> {
+        self.publish(exchange, routing_key, bodies, &persistent_json())
+    }
+
+    /// Publishes one persistent message to `queue` through its delay queue of `queue_ms`
+    /// ([`declare_delay_queue`]), expiring — and so arriving — after `expiration_ms`.
+    fn publish_delayed(
         &mut self,
-        routing_key: &str,
-        body: &[u8],
+        queue: &str,
+        queue_ms: u64,
+        body: Vec<u8>,
         expiration_ms: u64,
-    ) -> Result<(), AmqpError>;
-    /// The channel (to declare queues on).
-    fn channel(&self) -> &Channel;
+    ) -> Result<(), AmqpError> {
+        let delay_queue = declare_delay_queue(self.channel(), queue, queue_ms)?;
+        let properties = persistent_json().with_expiration(expiration_ms.to_string());
+        self.publish("", &delay_queue, &[body], &properties)
+    }
 }
 
 impl JobSink for ConfirmPublisher {
-    fn publish_jobs(
+    fn publish(
         &mut self,
         exchange: &str,
         routing_key: &str,
         bodies: &[Vec<u8>],
+        properties: &AmqpProperties,
     ) -> Result<(), AmqpError> {
-        self.publish_confirmed(exchange, routing_key, bodies)
-    }
-
-    fn publish_expiring(
-        &mut self,
-        routing_key: &str,
-        body: &[u8],
-        expiration_ms: u64,
-    ) -> Result<(), AmqpError> {
-        self.publish_one(routing_key, body, expiring(expiration_ms))
+        for body in bodies {
+            self.channel.basic_publish(
+                exchange,
+                Publish::with_properties(body, routing_key, properties.clone()),
+            )?;
+        }
+        self.wait_for_confirms(bodies.len())
     }
 
     fn channel(&self) -> &Channel {
         &self.channel
     }
-}
-
-fn expiring(expiration_ms: u64) -> AmqpProperties {
-    persistent_json().with_expiration(expiration_ms.to_string())
 }
 
 /// A channel in confirm mode whose confirms are consumed by someone else: it only counts
@@ -336,13 +349,13 @@ impl AsyncPublisher {
     }
 }
 
-impl AsyncPublisher {
-    fn publish_jobs_with(
+impl JobSink for AsyncPublisher {
+    fn publish(
         &mut self,
         exchange: &str,
         routing_key: &str,
         bodies: &[Vec<u8>],
-        properties: AmqpProperties,
+        properties: &AmqpProperties,
     ) -> Result<(), AmqpError> {
         for body in bodies {
             self.channel.basic_publish(
@@ -352,26 +365,6 @@ impl AsyncPublisher {
             self.published += 1;
         }
         Ok(())
-    }
-}
-
-impl JobSink for AsyncPublisher {
-    fn publish_jobs(
-        &mut self,
-        exchange: &str,
-        routing_key: &str,
-        bodies: &[Vec<u8>],
-    ) -> Result<(), AmqpError> {
-        self.publish_jobs_with(exchange, routing_key, bodies, persistent_json())
-    }
-
-    fn publish_expiring(
-        &mut self,
-        routing_key: &str,
-        body: &[u8],
-        expiration_ms: u64,
-    ) -> Result<(), AmqpError> {
-        self.publish_jobs_with("", routing_key, &[body.to_vec()], expiring(expiration_ms))
     }
 
     fn channel(&self) -> &Channel {
@@ -415,7 +408,7 @@ impl ConfirmTracker {
     }
 }
 
-/// A channel in confirm mode: [`publish_confirmed`](ConfirmPublisher::publish_confirmed)
+/// A channel in confirm mode: [`publish`](JobSink::publish)
 /// returns only once the broker has confirmed every message it sent.
 pub struct ConfirmPublisher {
     channel: Channel,
@@ -435,28 +428,6 @@ impl ConfirmPublisher {
             smoother: ConfirmSmoother::new(),
             timeout: Duration::from_secs(30),
         })
-    }
-
-    /// The underlying channel.
-    pub fn channel(&self) -> &Channel {
-        &self.channel
-    }
-
-    /// Publishes persistent messages to an exchange (`""`: the default exchange, routed by
-    /// queue name) and waits until all are confirmed.
-    pub fn publish_confirmed(
-        &mut self,
-        exchange: &str,
-        routing_key: &str,
-        bodies: &[Vec<u8>],
-    ) -> Result<(), AmqpError> {
-        for body in bodies {
-            self.channel.basic_publish(
-                exchange,
-                Publish::with_properties(body, routing_key, persistent_json()),
-            )?;
-        }
-        self.wait_for_confirms(bodies.len())
     }
 
     fn wait_for_confirms(&mut self, count: usize) -> Result<(), AmqpError> {
@@ -484,18 +455,6 @@ impl ConfirmPublisher {
         } else {
             Ok(())
         }
-    }
-
-    /// Publishes one message with explicit properties and waits for its confirm.
-    pub fn publish_one(
-        &mut self,
-        routing_key: &str,
-        body: &[u8],
-        properties: AmqpProperties,
-    ) -> Result<(), AmqpError> {
-        self.channel
-            .basic_publish("", Publish::with_properties(body, routing_key, properties))?;
-        self.wait_for_confirms(1)
     }
 
     /// Closes the channel.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use amiquip::Connection;
 use serde_json::{Map, Value};
 
-use crate::amqp::{self, AmqpError, ConfirmPublisher};
+use crate::amqp::{self, AmqpError, ConfirmPublisher, JobSink};
 use crate::blueprint::Blueprint;
 use crate::coordination::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
 use crate::node::ContextMap;
@@ -180,7 +180,7 @@ impl Client {
             .iter()
             .map(|n| JobPayload::new(&run_id, bp.id(), n, 0).to_body())
             .collect();
-        self.with_publisher(|p| Ok(p.publish_confirmed("", &self.queue, &bodies)?))?;
+        self.with_publisher(|p| Ok(p.publish_jobs("", &self.queue, &bodies)?))?;
         log::info!("run {run_id}: started ({blueprint_id})");
         Ok(run_id)
     }

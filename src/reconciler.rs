@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::amqp::{self, ConfirmPublisher};
+use crate::amqp::{self, ConfirmPublisher, JobSink};
 use crate::blueprint::Blueprint;
 use crate::coordination::{job_id, parse_job_id, RedisCoordinationStore};
 use crate::protocol::JobPayload;
@@ -179,7 +179,7 @@ impl Reconciler {
             .iter()
             .map(|(n, i)| JobPayload::new(run, bp.id(), n, *i).to_body())
             .collect();
-        publisher.publish_confirmed("", &self.queue, &bodies)?;
+        publisher.publish_jobs("", &self.queue, &bodies)?;
         self.store.touch(run)?;
         log::info!("reconciler: run {run}: enqueued {ids:?}");
         Ok(true)

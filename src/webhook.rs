@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::amqp::{self, percent_decode, ConfirmPublisher};
+use crate::amqp::{self, percent_decode, ConfirmPublisher, JobSink};
 use crate::coordination::RedisCoordinationStore;
 use crate::protocol::{webhook_event_name, EventMessage};
 use crate::store::{RunStore, StoreError};
@@ -331,7 +331,7 @@ impl Receiver {
         }
         let result = match guard.as_mut() {
             Some((_, publisher)) => publisher
-                .publish_confirmed(&self.options.exchange, "", &[event.to_body()])
+                .publish_jobs(&self.options.exchange, "", &[event.to_body()])
                 .map_err(WorkerError::from),
             None => Err(WorkerError::Amqp(amqp::AmqpError::Closed)),
         };

@@ -196,8 +196,7 @@ fn defer(
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
     const DEFER_MS: u64 = 1_000;
-    let queue = crate::amqp::declare_delay_queue(publisher.channel(), &shared.queue, DEFER_MS)?;
-    publisher.publish_expiring(&queue, &job.to_body(), DEFER_MS)?;
+    publisher.publish_delayed(&shared.queue, DEFER_MS, job.to_body(), DEFER_MS)?;
     Ok(Outcome::Ack)
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 use amiquip::{Connection, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{unbounded, Receiver, Select, Sender};
 
-use crate::amqp::{self, AmqpError, AsyncPublisher, ConfirmPublisher, ConfirmTracker};
+use crate::amqp::{self, AmqpError, AsyncPublisher, ConfirmPublisher, ConfirmTracker, JobSink};
 use crate::blueprint::Blueprint;
 use crate::coordination::{CoordinationError, RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
 use crate::local::DEFAULT_MAX_ITERATIONS;
@@ -610,10 +610,12 @@ impl<'c, 'a> Settler<'c, 'a> {
         };
         log::warn!("dead-lettering a message to {}: {reason}", self.dead_queue);
         let properties = amqp::dead_letter_properties(&reason);
-        match self
-            .dead_letters
-            .publish_one(&self.dead_queue, &delivery.body, properties)
-        {
+        match self.dead_letters.publish(
+            "",
+            &self.dead_queue,
+            std::slice::from_ref(&delivery.body),
+            &properties,
+        ) {
             Ok(()) => self.consumer.ack(delivery),
             Err(e) => {
                 // Nothing is dropped: the message goes back to the queue, and the session

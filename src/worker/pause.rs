@@ -18,7 +18,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::amqp::{self, JobSink};
+use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, NodeDef};
 use crate::executor::{execute_node, NodeJob};
 use crate::flow::{input_key, output_key};
@@ -143,8 +143,7 @@ fn arm_timer(
     } else {
         hop.div_ceil(1_000) * 1_000
     };
-    let delay_queue = amqp::declare_delay_queue(publisher.channel(), &shared.queue, queue_ms)?;
-    Ok(publisher.publish_expiring(&delay_queue, &timer.to_body(), hop)?)
+    Ok(publisher.publish_delayed(&shared.queue, queue_ms, timer.to_body(), hop)?)
 }
 
 fn start_child(

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use flowcraft_rabbitmq::amqp::JobSink;
 use flowcraft_rabbitmq::coordination::{self, RedisPool};
 use flowcraft_rabbitmq::node::ContextMap;
 use flowcraft_rabbitmq::store::{self, PgPool, RunStore, StatusRow, Tables};
@@ -192,7 +193,7 @@ impl TestEnv {
         let mut publisher = amqp::ConfirmPublisher::new(conn.open_channel(None).unwrap()).unwrap();
         amqp::declare_job_queue(publisher.channel(), &self.queue).unwrap();
         publisher
-            .publish_confirmed("", &self.queue, &[body.to_vec()])
+            .publish_jobs("", &self.queue, &[body.to_vec()])
             .unwrap();
         let _ = publisher.close();
         let _ = conn.close();
