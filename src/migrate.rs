@@ -26,13 +26,18 @@ pub fn render(template: &str, tables: &Tables) -> Result<String, StoreError> {
         .replace("{webhooks}", &tables.webhooks))
 }
 
+/// The `scope` under which `flowcraft_migrations` records what was applied for these tables.
+pub fn scope(tables: &Tables) -> String {
+    format!(
+        "{},{},{}",
+        tables.contexts, tables.statuses, tables.webhooks
+    )
+}
+
 /// Applies the migrations not yet applied for these table names; returns the versions it
 /// applied (empty when all were).
 pub fn migrate(pool: &PgPool, tables: &Tables) -> Result<Vec<String>, StoreError> {
-    let scope = format!(
-        "{},{},{}",
-        tables.contexts, tables.statuses, tables.webhooks
-    );
+    let scope = scope(tables);
     let mut conn = pool.get()?;
     let mut tx = conn.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_ID])?;

@@ -213,16 +213,6 @@ impl Tables {
         }
         Ok(())
     }
-
-    /// The SQL of every migration for these table names (tests create their tables with it;
-    /// operators run `flowcraft migrate`).
-    pub fn create_sql(&self) -> String {
-        crate::migrate::MIGRATIONS
-            .iter()
-            .filter_map(|(_, template)| crate::migrate::render(template, self).ok())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
 }
 
 /// A run's context and status, read in one round trip.

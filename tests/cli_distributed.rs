@@ -276,7 +276,6 @@ fn pause_worker(env: &TestEnv, port: Option<u16>, public: u16) -> Child {
         "0",
     ])
     .args(["--public-url", &format!("http://127.0.0.1:{public}")])
-    .env("FLOWCRAFT_EVENTS_EXCHANGE", env.events_exchange())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     if let Some(port) = port {

@@ -52,6 +52,9 @@ fn duplicate_deliveries_apply_effects_once() {
     env.eventually("the queue drains", WAIT, || {
         env.queue_depth(&env.queue) == 0
     });
+    // Stopping finishes and acks the jobs in flight: the duplicates have been handled.
+    worker.stop().unwrap();
+    assert_eq!(env.queue_depth(&env.queue), 0);
     let context = env.context(&run);
     for (node, value) in expected.as_object().unwrap() {
         assert_eq!(context[&format!("_outputs.{node}")], *value, "{node}");
@@ -61,7 +64,6 @@ fn duplicate_deliveries_apply_effects_once() {
     assert_eq!(counts.get("end"), Some(&1), "{counts:?}");
     assert_eq!(counts.get("b3"), Some(&1), "{counts:?}");
     assert_eq!(row.result.unwrap()["context"]["_outputs.end"], json!(4));
-    worker.stop().unwrap();
 }
 
 /// Runs as a child process (see `a_worker_killed_after_commit_loses_nothing`): a worker that
@@ -178,8 +180,10 @@ fn a_failed_node_fails_the_run_and_poisons_its_join() {
     env.eventually("the queue drains", WAIT, || {
         env.queue_depth(&env.queue) == 0
     });
-    assert!(!env.context(&run).contains_key("_outputs.join"));
+    // Stopping finishes and acks the jobs in flight: the join's job has been handled.
     worker.stop().unwrap();
+    assert_eq!(env.queue_depth(&env.queue), 0);
+    assert!(!env.context(&run).contains_key("_outputs.join"));
 }
 
 #[test]

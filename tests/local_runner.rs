@@ -3,41 +3,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+mod common;
+
+use common::{bp, ctx, inc_registry, workload};
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::{Blueprint, LocalRuntime, NodeError, NodeRegistry, NodeResult, RunStatus};
+use flowcraft_rabbitmq::{LocalRuntime, NodeError, NodeResult, RunStatus};
 use serde_json::{json, Value};
-
-fn inc_registry() -> NodeRegistry {
-    let mut r = NodeRegistry::with_builtins();
-    r.register_fn("inc", |ctx| {
-        Ok(NodeResult::output(json!(
-            ctx.input.as_i64().unwrap_or(0) + 1
-        )))
-    });
-    r
-}
-
-fn bp(text: &str) -> Blueprint {
-    Blueprint::from_json(text).expect("valid blueprint")
-}
-
-fn ctx(v: Value) -> ContextMap {
-    v.as_object().cloned().unwrap_or_default()
-}
-
-fn workload(name: &str) -> (Blueprint, Value) {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/benches/workloads.json"
-    ))
-    .expect("benches/workloads.json");
-    let all: Value = serde_json::from_str(&text).unwrap();
-    let w = &all["workloads"][name];
-    (
-        Blueprint::new(serde_json::from_value(w["blueprint"].clone()).unwrap()).unwrap(),
-        w["expectedOutputs"].clone(),
-    )
-}
 
 #[test]
 fn bench_workloads_give_their_expected_outputs() {

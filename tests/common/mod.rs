@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use flowcraft_rabbitmq::amqp::JobSink;
 use flowcraft_rabbitmq::coordination::{self, RedisPool};
+use flowcraft_rabbitmq::migrate;
 use flowcraft_rabbitmq::node::ContextMap;
 use flowcraft_rabbitmq::store::{self, PgPool, RunStore, StatusRow, Tables};
 use flowcraft_rabbitmq::{
@@ -61,14 +62,13 @@ impl TestEnv {
         .unwrap();
         let pg = store::connect_pool(&postgres_url(), 8)
             .expect("PostgreSQL must be running for integration tests");
-        let mut conn = pg
-            .get()
-            .expect("PostgreSQL must be running for integration tests");
+        drop(
+            pg.get()
+                .expect("PostgreSQL must be running for integration tests"),
+        );
         if with_tables {
-            conn.batch_execute(&tables.create_sql())
-                .expect("create test tables");
+            migrate::migrate(&pg, &tables).expect("create test tables");
         }
-        drop(conn);
         let redis = coordination::connect_pool(&redis_url(), 8).expect("Redis must be running");
         redis::cmd("PING")
             .query::<String>(
@@ -264,6 +264,7 @@ impl TestEnv {
                 self.tables.webhooks.clone(),
             ),
             ("FLOWCRAFT_REDIS_PREFIX".into(), self.prefix.clone()),
+            ("FLOWCRAFT_EVENTS_EXCHANGE".into(), self.events_exchange()),
         ]
     }
 
@@ -279,10 +280,7 @@ impl Drop for TestEnv {
                 "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
                 self.tables.contexts, self.tables.statuses, self.tables.webhooks
             ));
-            let scope = format!(
-                "{},{},{}",
-                self.tables.contexts, self.tables.statuses, self.tables.webhooks
-            );
+            let scope = migrate::scope(&self.tables);
             let _ = c.execute(
                 "DELETE FROM flowcraft_migrations WHERE scope = $1",
                 &[&scope],
