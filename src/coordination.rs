@@ -19,7 +19,7 @@ use std::sync::Arc;
 use redis::{ErrorKind, Script, ScriptInvocation, ServerErrorKind};
 
 use crate::amqp::mask_url;
-use crate::group::Group;
+use crate::group::{Group, GroupError};
 
 /// A pool of Redis connections.
 pub type RedisPool = r2d2::Pool<redis::Client>;
@@ -43,6 +43,21 @@ pub enum CoordinationError {
     /// thread that ran it); the request may be retried.
     #[error("pipelined Redis call: {0}")]
     Grouped(String),
+}
+
+impl GroupError for CoordinationError {
+    /// No connection, or a broken one: no call of the pipeline would fare better alone.
+    fn fails_every_request(&self) -> bool {
+        match self {
+            CoordinationError::Pool(_) => true,
+            CoordinationError::Redis(e) => e.is_io_error() || e.is_connection_dropped(),
+            _ => false,
+        }
+    }
+
+    fn for_caller(reason: String) -> Self {
+        CoordinationError::Grouped(reason)
+    }
 }
 
 /// Opens a pool (`test_on_check_out` off, as for PostgreSQL).
@@ -164,7 +179,7 @@ pub struct RedisCoordinationStore {
     ttl: Duration,
     finish: Arc<Script>,
     /// Concurrent `finish_job` calls share one pipelined round trip ([`crate::group`]).
-    finishing: Arc<Group<FinishRequest, Result<FinishOutcome, CoordinationError>>>,
+    finishing: Arc<Group<FinishRequest, FinishOutcome, CoordinationError>>,
 }
 
 /// One [`RedisCoordinationStore::finish_job`] call, queued for a pipelined batch.
@@ -173,6 +188,8 @@ struct FinishRequest {
     job: String,
     also_register: Vec<String>,
     successors: Vec<SuccessorReport>,
+    /// The lifetime of the keys it touches (each request carries its store's own).
+    ttl: Duration,
 }
 
 /// Most `finish_job` calls one pipeline carries.
@@ -193,8 +210,6 @@ impl RedisCoordinationStore {
     /// Sets the lifetime of coordination keys.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
-        // Calls share pipelines only with calls of the same lifetime.
-        self.finishing = Arc::new(Group::new(MAX_PIPELINE));
         self
     }
 
@@ -399,36 +414,24 @@ impl RedisCoordinationStore {
             job: job.to_string(),
             also_register: also_register.to_vec(),
             successors: successors.to_vec(),
+            ttl: self.ttl,
         };
-        self.finishing.submit(
-            request,
-            |_| None,
-            |batch| self.finish_batch(&batch),
-            || {
-                Err(CoordinationError::Grouped(
-                    "the thread running it panicked".into(),
-                ))
-            },
-        )
+        self.finishing
+            .submit(request, |_| None, |batch| self.finish_batch(batch))
     }
 
-    /// One pipeline for a batch of `finish_job` calls; if it fails, each call runs alone, so
-    /// that each caller gets its own error.
+    /// One round trip for a batch of `finish_job` calls: the script itself for one, a
+    /// pipeline of script calls for several.
     fn finish_batch(
         &self,
         batch: &[FinishRequest],
-    ) -> Vec<Result<FinishOutcome, CoordinationError>> {
+    ) -> Result<Vec<Result<FinishOutcome, CoordinationError>>, CoordinationError> {
         let invocations: Vec<ScriptInvocation<'_>> =
             batch.iter().map(|r| self.finish_invocation(r)).collect();
-        let one = |r: &FinishRequest, invocation: &ScriptInvocation<'_>| {
-            let flags: Vec<i64> = invocation.invoke(&mut *self.conn()?)?;
-            Ok(Self::finish_outcome(r, &flags))
-        };
-        if batch.len() == 1 {
-            return vec![one(&batch[0], &invocations[0])];
-        }
-        let pipelined = || -> Result<Vec<Vec<i64>>, CoordinationError> {
-            let mut conn = self.conn()?;
+        let mut conn = self.conn()?;
+        let all: Vec<Vec<i64>> = if let [invocation] = invocations.as_slice() {
+            vec![invocation.invoke(&mut *conn)?]
+        } else {
             let mut pipe = redis::pipe();
             for invocation in &invocations {
                 pipe.invoke_script(invocation);
@@ -438,40 +441,16 @@ impl RedisCoordinationStore {
                     // A pipeline does not load scripts by itself (first use, or Redis
                     // restarted): load it, then send the pipeline again.
                     self.finish.load(&mut *conn)?;
-                    Ok(pipe.query(&mut *conn)?)
+                    pipe.query(&mut *conn)?
                 }
-                other => Ok(other?),
+                other => other?,
             }
         };
-        match pipelined() {
-            Ok(all) if all.len() == batch.len() => batch
-                .iter()
-                .zip(all)
-                .map(|(r, flags)| Ok(Self::finish_outcome(r, &flags)))
-                .collect(),
-            // No connection, or a broken one: every caller gets the error at once.
-            Err(e @ CoordinationError::Pool(_)) => {
-                let reason = e.to_string();
-                batch
-                    .iter()
-                    .map(|_| Err(CoordinationError::Grouped(reason.clone())))
-                    .collect()
-            }
-            Err(CoordinationError::Redis(e)) if e.is_io_error() || e.is_connection_dropped() => {
-                let reason = e.to_string();
-                batch
-                    .iter()
-                    .map(|_| Err(CoordinationError::Grouped(reason.clone())))
-                    .collect()
-            }
-            // A script error: each call alone, so that each caller gets its own answer (the
-            // script is idempotent, so calls that already ran may run again).
-            _ => batch
-                .iter()
-                .zip(&invocations)
-                .map(|(r, invocation)| one(r, invocation))
-                .collect(),
-        }
+        Ok(batch
+            .iter()
+            .zip(all)
+            .map(|(r, flags)| Ok(Self::finish_outcome(r, &flags)))
+            .collect())
     }
 
     fn finish_invocation(&self, r: &FinishRequest) -> ScriptInvocation<'_> {
@@ -480,7 +459,7 @@ impl RedisCoordinationStore {
             .key(self.jobs_key(&r.run))
             .key(self.done_key(&r.run));
         invocation
-            .arg(Self::secs(self.ttl))
+            .arg(Self::secs(r.ttl))
             .arg(&r.job)
             .arg(r.also_register.len());
         for extra in &r.also_register {

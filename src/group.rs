@@ -8,14 +8,28 @@
 //! statement overheads and fsyncs among the callers (the technique of database group
 //! commit). Worker threads that wait on PostgreSQL or Redis together are exactly such
 //! callers.
+//!
+//! When a batch fails as a whole, the group decides who gets which error: a lone request
+//! gets it as it is; if no request could succeed alone ([`GroupError::fails_every_request`]:
+//! the connection is gone) every caller gets it at once; otherwise (a bad row, a failing
+//! script) each request runs again alone, so one bad request fails only its own caller.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt::Display;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+/// The error of a grouped call.
+pub(crate) trait GroupError: Display + Sized {
+    /// Whether this failure of a whole batch leaves none of its requests a chance alone.
+    fn fails_every_request(&self) -> bool;
+    /// The error another caller of a failed (or abandoned) batch gets.
+    fn for_caller(reason: String) -> Self;
+}
+
 /// A queue of requests executed in batches by whichever caller leads; see the module docs.
-pub(crate) struct Group<Req, Resp> {
-    state: Mutex<State<Req, Resp>>,
+pub(crate) struct Group<Req, T, E> {
+    state: Mutex<State<Req, Result<T, E>>>,
     finished: Condvar,
     max_batch: usize,
 }
@@ -27,7 +41,7 @@ struct State<Req, Resp> {
     next_ticket: u64,
 }
 
-impl<Req, Resp> Group<Req, Resp> {
+impl<Req, T, E: GroupError> Group<Req, T, E> {
     /// A group whose batches hold at most `max_batch` requests.
     pub(crate) fn new(max_batch: usize) -> Self {
         Group {
@@ -42,22 +56,21 @@ impl<Req, Resp> Group<Req, Resp> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State<Req, Resp>> {
+    fn lock(&self) -> MutexGuard<'_, State<Req, Result<T, E>>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Executes `request` in a batch and returns its response.
+    /// Executes `request` in a batch and returns its result.
     ///
-    /// `run` receives a batch and must return one response per request, in order. Requests
-    /// for which `key` gives the same `Some` never share a batch. `abandoned` makes the
-    /// response of requests whose batch's leader panicked (the panic goes on in the leader).
+    /// `run` executes a batch: one result per request, in order, or the error of the whole
+    /// batch. Requests for which `key` gives the same `Some` never share a batch. If the
+    /// leader panics, the panic goes on in the leader and the others get an error.
     pub(crate) fn submit(
         &self,
         request: Req,
         key: impl Fn(&Req) -> Option<&str>,
-        run: impl Fn(Vec<Req>) -> Vec<Resp>,
-        abandoned: impl Fn() -> Resp,
-    ) -> Resp {
+        run: impl Fn(&[Req]) -> Result<Vec<Result<T, E>>, E>,
+    ) -> Result<T, E> {
         let mut state = self.lock();
         let ticket = state.next_ticket;
         state.next_ticket = state.next_ticket.wrapping_add(1);
@@ -75,20 +88,19 @@ impl<Req, Resp> Group<Req, Resp> {
             let (tickets, batch) = self.take_batch(&mut state, &key);
             state.leading = true;
             drop(state);
-            let outcome = catch_unwind(AssertUnwindSafe(|| run(batch)));
+            let outcome = catch_unwind(AssertUnwindSafe(|| run_batch(&batch, &run)));
             state = self.lock();
             state.leading = false;
             match outcome {
                 Ok(responses) => {
-                    let mut responses = responses.into_iter();
-                    for t in tickets {
-                        let response = responses.next().unwrap_or_else(&abandoned);
+                    for (t, response) in tickets.into_iter().zip(responses) {
                         state.results.insert(t, response);
                     }
                 }
                 Err(panic) => {
                     for t in tickets.into_iter().filter(|&t| t != ticket) {
-                        state.results.insert(t, abandoned());
+                        let abandoned = E::for_caller("the thread running it panicked".into());
+                        state.results.insert(t, Err(abandoned));
                     }
                     // Our own request may still be queued (left out of the batch): nobody
                     // will wait for it, so nobody may run it.
@@ -106,7 +118,7 @@ impl<Req, Resp> Group<Req, Resp> {
     /// already in the batch (they stay queued, in order).
     fn take_batch(
         &self,
-        state: &mut State<Req, Resp>,
+        state: &mut State<Req, Result<T, E>>,
         key: &impl Fn(&Req) -> Option<&str>,
     ) -> (Vec<u64>, Vec<Req>) {
         let mut tickets = Vec::new();
@@ -127,15 +139,80 @@ impl<Req, Resp> Group<Req, Resp> {
     }
 }
 
+/// Runs a batch and applies the failure rules of the module docs: exactly one result per
+/// request.
+fn run_batch<Req, T, E: GroupError>(
+    batch: &[Req],
+    run: &impl Fn(&[Req]) -> Result<Vec<Result<T, E>>, E>,
+) -> Vec<Result<T, E>> {
+    let missing = || E::for_caller("the batch returned no result for this request".into());
+    match run(batch) {
+        Ok(mut results) => {
+            results.truncate(batch.len());
+            while results.len() < batch.len() {
+                results.push(Err(missing()));
+            }
+            results
+        }
+        Err(e) if batch.len() == 1 => vec![Err(e)],
+        Err(e) if e.fails_every_request() => {
+            let reason = e.to_string();
+            batch
+                .iter()
+                .map(|_| Err(E::for_caller(reason.clone())))
+                .collect()
+        }
+        Err(_) => batch
+            .iter()
+            .map(|one| match run(std::slice::from_ref(one)) {
+                Ok(mut results) if !results.is_empty() => results.swap_remove(0),
+                Ok(_) => Err(missing()),
+                Err(e) => Err(e),
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Barrier};
 
+    #[derive(Debug, PartialEq)]
+    struct TestError {
+        reason: String,
+        every: bool,
+    }
+
+    impl Display for TestError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.reason)
+        }
+    }
+
+    impl GroupError for TestError {
+        fn fails_every_request(&self) -> bool {
+            self.every
+        }
+        fn for_caller(reason: String) -> Self {
+            TestError {
+                reason,
+                every: false,
+            }
+        }
+    }
+
+    fn error(reason: &str, every: bool) -> TestError {
+        TestError {
+            reason: reason.into(),
+            every,
+        }
+    }
+
     #[test]
     fn a_lone_caller_runs_a_batch_of_one() {
-        let group: Group<u32, u32> = Group::new(8);
+        let group: Group<u32, u32, TestError> = Group::new(8);
         let sizes = Mutex::new(Vec::new());
         for i in 0..3 {
             let r = group.submit(
@@ -143,18 +220,17 @@ mod tests {
                 |_| None,
                 |batch| {
                     sizes.lock().unwrap().push(batch.len());
-                    batch.iter().map(|x| x * 10).collect()
+                    Ok(batch.iter().map(|x| Ok(x * 10)).collect())
                 },
-                || 0,
             );
-            assert_eq!(r, i * 10);
+            assert_eq!(r, Ok(i * 10));
         }
         assert_eq!(*sizes.lock().unwrap(), vec![1, 1, 1]);
     }
 
     #[test]
     fn concurrent_callers_share_batches_and_each_gets_its_own_response() {
-        let group: Arc<Group<(usize, String), usize>> = Arc::new(Group::new(64));
+        let group: Arc<Group<(usize, String), usize, TestError>> = Arc::new(Group::new(64));
         let batches = Arc::new(AtomicUsize::new(0));
         let threads = 8;
         let per_thread = 200;
@@ -177,11 +253,10 @@ mod tests {
                                 keys.sort();
                                 keys.dedup();
                                 assert_eq!(keys.len(), batch.len(), "a key twice in one batch");
-                                batch.iter().map(|(n, _)| n + 1).collect()
+                                Ok(batch.iter().map(|(n, _)| Ok(n + 1)).collect())
                             },
-                            || usize::MAX,
                         );
-                        assert_eq!(r, n + 1);
+                        assert_eq!(r, Ok(n + 1));
                     }
                 })
             })
@@ -195,15 +270,67 @@ mod tests {
 
     #[test]
     fn a_panicking_batch_abandons_its_followers_and_the_group_goes_on() {
-        let group: Group<u32, Option<u32>> = Group::new(8);
+        let group: Group<u32, u32, TestError> = Group::new(8);
         let panicked = catch_unwind(AssertUnwindSafe(|| {
-            group.submit(1, |_| None, |_| panic!("boom"), || None)
+            group.submit(1, |_| None, |_| panic!("boom"))
         }));
         assert!(panicked.is_err());
         assert!(group.lock().queue.is_empty() && group.lock().results.is_empty());
         assert_eq!(
-            group.submit(2, |_| None, |b| b.into_iter().map(Some).collect(), || None),
-            Some(2)
+            group.submit(2, |_| None, |b| Ok(b.iter().map(|&x| Ok(x)).collect())),
+            Ok(2)
         );
+    }
+
+    #[test]
+    fn a_failed_batch_fails_a_lone_request_as_it_is() {
+        let results = run_batch(&[1u32], &|_: &[u32]| -> Result<Vec<Result<u32, _>>, _> {
+            Err(error("row 1 is bad", false))
+        });
+        assert_eq!(results, vec![Err(error("row 1 is bad", false))]);
+    }
+
+    #[test]
+    fn a_lost_connection_fails_every_request_at_once() {
+        let calls = AtomicUsize::new(0);
+        let results = run_batch(
+            &[1u32, 2, 3],
+            &|_: &[u32]| -> Result<Vec<Result<u32, _>>, _> {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(error("connection lost", true))
+            },
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no request ran again alone"
+        );
+        assert_eq!(
+            results,
+            (0..3)
+                .map(|_| Err(error("connection lost", false)))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_bad_request_fails_only_itself() {
+        let results = run_batch(&[1u32, 2, 3], &|batch: &[u32]| {
+            if batch.contains(&2) {
+                return Err(error("row 2 is bad", false));
+            }
+            Ok(batch.iter().map(|&x| Ok(x * 10)).collect())
+        });
+        assert_eq!(
+            results,
+            vec![Ok(10), Err(error("row 2 is bad", false)), Ok(30)]
+        );
+    }
+
+    #[test]
+    fn a_short_answer_fails_the_requests_it_left_out() {
+        let results = run_batch(&[1u32, 2], &|_: &[u32]| Ok::<_, TestError>(vec![Ok(7)]));
+        assert_eq!(results[0], Ok(7));
+        assert!(results[1].is_err());
     }
 }

@@ -17,7 +17,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use serde_json::{Map, Value};
 
 use crate::amqp::mask_url;
-use crate::group::Group;
+use crate::group::{Group, GroupError};
 use crate::node::ContextMap;
 
 /// A pool of PostgreSQL connections, each with its own prepared-statement cache.
@@ -272,94 +272,59 @@ pub struct RunStore {
 
 /// Batches of concurrent requests (see [`crate::group`]).
 struct Groups {
-    load: Group<String, Result<Option<RunSnapshot>, StoreError>>,
-    commit: Group<CommitRequest, Result<bool, StoreError>>,
+    load: Group<String, Option<RunSnapshot>, StoreError>,
+    commit: Group<CommitRequest, bool, StoreError>,
 }
 
 /// Most requests one grouped statement carries.
 const MAX_BATCH: usize = 64;
 
-fn abandoned() -> StoreError {
-    StoreError::Grouped("the thread running it panicked".into())
-}
+impl GroupError for StoreError {
+    /// No connection, or a broken one: no request of the batch would fare better alone.
+    fn fails_every_request(&self) -> bool {
+        match self {
+            StoreError::Pool(_) => true,
+            StoreError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
+            _ => false,
+        }
+    }
 
-/// Whether an error of a grouped statement concerns the whole batch (no connection, a
-/// broken one): then every request gets it at once instead of being retried alone.
-fn fails_the_whole_batch(e: &StoreError) -> bool {
-    match e {
-        StoreError::Pool(_) => true,
-        StoreError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
-        _ => false,
+    fn for_caller(reason: String) -> Self {
+        StoreError::Grouped(reason)
     }
 }
 
-fn malformed(run_id: &str, reason: String) -> StoreError {
-    StoreError::Malformed {
-        run_id: run_id.into(),
-        reason,
-    }
-}
-
-/// One [`RunStore::commit_node`] call, queued for a grouped commit.
+/// One [`RunStore::commit_node`] call, as the commit statement's parameters of one row.
 struct CommitRequest {
     run_id: String,
-    commit: NodeCommit,
-    guard: CommitGuard,
+    delete: Value,
+    set: Value,
+    output_key: String,
+    meta_key: String,
+    iteration: i32,
+    repeats: bool,
+    awaiting_id: Option<String>,
+    awaiting_details: Value,
+    set_if_absent: Value,
 }
 
-/// The commit statement's parameters: one array per column, one element per commit.
-#[derive(Default)]
-struct CommitColumns {
-    run_ids: Vec<String>,
-    deletes: Vec<Value>,
-    sets: Vec<Value>,
-    output_keys: Vec<String>,
-    meta_keys: Vec<String>,
-    iterations: Vec<i32>,
-    repeats: Vec<bool>,
-    awaiting_ids: Vec<Option<String>>,
-    awaiting_details: Vec<Value>,
-    sets_if_absent: Vec<Value>,
-}
-
-impl<I: Iterator<Item = CommitRequest>> From<I> for CommitColumns {
-    fn from(requests: I) -> Self {
-        let mut c = CommitColumns::default();
-        for r in requests {
-            let (awaiting_id, details) = match r.commit.awaiting {
-                Some((id, details)) => (Some(id), details),
-                None => (None, Value::Null),
-            };
-            c.run_ids.push(r.run_id);
-            c.deletes.push(Value::from(r.commit.delete));
-            c.sets.push(Value::Object(r.commit.set));
-            c.output_keys.push(r.guard.output_key);
-            c.meta_keys.push(r.guard.meta_key);
-            c.iterations
-                .push(i32::try_from(r.guard.iteration).unwrap_or(i32::MAX));
-            c.repeats.push(r.guard.repeats);
-            c.awaiting_ids.push(awaiting_id);
-            c.awaiting_details.push(details);
-            c.sets_if_absent.push(Value::Object(r.commit.set_if_absent));
-        }
-        c
-    }
-}
-
-impl CommitColumns {
-    /// Row `i` alone.
-    fn only(&self, i: usize) -> CommitColumns {
-        CommitColumns {
-            run_ids: vec![self.run_ids[i].clone()],
-            deletes: vec![self.deletes[i].clone()],
-            sets: vec![self.sets[i].clone()],
-            output_keys: vec![self.output_keys[i].clone()],
-            meta_keys: vec![self.meta_keys[i].clone()],
-            iterations: vec![self.iterations[i]],
-            repeats: vec![self.repeats[i]],
-            awaiting_ids: vec![self.awaiting_ids[i].clone()],
-            awaiting_details: vec![self.awaiting_details[i].clone()],
-            sets_if_absent: vec![self.sets_if_absent[i].clone()],
+impl CommitRequest {
+    fn new(run_id: &str, commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
+        let (awaiting_id, awaiting_details) = match commit.awaiting {
+            Some((id, details)) => (Some(id), details),
+            None => (None, Value::Null),
+        };
+        CommitRequest {
+            run_id: run_id.to_string(),
+            delete: Value::from(commit.delete),
+            set: Value::Object(commit.set),
+            output_key: guard.output_key,
+            meta_key: guard.meta_key,
+            iteration: i32::try_from(guard.iteration).unwrap_or(i32::MAX),
+            repeats: guard.repeats,
+            awaiting_id,
+            awaiting_details,
+            set_if_absent: Value::Object(commit.set_if_absent),
         }
     }
 }
@@ -547,65 +512,23 @@ impl RunStore {
     /// A run's context and status; `None` if it has no context row. Concurrent loads share
     /// one query.
     pub fn load(&self, run_id: &str) -> Result<Option<RunSnapshot>, StoreError> {
-        self.groups.load.submit(
-            run_id.to_string(),
-            |_| None,
-            |runs| self.load_batch(runs),
-            || Err(abandoned()),
-        )
+        self.groups
+            .load
+            .submit(run_id.to_string(), |_| None, |runs| self.load_batch(runs))
     }
 
-    /// One query for a batch of loads; if it fails, each load runs alone, so that each
-    /// caller gets its own error.
-    fn load_batch(&self, runs: Vec<String>) -> Vec<Result<Option<RunSnapshot>, StoreError>> {
-        match self.query_snapshots(&runs) {
-            Ok(mut found) => runs
-                .iter()
-                .enumerate()
-                .map(|(i, run)| {
-                    // A run asked for twice gets a copy; its last request takes the row.
-                    let again = runs[i + 1..].contains(run);
-                    let row = if again {
-                        found.get(run.as_str()).cloned()
-                    } else {
-                        found.remove(run.as_str())
-                    };
-                    row.map(|r| r.map_err(|reason| malformed(run, reason)))
-                        .transpose()
-                })
-                .collect(),
-            Err(e) if runs.len() == 1 => vec![Err(e)],
-            Err(e) if fails_the_whole_batch(&e) => {
-                let reason = e.to_string();
-                runs.iter()
-                    .map(|_| Err(StoreError::Grouped(reason.clone())))
-                    .collect()
-            }
-            Err(_) => runs
-                .iter()
-                .map(|run| {
-                    let mut found = self.query_snapshots(std::slice::from_ref(run))?;
-                    found
-                        .remove(run.as_str())
-                        .map(|r| r.map_err(|reason| malformed(run, reason)))
-                        .transpose()
-                })
-                .collect(),
-        }
-    }
-
-    /// The snapshots of the runs that have a context row (a malformed row is an error of
-    /// that run only).
-    fn query_snapshots(
+    /// One query for a batch of loads (a malformed row is an error of its run only).
+    fn load_batch(
         &self,
         runs: &[String],
-    ) -> Result<HashMap<String, Result<RunSnapshot, String>>, StoreError> {
+    ) -> Result<Vec<Result<Option<RunSnapshot>, StoreError>>, StoreError> {
         let rows = {
             let mut conn = self.pool.get()?;
             let stmt = conn.statement(&self.sql.load)?;
             conn.query(&stmt, &[&runs])?
         };
-        let mut found = HashMap::with_capacity(rows.len());
+        let mut found: HashMap<String, Result<RunSnapshot, String>> =
+            HashMap::with_capacity(rows.len());
         for row in rows {
             let run_id: String = row.try_get(0)?;
             let snapshot = match row.try_get::<_, Value>(1)? {
@@ -617,7 +540,25 @@ impl RunStore {
             };
             found.insert(run_id, snapshot);
         }
-        Ok(found)
+        Ok(runs
+            .iter()
+            .enumerate()
+            .map(|(i, run)| {
+                // A run asked for twice gets a copy; its last request takes the row.
+                let row = if runs[i + 1..].contains(run) {
+                    found.get(run.as_str()).cloned()
+                } else {
+                    found.remove(run.as_str())
+                };
+                row.map(|r| {
+                    r.map_err(|reason| StoreError::Malformed {
+                        run_id: run.clone(),
+                        reason,
+                    })
+                })
+                .transpose()
+            })
+            .collect())
     }
 
     /// Applies a node's effects if its guard holds; returns whether they were applied.
@@ -628,84 +569,54 @@ impl RunStore {
         commit: NodeCommit,
         guard: CommitGuard,
     ) -> Result<bool, StoreError> {
-        let request = CommitRequest {
-            run_id: run_id.to_string(),
-            commit,
-            guard,
-        };
         self.groups.commit.submit(
-            request,
+            CommitRequest::new(run_id, commit, guard),
             |r| Some(r.run_id.as_str()),
             |batch| self.commit_batch(batch),
-            || Err(abandoned()),
         )
     }
 
-    /// One statement for a batch of commits (of distinct runs); if it fails, each commit
-    /// runs alone, so that one bad row fails only its own job.
-    fn commit_batch(&self, batch: Vec<CommitRequest>) -> Vec<Result<bool, StoreError>> {
-        let n = batch.len();
+    /// One statement for a batch of commits of distinct runs; for each, whether it applied.
+    fn commit_batch(
+        &self,
+        batch: &[CommitRequest],
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
         // Sorted by run, so that concurrent batches lock context rows in one order.
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| batch[a].run_id.cmp(&batch[b].run_id));
-        let mut slots: Vec<Option<CommitRequest>> = batch.into_iter().map(Some).collect();
-        let columns = CommitColumns::from(order.iter().filter_map(|&i| slots[i].take()));
-        let results: Vec<Result<bool, StoreError>> = match self.run_commit(&columns) {
-            Ok(applied) => applied.into_iter().map(Ok).collect(),
-            Err(e) if n == 1 => vec![Err(e)],
-            Err(e) if fails_the_whole_batch(&e) => {
-                let reason = e.to_string();
-                (0..n)
-                    .map(|_| Err(StoreError::Grouped(reason.clone())))
-                    .collect()
-            }
-            Err(_) => (0..n)
-                .map(|i| Ok(self.run_commit(&columns.only(i))?.first() == Some(&true)))
-                .collect(),
-        };
-        // Back to the callers' order.
-        let mut out: Vec<Option<Result<bool, StoreError>>> = (0..n).map(|_| None).collect();
-        for (result, &i) in results.into_iter().zip(&order) {
-            out[i] = Some(result);
+        let mut rows: Vec<&CommitRequest> = batch.iter().collect();
+        rows.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        fn column<'a, T>(rows: &[&'a CommitRequest], f: impl Fn(&'a CommitRequest) -> T) -> Vec<T> {
+            rows.iter().map(|&r| f(r)).collect()
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or(Err(abandoned())))
-            .collect()
-    }
-
-    /// Runs the commit statement; for each row of `columns`, whether it applied.
-    fn run_commit(&self, columns: &CommitColumns) -> Result<Vec<bool>, StoreError> {
-        let c = columns;
-        let rows = {
+        let returned = {
             let mut conn = self.pool.get()?;
             let stmt = conn.statement(&self.sql.commit)?;
             conn.query(
                 &stmt,
                 &[
-                    &c.run_ids,
-                    &c.deletes,
-                    &c.sets,
-                    &c.output_keys,
-                    &c.meta_keys,
-                    &c.iterations,
-                    &c.repeats,
-                    &c.awaiting_ids,
-                    &c.awaiting_details,
-                    &c.sets_if_absent,
+                    &column(&rows, |r| r.run_id.as_str()),
+                    &column(&rows, |r| &r.delete),
+                    &column(&rows, |r| &r.set),
+                    &column(&rows, |r| r.output_key.as_str()),
+                    &column(&rows, |r| r.meta_key.as_str()),
+                    &column(&rows, |r| r.iteration),
+                    &column(&rows, |r| r.repeats),
+                    &column(&rows, |r| r.awaiting_id.as_deref()),
+                    &column(&rows, |r| &r.awaiting_details),
+                    &column(&rows, |r| &r.set_if_absent),
                 ],
             )?
         };
-        let mut applied = vec![false; c.run_ids.len()];
-        for row in rows {
+        let mut applied: HashMap<&str, bool> = HashMap::with_capacity(rows.len());
+        for row in returned {
             let ordinal: i64 = row.try_get(0)?;
-            if let Some(slot) = usize::try_from(ordinal - 1)
-                .ok()
-                .and_then(|i| applied.get_mut(i))
-            {
-                *slot = true;
+            if let Some(r) = usize::try_from(ordinal - 1).ok().and_then(|i| rows.get(i)) {
+                applied.insert(r.run_id.as_str(), true);
             }
         }
-        Ok(applied)
+        Ok(batch
+            .iter()
+            .map(|r| Ok(applied.contains_key(r.run_id.as_str())))
+            .collect())
     }
 
     /// Marks a running run `completed` with its final context, unless it awaits a node.
