@@ -229,9 +229,6 @@ impl Client {
                 queue: &self.queue,
             };
             let outcome = resumer.resume(run_id, nodes, action, output, Map::new(), publisher)?;
-            if outcome.completed {
-                resumer.notify_parent(run_id, publisher)?;
-            }
             Ok(outcome.nodes)
         })
     }

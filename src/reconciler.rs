@@ -153,21 +153,16 @@ impl Reconciler {
             // Complete only a run with nothing to run whose ledger confirms it is idle (a run
             // without ledger has never had a job finish; a node locked by another reconciler
             // is being enqueued): otherwise leave it to a later pass.
-            let completed = nothing_to_run && has_ledger && self.store.complete_run(run)?;
+            let resumer = crate::resume::Resumer {
+                store: &self.store,
+                coord: &self.coord,
+                blueprints: &self.blueprints,
+                queue: &self.queue,
+            };
+            // Completing a subflow child also resumes its parent.
+            let completed = nothing_to_run && has_ledger && resumer.complete(run, publisher)?;
             if completed {
                 log::info!("reconciler: run {run} had nothing left to do; completed");
-                // A subflow child: its parent awaits the result.
-                let resumer = crate::resume::Resumer {
-                    store: &self.store,
-                    coord: &self.coord,
-                    blueprints: &self.blueprints,
-                    queue: &self.queue,
-                };
-                match resumer.notify_parent(run, publisher) {
-                    Ok(()) => {}
-                    Err(crate::resume::ResumeError::Worker(e)) => return Err(e),
-                    Err(other) => log::debug!("reconciler: run {run}: parent not resumed: {other}"),
-                }
             } else {
                 self.store.touch(run)?;
             }

@@ -225,66 +225,80 @@ impl Resumer<'_> {
             }
             idle = outcome.run_idle;
         }
-        let completed = idle && self.store.complete_run(run_id)?;
         log::info!("run {run_id}: resumed {targets:?} with action {action:?}");
-        if completed {
-            log::info!("run {run_id}: completed");
-        }
+        let completed = idle && self.complete(run_id, publisher)?;
         Ok(ResumeOutcome {
             nodes: targets,
             completed,
         })
     }
 
-    /// After a run completed: if it is a subflow's child, resume the parent's subflow node
-    /// with the child's result (SPEC §5), and so on up while parents complete too. Stale or
-    /// repeated notifications change nothing.
+    /// Completes an idle run — status `completed` with its final context, unless it awaits a
+    /// node — and, if it is a subflow's child, resumes the parent's subflow node with its
+    /// result (SPEC §5), which may complete the parent in turn. Returns whether this call
+    /// completed the run.
+    pub fn complete(&self, run_id: &str, publisher: &mut dyn JobSink) -> Result<bool, WorkerError> {
+        let Some(context) = self.store.complete_run(run_id)? else {
+            return Ok(false);
+        };
+        log::info!("run {run_id}: completed");
+        self.resume_parent(run_id, &context, publisher)?;
+        Ok(true)
+    }
+
+    /// For a run that completed earlier: resumes its parent if the notification was lost
+    /// (stale or repeated notifications change nothing).
     pub fn notify_parent(
         &self,
         completed_run: &str,
         publisher: &mut dyn JobSink,
-    ) -> Result<(), ResumeError> {
-        let mut child_run = completed_run.to_string();
-        loop {
-            let Some(child) = self.store.load(&child_run)? else {
-                return Ok(());
-            };
-            let Some(link) = ParentLink::of(&child.context) else {
-                return Ok(());
-            };
-            let Some(details) = link.awaited_details(self.store, &child_run)? else {
-                return Ok(());
-            };
-            let Some(child_bp) = child
-                .context
-                .get("blueprintId")
-                .and_then(Value::as_str)
-                .and_then(|id| self.blueprints.get(id))
-            else {
-                return Ok(());
-            };
-            let (result, deltas) =
-                crate::nodes::subflow::subflow_result(&details, child_bp, &child.context);
-            let extra: Map<String, Value> = deltas
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.cloned().unwrap_or(Value::Null)))
-                .collect();
-            let nodes = [link.node_id.clone()];
-            match self.resume(
-                &link.run_id,
-                Some(&nodes),
-                result.action.as_deref(),
-                result.output,
-                extra,
-                publisher,
-            ) {
-                Ok(outcome) if outcome.completed => child_run = link.run_id,
-                Ok(_) => return Ok(()),
-                Err(ResumeError::Worker(e)) => return Err(ResumeError::Worker(e)),
-                Err(other) => {
-                    log::debug!("subflow parent of {child_run} not resumed: {other}");
-                    return Ok(());
-                }
+    ) -> Result<(), WorkerError> {
+        match self.store.load(completed_run)? {
+            Some(child) => self.resume_parent(completed_run, &child.context, publisher),
+            None => Ok(()),
+        }
+    }
+
+    /// Resumes the subflow node that awaits `child_run`, which completed with `context`.
+    fn resume_parent(
+        &self,
+        child_run: &str,
+        context: &ContextMap,
+        publisher: &mut dyn JobSink,
+    ) -> Result<(), WorkerError> {
+        let Some(link) = ParentLink::of(context) else {
+            return Ok(());
+        };
+        let Some((parent, details)) = link.awaiting_parent(self.store, child_run)? else {
+            return Ok(());
+        };
+        let Some(child_bp) = context
+            .get("blueprintId")
+            .and_then(Value::as_str)
+            .and_then(|id| self.blueprints.get(id))
+        else {
+            return Ok(());
+        };
+        let (result, deltas) = crate::nodes::subflow::subflow_result(&details, child_bp, context);
+        let extra: Map<String, Value> = deltas
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.cloned().unwrap_or(Value::Null)))
+            .collect();
+        let nodes = [link.node_id.clone()];
+        match self.resume_loaded(
+            &link.run_id,
+            parent,
+            Some(&nodes),
+            result.action.as_deref(),
+            result.output,
+            extra,
+            publisher,
+        ) {
+            Ok(_) => Ok(()),
+            Err(ResumeError::Worker(e)) => Err(e),
+            Err(other) => {
+                log::debug!("subflow parent of {child_run} not resumed: {other}");
+                Ok(())
             }
         }
     }
@@ -310,12 +324,13 @@ impl ParentLink {
         })
     }
 
-    /// The parent node's awaiting details, if it still awaits this very child.
-    pub fn awaited_details(
+    /// The parent run and its node's awaiting details, if that node still awaits this very
+    /// child.
+    pub fn awaiting_parent(
         &self,
         store: &RunStore,
         child_run: &str,
-    ) -> Result<Option<Value>, ResumeError> {
+    ) -> Result<Option<(RunSnapshot, Value)>, crate::store::StoreError> {
         let Some(parent) = store.load(&self.run_id)? else {
             return Ok(None);
         };
@@ -323,7 +338,8 @@ impl ParentLink {
             .context
             .get(AWAITING_DETAILS)
             .and_then(|d| d.get(&self.node_id))
+            .filter(|d| d.get("childRunId").and_then(Value::as_str) == Some(child_run))
             .cloned();
-        Ok(details.filter(|d| d.get("childRunId").and_then(Value::as_str) == Some(child_run)))
+        Ok(details.map(|d| (parent, d)))
     }
 }

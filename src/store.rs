@@ -410,7 +410,8 @@ impl RunStore {
                                                'serializedContext', c.context_data::text)
                  FROM {c} c
                  WHERE st.run_id = $1 AND c.run_id = st.run_id AND st.status = 'running'
-                   AND COALESCE(jsonb_array_length(c.context_data->'_awaitingNodeIds'), 0) = 0"
+                   AND COALESCE(jsonb_array_length(c.context_data->'_awaitingNodeIds'), 0) = 0
+                 RETURNING c.context_data"
             ),
             fail: format!(
                 "INSERT INTO {s} (run_id, status, updated_at, result)
@@ -620,13 +621,21 @@ impl RunStore {
     }
 
     /// Marks a running run `completed` with its final context, unless it awaits a node.
-    pub fn complete_run(&self, run_id: &str) -> Result<bool, StoreError> {
-        let n = {
+    /// Returns the final context when this call completed the run.
+    pub fn complete_run(&self, run_id: &str) -> Result<Option<ContextMap>, StoreError> {
+        let row = {
             let mut conn = self.pool.get()?;
             let stmt = conn.statement(&self.sql.complete)?;
-            conn.execute(&stmt, &[&run_id])?
+            conn.query_opt(&stmt, &[&run_id])?
         };
-        Ok(n > 0)
+        let Some(row) = row else { return Ok(None) };
+        match row.try_get::<_, Value>(0)? {
+            Value::Object(context) => Ok(Some(context)),
+            _ => Err(StoreError::Malformed {
+                run_id: run_id.into(),
+                reason: "context_data is not a JSON object".into(),
+            }),
+        }
     }
 
     /// Marks a running or awaiting run `failed` with a reason (creating the status row if

@@ -456,9 +456,8 @@ fn coordinate(
         publisher.publish_jobs("", &shared.queue, &bodies)?;
     }
     failpoint::hit("after_publish", &job.node_id);
-    if outcome.run_idle && shared.store.complete_run(&job.run_id)? {
-        log::info!("run {}: completed", job.run_id);
-        pause::notify_parent(shared, &job.run_id, publisher)?;
+    if outcome.run_idle {
+        pause::resumer(shared).complete(&job.run_id, publisher)?;
     }
     Ok(())
 }

@@ -182,7 +182,7 @@ fn start_child(
     Ok(())
 }
 
-fn resumer(shared: &Shared) -> Resumer<'_> {
+pub(crate) fn resumer(shared: &Shared) -> Resumer<'_> {
     Resumer {
         store: &shared.store,
         coord: &shared.coord,
@@ -215,12 +215,7 @@ fn resume_node(
         extra,
         publisher,
     ) {
-        Ok(outcome) => {
-            if outcome.completed {
-                notify_parent(shared, run, publisher)?;
-            }
-            Ok(Outcome::Ack)
-        }
+        Ok(_) => Ok(Outcome::Ack),
         Err(ResumeError::Worker(e)) => Err(e),
         Err(other) => {
             log::debug!("run {run}: '{node}' not resumed: {other}");
@@ -339,21 +334,6 @@ pub(crate) fn on_event(
 }
 
 /// A run completed: resume its subflow parent, if any.
-pub(crate) fn notify_parent(
-    shared: &Shared,
-    run: &str,
-    publisher: &mut dyn JobSink,
-) -> Result<(), WorkerError> {
-    match resumer(shared).notify_parent(run, publisher) {
-        Ok(()) => Ok(()),
-        Err(ResumeError::Worker(e)) => Err(e),
-        Err(other) => {
-            log::debug!("run {run}: parent not resumed: {other}");
-            Ok(())
-        }
-    }
-}
-
 /// Marks a run failed; if it is a subflow's child, the parent node retries it (a new child
 /// run, while `maxRetries` allows), runs its fallback, or fails too.
 pub(crate) fn fail_run(
@@ -382,13 +362,10 @@ fn propagate_failure(
     let Some(link) = ParentLink::of(&child.context) else {
         return Ok(());
     };
-    let details = match link.awaited_details(&shared.store, run) {
-        Ok(Some(d)) => d,
-        Ok(None) => return Ok(()),
-        Err(ResumeError::Worker(e)) => return Err(e),
-        Err(_) => return Ok(()),
+    let Some((parent, details)) = link.awaiting_parent(&shared.store, run)? else {
+        return Ok(());
     };
-    match child_failed(shared, &link, run, reason, details, publisher)? {
+    match child_failed(shared, &link, parent, run, reason, details, publisher)? {
         None => Ok(()),
         Some(parent_reason) => fail_run(shared, &link.run_id, &parent_reason, publisher),
     }
@@ -403,7 +380,7 @@ pub(crate) fn renotify_parent(
     publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
     match status {
-        "completed" => notify_parent(shared, run, publisher),
+        "completed" => resumer(shared).notify_parent(run, publisher),
         "failed" => {
             let reason = shared
                 .store
@@ -419,17 +396,16 @@ pub(crate) fn renotify_parent(
 
 /// The parent's answer to a failed child: `None` when handled (retry or fallback), or the
 /// reason the parent run fails.
+#[allow(clippy::too_many_arguments)]
 fn child_failed(
     shared: &Shared,
     link: &ParentLink,
+    parent: RunSnapshot,
     child_run: &str,
     child_reason: &str,
     details: Value,
     publisher: &mut dyn JobSink,
 ) -> Result<Option<String>, WorkerError> {
-    let Some(parent) = shared.store.load(&link.run_id)? else {
-        return Ok(None);
-    };
     let bp_id = parent
         .context
         .get("blueprintId")
