@@ -361,6 +361,15 @@ impl Blueprint {
         }
     }
 
+    /// Records in a run's context which blueprint (and version) it runs: `blueprintId`,
+    /// `blueprintVersion`.
+    pub fn stamp(&self, context: &mut serde_json::Map<String, Value>) {
+        context.insert("blueprintId".into(), Value::String(self.id().to_string()));
+        if let Some(v) = self.version() {
+            context.insert("blueprintVersion".into(), Value::String(v));
+        }
+    }
+
     /// Problems that do not reject the blueprint (for example an unparsable condition).
     pub fn warnings(&self) -> &[String] {
         &self.warnings

@@ -170,10 +170,7 @@ impl Client {
             .ok_or_else(|| ClientError::UnknownBlueprint(blueprint_id.to_string()))?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let mut context = initial_context;
-        context.insert("blueprintId".into(), Value::String(bp.id().to_string()));
-        if let Some(v) = bp.version() {
-            context.insert("blueprintVersion".into(), Value::String(v));
-        }
+        bp.stamp(&mut context);
         self.store.create_run(&run_id, &context)?;
         let bodies: Vec<Vec<u8>> = bp
             .start_node_ids()

@@ -212,10 +212,7 @@ impl LocalRuntime {
         mut initial: ContextMap,
         run_id: String,
     ) -> WorkflowResult {
-        initial.insert("blueprintId".into(), Value::String(bp.id().to_string()));
-        if let Some(v) = bp.version() {
-            initial.insert("blueprintVersion".into(), Value::String(v));
-        }
+        bp.stamp(&mut initial);
         let mut state = RunState::new(self, bp, initial, run_id);
         for &s in bp.start_nodes() {
             state.ready.push_back(NodeRef::Static(s));

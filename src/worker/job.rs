@@ -184,7 +184,7 @@ fn process(
     let outcome = execute_node(node_job, &shared.registry, snapshot.clone());
     drop(executing);
     match outcome {
-        Ok(success) => finish_node(shared, bp, job, &node, &snapshot, success, publisher),
+        Ok(success) => finish_node(shared, bp, job, &node, snapshot, success, publisher),
         Err(failure) => fail_node(shared, bp, job, &node, failure, publisher),
     }
 }
@@ -223,7 +223,7 @@ fn finish_node(
     bp: &Blueprint,
     job: &JobPayload,
     node: &RunNode,
-    snapshot: &ContextMap,
+    snapshot: Arc<ContextMap>,
     success: NodeSuccess,
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
@@ -244,14 +244,7 @@ fn finish_node(
         }
     }
     if !snapshot.contains_key("blueprintId") {
-        commit
-            .set
-            .insert("blueprintId".into(), Value::String(bp.id().to_string()));
-        if let Some(v) = bp.version() {
-            commit
-                .set
-                .insert("blueprintVersion".into(), Value::String(v));
-        }
+        bp.stamp(&mut commit.set);
     }
     let guard = CommitGuard {
         output_key: output_key(&def.id),
@@ -283,7 +276,12 @@ fn finish_node(
         log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
         return Ok(Outcome::Ack);
     }
-    let mut merged = snapshot.clone();
+    let previous_meta = guard
+        .repeats
+        .then(|| snapshot.get(&guard.meta_key).cloned())
+        .flatten();
+    // The node's thread is done with the snapshot: take it over rather than copy it.
+    let mut merged = Arc::unwrap_or_clone(snapshot);
     deltas.apply_to(&mut merged);
     let mut outputs = crate::node::ContextDeltas::default();
     flow::record_output(&mut outputs, &def.id, fallback.as_deref(), &result.output);
@@ -294,8 +292,7 @@ fn finish_node(
             .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
     }
     if guard.repeats {
-        let meta =
-            scheduling::with_iteration(json!({}), snapshot.get(&guard.meta_key), job.iteration);
+        let meta = scheduling::with_iteration(json!({}), previous_meta.as_ref(), job.iteration);
         merged.insert(guard.meta_key.clone(), meta);
     }
     let next = next_jobs(

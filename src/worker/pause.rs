@@ -159,10 +159,7 @@ fn start_child(
     };
     let child_run = details["childRunId"].as_str().unwrap_or_default();
     let mut context = subflow::child_initial_context(details, child);
-    context.insert("blueprintId".into(), json!(child.id()));
-    if let Some(v) = child.version() {
-        context.insert("blueprintVersion".into(), json!(v));
-    }
+    child.stamp(&mut context);
     context.insert(
         PARENT_KEY.into(),
         json!({"runId": job.run_id, "nodeId": node.id, "blueprintId": job.blueprint_id}),
