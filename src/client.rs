@@ -207,16 +207,15 @@ impl Client {
         action: Option<&str>,
         output: Value,
     ) -> Result<Vec<String>, ClientError> {
-        match self.store.status(run_id)? {
-            None => return Err(ClientError::UnknownRun(run_id.into())),
-            Some(row) if row.status != "awaiting" => {
-                return Err(ResumeError::NotAwaiting {
-                    run: run_id.into(),
-                    status: row.status,
-                }
-                .into())
+        let Some(snapshot) = self.store.load(run_id)? else {
+            return Err(ClientError::UnknownRun(run_id.into()));
+        };
+        if snapshot.status.as_deref() != Some("awaiting") {
+            return Err(ResumeError::NotAwaiting {
+                run: run_id.into(),
+                status: snapshot.status.unwrap_or_else(|| "unknown".into()),
             }
-            Some(_) => {}
+            .into());
         }
         self.with_publisher(|publisher| {
             let resumer = Resumer {
@@ -225,7 +224,15 @@ impl Client {
                 blueprints: &self.blueprints,
                 queue: &self.queue,
             };
-            let outcome = resumer.resume(run_id, nodes, action, output, Map::new(), publisher)?;
+            let outcome = resumer.resume(
+                run_id,
+                snapshot,
+                nodes,
+                action,
+                output,
+                Map::new(),
+                publisher,
+            )?;
             Ok(outcome.nodes)
         })
     }

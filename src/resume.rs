@@ -69,28 +69,11 @@ pub struct Resumer<'a> {
 }
 
 impl Resumer<'_> {
-    /// Resumes `nodes` (all awaited nodes when `None`) with one action and output. Extra
-    /// context writes (`extra`) are applied in the same statement.
-    pub fn resume(
-        &self,
-        run_id: &str,
-        nodes: Option<&[String]>,
-        action: Option<&str>,
-        output: Value,
-        extra: Map<String, Value>,
-        publisher: &mut dyn JobSink,
-    ) -> Result<ResumeOutcome, ResumeError> {
-        let snapshot = self
-            .store
-            .load(run_id)?
-            .ok_or_else(|| ResumeError::UnknownRun(run_id.to_string()))?;
-        self.resume_loaded(run_id, snapshot, nodes, action, output, extra, publisher)
-    }
-
-    /// [`resume`](Resumer::resume) with the run already read (the resume statement itself
-    /// re-checks that the nodes are still awaited).
+    /// Resumes `nodes` (all awaited nodes when `None`) of a run read as `snapshot`, with
+    /// one action and output. Extra context writes (`extra`) are applied in the same
+    /// statement, which itself re-checks that the nodes are still awaited.
     #[allow(clippy::too_many_arguments)]
-    pub fn resume_loaded(
+    pub fn resume(
         &self,
         run_id: &str,
         snapshot: RunSnapshot,
@@ -211,19 +194,8 @@ impl Resumer<'_> {
         // Report each resumed node's successors as that node's (already finished) job.
         let mut idle = false;
         for (n, mine) in targets.iter().zip(&reports) {
-            let outcome = self
-                .coord
-                .finish_job(run_id, &job_id(n, iteration_of(n)), &[], mine)?;
-            let bodies: Vec<Vec<u8>> = mine
-                .iter()
-                .zip(&outcome.ready)
-                .filter(|(_, ready)| **ready)
-                .map(|(s, _)| JobPayload::new(run_id, bp.id(), &s.node, s.iteration).to_body())
-                .collect();
-            if !bodies.is_empty() {
-                publisher.publish_jobs("", self.queue, &bodies)?;
-            }
-            idle = outcome.run_idle;
+            let job = job_id(n, iteration_of(n));
+            idle = self.finish_job(run_id, bp, &job, &[], mine, publisher)?;
         }
         log::info!("run {run_id}: resumed {targets:?} with action {action:?}");
         let completed = idle && self.complete(run_id, publisher)?;
@@ -231,6 +203,33 @@ impl Resumer<'_> {
             nodes: targets,
             completed,
         })
+    }
+
+    /// Closes a finished job in the run's ledger (see
+    /// [`finish_job`](RedisCoordinationStore::finish_job)), publishes the successors that
+    /// became ready, and returns whether the run has no outstanding work left.
+    pub fn finish_job(
+        &self,
+        run_id: &str,
+        bp: &Blueprint,
+        job: &str,
+        also_register: &[String],
+        successors: &[SuccessorReport],
+        publisher: &mut dyn JobSink,
+    ) -> Result<bool, WorkerError> {
+        let outcome = self
+            .coord
+            .finish_job(run_id, job, also_register, successors)?;
+        let bodies: Vec<Vec<u8>> = successors
+            .iter()
+            .zip(&outcome.ready)
+            .filter(|(_, ready)| **ready)
+            .map(|(s, _)| JobPayload::new(run_id, bp.id(), &s.node, s.iteration).to_body())
+            .collect();
+        if !bodies.is_empty() {
+            publisher.publish_jobs("", self.queue, &bodies)?;
+        }
+        Ok(outcome.run_idle)
     }
 
     /// Completes an idle run — status `completed` with its final context, unless it awaits a
@@ -285,7 +284,7 @@ impl Resumer<'_> {
             .map(|(k, v)| (k.to_string(), v.cloned().unwrap_or(Value::Null)))
             .collect();
         let nodes = [link.node_id.clone()];
-        match self.resume_loaded(
+        match self.resume(
             &link.run_id,
             parent,
             Some(&nodes),

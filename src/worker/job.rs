@@ -401,8 +401,6 @@ fn rederive(
     Ok(Outcome::Ack)
 }
 
-/// Redis bookkeeping, then publishing the successors that became ready, then the final
-/// status if the run has no outstanding work.
 /// The jobs the ledger must know when `job` finishes: itself, and the run's start jobs when
 /// it is one of them.
 fn ledger_jobs(bp: &Blueprint, job: &JobPayload, node: &RunNode) -> Vec<String> {
@@ -430,6 +428,8 @@ fn register_paused(
     Ok(())
 }
 
+/// Redis bookkeeping, then publishing the successors that became ready, then the final
+/// status if the run has no outstanding work.
 fn coordinate(
     shared: &Shared,
     bp: &Blueprint,
@@ -440,21 +440,11 @@ fn coordinate(
 ) -> Result<(), WorkerError> {
     let also = ledger_jobs(bp, job, node);
     let me = job_id(&job.node_id, job.iteration);
-    let outcome = shared
-        .coord
-        .finish_job(&job.run_id, &me, &also, &successors)?;
-    let bodies: Vec<Vec<u8>> = successors
-        .iter()
-        .zip(&outcome.ready)
-        .filter(|(_, ready)| **ready)
-        .map(|(s, _)| JobPayload::new(&job.run_id, bp.id(), &s.node, s.iteration).to_body())
-        .collect();
-    if !bodies.is_empty() {
-        publisher.publish_jobs("", &shared.queue, &bodies)?;
-    }
+    let resumer = pause::resumer(shared);
+    let idle = resumer.finish_job(&job.run_id, bp, &me, &also, &successors, publisher)?;
     failpoint::hit("after_publish", &job.node_id);
-    if outcome.run_idle {
-        pause::resumer(shared).complete(&job.run_id, publisher)?;
+    if idle {
+        resumer.complete(&job.run_id, publisher)?;
     }
     Ok(())
 }

@@ -203,7 +203,7 @@ fn resume_node(
 ) -> Result<Outcome, WorkerError> {
     let r = resumer(shared);
     let nodes = [node.to_string()];
-    match r.resume_loaded(
+    match r.resume(
         run,
         snapshot,
         Some(&nodes),
