@@ -183,12 +183,19 @@ pub struct Tables {
     pub webhooks: String,
 }
 
+/// Default table of run contexts.
+pub const DEFAULT_CONTEXTS_TABLE: &str = "flowcraft_contexts";
+/// Default table of run statuses.
+pub const DEFAULT_STATUSES_TABLE: &str = "flowcraft_statuses";
+/// Default table of webhook endpoints.
+pub const DEFAULT_WEBHOOKS_TABLE: &str = "flowcraft_webhooks";
+
 impl Default for Tables {
     fn default() -> Tables {
         Tables {
-            contexts: "flowcraft_contexts".into(),
-            statuses: "flowcraft_statuses".into(),
-            webhooks: "flowcraft_webhooks".into(),
+            contexts: DEFAULT_CONTEXTS_TABLE.into(),
+            statuses: DEFAULT_STATUSES_TABLE.into(),
+            webhooks: DEFAULT_WEBHOOKS_TABLE.into(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use flowcraft_rabbitmq::store::RunStore;
-use flowcraft_rabbitmq::{migrate, Blueprint, NodeRegistry, RabbitMqAdapter};
+use flowcraft_rabbitmq::{migrate, Blueprint, NodeRegistry};
 use serde_json::{json, Value};
 
 use super::{fail, ServiceArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
@@ -44,12 +44,11 @@ pub fn demo(args: &DemoArgs) -> i32 {
     }
     // A queue of its own, so workers of other blueprints never see the demo's jobs.
     let queue = format!("{}.demo", s.queue);
-    let worker = RabbitMqAdapter::builder(&s.rabbitmq_url, pg.clone(), redis.clone())
+    let worker = s
+        .adapter(tables.clone(), pg.clone(), redis.clone())
+        .queue(&queue)
         .registry(NodeRegistry::with_builtins())
         .blueprint(bp.clone())
-        .queue(&queue)
-        .tables(tables.clone())
-        .redis_prefix(&s.redis_prefix)
         .threads(args.threads)
         .reconcile_every(None)
         .build()

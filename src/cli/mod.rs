@@ -40,14 +40,6 @@ pub struct BlueprintDir {
     pub blueprints: PathBuf,
 }
 
-/// `--blueprints DIR` where it is optional.
-#[derive(Args, Clone)]
-pub struct OptionalBlueprintDir {
-    /// Directory of blueprint *.json files.
-    #[arg(long, env = "FLOWCRAFT_BLUEPRINTS", value_name = "DIR")]
-    pub blueprints: Option<PathBuf>,
-}
-
 /// Where the services are, and the names the runtime uses in them.
 #[derive(Args, Clone)]
 pub struct ServiceArgs {
@@ -79,7 +71,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_QUEUE",
-        default_value = "flowcraft-jobs",
+        default_value = flowcraft_rabbitmq::worker::DEFAULT_QUEUE,
         value_name = "NAME"
     )]
     pub queue: String,
@@ -87,7 +79,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_CONTEXTS_TABLE",
-        default_value = "flowcraft_contexts",
+        default_value = flowcraft_rabbitmq::store::DEFAULT_CONTEXTS_TABLE,
         value_name = "NAME"
     )]
     pub contexts_table: String,
@@ -95,7 +87,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_STATUSES_TABLE",
-        default_value = "flowcraft_statuses",
+        default_value = flowcraft_rabbitmq::store::DEFAULT_STATUSES_TABLE,
         value_name = "NAME"
     )]
     pub statuses_table: String,
@@ -103,7 +95,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_WEBHOOKS_TABLE",
-        default_value = "flowcraft_webhooks",
+        default_value = flowcraft_rabbitmq::store::DEFAULT_WEBHOOKS_TABLE,
         value_name = "NAME"
     )]
     pub webhooks_table: String,
@@ -111,7 +103,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_REDIS_PREFIX",
-        default_value = "flowcraft:",
+        default_value = flowcraft_rabbitmq::coordination::DEFAULT_PREFIX,
         value_name = "PREFIX"
     )]
     pub redis_prefix: String,

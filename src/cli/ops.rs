@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use flowcraft_rabbitmq::store::StatusRow;
 use flowcraft_rabbitmq::webhook::{WebhookOptions, WebhookServer};
-use flowcraft_rabbitmq::{migrate as migrations, NodeRegistry, RabbitMqAdapter};
+use flowcraft_rabbitmq::{migrate as migrations, NodeRegistry};
 use serde_json::{json, Value};
 
 use super::local_cmds::{load_valid, run_inputs};
@@ -34,7 +34,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     stalled_after: u64,
     /// How often one node may execute in one run (loops).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = flowcraft_rabbitmq::local::DEFAULT_MAX_ITERATIONS)]
     max_iterations: u32,
     /// Serve webhook calls (POST /webhooks/<runId>/<nodeId>) on this address, e.g. 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR")]
@@ -43,7 +43,7 @@ pub struct WorkerArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_PUBLIC_URL",
-        default_value = "http://127.0.0.1:8080",
+        default_value = flowcraft_rabbitmq::worker::DEFAULT_PUBLIC_URL,
         value_name = "URL"
     )]
     public_url: String,
@@ -62,7 +62,7 @@ pub struct WorkerArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_EVENTS_EXCHANGE",
-        default_value = "flowcraft-events",
+        default_value = flowcraft_rabbitmq::worker::DEFAULT_EVENTS_EXCHANGE,
         value_name = "NAME"
     )]
     events_exchange: String,
@@ -150,12 +150,10 @@ pub fn worker(args: &WorkerArgs) -> i32 {
         );
     }
     let ids: Vec<String> = blueprints.keys().cloned().collect();
-    let mut builder = RabbitMqAdapter::builder(&s.rabbitmq_url, pg, redis)
+    let mut builder = s
+        .adapter(tables, pg, redis)
         .registry(NodeRegistry::with_builtins())
         .blueprints(blueprints.into_values())
-        .queue(&s.queue)
-        .tables(tables)
-        .redis_prefix(&s.redis_prefix)
         .threads(args.threads)
         .reconcile_every(
             (args.reconcile_every > 0).then(|| Duration::from_secs(args.reconcile_every)),
@@ -251,13 +249,9 @@ pub fn start(
 }
 
 pub fn status(services: &ServiceArgs, run: &str) -> i32 {
-    let (tables, pg) = match (services.tables(), services.postgres(1)) {
-        (Ok(t), Ok(p)) => (t, p),
-        (Err(code), _) | (_, Err(code)) => return code,
-    };
-    let store = match flowcraft_rabbitmq::store::RunStore::new(pg, tables) {
+    let store = match services.run_store() {
         Ok(s) => s,
-        Err(e) => return fail(EXIT_USAGE, e),
+        Err(code) => return code,
     };
     match store.status(run) {
         Ok(Some(row)) => {
@@ -326,11 +320,9 @@ pub fn reconcile(dir: &BlueprintDir, services: &ServiceArgs, stalled_after: u64)
         Ok(services) => services,
         Err(code) => return code,
     };
-    let adapter = RabbitMqAdapter::builder(&services.rabbitmq_url, pg, redis)
+    let adapter = services
+        .adapter(tables, pg, redis)
         .blueprints(blueprints.into_values())
-        .queue(&services.queue)
-        .tables(tables)
-        .redis_prefix(&services.redis_prefix)
         .stalled_after(Duration::from_secs(stalled_after))
         .build();
     let adapter = match adapter {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use flowcraft_rabbitmq::amqp::{self, mask_url};
 use flowcraft_rabbitmq::coordination::{self, RedisPool};
-use flowcraft_rabbitmq::store::{self, PgPool, Tables};
+use flowcraft_rabbitmq::store::{self, PgPool, RunStore, Tables};
+use flowcraft_rabbitmq::worker::{RabbitMqAdapter, RabbitMqAdapterBuilder};
 use flowcraft_rabbitmq::{Blueprint, Client};
 
 use super::{fail, ServiceArgs, EXIT_USAGE};
@@ -101,6 +102,21 @@ impl ServiceArgs {
         let redis = self.redis(pool_size)?;
         self.check_rabbitmq()?;
         Ok((tables, pg, redis))
+    }
+
+    /// The run store, once the table names are valid and PostgreSQL answers.
+    pub fn run_store(&self) -> Result<RunStore, i32> {
+        let tables = self.tables()?;
+        let pg = self.postgres(1)?;
+        RunStore::new(pg, tables).map_err(|e| fail(EXIT_USAGE, e))
+    }
+
+    /// A worker builder over these services, queue, tables and Redis prefix.
+    pub fn adapter(&self, tables: Tables, pg: PgPool, redis: RedisPool) -> RabbitMqAdapterBuilder {
+        RabbitMqAdapter::builder(&self.rabbitmq_url, pg, redis)
+            .queue(&self.queue)
+            .tables(tables)
+            .redis_prefix(&self.redis_prefix)
     }
 
     /// A client over all three services.
