@@ -513,17 +513,8 @@ impl<'a> RunState<'a> {
                 let fallback_index = fallback.as_deref().and_then(|f| bp.node_index(f));
                 let taken = choose_successors(bp, index, fallback_index, &result, ctx);
                 for t in taken {
-                    // An `any` join keeps the winner's input; later predecessors change nothing.
-                    let late = readiness(bp, t.edge) == Readiness::Any
-                        && self
-                            .any_fired
-                            .contains(&(t.target, self.generation(t.target)));
-                    if !late {
-                        Arc::make_mut(&mut self.context)
-                            .insert(flow::input_key(&bp.node(t.target).id), t.input);
-                    }
                     let source = bp.edge(t.edge).source.clone();
-                    self.arrive(t.edge, t.target, source);
+                    self.arrive(t.edge, t.target, source, t.input);
                 }
                 let def = bp.node(index);
                 if def.uses == flow::BATCH_SCATTER && result.dynamic_nodes.is_empty() {
@@ -574,14 +565,19 @@ impl<'a> RunState<'a> {
             .unwrap_or(0)
     }
 
-    /// A predecessor reported to a target over an edge.
-    fn arrive(&mut self, edge: usize, target: usize, predecessor: String) {
+    /// A predecessor reported to a target over an edge, with the target's input. An `any`
+    /// join keeps the winner's input; later predecessors change nothing.
+    fn arrive(&mut self, edge: usize, target: usize, predecessor: String, input: Value) {
         let generation = self.generation(target);
+        let rule = readiness(self.bp, edge);
+        if rule != Readiness::Any || !self.any_fired.contains(&(target, generation)) {
+            Arc::make_mut(&mut self.context).insert(flow::input_key(&self.bp.node(target).id), input);
+        }
         if generation > 0 && !self.bp.may_repeat(target) {
             // A node outside loops runs once (a join after a loop hears from it repeatedly).
             return;
         }
-        match readiness(self.bp, edge) {
+        match rule {
             Readiness::Immediate => self.ready.push_back(NodeRef::Static(target)),
             Readiness::All(n) => {
                 let reported = self.joins.entry((target, generation)).or_default();
