@@ -76,16 +76,10 @@ pub fn connect_pool(url: &str, max_size: u32) -> Result<RedisPool, CoordinationE
         .map_err(|e| fail(e.to_string()))
 }
 
-/// How a successor of a finished job becomes ready.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JoinRule {
-    /// Ready at once.
-    Immediate,
-    /// Ready once this many distinct predecessors reported (`fanin:<run>:<node>`).
-    All(usize),
-    /// The first predecessor wins (`joinlock:<run>:<node>`).
-    Any,
-}
+/// How a successor of a finished job becomes ready: the engine's
+/// [`Readiness`](crate::flow::Readiness) (`All` counts `fanin:<run>:<node>`, `Any` takes
+/// `joinlock:<run>:<node>`).
+pub use crate::flow::Readiness as JoinRule;
 
 impl JoinRule {
     /// The rule as the join script takes it: 0 immediate, -1 any, n all of n.

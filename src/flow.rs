@@ -5,12 +5,15 @@
 //! *after* the node's writes; they differ only in where join bookkeeping lives (a map in
 //! process, Redis in the distributed worker).
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
-use crate::blueprint::{Blueprint, JoinStrategy};
+use crate::blueprint::{Blueprint, JoinStrategy, NodeDef};
 use crate::executor::{INPUTS_PREFIX, OUTPUTS_PREFIX};
 use crate::expr::Scope;
 use crate::node::{ContextDeltas, ContextMap, NodeResult};
+use crate::nodes::batch;
 
 /// `uses` of the loop controller built-in.
 pub const LOOP_CONTROLLER: &str = "loop-controller";
@@ -24,6 +27,39 @@ pub struct TakenEdge {
     pub target: usize,
     /// The target's input (`transform` result, or the source's output).
     pub input: Value,
+}
+
+/// A node of a run: one of the blueprint, or a batch worker made at run time.
+#[derive(Debug, Clone)]
+pub enum RunNode {
+    Static(usize),
+    Dynamic(Arc<NodeDef>),
+}
+
+impl RunNode {
+    /// Finds a node by id: in the blueprint, else as a batch worker recorded in the context.
+    pub fn resolve(bp: &Blueprint, context: &ContextMap, node_id: &str) -> Option<RunNode> {
+        if let Some(i) = bp.node_index(node_id) {
+            return Some(RunNode::Static(i));
+        }
+        let gather = batch::gather_of(node_id)?;
+        let record = context.get(&batch::batch_key(gather))?;
+        batch::dynamic_node_def(record, node_id).map(|d| RunNode::Dynamic(Arc::new(d)))
+    }
+
+    /// The node's definition.
+    pub fn def<'a>(&'a self, bp: &'a Blueprint) -> &'a NodeDef {
+        match self {
+            RunNode::Static(i) => bp.node(*i),
+            RunNode::Dynamic(d) => d,
+        }
+    }
+
+    /// Whether the node may execute several times in one run (on or after a cycle): its
+    /// executions are counted per iteration.
+    pub fn may_repeat(&self, bp: &Blueprint) -> bool {
+        matches!(self, RunNode::Static(i) if bp.may_repeat(*i))
+    }
 }
 
 /// How a target of a taken edge becomes ready.

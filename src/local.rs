@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::blueprint::{Blueprint, NodeDef};
 use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
-use crate::flow::{self, choose_successors, readiness, Readiness};
+use crate::flow::{self, choose_successors, readiness, Readiness, RunNode};
 use crate::node::{ContextMap, NodeError, NodeRegistry, NodeResult};
 use crate::nodes::{batch, subflow};
 
@@ -215,7 +215,7 @@ impl LocalRuntime {
         bp.stamp(&mut initial);
         let mut state = RunState::new(self, bp, initial, run_id);
         for &s in bp.start_nodes() {
-            state.ready.push_back(NodeRef::Static(s));
+            state.ready.push_back(RunNode::Static(s));
         }
         state.drive()
     }
@@ -242,7 +242,7 @@ impl LocalRuntime {
         let mut state = RunState::new(self, bp, context, uuid::Uuid::new_v4().to_string());
         for id in awaiting {
             let node = match bp.node_index(&id) {
-                Some(i) => NodeRef::Static(i),
+                Some(i) => RunNode::Static(i),
                 None => continue,
             };
             let result = NodeResult {
@@ -332,29 +332,14 @@ impl LocalRuntime {
     }
 }
 
-#[derive(Clone)]
-enum NodeRef {
-    Static(usize),
-    Dynamic(Arc<NodeDef>),
-}
-
-impl NodeRef {
-    fn def<'a>(&'a self, bp: &'a Blueprint) -> &'a NodeDef {
-        match self {
-            NodeRef::Static(i) => bp.node(*i),
-            NodeRef::Dynamic(d) => d,
-        }
-    }
-}
-
-type Completion = (NodeRef, Result<NodeSuccess, NodeFailure>);
+type Completion = (RunNode, Result<NodeSuccess, NodeFailure>);
 
 struct RunState<'a> {
     runtime: &'a LocalRuntime,
     bp: &'a Blueprint,
     run_id: String,
     context: Arc<ContextMap>,
-    ready: VecDeque<NodeRef>,
+    ready: VecDeque<RunNode>,
     executions: HashMap<String, u32>,
     joins: HashMap<(usize, u32), HashSet<String>>,
     any_fired: HashSet<(usize, u32)>,
@@ -389,7 +374,7 @@ impl<'a> RunState<'a> {
     /// nodes go to up to `threads` scoped worker threads.
     fn drive(mut self) -> WorkflowResult {
         let threads = self.runtime.inner.threads;
-        let (job_tx, job_rx) = crossbeam_channel::unbounded::<(NodeRef, Arc<ContextMap>)>();
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<(RunNode, Arc<ContextMap>)>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
         let runtime = self.runtime;
         let bp = self.bp;
@@ -477,7 +462,7 @@ impl<'a> RunState<'a> {
     }
 
     /// Applies a finished node: its writes and output, then its successors.
-    fn complete(&mut self, node: NodeRef, outcome: Result<NodeSuccess, NodeFailure>) {
+    fn complete(&mut self, node: RunNode, outcome: Result<NodeSuccess, NodeFailure>) {
         let bp = self.bp;
         let id = node.def(bp).id.clone();
         let success = match outcome {
@@ -509,7 +494,7 @@ impl<'a> RunState<'a> {
         let ctx = Arc::make_mut(&mut self.context);
         deltas.apply_to(ctx);
         match node {
-            NodeRef::Static(index) => {
+            RunNode::Static(index) => {
                 let fallback_index = fallback.as_deref().and_then(|f| bp.node_index(f));
                 let taken = choose_successors(bp, index, fallback_index, &result, ctx);
                 for t in taken {
@@ -524,15 +509,15 @@ impl<'a> RunState<'a> {
                         .and_then(Value::as_str)
                         .and_then(|g| bp.node_index(g))
                     {
-                        self.ready.push_back(NodeRef::Static(g));
+                        self.ready.push_back(RunNode::Static(g));
                     }
                 }
                 for d in &result.dynamic_nodes {
                     self.ready
-                        .push_back(NodeRef::Dynamic(Arc::new(batch::def_from_dynamic(d))));
+                        .push_back(RunNode::Dynamic(Arc::new(batch::def_from_dynamic(d))));
                 }
             }
-            NodeRef::Dynamic(_) => self.worker_done(&id),
+            RunNode::Dynamic(_) => self.worker_done(&id),
         }
     }
 
@@ -554,7 +539,7 @@ impl<'a> RunState<'a> {
         done.insert(worker.to_string());
         if done.len() >= expected {
             self.joins.remove(&(gather, generation));
-            self.ready.push_back(NodeRef::Static(gather));
+            self.ready.push_back(RunNode::Static(gather));
         }
     }
 
@@ -571,25 +556,26 @@ impl<'a> RunState<'a> {
         let generation = self.generation(target);
         let rule = readiness(self.bp, edge);
         if rule != Readiness::Any || !self.any_fired.contains(&(target, generation)) {
-            Arc::make_mut(&mut self.context).insert(flow::input_key(&self.bp.node(target).id), input);
+            Arc::make_mut(&mut self.context)
+                .insert(flow::input_key(&self.bp.node(target).id), input);
         }
         if generation > 0 && !self.bp.may_repeat(target) {
             // A node outside loops runs once (a join after a loop hears from it repeatedly).
             return;
         }
         match rule {
-            Readiness::Immediate => self.ready.push_back(NodeRef::Static(target)),
+            Readiness::Immediate => self.ready.push_back(RunNode::Static(target)),
             Readiness::All(n) => {
                 let reported = self.joins.entry((target, generation)).or_default();
                 reported.insert(predecessor);
                 if reported.len() >= n {
                     self.joins.remove(&(target, generation));
-                    self.ready.push_back(NodeRef::Static(target));
+                    self.ready.push_back(RunNode::Static(target));
                 }
             }
             Readiness::Any => {
                 if self.any_fired.insert((target, generation)) {
-                    self.ready.push_back(NodeRef::Static(target));
+                    self.ready.push_back(RunNode::Static(target));
                 }
             }
         }

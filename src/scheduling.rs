@@ -6,9 +6,9 @@
 
 use serde_json::Value;
 
-use crate::blueprint::{Blueprint, NodeDef};
+use crate::blueprint::Blueprint;
 use crate::coordination::{job_id, JoinRule, SuccessorReport};
-use crate::flow::{self, choose_successors, output_key, readiness, Readiness};
+use crate::flow::{self, choose_successors, output_key, readiness};
 use crate::local::AWAITING_NODE_IDS;
 use crate::node::{ContextMap, NodeResult};
 use crate::nodes::batch;
@@ -23,38 +23,7 @@ pub fn meta_key(node_id: &str) -> String {
     format!("{NODE_META_PREFIX}{node_id}")
 }
 
-/// A node of a run: one of the blueprint, or a batch worker made at run time.
-#[derive(Debug, Clone)]
-pub enum RunNode {
-    Static(usize),
-    Dynamic(NodeDef),
-}
-
-impl RunNode {
-    /// Finds a node by id: in the blueprint, else as a batch worker recorded in the context.
-    pub fn resolve(bp: &Blueprint, context: &ContextMap, node_id: &str) -> Option<RunNode> {
-        if let Some(i) = bp.node_index(node_id) {
-            return Some(RunNode::Static(i));
-        }
-        let gather = batch::gather_of(node_id)?;
-        let record = context.get(&batch::batch_key(gather))?;
-        batch::dynamic_node_def(record, node_id).map(RunNode::Dynamic)
-    }
-
-    /// The node's definition.
-    pub fn def<'a>(&'a self, bp: &'a Blueprint) -> &'a NodeDef {
-        match self {
-            RunNode::Static(i) => bp.node(*i),
-            RunNode::Dynamic(d) => d,
-        }
-    }
-
-    /// Whether the node may execute several times in one run (on or after a cycle): its
-    /// executions are counted per iteration.
-    pub fn may_repeat(&self, bp: &Blueprint) -> bool {
-        matches!(self, RunNode::Static(i) if bp.may_repeat(*i))
-    }
-}
+pub use crate::flow::RunNode;
 
 /// The highest committed iteration of a node plus one (0 when none): for nodes that may
 /// repeat, from their committed `iters`; otherwise whether their output exists.
@@ -242,11 +211,7 @@ pub fn next_jobs(
                     .into_iter()
                     .map(|taken| {
                         let target = bp.node(taken.target);
-                        let rule = match readiness(bp, taken.edge) {
-                            Readiness::Immediate => JoinRule::Immediate,
-                            Readiness::All(n) => JoinRule::All(n),
-                            Readiness::Any => JoinRule::Any,
-                        };
+                        let rule = readiness(bp, taken.edge);
                         let iteration = if !bp.may_repeat(taken.target) {
                             0
                         } else if rule != JoinRule::Immediate {
