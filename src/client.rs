@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use amiquip::Connection;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::amqp::{self, AmqpError, ConfirmPublisher, JobSink};
 use crate::blueprint::Blueprint;
 use crate::coordination::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
-use crate::node::ContextMap;
+use crate::executor::NodeSuccess;
+use crate::node::{ContextMap, NodeResult};
 use crate::protocol::JobPayload;
 use crate::resume::{ResumeError, Resumer};
 use crate::store::{PgPool, RunStore, StatusRow, StoreError, Tables};
@@ -224,15 +225,13 @@ impl Client {
                 blueprints: &self.blueprints,
                 queue: &self.queue,
             };
-            let outcome = resumer.resume(
-                run_id,
-                snapshot,
-                nodes,
-                action,
+            let result = NodeResult {
                 output,
-                Map::new(),
-                publisher,
-            )?;
+                action: action.map(String::from),
+                ..NodeResult::default()
+            };
+            let outcome =
+                resumer.resume(run_id, snapshot, nodes, NodeSuccess::of(result), publisher)?;
             Ok(outcome.nodes)
         })
     }

@@ -42,6 +42,18 @@ pub struct NodeSuccess {
     pub attempts: u32,
 }
 
+impl NodeSuccess {
+    /// A result that stands as it is: no context writes, no fallback (a resumed pause).
+    pub fn of(result: NodeResult) -> NodeSuccess {
+        NodeSuccess {
+            result,
+            deltas: ContextDeltas::default(),
+            fallback: None,
+            attempts: 1,
+        }
+    }
+}
+
 /// A node failed for good.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeFailure {
@@ -90,6 +102,36 @@ fn execute_with_fallback(
         Ok(success) => return Ok(success),
         Err(failure) => failure,
     };
+    fallback_after(job, registry, snapshot, inherited, depth, failure)
+}
+
+/// Runs `job`'s fallback for a failure of its own that happened elsewhere (a subflow whose
+/// child run failed): `_catch_error` set, as when its attempts fail here. Without a
+/// fallback (or for a fatal failure) the failure stands.
+pub fn run_fallback(
+    job: NodeJob<'_>,
+    registry: &NodeRegistry,
+    snapshot: Arc<ContextMap>,
+    failure: NodeFailure,
+) -> Result<NodeSuccess, NodeFailure> {
+    fallback_after(
+        job,
+        registry,
+        snapshot,
+        ContextDeltas::default(),
+        0,
+        failure,
+    )
+}
+
+fn fallback_after(
+    job: NodeJob<'_>,
+    registry: &NodeRegistry,
+    snapshot: Arc<ContextMap>,
+    inherited: ContextDeltas,
+    depth: usize,
+    failure: NodeFailure,
+) -> Result<NodeSuccess, NodeFailure> {
     let fallback_id = match &job.node.config.fallback {
         Some(f) if !failure.fatal => f,
         _ => return Err(failure),

@@ -8,9 +8,10 @@ use serde_json::{json, Map, Value};
 use crate::amqp::JobSink;
 use crate::blueprint::Blueprint;
 use crate::coordination::{job_id, RedisCoordinationStore, SuccessorReport};
-use crate::flow::{input_key, output_key};
+use crate::executor::NodeSuccess;
+use crate::flow::{input_key, record_output};
 use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
-use crate::node::{ContextMap, NodeResult};
+use crate::node::{ContextDeltas, ContextMap};
 use crate::protocol::JobPayload;
 use crate::scheduling::{meta_key, next_jobs, node_meta, RunNode};
 use crate::store::{RunSnapshot, RunStore};
@@ -69,18 +70,16 @@ pub struct Resumer<'a> {
 }
 
 impl Resumer<'_> {
-    /// Resumes `nodes` (all awaited nodes when `None`) of a run read as `snapshot`, with
-    /// one action and output. Extra context writes (`extra`) are applied in the same
-    /// statement, which itself re-checks that the nodes are still awaited.
-    #[allow(clippy::too_many_arguments)]
+    /// Resumes `nodes` (all awaited nodes when `None`) of a run read as `snapshot`, as if
+    /// each had finished with `success`: its output and action (`_resume.*` too), its context
+    /// writes, and the fallback that stood in for it, if any. One statement applies it all,
+    /// and only while the nodes are still awaited.
     pub fn resume(
         &self,
         run_id: &str,
         snapshot: RunSnapshot,
         nodes: Option<&[String]>,
-        action: Option<&str>,
-        output: Value,
-        extra: Map<String, Value>,
+        success: NodeSuccess,
         publisher: &mut dyn JobSink,
     ) -> Result<ResumeOutcome, ResumeError> {
         let status = snapshot.status.clone().unwrap_or_else(|| "unknown".into());
@@ -127,7 +126,23 @@ impl Resumer<'_> {
                     run: run_id.into(),
                     blueprint: blueprint_id.clone(),
                 })?;
-        let mut set = extra;
+        let NodeSuccess {
+            result,
+            deltas,
+            fallback,
+            ..
+        } = success;
+        let (action, output) = (result.action.as_deref(), &result.output);
+        let mut set = Map::new();
+        let mut delete = Vec::new();
+        for (k, v) in deltas.iter() {
+            match v {
+                Some(v) => {
+                    set.insert(k.to_string(), v.clone());
+                }
+                None => delete.push(k.to_string()),
+            }
+        }
         set.insert(
             "_resume.action".into(),
             action
@@ -135,14 +150,12 @@ impl Resumer<'_> {
                 .unwrap_or(Value::Null),
         );
         set.insert("_resume.output".into(), output.clone());
-        let result = NodeResult {
-            output: output.clone(),
-            action: action.map(String::from),
-            ..NodeResult::default()
-        };
         let mut merged: ContextMap = context.clone();
         merged.remove(AWAITING_NODE_IDS);
         merged.remove(AWAITING_DETAILS);
+        for k in &delete {
+            merged.remove(k);
+        }
         let details = context
             .get(AWAITING_DETAILS)
             .cloned()
@@ -164,7 +177,11 @@ impl Resumer<'_> {
             }
         };
         for n in &targets {
-            set.insert(output_key(n), output.clone());
+            let mut outputs = ContextDeltas::default();
+            record_output(&mut outputs, n, fallback.as_deref(), output);
+            for (k, v) in outputs.iter() {
+                set.insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
+            }
             // Seen as committed by the successor computation below; replaced with the full
             // record once the successors are known.
             set.insert(meta_key(n), record(json!({}), n));
@@ -177,7 +194,8 @@ impl Resumer<'_> {
         for n in &targets {
             let mut mine = Vec::new();
             if let Some(node) = RunNode::resolve(bp, &merged, n) {
-                for next in next_jobs(bp, &node, &result, None, &merged, iteration_of(n)) {
+                let fallback = fallback.as_deref();
+                for next in next_jobs(bp, &node, &result, fallback, &merged, iteration_of(n)) {
                     if let Some(input) = next.input {
                         set.insert(input_key(&next.report.node), input.clone());
                         merged.insert(input_key(&next.report.node), input);
@@ -185,10 +203,11 @@ impl Resumer<'_> {
                     mine.push(next.report);
                 }
             }
-            set.insert(meta_key(n), record(node_meta(action, None, &mine), n));
+            let meta = node_meta(action, fallback.as_deref(), &mine);
+            set.insert(meta_key(n), record(meta, n));
             reports.push(mine);
         }
-        if !self.store.resume_nodes(run_id, &targets, &set)? {
+        if !self.store.resume_nodes(run_id, &targets, set, &delete)? {
             return Err(ResumeError::AlreadyResumed(run_id.into()));
         }
         // Report each resumed node's successors as that node's (already finished) job.
@@ -279,20 +298,12 @@ impl Resumer<'_> {
             return Ok(());
         };
         let (result, deltas) = crate::nodes::subflow::subflow_result(&details, child_bp, context);
-        let extra: Map<String, Value> = deltas
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.cloned().unwrap_or(Value::Null)))
-            .collect();
+        let success = NodeSuccess {
+            deltas,
+            ..NodeSuccess::of(result)
+        };
         let nodes = [link.node_id.clone()];
-        match self.resume(
-            &link.run_id,
-            parent,
-            Some(&nodes),
-            result.action.as_deref(),
-            result.output,
-            extra,
-            publisher,
-        ) {
+        match self.resume(&link.run_id, parent, Some(&nodes), success, publisher) {
             Ok(_) => Ok(()),
             Err(ResumeError::Worker(e)) => Err(e),
             Err(other) => {

@@ -365,7 +365,9 @@ fn a_failed_child_is_retried_then_falls_back() {
     let falling_back = bp(
         r#"{"id":"p2","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child2"},
         "config":{"fallback":"fb"}},{"id":"fb","uses":"transform","params":{"expression":"'fallback after: ' + context._catch_error.message"}},
-        {"id":"next","uses":"transform","params":{"expression":"input"}}],"edges":[{"source":"sub","target":"next"}]}"#,
+        {"id":"next","uses":"transform","params":{"expression":"input"}},
+        {"id":"after_fb","uses":"transform","params":{"expression":"'fallback edge'"}}],
+        "edges":[{"source":"sub","target":"next"},{"source":"fb","target":"after_fb"}]}"#,
     );
     let failing = bp(
         r#"{"id":"p3","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child2"}}]}"#,
@@ -397,10 +399,12 @@ fn a_failed_child_is_retried_then_falls_back() {
 
     let run = client.start_workflow("p2", ContextMap::new()).unwrap();
     let row = env.wait_for_status(&run, "completed", WAIT);
-    let next = row.result.unwrap()["context"]["_outputs.next"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let context = row.result.unwrap()["context"].clone();
+    // As in the in-process runner: the fallback's output stands for the node and under its
+    // own id, and the fallback's own edges are taken too.
+    assert_eq!(context["_outputs.fb"], context["_outputs.sub"]);
+    assert_eq!(context["_outputs.after_fb"], json!("fallback edge"));
+    let next = context["_outputs.next"].as_str().unwrap().to_string();
     assert!(
         next.starts_with("fallback after: subflow 'child2'") && next.contains("never works"),
         "{next}"

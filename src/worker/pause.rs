@@ -16,12 +16,14 @@
 //! Every step is idempotent: a redelivered pausing job repeats `after_commit`, and resumes
 //! are guarded by the awaiting keys.
 
-use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
 
 use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, NodeDef};
-use crate::executor::{execute_node, NodeJob};
-use crate::flow::{input_key, output_key};
+use crate::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
+use crate::flow::input_key;
 use crate::local::AWAITING_DETAILS;
 use crate::node::NodeResult;
 use crate::nodes::{now_ms, subflow};
@@ -190,28 +192,16 @@ pub(crate) fn resumer(shared: &Shared) -> Resumer<'_> {
 
 /// Resumes one awaited node; a node no longer awaited (resumed already, or the run ended)
 /// is not an error.
-#[allow(clippy::too_many_arguments)]
 fn resume_node(
     shared: &Shared,
     run: &str,
     snapshot: RunSnapshot,
     node: &str,
-    action: Option<&str>,
-    output: Value,
-    extra: Map<String, Value>,
+    success: NodeSuccess,
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
-    let r = resumer(shared);
     let nodes = [node.to_string()];
-    match r.resume(
-        run,
-        snapshot,
-        Some(&nodes),
-        action,
-        output,
-        extra,
-        publisher,
-    ) {
+    match resumer(shared).resume(run, snapshot, Some(&nodes), success, publisher) {
         Ok(_) => Ok(Outcome::Ack),
         Err(ResumeError::Worker(e)) => Err(e),
         Err(other) => {
@@ -263,14 +253,13 @@ pub(crate) fn on_timer(
         .cloned()
         .unwrap_or(Value::Null);
     log::info!("run {}: '{}' wakes up", job.run_id, job.node_id);
+    let success = NodeSuccess::of(NodeResult::output(output));
     resume_node(
         shared,
         &job.run_id,
         snapshot,
         &job.node_id,
-        None,
-        output,
-        Map::new(),
+        success,
         publisher,
     )
 }
@@ -318,19 +307,10 @@ pub(crate) fn on_event(
             "webhook event for run '{run}', whose node '{node}' is not an awaited webhook"
         )));
     }
-    resume_node(
-        shared,
-        &run,
-        snapshot,
-        &node,
-        None,
-        event.payload.clone(),
-        Map::new(),
-        publisher,
-    )
+    let success = NodeSuccess::of(NodeResult::output(event.payload.clone()));
+    resume_node(shared, &run, snapshot, &node, success, publisher)
 }
 
-/// A run completed: resume its subflow parent, if any.
 /// Marks a run failed; if it is a subflow's child, the parent node retries it (a new child
 /// run, while `maxRetries` allows), runs its fallback, or fails too.
 pub(crate) fn fail_run(
@@ -443,42 +423,32 @@ fn child_failed(
         }
         return Ok(None);
     }
-    let Some(fallback_id) = node.config.fallback.as_deref() else {
-        return Ok(Some(format!("node '{}' failed: {message}", node.id)));
+    let failure = NodeFailure {
+        node_id: node.id.clone(),
+        message: message.clone(),
+        fatal: false,
+        attempts: attempt,
     };
-    let Some(fallback) = bp.node_by_id(fallback_id) else {
-        return Ok(Some(format!("node '{}' failed: {message}", node.id)));
-    };
-    let catch = json!({"message": message, "nodeId": node.id, "blueprintId": bp.id()});
-    let mut snapshot = parent.context.clone();
-    snapshot.insert("_catch_error".into(), catch.clone());
     let job = NodeJob {
         blueprint: bp,
-        node: fallback,
+        node,
         run_id: &link.run_id,
     };
-    match execute_node(job, &shared.registry, std::sync::Arc::new(snapshot)) {
+    let RunSnapshot { context, status } = parent;
+    let context = Arc::new(context);
+    match run_fallback(job, &shared.registry, context.clone(), failure) {
         Ok(success) => {
-            let mut extra: Map<String, Value> = success
-                .deltas
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.cloned().unwrap_or(Value::Null)))
-                .collect();
-            extra.insert("_catch_error".into(), catch);
-            extra.insert(output_key(fallback_id), success.result.output.clone());
-            let NodeResult { output, action, .. } = success.result;
-            resume_node(
-                shared,
-                &link.run_id,
-                parent,
-                &node.id,
-                action.as_deref(),
-                output,
-                extra,
-                publisher,
-            )?;
+            let parent = RunSnapshot {
+                context: Arc::unwrap_or_clone(context),
+                status,
+            };
+            resume_node(shared, &link.run_id, parent, &node.id, success, publisher)?;
             Ok(None)
         }
+        Err(failure) if failure.node_id == node.id => Ok(Some(format!(
+            "node '{}' failed: {}",
+            node.id, failure.message
+        ))),
         Err(failure) => Ok(Some(format!(
             "{failure} (fallback of '{}' after: {message})",
             node.id
