@@ -53,14 +53,13 @@ pub(crate) fn handle(
     redelivered: bool,
     publisher: &mut dyn JobSink,
 ) -> Outcome {
-    let (result, what) = match Message::parse(body) {
-        Err(reason) => return Outcome::DeadLetter(reason),
-        Ok(Message::Event(event)) => (
-            pause::on_event(shared, &event, publisher),
-            event.event.clone(),
-        ),
+    let retry = |what: String, e: WorkerError| Outcome::Retry(format!("{what}: {e}"));
+    match Message::parse(body) {
+        Err(reason) => Outcome::DeadLetter(reason),
+        Ok(Message::Event(event)) => pause::on_event(shared, &event, publisher)
+            .unwrap_or_else(|e| retry(event.event.clone(), e)),
         Ok(Message::Job(job)) if job.timer => {
-            (pause::on_timer(shared, &job, publisher), describe(&job))
+            pause::on_timer(shared, &job, publisher).unwrap_or_else(|e| retry(describe(&job), e))
         }
         Ok(Message::Job(job)) => {
             log::debug!(
@@ -69,13 +68,10 @@ pub(crate) fn handle(
                 job.node_id,
                 job.iteration
             );
-            (
-                process(shared, &job, redelivered, publisher),
-                describe(&job),
-            )
+            process(shared, &job, redelivered, publisher)
+                .unwrap_or_else(|e| retry(describe(&job), e))
         }
-    };
-    result.unwrap_or_else(|e| Outcome::Retry(format!("{what}: {e}")))
+    }
 }
 
 fn describe(job: &JobPayload) -> String {
@@ -164,8 +160,7 @@ fn process(
         shared.coord.finish_job(&job.run_id, &me, &[], &[])?;
         return Ok(Outcome::Ack);
     }
-    if job.iteration == 0
-        && matches!(node, RunNode::Static(i) if bp.start_nodes().contains(&i))
+    if is_start_job(bp, job, &node)
         && bp
             .start_node_ids()
             .iter()
@@ -401,12 +396,15 @@ fn rederive(
     Ok(Outcome::Ack)
 }
 
+/// Whether `job` is one of the run's first jobs (a start node, before any loop).
+fn is_start_job(bp: &Blueprint, job: &JobPayload, node: &RunNode) -> bool {
+    job.iteration == 0 && matches!(node, RunNode::Static(i) if bp.start_nodes().contains(i))
+}
+
 /// The jobs the ledger must know when `job` finishes: itself, and the run's start jobs when
 /// it is one of them.
 fn ledger_jobs(bp: &Blueprint, job: &JobPayload, node: &RunNode) -> Vec<String> {
-    let is_start =
-        matches!(node, RunNode::Static(i) if bp.start_nodes().contains(i)) && job.iteration == 0;
-    if is_start {
+    if is_start_job(bp, job, node) {
         scheduling::start_jobs(bp)
     } else {
         Vec::new()
