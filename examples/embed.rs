@@ -4,7 +4,7 @@
 //! Needs RabbitMQ, PostgreSQL and Redis (default local URLs, or RABBITMQ_URL, POSTGRES_URL,
 //! REDIS_URL). Run with `cargo run --example embed`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowcraft_rabbitmq::node::ContextMap;
 use flowcraft_rabbitmq::store::Tables;
@@ -72,14 +72,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut context = ContextMap::new();
     context.insert("name".into(), json!("ada"));
     let run = client.start_workflow("greeting", context)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let row = loop {
-        match client.status(&run)? {
-            Some(row) if row.status != "running" => break row,
-            _ if Instant::now() > deadline => return Err("the run did not finish in 30 s".into()),
-            _ => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let row = client.wait(&run, Duration::from_secs(30))?;
+    if row.status == "running" {
+        return Err("the run did not finish in 30 s".into());
+    }
     let result = row.result.unwrap_or_default();
     println!("run {run}: {}", row.status);
     println!("shout = {}", result["context"]["_outputs.shout"]);

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use amiquip::Connection;
 use serde_json::Value;
@@ -186,6 +187,22 @@ impl Client {
     /// A run's status row (`None` if unknown).
     pub fn status(&self, run_id: &str) -> Result<Option<StatusRow>, ClientError> {
         Ok(self.store.status(run_id)?)
+    }
+
+    /// Polls a run's status until it is no longer `running` — `completed`, `failed`,
+    /// `cancelled` or `awaiting` — or `timeout` has passed; returns the last status row
+    /// (still `running` on timeout).
+    pub fn wait(&self, run_id: &str, timeout: Duration) -> Result<StatusRow, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self
+                .status(run_id)?
+                .ok_or_else(|| ClientError::UnknownRun(run_id.into()))?;
+            if row.status != "running" || Instant::now() >= deadline {
+                return Ok(row);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Resumes a paused run: `_resume.action`/`_resume.output` are set, `output` becomes every

@@ -66,15 +66,10 @@ fn duplicate_deliveries_apply_effects_once() {
     assert_eq!(row.result.unwrap()["context"]["_outputs.end"], json!(4));
 }
 
-/// Runs as a child process (see `a_worker_killed_after_commit_loses_nothing`): a worker that
-/// exits at a failpoint.
-#[test]
-#[ignore = "child process of a_worker_killed_after_commit_loses_nothing"]
-fn crash_child_worker() {
-    let Ok(spec) = std::env::var("FLOWCRAFT_TEST_CHILD") else {
-        return;
-    };
-    let spec: Value = serde_json::from_str(&spec).unwrap();
+/// The child process of a crash test: a worker that exits at the failpoint named by
+/// `FLOWCRAFT_FAILPOINT` (or fails the test after a minute if it is never reached).
+fn crash_child_worker(spec: &str) -> ! {
+    let spec: Value = serde_json::from_str(spec).unwrap();
     let tables = flowcraft_rabbitmq::store::Tables::new(
         spec["contexts"].as_str().unwrap(),
         spec["statuses"].as_str().unwrap(),
@@ -90,6 +85,7 @@ fn crash_child_worker() {
         .queue(spec["queue"].as_str().unwrap())
         .tables(tables)
         .redis_prefix(spec["prefix"].as_str().unwrap())
+        .events_exchange(spec["events"].as_str().unwrap())
         .reconcile_every(None)
         .threads(1)
         .build()
@@ -102,17 +98,22 @@ fn crash_child_worker() {
     panic!("the failpoint was not reached");
 }
 
-fn crash_at(point: &str) {
+/// A crash test: a child process — this test binary running `test` again, with
+/// `FLOWCRAFT_TEST_CHILD` set — works on a run and exits at `point` on node n3.
+fn crash_at(test: &str, point: &str) {
+    if let Ok(spec) = std::env::var("FLOWCRAFT_TEST_CHILD") {
+        crash_child_worker(&spec);
+    }
     let env = TestEnv::new(&format!("crash_{point}"));
     let (chain, expected) = workload("chain5");
     let spec = json!({
         "contexts": env.tables.contexts, "statuses": env.tables.statuses, "webhooks": env.tables.webhooks,
-        "queue": env.queue, "prefix": env.prefix,
+        "queue": env.queue, "prefix": env.prefix, "events": env.events_exchange(),
     });
     let client = env.client(vec![chain.clone()]);
     let run = client.start_workflow("chain5", ContextMap::new()).unwrap();
     let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_worker", "--ignored", "--nocapture"])
+        .args(["--exact", test, "--nocapture"])
         .env("FLOWCRAFT_TEST_CHILD", spec.to_string())
         .env("FLOWCRAFT_FAILPOINT", format!("{point}:n3"))
         .status()
@@ -142,12 +143,15 @@ fn crash_at(point: &str) {
 
 #[test]
 fn a_worker_killed_after_commit_loses_nothing() {
-    crash_at("after_commit");
+    crash_at("a_worker_killed_after_commit_loses_nothing", "after_commit");
 }
 
 #[test]
 fn a_worker_killed_after_publish_loses_nothing() {
-    crash_at("after_publish");
+    crash_at(
+        "a_worker_killed_after_publish_loses_nothing",
+        "after_publish",
+    );
 }
 
 #[test]

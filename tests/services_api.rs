@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use flowcraft_rabbitmq::context::PatchOp;
 use flowcraft_rabbitmq::coordination::{JoinRule, SuccessorReport};
+use flowcraft_rabbitmq::node::ContextMap;
 use flowcraft_rabbitmq::{PostgresContext, RedisCoordinationStore};
 use serde_json::json;
 
@@ -145,4 +146,24 @@ fn finish_job_fires_joins_once_and_tracks_outstanding_work() {
             .ready,
         vec![false]
     );
+}
+
+#[test]
+fn client_wait_returns_when_the_run_stops_running_or_the_time_is_up() {
+    let env = TestEnv::new("client_wait");
+    let (chain, _) = workload("chain5");
+    let client = env.client(vec![chain.clone()]);
+    // No worker yet: the run stays `running` and the wait ends at its timeout.
+    let run = client.start_workflow("chain5", ContextMap::new()).unwrap();
+    let row = client.wait(&run, Duration::from_millis(100)).unwrap();
+    assert_eq!(row.status, "running");
+    let worker = env.start_worker(inc_registry(), vec![chain], 2);
+    let row = client.wait(&run, Duration::from_secs(30)).unwrap();
+    assert_eq!(row.status, "completed");
+    assert_eq!(row.result.unwrap()["context"]["_outputs.n5"], json!(5));
+    let err = client
+        .wait("no-such-run", Duration::from_secs(1))
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    worker.stop().unwrap();
 }

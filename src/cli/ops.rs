@@ -1,7 +1,7 @@
 //! The distributed subcommands: `migrate`, `worker`, `start`, `status`, `resume`, `cancel`,
 //! `reconcile`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 use flowcraft_rabbitmq::store::StatusRow;
@@ -223,28 +223,19 @@ pub fn start(
         return EXIT_OK;
     };
     eprintln!("flowcraft: started run {run}; waiting");
-    let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
-    loop {
-        let row = match client.status(&run) {
-            Ok(Some(row)) => row,
-            Ok(None) => return fail(EXIT_FAILED, format!("run {run} disappeared")),
-            Err(e) => return fail(EXIT_FAILED, e),
-        };
-        let code = match row.status.as_str() {
-            "completed" => Some(EXIT_OK),
-            "failed" | "cancelled" => Some(EXIT_FAILED),
-            "awaiting" => Some(EXIT_AWAITING),
-            _ if Instant::now() >= deadline => Some(EXIT_TIMEOUT),
-            _ => None,
-        };
-        if let Some(code) = code {
-            println!("{}", status_json(&row));
-            if code == EXIT_TIMEOUT {
-                eprintln!("flowcraft: run {run} is still running after {timeout} s");
-            }
-            return code;
+    let row = match client.wait(&run, Duration::from_secs_f64(timeout.max(0.0))) {
+        Ok(row) => row,
+        Err(e) => return fail(EXIT_FAILED, e),
+    };
+    println!("{}", status_json(&row));
+    match row.status.as_str() {
+        "completed" => EXIT_OK,
+        "awaiting" => EXIT_AWAITING,
+        "running" => {
+            eprintln!("flowcraft: run {run} is still running after {timeout} s");
+            EXIT_TIMEOUT
         }
-        std::thread::sleep(Duration::from_millis(50));
+        _ => EXIT_FAILED,
     }
 }
 
