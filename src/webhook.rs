@@ -228,31 +228,6 @@ impl Receiver {
         if body.len() > max {
             return error(413, &format!("the body is over {max} bytes"));
         }
-        let webhook_id = format!("{run}:{node}");
-        match self.options.store.webhook(&webhook_id) {
-            Ok(Some(_)) => {}
-            Ok(None) => return error(404, "unknown webhook"),
-            Err(e) => {
-                log::warn!("webhook lookup failed: {e}");
-                return error(503, "the database is unavailable; retry later");
-            }
-        }
-        if let Some(secret) = &self.options.secret {
-            let signature = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv(SIGNATURE_HEADER))
-                .map(|h| h.value.as_str().to_string());
-            match signature {
-                Some(sig) if signature_matches(secret, &body, &sig) => {}
-                Some(_) => return error(401, "the signature does not match the body"),
-                None => return error(401, &format!("missing {SIGNATURE_HEADER} header")),
-            }
-        }
-        let payload: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => return error(400, &format!("the body is not JSON: {e}")),
-        };
         // A webhook fires once per pause: once its node is no longer awaited (resumed, or the
         // run ended), every call is a replay. The marker (per loop iteration) stops two calls
         // racing within the same pause; it expires, so a receiver that crashed between
@@ -274,6 +249,36 @@ impl Receiver {
                 log::warn!("webhook lookup failed: {e}");
                 return error(503, "the database is unavailable; retry later");
             }
+        };
+        if awaited.is_none() {
+            // An awaited webhook node registered its endpoint before pausing; otherwise
+            // look the endpoint up, to tell an unknown webhook from one called too early or
+            // too late.
+            let webhook_id = format!("{run}:{node}");
+            match self.options.store.webhook(&webhook_id) {
+                Ok(Some(_)) => {}
+                Ok(None) => return error(404, "unknown webhook"),
+                Err(e) => {
+                    log::warn!("webhook lookup failed: {e}");
+                    return error(503, "the database is unavailable; retry later");
+                }
+            }
+        }
+        if let Some(secret) = &self.options.secret {
+            let signature = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv(SIGNATURE_HEADER))
+                .map(|h| h.value.as_str().to_string());
+            match signature {
+                Some(sig) if signature_matches(secret, &body, &sig) => {}
+                Some(_) => return error(401, "the signature does not match the body"),
+                None => return error(401, &format!("missing {SIGNATURE_HEADER} header")),
+            }
+        }
+        let payload: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error(400, &format!("the body is not JSON: {e}")),
         };
         let Some(iteration) = awaited else {
             if fired_before {
