@@ -370,6 +370,15 @@ impl Blueprint {
         }
     }
 
+    /// The blueprint id a run's context was stamped with ([`stamp`](Blueprint::stamp)); empty
+    /// when it has none.
+    pub fn stamped_id(context: &serde_json::Map<String, Value>) -> &str {
+        context
+            .get("blueprintId")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
     /// Problems that do not reject the blueprint (for example an unparsable condition).
     pub fn warnings(&self) -> &[String] {
         &self.warnings

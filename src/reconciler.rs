@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::amqp::{self, ConfirmPublisher, JobSink};
 use crate::blueprint::Blueprint;
@@ -112,11 +111,7 @@ impl Reconciler {
                 "run {run} has a status row but no context row"
             )));
         };
-        let blueprint_id = snapshot
-            .context
-            .get("blueprintId")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let blueprint_id = Blueprint::stamped_id(&snapshot.context);
         let Some(bp) = self.blueprints.get(blueprint_id) else {
             return Err(WorkerError::Options(format!(
                 "run {run}: blueprint '{blueprint_id}' is not loaded (or the run's first job never ran)"

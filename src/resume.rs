@@ -114,11 +114,7 @@ impl Resumer<'_> {
                 status,
             });
         }
-        let blueprint_id = context
-            .get("blueprintId")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let blueprint_id = Blueprint::stamped_id(&context).to_string();
         let bp =
             self.blueprints
                 .get(&blueprint_id)
@@ -290,11 +286,7 @@ impl Resumer<'_> {
         let Some((parent, details)) = link.awaiting_parent(self.store, child_run)? else {
             return Ok(());
         };
-        let Some(child_bp) = context
-            .get("blueprintId")
-            .and_then(Value::as_str)
-            .and_then(|id| self.blueprints.get(id))
-        else {
+        let Some(child_bp) = self.blueprints.get(Blueprint::stamped_id(context)) else {
             return Ok(());
         };
         let (result, deltas) = crate::nodes::subflow::subflow_result(&details, child_bp, context);

@@ -383,12 +383,10 @@ fn child_failed(
     details: Value,
     publisher: &mut dyn JobSink,
 ) -> Result<Option<String>, WorkerError> {
-    let bp_id = parent
-        .context
-        .get("blueprintId")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let Some(bp) = shared.blueprints.get(bp_id) else {
+    let Some(bp) = shared
+        .blueprints
+        .get(Blueprint::stamped_id(&parent.context))
+    else {
         return Ok(None);
     };
     let Some(node) = bp.node_by_id(&link.node_id) else {
