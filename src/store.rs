@@ -648,12 +648,7 @@ impl RunStore {
     /// Marks a running or awaiting run `failed` with a reason (creating the status row if
     /// missing).
     pub fn fail_run(&self, run_id: &str, reason: &str) -> Result<bool, StoreError> {
-        let n = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.fail)?;
-            conn.execute(&stmt, &[&run_id, &reason])?
-        };
-        Ok(n > 0)
+        Ok(self.execute(&self.sql.fail, &[&run_id, &reason])? > 0)
     }
 
     /// Moves a run to `status` if its current status is one of `from`; returns whether it moved.
@@ -665,8 +660,7 @@ impl RunStore {
         from: &[&str],
     ) -> Result<bool, StoreError> {
         let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
-        let n = self.execute(&self.sql.set_status, &[&run_id, &status, &result, &from])?;
-        Ok(n > 0)
+        Ok(self.execute(&self.sql.set_status, &[&run_id, &status, &result, &from])? > 0)
     }
 
     /// A run's status row.
@@ -700,12 +694,7 @@ impl RunStore {
 
     /// Moves a run's `updated_at` to now.
     pub fn touch(&self, run_id: &str) -> Result<(), StoreError> {
-        {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.touch)?;
-            conn.execute(&stmt, &[&run_id])?
-        };
-        Ok(())
+        self.execute(&self.sql.touch, &[&run_id]).map(drop)
     }
 
     /// Resumes awaited nodes: deletes `delete`, applies `set` (their outputs, `_resume.*`,
