@@ -13,7 +13,9 @@ use crate::flow::{input_key, record_output};
 use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::node::{ContextDeltas, ContextMap};
 use crate::protocol::JobPayload;
-use crate::scheduling::{meta_key, next_jobs, node_meta, RunNode};
+use crate::scheduling::{
+    awaited_details, meta_key, next_jobs, node_meta, paused_iteration, RunNode,
+};
 use crate::store::{RunSnapshot, RunStore};
 use crate::worker::WorkerError;
 
@@ -152,17 +154,8 @@ impl Resumer<'_> {
         for k in &delete {
             merged.remove(k);
         }
-        let details = context
-            .get(AWAITING_DETAILS)
-            .cloned()
-            .unwrap_or(Value::Null);
-        let iteration_of = |n: &str| {
-            details
-                .get(n)
-                .and_then(|d| d.get("iteration"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0) as u32
-        };
+        let iteration_of =
+            |n: &str| awaited_details(&context, n).map_or(0, paused_iteration) as u32;
         // A resumed node's bookkeeping; a repeating node also records this iteration as
         // committed (the worker's commit statement does that for executed nodes).
         let record = |meta: Value, n: &str| {
@@ -336,10 +329,7 @@ impl ParentLink {
         let Some(parent) = store.load(&self.run_id)? else {
             return Ok(None);
         };
-        let details = parent
-            .context
-            .get(AWAITING_DETAILS)
-            .and_then(|d| d.get(&self.node_id))
+        let details = awaited_details(&parent.context, &self.node_id)
             .filter(|d| d.get("childRunId").and_then(Value::as_str) == Some(child_run))
             .cloned();
         Ok(details.map(|d| (parent, d)))

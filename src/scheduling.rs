@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::blueprint::Blueprint;
 use crate::coordination::{job_id, JoinRule, SuccessorReport};
 use crate::flow::{self, choose_successors, output_key, readiness};
-use crate::local::AWAITING_NODE_IDS;
+use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::node::{ContextMap, NodeResult};
 use crate::nodes::batch;
 
@@ -86,6 +86,19 @@ pub fn with_iteration(meta: Value, previous: Option<&Value>, iteration: u32) -> 
         m.insert("iters".into(), Value::Array(iters));
     }
     meta
+}
+
+/// The details a paused node left (`_awaitingDetails.<node>`).
+pub fn awaited_details<'a>(context: &'a ContextMap, node_id: &str) -> Option<&'a Value> {
+    context.get(AWAITING_DETAILS)?.get(node_id)
+}
+
+/// The loop iteration at which a node paused (its details' `iteration`).
+pub fn paused_iteration(details: &Value) -> u64 {
+    details
+        .get("iteration")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
 }
 
 /// Whether the run currently awaits this node.

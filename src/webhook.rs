@@ -30,6 +30,7 @@ use sha2::Sha256;
 use crate::amqp::{self, percent_decode, ConfirmPublisher, JobSink};
 use crate::coordination::RedisCoordinationStore;
 use crate::protocol::{webhook_event_name, EventMessage};
+use crate::scheduling;
 use crate::store::{RunStore, StoreError};
 use crate::worker::WorkerError;
 
@@ -234,11 +235,9 @@ impl Receiver {
         // marker and publish does not block the webhook for good.
         let (awaited, fired_before) = match self.options.store.load(&run) {
             Ok(Some(s)) => (
-                s.context
-                    .get(crate::local::AWAITING_DETAILS)
-                    .and_then(|d| d.get(&node))
+                scheduling::awaited_details(&s.context, &node)
                     .filter(|d| d.get("type").and_then(Value::as_str) == Some("webhook"))
-                    .map(|d| d.get("iteration").and_then(Value::as_u64).unwrap_or(0)),
+                    .map(scheduling::paused_iteration),
                 // Fired before, and not a node that pauses again (in a loop) in a running run.
                 s.context.contains_key(&crate::flow::output_key(&node))
                     && (crate::scheduling::execution_count(&s.context, &node) == 0

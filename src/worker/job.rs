@@ -24,12 +24,12 @@ use crate::coordination::{job_id, JoinRule, SuccessorReport};
 use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::failpoint;
 use crate::flow::{self, output_key};
-use crate::local::AWAITING_DETAILS;
 use crate::node::{ContextMap, NodeResult};
 use crate::protocol::{JobPayload, Message};
 use crate::resume::ParentLink;
 use crate::scheduling::{
-    self, executions, is_awaiting, is_committed, meta_key, next_jobs, RunNode,
+    self, awaited_details, executions, is_awaiting, is_committed, meta_key, next_jobs,
+    paused_iteration, RunNode,
 };
 use crate::store::{CommitGuard, NodeCommit};
 
@@ -118,16 +118,11 @@ fn process(
         return Ok(Outcome::Ack);
     };
     // Guard: idempotency.
-    let paused = context
-        .get(AWAITING_DETAILS)
-        .and_then(|d| d.get(&job.node_id))
+    let paused = awaited_details(&context, &job.node_id)
         .filter(|_| is_awaiting(&context, &job.node_id))
         .cloned();
     if let Some(details) = paused {
-        let paused_iteration = details
-            .get("iteration")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let paused_iteration = paused_iteration(&details);
         if u64::from(job.iteration) > paused_iteration {
             // The next iteration of a pausing node arrived while the previous one is still
             // awaited: it must not be dropped, so it comes back in a second.
@@ -137,7 +132,7 @@ fn process(
             if redelivered {
                 // The pause is committed; repeat what follows it (timer, child run).
                 register_paused(shared, bp, job, &node)?;
-                pause::after_commit(shared, bp, job, node.def(bp), &details, publisher)?;
+                pause::after_commit(shared, job, node.def(bp), &details, publisher)?;
             }
             return Ok(Outcome::Ack);
         }
@@ -248,7 +243,7 @@ fn finish_node(
         repeats: node.may_repeat(bp),
     };
     if let Some(details) = result.awaiting.clone() {
-        let details = match pause::prepare(shared, bp, job, def, details)? {
+        let details = match pause::prepare(shared, job, def, details)? {
             Prepared::Details(d) => d,
             Prepared::Fail(reason) => {
                 pause::fail_run(shared, &job.run_id, &reason, publisher)?;
@@ -267,7 +262,7 @@ fn finish_node(
         }
         // Registered before anything can resume it (a 0 ms timer, a fast child run).
         register_paused(shared, bp, job, node)?;
-        pause::after_commit(shared, bp, job, def, &details, publisher)?;
+        pause::after_commit(shared, job, def, &details, publisher)?;
         log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
         return Ok(Outcome::Ack);
     }

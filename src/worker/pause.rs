@@ -24,12 +24,11 @@ use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, NodeDef};
 use crate::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
 use crate::flow::input_key;
-use crate::local::AWAITING_DETAILS;
 use crate::node::NodeResult;
 use crate::nodes::{now_ms, subflow};
 use crate::protocol::{EventMessage, JobPayload};
 use crate::resume::{ParentLink, ResumeError, Resumer, PARENT_KEY};
-use crate::scheduling::is_awaiting;
+use crate::scheduling::{awaited_details, is_awaiting, paused_iteration};
 use crate::store::RunSnapshot;
 
 use super::job::Outcome;
@@ -52,7 +51,6 @@ fn kind(details: &Value) -> &str {
 /// Completes a pausing node's `_awaitingDetails` entry before it is committed.
 pub(crate) fn prepare(
     shared: &Shared,
-    _bp: &Blueprint,
     job: &JobPayload,
     node: &NodeDef,
     mut details: Value,
@@ -91,7 +89,6 @@ fn child_run_id(parent: &str, node: &str, iteration: u32, attempt: u32) -> Strin
 /// Runs after a pausing node's commit (and again when its job is redelivered).
 pub(crate) fn after_commit(
     shared: &Shared,
-    _bp: &Blueprint,
     job: &JobPayload,
     node: &NodeDef,
     details: &Value,
@@ -223,15 +220,10 @@ pub(crate) fn on_timer(
     if !is_awaiting(&snapshot.context, &job.node_id) {
         return Ok(Outcome::Ack);
     }
-    let details = snapshot
-        .context
-        .get(AWAITING_DETAILS)
-        .and_then(|d| d.get(&job.node_id))
+    let details = awaited_details(&snapshot.context, &job.node_id)
         .cloned()
         .unwrap_or(Value::Null);
-    if kind(&details) != "sleep"
-        || details["iteration"].as_u64().unwrap_or(0) != u64::from(job.iteration)
-    {
+    if kind(&details) != "sleep" || paused_iteration(&details) != u64::from(job.iteration) {
         // A stale timer (an earlier iteration, or the node is not a sleep): nothing to do.
         return Ok(Outcome::Ack);
     }
@@ -283,13 +275,9 @@ pub(crate) fn on_event(
             "webhook event for unknown run '{run}'"
         )));
     };
-    let details = snapshot
-        .context
-        .get(AWAITING_DETAILS)
-        .and_then(|d| d.get(&node));
-    let awaited_iteration = details
+    let awaited_iteration = awaited_details(&snapshot.context, &node)
         .filter(|d| kind(d) == "webhook")
-        .map(|d| d["iteration"].as_u64().unwrap_or(0));
+        .map(paused_iteration);
     let fresh = match (awaited_iteration, event.iteration) {
         (Some(awaited), Some(sent)) => awaited == u64::from(sent),
         (Some(awaited), None) => awaited == 0,
@@ -398,11 +386,7 @@ fn child_failed(
     );
     let attempt = details["attempt"].as_u64().unwrap_or(1) as u32;
     if attempt < node.config.max_retries.unwrap_or(1) {
-        let iteration = child_run
-            .rsplit('.')
-            .nth(1)
-            .and_then(|i| i.parse().ok())
-            .unwrap_or(0);
+        let iteration = paused_iteration(&details) as u32;
         let mut next = details.clone();
         next["attempt"] = json!(attempt + 1);
         next["childRunId"] = json!(child_run_id(&link.run_id, &node.id, iteration, attempt + 1));
