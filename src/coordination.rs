@@ -344,14 +344,6 @@ impl RedisCoordinationStore {
         Ok(())
     }
 
-    /// Whether a job has finished.
-    pub fn is_done(&self, run: &str, job: &str) -> Result<bool, CoordinationError> {
-        Ok(redis::cmd("SISMEMBER")
-            .arg(self.done_key(run))
-            .arg(job)
-            .query(&mut *self.conn()?)?)
-    }
-
     /// Whether a node carries a poison or cancel pill.
     pub fn is_poisoned(&self, run: &str, node: &str) -> Result<bool, CoordinationError> {
         let n: i64 = redis::cmd("EXISTS")

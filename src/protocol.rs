@@ -23,6 +23,11 @@ pub struct JobPayload {
     /// A `sleep` node's wake-up (our extension): resume the node instead of executing it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub timer: bool,
+    /// Republished by the reconciler (our extension): like a redelivery, a copy of a
+    /// committed job whose coordination may never have happened, so it re-derives the
+    /// successors.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub recovered: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -127,6 +132,7 @@ impl JobPayload {
             is_last_attempt: None,
             iteration,
             timer: false,
+            recovered: false,
         }
     }
 

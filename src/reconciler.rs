@@ -167,7 +167,11 @@ impl Reconciler {
         self.coord.register_jobs(run, &ids)?;
         let bodies: Vec<Vec<u8>> = jobs
             .iter()
-            .map(|(n, i)| JobPayload::new(run, bp.id(), n, *i).to_body())
+            .map(|(n, i)| {
+                let mut job = JobPayload::new(run, bp.id(), n, *i);
+                job.recovered = true;
+                job.to_body()
+            })
             .collect();
         publisher.publish_jobs("", &self.queue, &bodies)?;
         self.store.touch(run)?;

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::{amqp, NodeError, NodeRegistry, NodeResult};
+use flowcraft_rabbitmq::store::{CommitGuard, NodeCommit};
+use flowcraft_rabbitmq::{amqp, NodeError, NodeRegistry, NodeResult, RedisCoordinationStore};
 use serde_json::{json, Value};
 
 /// `inc` that counts executions per node id.
@@ -302,6 +303,50 @@ fn the_reconciler_finishes_a_run_whose_next_job_was_purged() {
             *value
         );
     }
+    handle.stop().unwrap();
+}
+
+#[test]
+fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
+    let env = TestEnv::new("recovered");
+    let one = bp(r#"{"id":"one","nodes":[{"id":"a","uses":"inc"}]}"#);
+    let store = env.store();
+    let mut context = ContextMap::new();
+    one.stamp(&mut context);
+    store.create_run("r1", &context).unwrap();
+    // A worker made `a` ready, committed it and vanished before its Redis step, and its
+    // message is gone: `a` is committed, but its ledger entry never closed.
+    let coord = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    coord.register_jobs("r1", &["a".to_string()]).unwrap();
+    let mut commit = NodeCommit::default();
+    commit.set.insert("_outputs.a".into(), json!(1));
+    let guard = CommitGuard {
+        output_key: "_outputs.a".into(),
+        meta_key: "_node.a".into(),
+        iteration: 0,
+        repeats: false,
+    };
+    assert!(store.commit_node("r1", commit, guard).unwrap());
+    let (registry, counts) = counting_registry();
+    let worker = env
+        .worker(registry, vec![one])
+        .threads(1)
+        .stalled_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    let reconciler = worker.reconciler();
+    let handle = worker.start().unwrap();
+    let stats = reconciler.run().unwrap();
+    assert_eq!(
+        (stats.stalled_runs, stats.reconciled_runs),
+        (1, 1),
+        "{stats:?}"
+    );
+    // The reconciler's copy of `a` is not a plain duplicate: it closes `a` in the ledger
+    // (without running it again), and the run completes.
+    let row = env.wait_for_status("r1", "completed", WAIT);
+    assert_eq!(row.result.unwrap()["context"]["_outputs.a"], json!(1));
+    assert_eq!(counts.lock().unwrap().get("a"), None);
     handle.stop().unwrap();
 }
 

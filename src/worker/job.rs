@@ -140,12 +140,14 @@ fn process(
     }
     if is_committed(bp, &node, &context, job.iteration) {
         // Committed before. Its coordination may not have happened (a crash, a failed step):
-        // a redelivery, or a job its ledger does not show done, re-derives the successors;
-        // a duplicate of a finished job is dropped.
-        let me = job_id(&job.node_id, job.iteration);
-        if !redelivered && shared.coord.is_done(&job.run_id, &me)? {
+        // a redelivery, or the reconciler's copy, re-derives the successors. A plain
+        // duplicate is dropped: the delivery that committed coordinates — or, if it dies
+        // first, comes back redelivered. (Re-deriving here would publish the successors a
+        // second time whenever a duplicate arrives while the original is coordinating.)
+        if !redelivered && !job.recovered {
             return Ok(Outcome::Ack);
         }
+        let me = job_id(&job.node_id, job.iteration);
         if executions(bp, &node, &context) == job.iteration.saturating_add(1) {
             return rederive(shared, bp, job, &node, &context, publisher);
         }
