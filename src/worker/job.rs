@@ -10,9 +10,9 @@
 //! - Crash after the publish, before the ack: as above; successors may be published twice,
 //!   and their own guards make the copies harmless.
 //!
-//! A *duplicate* message (not a redelivery) whose node is already committed is acked
-//! without re-publishing: the original delivery published (or, if it crashed, will be
-//! redelivered and publish).
+//! A *duplicate* message (neither a redelivery nor the reconciler's `recovered` copy) whose
+//! node is already committed is acked without re-publishing: the original delivery
+//! publishes (or, if it crashed, will be redelivered and publish).
 
 use std::sync::Arc;
 
