@@ -295,6 +295,25 @@ pub trait JobSink {
     }
 }
 
+/// Hands messages to a channel, calling `sent` after each (confirms are the caller's).
+fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    bodies: &[Vec<u8>],
+    properties: &AmqpProperties,
+    mut sent: impl FnMut(),
+) -> Result<(), AmqpError> {
+    for body in bodies {
+        channel.basic_publish(
+            exchange,
+            Publish::with_properties(body, routing_key, properties.clone()),
+        )?;
+        sent();
+    }
+    Ok(())
+}
+
 impl JobSink for ConfirmPublisher {
     fn publish(
         &mut self,
@@ -303,12 +322,14 @@ impl JobSink for ConfirmPublisher {
         bodies: &[Vec<u8>],
         properties: &AmqpProperties,
     ) -> Result<(), AmqpError> {
-        for body in bodies {
-            self.channel.basic_publish(
-                exchange,
-                Publish::with_properties(body, routing_key, properties.clone()),
-            )?;
-        }
+        send(
+            &self.channel,
+            exchange,
+            routing_key,
+            bodies,
+            properties,
+            || {},
+        )?;
         self.wait_for_confirms(bodies.len())
     }
 
@@ -357,14 +378,15 @@ impl JobSink for AsyncPublisher {
         bodies: &[Vec<u8>],
         properties: &AmqpProperties,
     ) -> Result<(), AmqpError> {
-        for body in bodies {
-            self.channel.basic_publish(
-                exchange,
-                Publish::with_properties(body, routing_key, properties.clone()),
-            )?;
-            self.published += 1;
-        }
-        Ok(())
+        let published = &mut self.published;
+        send(
+            &self.channel,
+            exchange,
+            routing_key,
+            bodies,
+            properties,
+            || *published += 1,
+        )
     }
 
     fn channel(&self) -> &Channel {
