@@ -555,12 +555,15 @@ impl<'a> RunState<'a> {
     fn arrive(&mut self, edge: usize, target: usize, predecessor: String, input: Value) {
         let generation = self.generation(target);
         let rule = readiness(self.bp, edge);
-        if rule != Readiness::Any || !self.any_fired.contains(&(target, generation)) {
+        // A node outside loops runs once (a join after a loop hears from it repeatedly).
+        let ran_for_good = generation > 0 && !self.bp.may_repeat(target);
+        let any_decided = rule == Readiness::Any
+            && (ran_for_good || self.any_fired.contains(&(target, generation)));
+        if !any_decided {
             Arc::make_mut(&mut self.context)
                 .insert(flow::input_key(&self.bp.node(target).id), input);
         }
-        if generation > 0 && !self.bp.may_repeat(target) {
-            // A node outside loops runs once (a join after a loop hears from it repeatedly).
+        if ran_for_good {
             return;
         }
         match rule {

@@ -59,6 +59,43 @@ fn all_join_runs_once_after_every_branch() {
 }
 
 #[test]
+fn a_late_branch_leaves_an_any_join_that_already_ran_untouched() {
+    // `slow` finishes only after the join ran on `fast`'s answer; its arrival must change
+    // neither the join's input nor its output.
+    let (ran, join_ran) = std::sync::mpsc::channel::<()>();
+    let join_ran = std::sync::Mutex::new(join_ran);
+    let ran = std::sync::Mutex::new(ran);
+    let mut reg = inc_registry();
+    reg.register_fn("answer", |ctx| Ok(NodeResult::output(json!(ctx.node_id))));
+    reg.register_fn("slow_answer", move |ctx| {
+        let waited = join_ran
+            .lock()
+            .map_err(|e| NodeError::new(e.to_string()))?
+            .recv_timeout(std::time::Duration::from_secs(10));
+        waited.map_err(|e| NodeError::new(format!("the join never ran: {e}")))?;
+        Ok(NodeResult::output(json!(ctx.node_id)))
+    });
+    reg.register_fn("first", move |ctx| {
+        let _ = ran.lock().map(|s| s.send(()));
+        Ok(NodeResult::output(ctx.input.clone()))
+    });
+    let b = bp(
+        r#"{"id":"late","nodes":[{"id":"s","uses":"inc"},{"id":"fast","uses":"answer"},
+        {"id":"slow","uses":"slow_answer"},{"id":"j","uses":"first","config":{"joinStrategy":"any"}}],
+        "edges":[{"source":"s","target":"fast"},{"source":"s","target":"slow"},
+        {"source":"fast","target":"j"},{"source":"slow","target":"j"}]}"#,
+    );
+    let result = LocalRuntime::builder(reg)
+        .threads(2)
+        .build()
+        .run(&b, ContextMap::new());
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    assert_eq!(result.context["_outputs.slow"], json!("slow"));
+    assert_eq!(result.context["_outputs.j"], json!("fast"));
+    assert_eq!(result.context["_inputs.j"], json!("fast"));
+}
+
+#[test]
 fn untaken_branches_do_not_hold_the_run_open() {
     let b = bp(
         r#"{"id":"u","nodes":[{"id":"s","uses":"inc"},{"id":"yes","uses":"inc"},{"id":"no","uses":"inc"}],
