@@ -132,6 +132,8 @@ impl Resumer<'_> {
         } = success;
         let (action, output) = (result.action.as_deref(), &result.output);
         let mut set = Map::new();
+        // Inputs of `any` joins: written only where the join has none yet.
+        let mut set_if_absent = Map::new();
         let mut delete = Vec::new();
         for (k, v) in deltas.iter() {
             match v {
@@ -185,9 +187,17 @@ impl Resumer<'_> {
             if let Some(node) = RunNode::resolve(bp, &merged, n) {
                 let fallback = fallback.as_deref();
                 for next in next_jobs(bp, &node, &result, fallback, &merged, iteration_of(n)) {
-                    if let Some(input) = next.input {
-                        set.insert(input_key(&next.report.node), input.clone());
-                        merged.insert(input_key(&next.report.node), input);
+                    if let Some(input) = &next.input {
+                        let key = input_key(&next.report.node);
+                        if next.keeps_first_input(bp) {
+                            if !merged.contains_key(&key) {
+                                merged.insert(key.clone(), input.clone());
+                            }
+                            set_if_absent.insert(key, input.clone());
+                        } else {
+                            set.insert(key.clone(), input.clone());
+                            merged.insert(key, input.clone());
+                        }
                     }
                     mine.push(next.report);
                 }
@@ -196,7 +206,10 @@ impl Resumer<'_> {
             set.insert(meta_key(n), record(meta, n));
             reports.push(mine);
         }
-        if !self.store.resume_nodes(run_id, &targets, set, &delete)? {
+        if !self
+            .store
+            .resume_nodes(run_id, &targets, set, set_if_absent, &delete)?
+        {
             return Err(ResumeError::AlreadyResumed(run_id.into()));
         }
         // Report each resumed node's successors as that node's (already finished) job.

@@ -176,6 +176,18 @@ pub struct NextJob {
     pub input: Option<Value>,
 }
 
+impl NextJob {
+    /// Whether the target keeps the first input it is given: an `any` join outside loops
+    /// takes its first committed predecessor's input, and later ones do not overwrite it (in
+    /// loops each iteration's input replaces the last).
+    pub fn keeps_first_input(&self, bp: &Blueprint) -> bool {
+        self.report.rule == JoinRule::Any
+            && !bp
+                .node_index(&self.report.node)
+                .is_some_and(|t| bp.may_repeat(t))
+    }
+}
+
 /// The jobs a finished node reports to, with their join rules (SPEC §4), and the inputs to
 /// record. `context` is the run's context with the node's writes applied; `iteration` is the
 /// finished job's.

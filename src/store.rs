@@ -470,7 +470,9 @@ impl RunStore {
                        THEN q.base - ARRAY['_awaitingNodeIds', '_awaitingDetails']
                        ELSE q.base || jsonb_build_object('_awaitingNodeIds', q.ids, '_awaitingDetails', q.details) END
                      FROM (SELECT
-                       (context_data - $4::text[]) || $3::jsonb AS base,
+                       (context_data - $4::text[]) || $3::jsonb ||
+                         (SELECT COALESCE(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb)
+                            FROM jsonb_each($5::jsonb) e WHERE NOT jsonb_exists(context_data, e.key)) AS base,
                        COALESCE((SELECT jsonb_agg(x) FROM jsonb_array_elements(context_data->'_awaitingNodeIds') x
                                  WHERE NOT $2::jsonb @> jsonb_build_array(x)), '[]'::jsonb) AS ids,
                        COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb)
@@ -698,7 +700,7 @@ impl RunStore {
     }
 
     /// Resumes awaited nodes: deletes `delete`, applies `set` (their outputs, `_resume.*`,
-    /// their context writes) and removes them from the awaiting keys — only while every node
+    /// their context writes) and the keys of `set_if_absent` the context lacks, and removes them from the awaiting keys — only while every node
     /// of `nodes` is still awaited — and moves the status back to `running` (or keeps
     /// `awaiting` if other nodes still wait). Returns whether it applied: resuming twice
     /// applies once.
@@ -707,14 +709,16 @@ impl RunStore {
         run_id: &str,
         nodes: &[String],
         set: Map<String, Value>,
+        set_if_absent: Map<String, Value>,
         delete: &[String],
     ) -> Result<bool, StoreError> {
         let nodes = Value::from(nodes.to_vec());
         let set = Value::Object(set);
+        let set_if_absent = Value::Object(set_if_absent);
         let row = {
             let mut conn = self.pool.get()?;
             let stmt = conn.statement(&self.sql.resume)?;
-            conn.query_one(&stmt, &[&run_id, &nodes, &set, &delete])?
+            conn.query_one(&stmt, &[&run_id, &nodes, &set, &delete, &set_if_absent])?
         };
         let applied: i32 = row.try_get(0)?;
         Ok(applied > 0)

@@ -153,6 +153,34 @@ fn resume_is_an_error_when_not_awaiting_and_applies_once() {
 }
 
 #[test]
+fn a_resume_leaves_an_any_join_that_already_ran_its_first_input() {
+    let env = TestEnv::new("resume_any");
+    let b = bp(
+        r#"{"id":"resume-any","nodes":[{"id":"s","uses":"inc"},{"id":"fast","uses":"inc"},
+        {"id":"w","uses":"wait"},{"id":"j","uses":"inc","config":{"joinStrategy":"any"}}],
+        "edges":[{"source":"s","target":"fast"},{"source":"s","target":"w"},
+        {"source":"fast","target":"j"},{"source":"w","target":"j"}]}"#,
+    );
+    let worker = env.start_worker(inc_registry(), vec![b.clone()], 2);
+    let client = env.client(vec![b]);
+    let run = client
+        .start_workflow("resume-any", ContextMap::new())
+        .unwrap();
+    env.eventually("the join runs on the fast branch", WAIT, || {
+        env.context(&run).contains_key("_outputs.j")
+    });
+    env.wait_for_status(&run, "awaiting", WAIT);
+    client.resume_with_action(&run, None, json!(100)).unwrap();
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.w"], json!(100));
+    // `fast` returned 2: the join ran on it, and the resumed branch changed neither.
+    assert_eq!(context["_inputs.j"], json!(2), "{context}");
+    assert_eq!(context["_outputs.j"], json!(3), "{context}");
+    worker.stop().unwrap();
+}
+
+#[test]
 fn webhooks_resume_runs_once_and_the_receiver_rejects_bad_calls() {
     let env = TestEnv::new("webhook");
     let counts: Counts = Default::default();

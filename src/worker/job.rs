@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, JoinStrategy};
-use crate::coordination::{job_id, JoinRule, SuccessorReport};
+use crate::coordination::{job_id, SuccessorReport};
 use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::failpoint;
 use crate::flow::{self, output_key};
@@ -314,12 +314,7 @@ fn finish_node(
     }
     for n in &next {
         if let Some(input) = &n.input {
-            // An `any` join takes the first committed predecessor's input; later ones do not
-            // overwrite it (in loops each iteration's input replaces the last).
-            let repeats = bp
-                .node_index(&n.report.node)
-                .is_some_and(|t| bp.may_repeat(t));
-            let target = if n.report.rule == JoinRule::Any && !repeats {
+            let target = if n.keeps_first_input(bp) {
                 &mut commit.set_if_absent
             } else {
                 &mut commit.set
