@@ -1,11 +1,19 @@
 //! The reconciler: finds `running` runs that have not moved for a while and enqueues their
-//! frontier, so a lost message never loses a run.
+//! frontier, so a lost message never loses a run; and wakes `awaiting` runs whose wake-up
+//! was lost.
 //!
 //! For each stalled run it computes the frontier from the stored context (start nodes
 //! without output; nodes whose predecessors' taken edges satisfy their join), skips nodes
 //! carrying a poison or cancel pill, takes a short per-node lock (so two reconcilers do not
 //! both enqueue), registers the jobs in the run's ledger and publishes them. A run with an
 //! empty frontier and no awaited node is complete, and is marked so.
+//!
+//! An awaiting run waits for a message too: a sleep's timer, or the notice of a finished
+//! child run. For each awaiting run idle past the threshold, a paused node whose wake-up is
+//! overdue — a sleep past `wakeUpAt` by the threshold, a subflow whose child run finished or
+//! was never created — gets its own job again, flagged `recovered`: the worker then repeats
+//! what follows the pause (arms the timer, starts or re-notifies the child), as it does for
+//! a redelivered pause. Waits for a person or a webhook have nothing to repeat.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,11 +21,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use amiquip::Connection;
+use serde_json::Value;
+
 use crate::amqp::{self, ConfirmPublisher, JobSink};
 use crate::blueprint::Blueprint;
 use crate::coordination::{job_id, parse_job_id, RedisCoordinationStore};
+use crate::local::AWAITING_NODE_IDS;
+use crate::nodes::now_ms;
 use crate::protocol::JobPayload;
-use crate::scheduling::frontier;
+use crate::scheduling::{awaited_details, frontier, paused_iteration};
 use crate::store::RunStore;
 use crate::worker::WorkerError;
 
@@ -31,6 +44,9 @@ pub struct ReconciliationStats {
     pub reconciled_runs: usize,
     /// Runs that could not be reconciled (unknown blueprint, unreadable state).
     pub failed_runs: usize,
+    /// Awaiting runs whose overdue wake-up (a sleep's timer, a finished child's notice) was
+    /// sent again.
+    pub woken_runs: usize,
 }
 
 /// Finds and resumes stalled runs.
@@ -67,7 +83,8 @@ impl Reconciler {
         }
     }
 
-    /// How long a run may be idle before it counts as stalled (default 300 s).
+    /// How long a run may be idle before it counts as stalled (default 300 s); also how long
+    /// an awaiting run must be idle, and a sleep overdue, before its wake-up is sent again.
     pub fn stalled_after(mut self, after: Duration) -> Self {
         self.stalled_after = after;
         self
@@ -76,16 +93,18 @@ impl Reconciler {
     /// One pass.
     pub fn run(&self) -> Result<ReconciliationStats, WorkerError> {
         let stalled = self.store.stalled_runs(self.stalled_after, self.batch)?;
+        let awaiting = self
+            .store
+            .idle_awaiting_runs(self.stalled_after, self.batch)?;
         let mut stats = ReconciliationStats {
             stalled_runs: stalled.len(),
             ..Default::default()
         };
-        if stalled.is_empty() {
-            return Ok(stats);
-        }
-        let mut connection = amqp::connect(&self.amqp_url)?;
-        let mut publisher = ConfirmPublisher::new(connection.open_channel(None)?)?;
-        amqp::declare_job_queue(publisher.channel(), &self.queue)?;
+        let mut publisher = LazyPublisher {
+            url: &self.amqp_url,
+            queue: &self.queue,
+            open: None,
+        };
         for run in &stalled {
             match self.reconcile_run(run, &mut publisher) {
                 Ok(true) => stats.reconciled_runs += 1,
@@ -96,15 +115,101 @@ impl Reconciler {
                 }
             }
         }
-        let _ = publisher.close();
-        let _ = connection.close();
+        for run in &awaiting {
+            match self.wake_run(run, &mut publisher) {
+                Ok(true) => stats.woken_runs += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!("reconciler: awaiting run {run}: {e}");
+                    stats.failed_runs += 1;
+                }
+            }
+        }
+        if let Some((connection, publisher)) = publisher.open {
+            let _ = publisher.close();
+            let _ = connection.close();
+        }
         Ok(stats)
+    }
+
+    /// Sends again the overdue wake-ups of an idle awaiting run (see the module docs);
+    /// returns whether there was one.
+    fn wake_run(&self, run: &str, publisher: &mut LazyPublisher<'_>) -> Result<bool, WorkerError> {
+        let Some(snapshot) = self.store.load(run)? else {
+            return Err(WorkerError::Options(format!(
+                "run {run} has a status row but no context row"
+            )));
+        };
+        let blueprint_id = Blueprint::stamped_id(&snapshot.context);
+        let Some(bp) = self.blueprints.get(blueprint_id) else {
+            return Err(WorkerError::Options(format!(
+                "run {run}: blueprint '{blueprint_id}' is not loaded"
+            )));
+        };
+        let awaited: Vec<&str> = snapshot
+            .context
+            .get(AWAITING_NODE_IDS)
+            .and_then(Value::as_array)
+            .map(|ids| ids.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let mut bodies = Vec::new();
+        let mut woken = Vec::new();
+        for node in awaited {
+            let Some(details) = awaited_details(&snapshot.context, node) else {
+                continue;
+            };
+            let iteration = u32::try_from(paused_iteration(details)).unwrap_or(u32::MAX);
+            if !self.wake_up_is_lost(details)? {
+                continue;
+            }
+            let lock = self.coord.nodelock_key(run, &job_id(node, iteration));
+            if self
+                .coord
+                .set_if_not_exist(&lock, "reconciler", self.lock_ttl)?
+            {
+                let mut job = JobPayload::new(run, bp.id(), node, iteration);
+                job.recovered = true;
+                bodies.push(job.to_body());
+                woken.push(node.to_string());
+            }
+        }
+        if !bodies.is_empty() {
+            publisher.get()?.publish_jobs("", &self.queue, &bodies)?;
+            log::info!("reconciler: run {run}: sent the lost wake-ups of {woken:?} again");
+        }
+        // Either way the run goes to the back of the line for the next passes.
+        self.store.touch(run)?;
+        Ok(!bodies.is_empty())
+    }
+
+    /// Whether a pause's wake-up is overdue: a sleep past `wakeUpAt` by the threshold, or a
+    /// subflow whose child run finished (its notice was lost) or does not exist (it was never
+    /// started).
+    fn wake_up_is_lost(&self, details: &Value) -> Result<bool, WorkerError> {
+        match details.get("type").and_then(Value::as_str) {
+            Some("sleep") => {
+                let wake_at = details["wakeUpAtMs"].as_u64().unwrap_or(0);
+                let grace = u64::try_from(self.stalled_after.as_millis()).unwrap_or(u64::MAX);
+                Ok(wake_at.saturating_add(grace) <= now_ms())
+            }
+            Some("subflow") => {
+                let Some(child) = details.get("childRunId").and_then(Value::as_str) else {
+                    return Ok(false);
+                };
+                let status = self.store.status(child)?.map(|row| row.status);
+                Ok(matches!(
+                    status.as_deref(),
+                    None | Some("completed") | Some("failed")
+                ))
+            }
+            _ => Ok(false),
+        }
     }
 
     fn reconcile_run(
         &self,
         run: &str,
-        publisher: &mut ConfirmPublisher,
+        publisher: &mut LazyPublisher<'_>,
     ) -> Result<bool, WorkerError> {
         let Some(snapshot) = self.store.load(run)? else {
             return Err(WorkerError::Options(format!(
@@ -155,7 +260,8 @@ impl Reconciler {
                 queue: &self.queue,
             };
             // Completing a subflow child also resumes its parent.
-            let completed = nothing_to_run && has_ledger && resumer.complete(run, publisher)?;
+            let completed =
+                nothing_to_run && has_ledger && resumer.complete(run, publisher.get()?)?;
             if completed {
                 log::info!("reconciler: run {run} had nothing left to do; completed");
             } else {
@@ -173,9 +279,32 @@ impl Reconciler {
                 job.to_body()
             })
             .collect();
-        publisher.publish_jobs("", &self.queue, &bodies)?;
+        publisher.get()?.publish_jobs("", &self.queue, &bodies)?;
         self.store.touch(run)?;
         log::info!("reconciler: run {run}: enqueued {ids:?}");
         Ok(true)
+    }
+}
+
+/// The pass's AMQP connection, opened on first use: a pass with nothing to publish does not
+/// connect.
+struct LazyPublisher<'a> {
+    url: &'a str,
+    queue: &'a str,
+    open: Option<(Connection, ConfirmPublisher)>,
+}
+
+impl LazyPublisher<'_> {
+    fn get(&mut self) -> Result<&mut ConfirmPublisher, WorkerError> {
+        let open = match self.open.take() {
+            Some(open) => open,
+            None => {
+                let mut connection = amqp::connect(self.url)?;
+                let publisher = ConfirmPublisher::new(connection.open_channel(None)?)?;
+                amqp::declare_job_queue(publisher.channel(), self.queue)?;
+                (connection, publisher)
+            }
+        };
+        Ok(&mut self.open.insert(open).1)
     }
 }

@@ -435,7 +435,7 @@ impl RunStore {
                  FROM {s} WHERE run_id = $1"
             ),
             stalled: format!(
-                "SELECT run_id FROM {s} WHERE status = 'running'
+                "SELECT run_id FROM {s} WHERE status = $3
                    AND updated_at < NOW() - make_interval(secs => $1::float8)
                  ORDER BY updated_at LIMIT $2::bigint"
             ),
@@ -681,13 +681,31 @@ impl RunStore {
         }))
     }
 
-    /// Runs whose status is `running` and that have not moved for `idle`.
+    /// Runs whose status is `running` and that have not moved for `idle`, oldest first.
     pub fn stalled_runs(&self, idle: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
+        self.idle_runs("running", idle, limit)
+    }
+
+    /// Runs whose status is `awaiting` and that have not moved for `idle`, oldest first.
+    pub fn idle_awaiting_runs(
+        &self,
+        idle: Duration,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.idle_runs("awaiting", idle, limit)
+    }
+
+    fn idle_runs(
+        &self,
+        status: &str,
+        idle: Duration,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
         let secs = idle.as_secs_f64();
         let rows = {
             let mut conn = self.pool.get()?;
             let stmt = conn.statement(&self.sql.stalled)?;
-            conn.query(&stmt, &[&secs, &limit])?
+            conn.query(&stmt, &[&secs, &limit, &status])?
         };
         rows.iter()
             .map(|r| r.try_get(0).map_err(StoreError::from))

@@ -181,6 +181,142 @@ fn a_resume_leaves_an_any_join_that_already_ran_its_first_input() {
 }
 
 #[test]
+fn the_reconciler_rearms_a_timer_that_was_lost() {
+    let mut env = TestEnv::new("lost_timer");
+    let delay_queue = format!("{}.delay.3000", env.queue);
+    env.extra_queues.push(delay_queue.clone());
+    let b = bp(r#"{"id":"nap","nodes":[{"id":"s","uses":"inc"},
+        {"id":"nap","uses":"sleep","params":{"duration":3000}},{"id":"after","uses":"inc"}],
+        "edges":[{"source":"s","target":"nap"},{"source":"nap","target":"after"}]}"#);
+    let worker = env
+        .worker(inc_registry(), vec![b.clone()])
+        .threads(2)
+        .stalled_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    let reconciler = worker.reconciler();
+    let handle = worker.start().unwrap();
+    let run = env
+        .client(vec![b])
+        .start_workflow("nap", ContextMap::new())
+        .unwrap();
+    env.wait_for_status(&run, "awaiting", WAIT);
+    env.eventually("the timer is armed", WAIT, || {
+        env.queue_depth(&delay_queue) == 1
+    });
+    // The timer is lost, as when an operator purges its queue.
+    assert_eq!(env.purge_queue(&delay_queue), 1);
+    let wake_at = env.context(&run)["_awaitingDetails"]["nap"]["wakeUpAtMs"]
+        .as_u64()
+        .unwrap();
+    env.eventually(
+        "the reconciler wakes the run",
+        Duration::from_secs(30),
+        || {
+            let stats = reconciler.run().unwrap();
+            assert_eq!(stats.failed_runs, 0, "{stats:?}");
+            if stats.woken_runs == 0 {
+                return false;
+            }
+            assert_eq!(stats.woken_runs, 1, "{stats:?}");
+            assert!(
+                flowcraft_rabbitmq::nodes::now_ms() >= wake_at,
+                "woken before its time"
+            );
+            true
+        },
+    );
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    // `nap` passes its input (1) through.
+    assert_eq!(row.result.unwrap()["context"]["_outputs.after"], json!(2));
+    handle.stop().unwrap();
+}
+
+#[test]
+fn the_reconciler_renotifies_or_restarts_the_child_of_an_awaiting_subflow() {
+    let env = TestEnv::new("lost_child");
+    let kid = bp(
+        r#"{"id":"kid","nodes":[{"id":"k1","uses":"inc"},{"id":"hold","uses":"wait"},
+        {"id":"k2","uses":"inc"}],
+        "edges":[{"source":"k1","target":"hold"},{"source":"hold","target":"k2"}]}"#,
+    );
+    let parent = bp(
+        r#"{"id":"parent","nodes":[{"id":"child","uses":"subflow","params":{"blueprintId":"kid"}},
+        {"id":"after","uses":"inc"}],"edges":[{"source":"child","target":"after"}]}"#,
+    );
+    let bps = vec![kid, parent];
+    let worker = env
+        .worker(inc_registry(), bps.clone())
+        .threads(2)
+        .stalled_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    let reconciler = worker.reconciler();
+    let handle = worker.start().unwrap();
+    let client = env.client(bps);
+    let child_of = |run: &str| -> String {
+        env.context(run)["_awaitingDetails"]["child"]["childRunId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (finished, lost) = (
+        client.start_workflow("parent", ContextMap::new()).unwrap(),
+        client.start_workflow("parent", ContextMap::new()).unwrap(),
+    );
+    for run in [&finished, &lost] {
+        env.wait_for_status(run, "awaiting", WAIT);
+        env.wait_for_status(&child_of(run), "awaiting", WAIT);
+    }
+    let mut conn = env.pg.get().unwrap();
+    // `finished`: its child ended, and the notice to the parent was lost.
+    let child = child_of(&finished);
+    conn.execute(
+        &format!(
+            "UPDATE {} SET context_data = context_data - '_awaitingNodeIds' - '_awaitingDetails'
+             WHERE run_id = $1",
+            env.tables.contexts
+        ),
+        &[&child],
+    )
+    .unwrap();
+    conn.execute(
+        &format!(
+            "UPDATE {} SET status = 'completed' WHERE run_id = $1",
+            env.tables.statuses
+        ),
+        &[&child],
+    )
+    .unwrap();
+    // `lost`: its child run was never created.
+    let lost_child = child_of(&lost);
+    for table in [&env.tables.contexts, &env.tables.statuses] {
+        conn.execute(
+            &format!("DELETE FROM {table} WHERE run_id = $1"),
+            &[&lost_child],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let stats = reconciler.run().unwrap();
+    assert_eq!((stats.woken_runs, stats.failed_runs), (2, 0), "{stats:?}");
+    let row = env.wait_for_status(&finished, "completed", WAIT);
+    assert!(
+        row.result.unwrap()["context"]
+            .get("_outputs.after")
+            .is_some(),
+        "the parent went on"
+    );
+    // The lost child starts again, reaches its wait, and its completion resumes the parent.
+    env.wait_for_status(&lost_child, "awaiting", WAIT);
+    client
+        .resume_with_action(&lost_child, None, json!(null))
+        .unwrap();
+    env.wait_for_status(&lost, "completed", WAIT);
+    handle.stop().unwrap();
+}
+
+#[test]
 fn webhooks_resume_runs_once_and_the_receiver_rejects_bad_calls() {
     let env = TestEnv::new("webhook");
     let counts: Counts = Default::default();

@@ -129,8 +129,9 @@ fn process(
             return defer(shared, job, publisher);
         }
         if u64::from(job.iteration) == paused_iteration {
-            if redelivered {
-                // The pause is committed; repeat what follows it (timer, child run).
+            if redelivered || job.recovered {
+                // The pause is committed; repeat what follows it (timer, child run): after
+                // a crash, or when the reconciler found its wake-up lost.
                 register_paused(shared, bp, job, &node)?;
                 pause::after_commit(shared, job, node.def(bp), &details, publisher)?;
             }

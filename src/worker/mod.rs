@@ -212,7 +212,8 @@ impl RabbitMqAdapterBuilder {
         self
     }
 
-    /// How long a `running` run may be idle before the reconciler resumes it (default 300 s).
+    /// How long a `running` run may be idle before the reconciler resumes it (default 300 s),
+    /// and an `awaiting` run before the reconciler sends an overdue wake-up of it again.
     pub fn stalled_after(mut self, after: Duration) -> Self {
         self.stalled_after = after;
         self
@@ -732,10 +733,11 @@ fn heartbeat(shared: &Shared, every: Duration, stop: &Receiver<()>) {
 fn reconcile_on_timer(reconciler: Reconciler, every: Duration, stop: Receiver<()>) {
     while !wait_or_stop(&stop, every) {
         match reconciler.run() {
-            Ok(stats) if stats.stalled_runs > 0 => log::info!(
-                "reconciler: {} stalled, {} reconciled, {} failed",
+            Ok(stats) if stats.stalled_runs > 0 || stats.woken_runs > 0 => log::info!(
+                "reconciler: {} stalled, {} reconciled, {} awaiting runs woken, {} failed",
                 stats.stalled_runs,
                 stats.reconciled_runs,
+                stats.woken_runs,
                 stats.failed_runs
             ),
             Ok(_) => {}

@@ -237,9 +237,14 @@ impl TestEnv {
     }
 
     pub fn purge(&self) -> u32 {
+        self.purge_queue(&self.queue)
+    }
+
+    /// Empties a queue; returns how many messages it dropped.
+    pub fn purge_queue(&self, queue: &str) -> u32 {
         let mut conn = amqp::connect(&amqp_url()).unwrap();
         let ch = conn.open_channel(None).unwrap();
-        let n = ch.queue_purge(self.queue.clone()).unwrap_or(0);
+        let n = ch.queue_purge(queue).unwrap_or(0);
         let _ = conn.close();
         n
     }
