@@ -9,8 +9,8 @@
 //! empty frontier and no awaited node is complete, and is marked so.
 //!
 //! An awaiting run waits for a message too: a sleep's timer, or the notice of a finished
-//! child run. For each awaiting run idle past the threshold, a paused node whose wake-up is
-//! overdue — a sleep past `wakeUpAt` by the threshold, a subflow whose child run finished or
+//! child run. For each awaiting run idle past the threshold (found by one query), a paused
+//! node whose wake-up is overdue — a sleep past `wakeUpAt` by the threshold, a subflow whose child run finished or
 //! was never created — gets its own job again, flagged `recovered`: the worker then repeats
 //! what follows the pause (arms the timer, starts or re-notifies the child), as it does for
 //! a redelivered pause. Waits for a person or a webhook have nothing to repeat.
@@ -93,9 +93,9 @@ impl Reconciler {
     /// One pass.
     pub fn run(&self) -> Result<ReconciliationStats, WorkerError> {
         let stalled = self.store.stalled_runs(self.stalled_after, self.batch)?;
-        let awaiting = self
-            .store
-            .idle_awaiting_runs(self.stalled_after, self.batch)?;
+        let awaiting =
+            self.store
+                .runs_with_lost_wake_ups(self.stalled_after, now_ms(), self.batch)?;
         let mut stats = ReconciliationStats {
             stalled_runs: stalled.len(),
             ..Default::default()

@@ -345,6 +345,7 @@ struct Statements {
     set_status: String,
     status: String,
     stalled: String,
+    lost_wake_ups: String,
     touch: String,
     touch_many: String,
     insert_context: String,
@@ -435,9 +436,27 @@ impl RunStore {
                  FROM {s} WHERE run_id = $1"
             ),
             stalled: format!(
-                "SELECT run_id FROM {s} WHERE status = $3
+                "SELECT run_id FROM {s} WHERE status = 'running'
                    AND updated_at < NOW() - make_interval(secs => $1::float8)
                  ORDER BY updated_at LIMIT $2::bigint"
+            ),
+            // Awaiting runs idle for $1 s with a paused node whose wake-up is overdue: a sleep
+            // past `wakeUpAtMs` by $1 s at $3 (ms), or a subflow whose child run is not
+            // running, awaiting or cancelled (it finished, or was never created).
+            lost_wake_ups: format!(
+                "SELECT s.run_id FROM {s} s JOIN {c} c ON c.run_id = s.run_id
+                 WHERE s.status = 'awaiting'
+                   AND s.updated_at < NOW() - make_interval(secs => $1::float8)
+                   AND EXISTS (
+                     SELECT 1 FROM jsonb_each(CASE WHEN jsonb_typeof(c.context_data->'_awaitingDetails') = 'object'
+                                              THEN c.context_data->'_awaitingDetails' ELSE '{{}}'::jsonb END) d
+                     WHERE (d.value->>'type' = 'sleep'
+                            AND CASE WHEN jsonb_typeof(d.value->'wakeUpAtMs') = 'number'
+                                THEN (d.value->>'wakeUpAtMs')::float8 ELSE 0 END + $1::float8 * 1000 <= $3::float8)
+                        OR (d.value->>'type' = 'subflow' AND NOT EXISTS (
+                              SELECT 1 FROM {s} cs WHERE cs.run_id = d.value->>'childRunId'
+                                AND cs.status IN ('running', 'awaiting', 'cancelled'))))
+                 ORDER BY s.updated_at LIMIT $2::bigint"
             ),
             touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
             touch_many: format!(
@@ -683,33 +702,32 @@ impl RunStore {
 
     /// Runs whose status is `running` and that have not moved for `idle`, oldest first.
     pub fn stalled_runs(&self, idle: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
-        self.idle_runs("running", idle, limit)
-    }
-
-    /// Runs whose status is `awaiting` and that have not moved for `idle`, oldest first.
-    pub fn idle_awaiting_runs(
-        &self,
-        idle: Duration,
-        limit: i64,
-    ) -> Result<Vec<String>, StoreError> {
-        self.idle_runs("awaiting", idle, limit)
-    }
-
-    fn idle_runs(
-        &self,
-        status: &str,
-        idle: Duration,
-        limit: i64,
-    ) -> Result<Vec<String>, StoreError> {
         let secs = idle.as_secs_f64();
         let rows = {
             let mut conn = self.pool.get()?;
             let stmt = conn.statement(&self.sql.stalled)?;
-            conn.query(&stmt, &[&secs, &limit, &status])?
+            conn.query(&stmt, &[&secs, &limit])?
         };
-        rows.iter()
-            .map(|r| r.try_get(0).map_err(StoreError::from))
-            .collect()
+        run_ids(&rows)
+    }
+
+    /// Runs `awaiting` for longer than `overdue` with a paused node whose wake-up is overdue
+    /// at `now_ms`: a `sleep` past its `wakeUpAtMs` by `overdue`, or a `subflow` whose child
+    /// run finished or does not exist. Oldest first.
+    pub fn runs_with_lost_wake_ups(
+        &self,
+        overdue: Duration,
+        now_ms: u64,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let secs = overdue.as_secs_f64();
+        let now = now_ms as f64;
+        let rows = {
+            let mut conn = self.pool.get()?;
+            let stmt = conn.statement(&self.sql.lost_wake_ups)?;
+            conn.query(&stmt, &[&secs, &limit, &now])?
+        };
+        run_ids(&rows)
     }
 
     /// Moves a run's `updated_at` to now.
@@ -829,6 +847,13 @@ impl RunStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// The first column of each row, a run id.
+fn run_ids(rows: &[postgres::Row]) -> Result<Vec<String>, StoreError> {
+    rows.iter()
+        .map(|r| r.try_get(0).map_err(StoreError::from))
+        .collect()
 }
 
 #[cfg(test)]
