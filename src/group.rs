@@ -13,11 +13,16 @@
 //! gets it as it is; if no request could succeed alone ([`GroupError::fails_every_request`]:
 //! the connection is gone) every caller gets it at once; otherwise (a bad row, a failing
 //! script) each request runs again alone, so one bad request fails only its own caller.
+//!
+//! Waiting callers sleep until their own answer is in, each woken alone (thread park and
+//! unpark): a finished batch wakes its callers and, if requests are queued, one of them to
+//! lead next — never the whole queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::{self, Thread};
 
 /// The error of a grouped call.
 pub(crate) trait GroupError: Display + Sized {
@@ -30,12 +35,18 @@ pub(crate) trait GroupError: Display + Sized {
 /// A queue of requests executed in batches by whichever caller leads; see the module docs.
 pub(crate) struct Group<Req, T, E> {
     state: Mutex<State<Req, Result<T, E>>>,
-    finished: Condvar,
     max_batch: usize,
 }
 
+/// A queued request: its ticket, the request, and the caller's thread (to wake it).
+struct Queued<Req> {
+    ticket: u64,
+    request: Req,
+    caller: Thread,
+}
+
 struct State<Req, Resp> {
-    queue: VecDeque<(u64, Req)>,
+    queue: VecDeque<Queued<Req>>,
     results: HashMap<u64, Resp>,
     leading: bool,
     next_ticket: u64,
@@ -51,7 +62,6 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
                 leading: false,
                 next_ticket: 0,
             }),
-            finished: Condvar::new(),
             max_batch: max_batch.max(1),
         }
     }
@@ -74,28 +84,36 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
         let mut state = self.lock();
         let ticket = state.next_ticket;
         state.next_ticket = state.next_ticket.wrapping_add(1);
-        state.queue.push_back((ticket, request));
+        state.queue.push_back(Queued {
+            ticket,
+            request,
+            caller: thread::current(),
+        });
         loop {
             if let Some(response) = state.results.remove(&ticket) {
                 return response;
             }
             if state.leading {
-                state = self.finished.wait(state).unwrap_or_else(|p| p.into_inner());
+                // Woken when our answer is in, or to lead; a spurious wake-up loops.
+                drop(state);
+                thread::park();
+                state = self.lock();
                 continue;
             }
             // Nobody leads: lead a batch (again, if a key conflict left our request out of
             // the last one).
-            let (tickets, batch) = self.take_batch(&mut state, &key);
+            let (tickets, callers, batch) = self.take_batch(&mut state, &key);
             state.leading = true;
             drop(state);
             let outcome = catch_unwind(AssertUnwindSafe(|| run_batch(&batch, &run)));
             state = self.lock();
             state.leading = false;
-            match outcome {
+            let panic = match outcome {
                 Ok(responses) => {
                     for (t, response) in tickets.into_iter().zip(responses) {
                         state.results.insert(t, response);
                     }
+                    None
                 }
                 Err(panic) => {
                     for t in tickets.into_iter().filter(|&t| t != ticket) {
@@ -104,13 +122,27 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
                     }
                     // Our own request may still be queued (left out of the batch): nobody
                     // will wait for it, so nobody may run it.
-                    state.queue.retain(|(t, _)| *t != ticket);
-                    self.finished.notify_all();
-                    drop(state);
-                    resume_unwind(panic);
+                    state.queue.retain(|q| q.ticket != ticket);
+                    Some(panic)
+                }
+            };
+            // Wake the batch's callers, and the oldest queued one to lead the next batch
+            // (unless that is us: we loop and lead it).
+            let next_leader = state
+                .queue
+                .front()
+                .filter(|q| q.ticket != ticket)
+                .map(|q| q.caller.clone());
+            drop(state);
+            for caller in callers.iter().chain(&next_leader) {
+                if caller.id() != thread::current().id() {
+                    caller.unpark();
                 }
             }
-            self.finished.notify_all();
+            if let Some(panic) = panic {
+                resume_unwind(panic);
+            }
+            state = self.lock();
         }
     }
 
@@ -120,22 +152,24 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
         &self,
         state: &mut State<Req, Result<T, E>>,
         key: &impl Fn(&Req) -> Option<&str>,
-    ) -> (Vec<u64>, Vec<Req>) {
+    ) -> (Vec<u64>, Vec<Thread>, Vec<Req>) {
         let mut tickets = Vec::new();
+        let mut callers = Vec::new();
         let mut batch: Vec<Req> = Vec::new();
         let mut kept = VecDeque::new();
-        while let Some((t, request)) = state.queue.pop_front() {
+        while let Some(queued) = state.queue.pop_front() {
             let conflicts = batch.len() >= self.max_batch
-                || key(&request).is_some_and(|k| batch.iter().any(|b| key(b) == Some(k)));
+                || key(&queued.request).is_some_and(|k| batch.iter().any(|b| key(b) == Some(k)));
             if conflicts {
-                kept.push_back((t, request));
+                kept.push_back(queued);
             } else {
-                tickets.push(t);
-                batch.push(request);
+                tickets.push(queued.ticket);
+                callers.push(queued.caller);
+                batch.push(queued.request);
             }
         }
         state.queue = kept;
-        (tickets, batch)
+        (tickets, callers, batch)
     }
 }
 
