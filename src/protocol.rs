@@ -28,6 +28,11 @@ pub struct JobPayload {
     /// successors.
     #[serde(default, skip_serializing_if = "is_false")]
     pub recovered: bool,
+    /// Sent by the reconciler (our extension) for a paused node whose wake-up was lost (a
+    /// sleep's timer, a child run's notice): if the node still awaits at this iteration,
+    /// what follows its pause is repeated; otherwise the job does nothing.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub wake: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -133,6 +138,7 @@ impl JobPayload {
             iteration,
             timer: false,
             recovered: false,
+            wake: false,
         }
     }
 

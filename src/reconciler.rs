@@ -9,29 +9,30 @@
 //! empty frontier and no awaited node is complete, and is marked so.
 //!
 //! An awaiting run waits for a message too: a sleep's timer, or the notice of a finished
-//! child run. For each awaiting run idle past the threshold (found by one query), a paused
-//! node whose wake-up is overdue — a sleep past `wakeUpAt` by the threshold, a subflow whose child run finished or
-//! was never created — gets its own job again, flagged `recovered`: the worker then repeats
-//! what follows the pause (arms the timer, starts or re-notifies the child), as it does for
-//! a redelivered pause. Waits for a person or a webhook have nothing to repeat.
+//! child run. Each pass also reads the next page of awaiting runs idle past the threshold
+//! (continuing where the last pass stopped, so all are read in turn and none is rewritten),
+//! with the paused nodes whose wake-up is overdue: a sleep past `wakeUpAt` by the threshold,
+//! a subflow whose child run finished more than the threshold ago or was never created.
+//! Each such node gets a `wake` job: if the node still awaits, the worker repeats what
+//! follows its pause (arms the timer, starts or re-notifies the child), as it does for a
+//! redelivered pause; otherwise the job does nothing. Waits for a person or a webhook have
+//! nothing to repeat.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use amiquip::Connection;
-use serde_json::Value;
 
 use crate::amqp::{self, ConfirmPublisher, JobSink};
 use crate::blueprint::Blueprint;
 use crate::coordination::{job_id, parse_job_id, RedisCoordinationStore};
-use crate::local::AWAITING_NODE_IDS;
 use crate::nodes::now_ms;
 use crate::protocol::JobPayload;
-use crate::scheduling::{awaited_details, frontier, paused_iteration};
-use crate::store::RunStore;
+use crate::scheduling::frontier;
+use crate::store::{AwaitingCursor, AwaitingRun, RunStore};
 use crate::worker::WorkerError;
 
 /// What one pass did.
@@ -46,6 +47,7 @@ pub struct ReconciliationStats {
     pub failed_runs: usize,
     /// Awaiting runs whose overdue wake-up (a sleep's timer, a finished child's notice) was
     /// sent again.
+    #[serde(default)]
     pub woken_runs: usize,
 }
 
@@ -60,6 +62,8 @@ pub struct Reconciler {
     stalled_after: Duration,
     lock_ttl: Duration,
     batch: i64,
+    /// Where the last pass's page of awaiting runs ended, shared by clones.
+    awaiting_cursor: Arc<Mutex<Option<AwaitingCursor>>>,
 }
 
 impl Reconciler {
@@ -80,6 +84,7 @@ impl Reconciler {
             stalled_after: Duration::from_secs(300),
             lock_ttl: Duration::from_secs(30),
             batch: 500,
+            awaiting_cursor: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -90,12 +95,16 @@ impl Reconciler {
         self
     }
 
+    /// How many runs one pass looks at, of each kind: stalled running runs, and awaiting
+    /// runs checked for lost wake-ups (default 500).
+    pub fn batch_size(mut self, runs: u32) -> Self {
+        self.batch = i64::from(runs.max(1));
+        self
+    }
+
     /// One pass.
     pub fn run(&self) -> Result<ReconciliationStats, WorkerError> {
         let stalled = self.store.stalled_runs(self.stalled_after, self.batch)?;
-        let awaiting =
-            self.store
-                .runs_with_lost_wake_ups(self.stalled_after, now_ms(), self.batch)?;
         let mut stats = ReconciliationStats {
             stalled_runs: stalled.len(),
             ..Default::default()
@@ -103,7 +112,7 @@ impl Reconciler {
         let mut publisher = LazyPublisher {
             url: &self.amqp_url,
             queue: &self.queue,
-            open: None,
+            state: PublisherState::Closed,
         };
         for run in &stalled {
             match self.reconcile_run(run, &mut publisher) {
@@ -115,95 +124,89 @@ impl Reconciler {
                 }
             }
         }
-        for run in &awaiting {
-            match self.wake_run(run, &mut publisher) {
-                Ok(true) => stats.woken_runs += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    log::warn!("reconciler: awaiting run {run}: {e}");
-                    stats.failed_runs += 1;
-                }
+        // Awaiting runs come second: a failure here leaves the pass over running runs done.
+        match self.wake_page(&mut publisher) {
+            Ok((woken, failed)) => {
+                stats.woken_runs = woken;
+                stats.failed_runs += failed;
             }
+            Err(e) => log::warn!("reconciler: cannot look for lost wake-ups: {e}"),
         }
-        if let Some((connection, publisher)) = publisher.open {
+        if let PublisherState::Open(open) = publisher.state {
+            let (connection, publisher) = *open;
             let _ = publisher.close();
             let _ = connection.close();
         }
         Ok(stats)
     }
 
-    /// Sends again the overdue wake-ups of an idle awaiting run (see the module docs);
-    /// returns whether there was one.
-    fn wake_run(&self, run: &str, publisher: &mut LazyPublisher<'_>) -> Result<bool, WorkerError> {
-        let Some(snapshot) = self.store.load(run)? else {
-            return Err(WorkerError::Options(format!(
-                "run {run} has a status row but no context row"
-            )));
+    /// Looks at the next page of idle awaiting runs (each pass continues where the last one
+    /// stopped, so every awaiting run is looked at in turn, without rewriting any) and sends
+    /// their lost wake-ups again. Returns how many runs were woken and how many failed.
+    fn wake_page(&self, publisher: &mut LazyPublisher<'_>) -> Result<(usize, usize), WorkerError> {
+        let mut cursor = self
+            .awaiting_cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let page =
+            self.store
+                .awaiting_page(self.stalled_after, now_ms(), cursor.as_ref(), self.batch)?;
+        // A short page was the last: the next pass starts over.
+        *cursor = match page.last() {
+            Some(last) if page.len() as i64 >= self.batch => Some(last.cursor.clone()),
+            _ => None,
         };
-        let blueprint_id = Blueprint::stamped_id(&snapshot.context);
-        let Some(bp) = self.blueprints.get(blueprint_id) else {
+        drop(cursor);
+        let (mut woken, mut failed) = (0, 0);
+        for run in page.iter().filter(|r| !r.lost_wake_ups.is_empty()) {
+            match self.wake_run(run, publisher) {
+                Ok(true) => woken += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!("reconciler: awaiting run {}: {e}", run.cursor.run_id);
+                    failed += 1;
+                }
+            }
+        }
+        Ok((woken, failed))
+    }
+
+    /// Sends again the lost wake-ups of an awaiting run, as `wake` jobs of its paused nodes;
+    /// returns whether it sent any.
+    fn wake_run(
+        &self,
+        run: &AwaitingRun,
+        publisher: &mut LazyPublisher<'_>,
+    ) -> Result<bool, WorkerError> {
+        let run_id = run.cursor.run_id.as_str();
+        let blueprint_id = run.blueprint_id.as_deref().unwrap_or_default();
+        if !self.blueprints.contains_key(blueprint_id) {
             return Err(WorkerError::Options(format!(
-                "run {run}: blueprint '{blueprint_id}' is not loaded"
+                "blueprint '{blueprint_id}' is not loaded"
             )));
-        };
-        let awaited: Vec<&str> = snapshot
-            .context
-            .get(AWAITING_NODE_IDS)
-            .and_then(Value::as_array)
-            .map(|ids| ids.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
+        }
         let mut bodies = Vec::new();
         let mut woken = Vec::new();
-        for node in awaited {
-            let Some(details) = awaited_details(&snapshot.context, node) else {
-                continue;
-            };
-            let iteration = u32::try_from(paused_iteration(details)).unwrap_or(u32::MAX);
-            if !self.wake_up_is_lost(details)? {
-                continue;
-            }
-            let lock = self.coord.nodelock_key(run, &job_id(node, iteration));
+        for (node, iteration) in &run.lost_wake_ups {
+            let lock = self.coord.nodelock_key(run_id, &job_id(node, *iteration));
             if self
                 .coord
                 .set_if_not_exist(&lock, "reconciler", self.lock_ttl)?
             {
-                let mut job = JobPayload::new(run, bp.id(), node, iteration);
-                job.recovered = true;
+                let mut job = JobPayload::new(run_id, blueprint_id, node, *iteration);
+                job.wake = true;
                 bodies.push(job.to_body());
-                woken.push(node.to_string());
+                woken.push(node.as_str());
             }
         }
-        if !bodies.is_empty() {
-            publisher.get()?.publish_jobs("", &self.queue, &bodies)?;
-            log::info!("reconciler: run {run}: sent the lost wake-ups of {woken:?} again");
+        if bodies.is_empty() {
+            return Ok(false);
         }
-        // Either way the run goes to the back of the line for the next passes.
-        self.store.touch(run)?;
-        Ok(!bodies.is_empty())
-    }
-
-    /// Whether a pause's wake-up is overdue: a sleep past `wakeUpAt` by the threshold, or a
-    /// subflow whose child run finished (its notice was lost) or does not exist (it was never
-    /// started).
-    fn wake_up_is_lost(&self, details: &Value) -> Result<bool, WorkerError> {
-        match details.get("type").and_then(Value::as_str) {
-            Some("sleep") => {
-                let wake_at = details["wakeUpAtMs"].as_u64().unwrap_or(0);
-                let grace = u64::try_from(self.stalled_after.as_millis()).unwrap_or(u64::MAX);
-                Ok(wake_at.saturating_add(grace) <= now_ms())
-            }
-            Some("subflow") => {
-                let Some(child) = details.get("childRunId").and_then(Value::as_str) else {
-                    return Ok(false);
-                };
-                let status = self.store.status(child)?.map(|row| row.status);
-                Ok(matches!(
-                    status.as_deref(),
-                    None | Some("completed") | Some("failed")
-                ))
-            }
-            _ => Ok(false),
-        }
+        publisher.get()?.publish_jobs("", &self.queue, &bodies)?;
+        // Out of the idle window while the worker wakes it.
+        self.store.touch(run_id)?;
+        log::info!("reconciler: run {run_id}: sent the lost wake-ups of {woken:?} again");
+        Ok(true)
     }
 
     fn reconcile_run(
@@ -287,24 +290,40 @@ impl Reconciler {
 }
 
 /// The pass's AMQP connection, opened on first use: a pass with nothing to publish does not
-/// connect.
+/// connect, and one whose connection failed does not try again for every run.
 struct LazyPublisher<'a> {
     url: &'a str,
     queue: &'a str,
-    open: Option<(Connection, ConfirmPublisher)>,
+    state: PublisherState,
+}
+
+enum PublisherState {
+    Closed,
+    Open(Box<(Connection, ConfirmPublisher)>),
+    Failed(String),
 }
 
 impl LazyPublisher<'_> {
     fn get(&mut self) -> Result<&mut ConfirmPublisher, WorkerError> {
-        let open = match self.open.take() {
-            Some(open) => open,
-            None => {
-                let mut connection = amqp::connect(self.url)?;
-                let publisher = ConfirmPublisher::new(connection.open_channel(None)?)?;
-                amqp::declare_job_queue(publisher.channel(), self.queue)?;
-                (connection, publisher)
+        if let PublisherState::Closed = self.state {
+            self.state = match self.open() {
+                Ok(open) => PublisherState::Open(Box::new(open)),
+                Err(e) => PublisherState::Failed(e.to_string()),
+            };
+        }
+        match &mut self.state {
+            PublisherState::Open(open) => Ok(&mut open.1),
+            PublisherState::Failed(reason) => {
+                Err(WorkerError::Options(format!("cannot publish: {reason}")))
             }
-        };
-        Ok(&mut self.open.insert(open).1)
+            PublisherState::Closed => Err(WorkerError::Options("cannot publish".into())),
+        }
+    }
+
+    fn open(&self) -> Result<(Connection, ConfirmPublisher), WorkerError> {
+        let mut connection = amqp::connect(self.url)?;
+        let publisher = ConfirmPublisher::new(connection.open_channel(None)?)?;
+        amqp::declare_job_queue(publisher.channel(), self.queue)?;
+        Ok((connection, publisher))
     }
 }

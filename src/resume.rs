@@ -193,7 +193,8 @@ impl Resumer<'_> {
                             if !merged.contains_key(&key) {
                                 merged.insert(key.clone(), input.clone());
                             }
-                            set_if_absent.insert(key, input.clone());
+                            // Several resumed nodes may feed one join: the first keeps it.
+                            set_if_absent.entry(key).or_insert_with(|| input.clone());
                         } else {
                             set.insert(key.clone(), input.clone());
                             merged.insert(key, input.clone());

@@ -240,6 +240,25 @@ pub struct StatusRow {
     pub result: Option<Value>,
 }
 
+/// Where a page of awaiting runs ended: the last run's `updated_at` (as PostgreSQL's text)
+/// and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwaitingCursor {
+    pub updated_at: String,
+    pub run_id: String,
+}
+
+/// An awaiting run of a page, with its paused nodes whose wake-up is overdue.
+#[derive(Debug, Clone)]
+pub struct AwaitingRun {
+    /// The run, and where the page is if it ends here.
+    pub cursor: AwaitingCursor,
+    /// The run's `blueprintId`, if its context has one.
+    pub blueprint_id: Option<String>,
+    /// Paused nodes whose wake-up is overdue, with the iteration they paused at.
+    pub lost_wake_ups: Vec<(String, u32)>,
+}
+
 /// The guard a node commit carries: it applies only to the execution it is for.
 #[derive(Debug, Clone)]
 pub struct CommitGuard {
@@ -345,7 +364,7 @@ struct Statements {
     set_status: String,
     status: String,
     stalled: String,
-    lost_wake_ups: String,
+    awaiting_page: String,
     touch: String,
     touch_many: String,
     insert_context: String,
@@ -440,23 +459,34 @@ impl RunStore {
                    AND updated_at < NOW() - make_interval(secs => $1::float8)
                  ORDER BY updated_at LIMIT $2::bigint"
             ),
-            // Awaiting runs idle for $1 s with a paused node whose wake-up is overdue: a sleep
-            // past `wakeUpAtMs` by $1 s at $3 (ms), or a subflow whose child run is not
-            // running, awaiting or cancelled (it finished, or was never created).
-            lost_wake_ups: format!(
-                "SELECT s.run_id FROM {s} s JOIN {c} c ON c.run_id = s.run_id
-                 WHERE s.status = 'awaiting'
-                   AND s.updated_at < NOW() - make_interval(secs => $1::float8)
-                   AND EXISTS (
-                     SELECT 1 FROM jsonb_each(CASE WHEN jsonb_typeof(c.context_data->'_awaitingDetails') = 'object'
-                                              THEN c.context_data->'_awaitingDetails' ELSE '{{}}'::jsonb END) d
-                     WHERE (d.value->>'type' = 'sleep'
-                            AND CASE WHEN jsonb_typeof(d.value->'wakeUpAtMs') = 'number'
-                                THEN (d.value->>'wakeUpAtMs')::float8 ELSE 0 END + $1::float8 * 1000 <= $3::float8)
-                        OR (d.value->>'type' = 'subflow' AND NOT EXISTS (
-                              SELECT 1 FROM {s} cs WHERE cs.run_id = d.value->>'childRunId'
-                                AND cs.status IN ('running', 'awaiting', 'cancelled'))))
-                 ORDER BY s.updated_at LIMIT $2::bigint"
+            // A page of awaiting runs idle for $1 s, after the cursor ($4, $5), each with
+            // its paused nodes whose wake-up is overdue: a sleep past `wakeUpAtMs` by $1 s at
+            // $3 (ms), or a subflow whose child run finished more than $1 s ago or does not
+            // exist.
+            awaiting_page: format!(
+                "WITH page AS (
+                   SELECT run_id, updated_at FROM {s}
+                   WHERE status = 'awaiting' AND updated_at < NOW() - make_interval(secs => $1::float8)
+                     AND (updated_at, run_id) > ($4::text::timestamptz, $5::text)
+                   ORDER BY updated_at, run_id LIMIT $2::bigint)
+                 SELECT p.run_id, p.updated_at::text, c.context_data->>'blueprintId',
+                   COALESCE((
+                     SELECT jsonb_agg(jsonb_build_array(d.key, d.value->'iteration'))
+                     FROM jsonb_each(CASE WHEN jsonb_typeof(c.context_data->'_awaitingDetails') = 'object'
+                                     THEN c.context_data->'_awaitingDetails' ELSE '{{}}'::jsonb END) d
+                     WHERE jsonb_typeof(c.context_data->'_awaitingNodeIds') = 'array'
+                       AND c.context_data->'_awaitingNodeIds' @> jsonb_build_array(d.key)
+                       AND ((d.value->>'type' = 'sleep' AND jsonb_typeof(d.value->'wakeUpAtMs') = 'number'
+                             AND (d.value->>'wakeUpAtMs')::numeric + ($1::float8 * 1000)::numeric
+                                 <= $3::float8::numeric)
+                         OR (d.value->>'type' = 'subflow' AND jsonb_typeof(d.value->'childRunId') = 'string'
+                             AND NOT EXISTS (
+                               SELECT 1 FROM {s} cs WHERE cs.run_id = d.value->>'childRunId'
+                                 AND (cs.status IN ('running', 'awaiting', 'cancelled')
+                                      OR cs.updated_at >= NOW() - make_interval(secs => $1::float8)))))
+                   ), '[]'::jsonb)
+                 FROM page p LEFT JOIN {c} c ON c.run_id = p.run_id
+                 ORDER BY p.updated_at, p.run_id"
             ),
             touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
             touch_many: format!(
@@ -711,23 +741,53 @@ impl RunStore {
         run_ids(&rows)
     }
 
-    /// Runs `awaiting` for longer than `overdue` with a paused node whose wake-up is overdue
-    /// at `now_ms`: a `sleep` past its `wakeUpAtMs` by `overdue`, or a `subflow` whose child
-    /// run finished or does not exist. Oldest first.
-    pub fn runs_with_lost_wake_ups(
+    /// A page of up to `limit` runs `awaiting` for longer than `overdue`, oldest first after
+    /// `after` (a cursor from an earlier page), each with its paused nodes whose wake-up is
+    /// overdue at `now_ms`: a `sleep` past its `wakeUpAtMs` by `overdue`, or a `subflow`
+    /// whose child run finished more than `overdue` ago or does not exist.
+    pub fn awaiting_page(
         &self,
         overdue: Duration,
         now_ms: u64,
+        after: Option<&AwaitingCursor>,
         limit: i64,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<AwaitingRun>, StoreError> {
         let secs = overdue.as_secs_f64();
         let now = now_ms as f64;
+        let (after_time, after_run) = after
+            .map(|c| (c.updated_at.as_str(), c.run_id.as_str()))
+            .unwrap_or(("-infinity", ""));
         let rows = {
             let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.lost_wake_ups)?;
-            conn.query(&stmt, &[&secs, &limit, &now])?
+            let stmt = conn.statement(&self.sql.awaiting_page)?;
+            conn.query(&stmt, &[&secs, &limit, &now, &after_time, &after_run])?
         };
-        run_ids(&rows)
+        rows.iter()
+            .map(|row| {
+                let lost: Value = row.try_get(3)?;
+                let lost_wake_ups = lost
+                    .as_array()
+                    .map(|nodes| {
+                        nodes
+                            .iter()
+                            .filter_map(|n| {
+                                let node = n.get(0)?.as_str()?.to_string();
+                                let iteration = n.get(1).and_then(Value::as_u64).unwrap_or(0);
+                                Some((node, u32::try_from(iteration).ok()?))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(AwaitingRun {
+                    cursor: AwaitingCursor {
+                        run_id: row.try_get(0)?,
+                        updated_at: row.try_get(1)?,
+                    },
+                    blueprint_id: row.try_get(2)?,
+                    lost_wake_ups,
+                })
+            })
+            .collect()
     }
 
     /// Moves a run's `updated_at` to now.

@@ -60,7 +60,8 @@ fn all_join_runs_once_after_every_branch() {
 
 #[test]
 fn a_late_branch_leaves_an_any_join_that_already_ran_untouched() {
-    // `slow` finishes only after the join ran on `fast`'s answer; its arrival must change
+    // `slow` finishes only after the join ran on `fast`'s answer and that run was recorded
+    // (the signal comes from `after`, which follows the join); its arrival must change
     // neither the join's input nor its output.
     let (ran, join_ran) = std::sync::mpsc::channel::<()>();
     let join_ran = std::sync::Mutex::new(join_ran);
@@ -75,15 +76,17 @@ fn a_late_branch_leaves_an_any_join_that_already_ran_untouched() {
         waited.map_err(|e| NodeError::new(format!("the join never ran: {e}")))?;
         Ok(NodeResult::output(json!(ctx.node_id)))
     });
-    reg.register_fn("first", move |ctx| {
+    reg.register_fn("first", |ctx| Ok(NodeResult::output(ctx.input.clone())));
+    reg.register_fn("signal", move |ctx| {
         let _ = ran.lock().map(|s| s.send(()));
         Ok(NodeResult::output(ctx.input.clone()))
     });
     let b = bp(
         r#"{"id":"late","nodes":[{"id":"s","uses":"inc"},{"id":"fast","uses":"answer"},
-        {"id":"slow","uses":"slow_answer"},{"id":"j","uses":"first","config":{"joinStrategy":"any"}}],
+        {"id":"slow","uses":"slow_answer"},{"id":"j","uses":"first","config":{"joinStrategy":"any"}},
+        {"id":"after","uses":"signal"}],
         "edges":[{"source":"s","target":"fast"},{"source":"s","target":"slow"},
-        {"source":"fast","target":"j"},{"source":"slow","target":"j"}]}"#,
+        {"source":"fast","target":"j"},{"source":"slow","target":"j"},{"source":"j","target":"after"}]}"#,
     );
     let result = LocalRuntime::builder(reg)
         .threads(2)

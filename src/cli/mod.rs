@@ -187,7 +187,7 @@ enum Command {
         services: ServiceArgs,
         run_id: String,
     },
-    /// One reconciler pass over stalled runs; prints its stats as JSON.
+    /// One reconciler pass over stalled runs and lost wake-ups; prints its stats as JSON.
     Reconcile {
         #[command(flatten)]
         dir: BlueprintDir,

@@ -123,13 +123,13 @@ fn process(
         .cloned();
     if let Some(details) = paused {
         let paused_iteration = paused_iteration(&details);
-        if u64::from(job.iteration) > paused_iteration {
+        if u64::from(job.iteration) > paused_iteration && !job.wake {
             // The next iteration of a pausing node arrived while the previous one is still
             // awaited: it must not be dropped, so it comes back in a second.
             return defer(shared, job, publisher);
         }
         if u64::from(job.iteration) == paused_iteration {
-            if redelivered || job.recovered {
+            if redelivered || job.wake {
                 // The pause is committed; repeat what follows it (timer, child run): after
                 // a crash, or when the reconciler found its wake-up lost.
                 register_paused(shared, bp, job, &node)?;
@@ -138,6 +138,10 @@ fn process(
             return Ok(Outcome::Ack);
         }
         // An earlier iteration: handled as any committed job below.
+    }
+    if job.wake {
+        // The pause this wake-up was sent for is over: nothing to repeat.
+        return Ok(Outcome::Ack);
     }
     if is_committed(bp, &node, &context, job.iteration) {
         // Committed before. Its coordination may not have happened (a crash, a failed step):

@@ -154,6 +154,13 @@ fn start_child(
 ) -> Result<(), WorkerError> {
     let child_id = details["blueprintId"].as_str().unwrap_or_default();
     let Some(child) = shared.blueprints.get(child_id) else {
+        // The pause was committed by a worker that has this blueprint; one that does
+        // will start the child.
+        log::warn!(
+            "run {}: cannot start the child of '{}': blueprint '{child_id}' is not loaded here",
+            job.run_id,
+            node.id
+        );
         return Ok(());
     };
     let child_run = details["childRunId"].as_str().unwrap_or_default();
