@@ -56,9 +56,15 @@ impl RunNode {
     }
 
     /// Whether the node may execute several times in one run (on or after a cycle): its
-    /// executions are counted per iteration.
+    /// executions are counted per iteration. A batch worker repeats with its gather (a batch
+    /// inside a loop scatters again in every iteration).
     pub fn may_repeat(&self, bp: &Blueprint) -> bool {
-        matches!(self, RunNode::Static(i) if bp.may_repeat(*i))
+        match self {
+            RunNode::Static(i) => bp.may_repeat(*i),
+            RunNode::Dynamic(def) => batch::gather_of(&def.id)
+                .and_then(|g| bp.node_index(g))
+                .is_some_and(|g| bp.may_repeat(g)),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::node::{ContextDeltas, ContextMap};
 use crate::protocol::JobPayload;
 use crate::scheduling::{
-    awaited_details, meta_key, next_jobs, node_meta, paused_iteration, RunNode,
+    awaited_details, frontier, meta_key, next_jobs, node_meta, paused_iteration, RunNode,
 };
 use crate::store::{RunSnapshot, RunStore};
 use crate::worker::WorkerError;
@@ -258,12 +258,54 @@ impl Resumer<'_> {
     /// node — and, if it is a subflow's child, resumes the parent's subflow node with its
     /// result (SPEC §5), which may complete the parent in turn. Returns whether this call
     /// completed the run.
+    ///
+    /// Redis says the run is idle; the stored context must agree. If Redis lost its state (a
+    /// restart without persistence), the ledger forgot the run's jobs and the joins forgot
+    /// their earlier reports, so it can call a run idle while the stored successors show a
+    /// node still to run: those nodes (the run's frontier) are enqueued instead.
     pub fn complete(&self, run_id: &str, publisher: &mut dyn JobSink) -> Result<bool, WorkerError> {
+        if self.enqueue_frontier(run_id, publisher)? {
+            return Ok(false);
+        }
         let Some(context) = self.store.complete_run(run_id)? else {
             return Ok(false);
         };
         log::info!("run {run_id}: completed");
         self.resume_parent(run_id, &context, publisher)?;
+        Ok(true)
+    }
+
+    /// Enqueues what the stored context says is left to run of a run Redis calls idle;
+    /// returns whether there was anything.
+    fn enqueue_frontier(
+        &self,
+        run_id: &str,
+        publisher: &mut dyn JobSink,
+    ) -> Result<bool, WorkerError> {
+        let Some(snapshot) = self.store.load(run_id)? else {
+            return Ok(false);
+        };
+        let Some(bp) = self
+            .blueprints
+            .get(Blueprint::stamped_id(&snapshot.context))
+        else {
+            return Ok(false);
+        };
+        let left = frontier(bp, &snapshot.context);
+        if left.is_empty() {
+            return Ok(false);
+        }
+        let ids: Vec<String> = left.iter().map(|(n, i)| job_id(n, *i)).collect();
+        self.coord.register_jobs(run_id, &ids)?;
+        let bodies: Vec<Vec<u8>> = left
+            .iter()
+            .map(|(n, i)| JobPayload::new(run_id, bp.id(), n, *i).to_body())
+            .collect();
+        publisher.publish_jobs("", self.queue, &bodies)?;
+        log::warn!(
+            "run {run_id}: Redis has no job of it left, but {ids:?} must still run \
+             (was Redis's state lost?); enqueued them"
+        );
         Ok(true)
     }
 

@@ -262,33 +262,45 @@ pub fn next_jobs(
                     })
                     .collect();
             let def = bp.node(*index);
-            if def.uses == flow::BATCH_SCATTER {
+            let gather = def
+                .params
+                .get("gatherNodeId")
+                .and_then(Value::as_str)
+                .and_then(|g| bp.node_index(g));
+            if let (true, Some(gather)) = (def.uses == flow::BATCH_SCATTER, gather) {
+                // Inside a loop the workers run again in every iteration: theirs is the
+                // scatter's, and an empty batch meets the gather at its next execution.
+                let repeats = bp.may_repeat(gather);
+                let worker_iteration = if repeats { iteration } else { 0 };
                 for d in &result.dynamic_nodes {
                     jobs.push(NextJob {
                         report: SuccessorReport {
-                            job: job_id(&d.id, 0),
+                            job: job_id(&d.id, worker_iteration),
                             node: d.id.clone(),
-                            iteration: 0,
+                            iteration: worker_iteration,
                             predecessor: def.id.clone(),
                             rule: JoinRule::Immediate,
                         },
                         input: None,
                     });
                 }
-                let gather = def.params.get("gatherNodeId").and_then(Value::as_str);
-                if let (true, Some(g)) = (result.dynamic_nodes.is_empty(), gather) {
-                    if bp.node_index(g).is_some() {
-                        jobs.push(NextJob {
-                            report: SuccessorReport {
-                                job: job_id(g, 0),
-                                node: g.to_string(),
-                                iteration: 0,
-                                predecessor: def.id.clone(),
-                                rule: JoinRule::Immediate,
-                            },
-                            input: None,
-                        });
-                    }
+                if result.dynamic_nodes.is_empty() {
+                    let gather_iteration = if repeats {
+                        executions(bp, &RunNode::Static(gather), context)
+                    } else {
+                        0
+                    };
+                    let id = &bp.node(gather).id;
+                    jobs.push(NextJob {
+                        report: SuccessorReport {
+                            job: job_id(id, gather_iteration),
+                            node: id.clone(),
+                            iteration: gather_iteration,
+                            predecessor: def.id.clone(),
+                            rule: JoinRule::Immediate,
+                        },
+                        input: None,
+                    });
                 }
             }
             jobs
@@ -346,10 +358,14 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
                         vec![report.predecessor],
                     )),
                 },
-                None if !context.contains_key(&output_key(&report.node)) => {
-                    push(&report.node, 0, &mut out)
+                // A batch worker, at the scatter's iteration.
+                None => {
+                    let done = RunNode::resolve(bp, context, &report.node)
+                        .is_none_or(|w| is_committed(bp, &w, context, report.iteration));
+                    if !done {
+                        push(&report.node, report.iteration, &mut out);
+                    }
                 }
-                None => {}
             }
         }
     }
@@ -375,11 +391,30 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         let Some(g) = bp.node_index(gather) else {
             continue;
         };
-        let workers = batch::workers_of(record);
-        if !is_committed(bp, &RunNode::Static(g), context, 0)
-            && workers.iter().all(|w| context.contains_key(&output_key(w)))
+        // The batch on record is the latest scatter's; in a loop, the gather meets it at
+        // its own next execution, if it has not met it yet.
+        let gather_node = RunNode::Static(g);
+        let scatter_iteration = record
+            .get("scatter")
+            .and_then(Value::as_str)
+            .and_then(|s| bp.node_index(s))
+            .map_or(0, |s| {
+                executions(bp, &RunNode::Static(s), context).saturating_sub(1)
+            });
+        let (gather_iteration, worker_iteration) = if gather_node.may_repeat(bp) {
+            (executions(bp, &gather_node, context), scatter_iteration)
+        } else {
+            (0, 0)
+        };
+        let workers_done = batch::workers_of(record).iter().all(|w| {
+            RunNode::resolve(bp, context, w)
+                .is_some_and(|w| is_committed(bp, &w, context, worker_iteration))
+        });
+        if workers_done
+            && gather_iteration <= scatter_iteration
+            && !is_committed(bp, &gather_node, context, gather_iteration)
         {
-            push(gather, 0, &mut out);
+            push(gather, gather_iteration, &mut out);
         }
     }
     out

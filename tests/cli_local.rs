@@ -57,6 +57,7 @@ fn every_example_gives_its_documented_result() {
         ("retry-fallback", None, "report", json!("served from cache")),
         ("loop", None, "done", json!("counted to 3")),
         ("batch", None, "gather", json!([1, 4, 9, 16])),
+        ("batch-loop", None, "done", json!(30)),
         ("subflow", None, "total", json!(120)),
     ];
     for (id, context, node, expected) in cases {

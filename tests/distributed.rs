@@ -60,6 +60,7 @@ fn same_final_context_as_the_in_process_runner() {
         "any-join",
         "loop",
         "batch",
+        "batch-loop",
     ];
     let all: Vec<_> = blueprints.values().cloned().collect();
     let worker = env.start_worker(inc_registry(), all.clone(), 4);

@@ -307,6 +307,146 @@ fn the_reconciler_finishes_a_run_whose_next_job_was_purged() {
 }
 
 #[test]
+fn a_run_whose_coordination_state_was_lost_still_runs_its_join_before_completing() {
+    let env = TestEnv::new("lost_redis");
+    let b = bp(
+        r#"{"id":"v","nodes":[{"id":"s","uses":"inc"},{"id":"a","uses":"inc"},{"id":"b","uses":"inc"},
+        {"id":"j","uses":"inc","config":{"joinStrategy":"all"}}],
+        "edges":[{"source":"s","target":"a"},{"source":"s","target":"b"},
+        {"source":"a","target":"j"},{"source":"b","target":"j"}]}"#,
+    );
+    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let mut gated = inc_registry();
+    gated.register_fn("inc", move |ctx| {
+        if ctx.node_id == "a" {
+            let _ = entered_tx.send(());
+            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
+        }
+        Ok(NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) + 1
+        )))
+    });
+    let worker = env
+        .worker(gated, vec![b.clone()])
+        .threads(1)
+        .prefetch(1)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let run = env
+        .client(vec![b.clone()])
+        .start_workflow("v", ContextMap::new())
+        .unwrap();
+    entered_rx.recv_timeout(WAIT).expect("a starts");
+    worker.shutdown();
+    env.eventually("the worker stops consuming", WAIT, || {
+        env.consumer_count(&env.queue) == 0
+    });
+    gate_tx.send(()).unwrap();
+    worker.join().unwrap();
+    // `a` reported to the join; then `b`'s job is lost, and Redis forgets everything (the
+    // ledger and the join's report from `a`).
+    env.eventually("b is queued", WAIT, || env.queue_depth(&env.queue) == 1);
+    assert_eq!(env.purge(), 1);
+    assert!(env.forget_coordination() > 0);
+    let (registry, counts) = counting_registry();
+    let second = env
+        .worker(registry, vec![b])
+        .threads(2)
+        .stalled_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    let reconciler = second.reconciler();
+    let handle = second.start().unwrap();
+    let stats = reconciler.run().unwrap();
+    assert_eq!(
+        (stats.reconciled_runs, stats.failed_runs),
+        (1, 0),
+        "{stats:?}"
+    );
+    // `b`'s report alone does not satisfy the join Redis now knows, and Redis has no other
+    // job of the run: it calls the run idle. The stored context says `j` must still run.
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.j"], json!(3), "{context}");
+    assert_eq!(counts.lock().unwrap().get("j"), Some(&1));
+    handle.stop().unwrap();
+}
+
+#[test]
+fn the_reconciler_finishes_a_batch_inside_a_loop_whose_worker_job_was_purged() {
+    let env = TestEnv::new("purge_batch_loop");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
+    let (blueprints, problems) = flowcraft_rabbitmq::blueprint::load_dir(dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    let bp = blueprints["batch-loop"].clone();
+    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let first_worker_runs = Arc::new(AtomicUsize::new(0));
+    let mut registry = inc_registry();
+    let transform = registry.get("transform").unwrap();
+    let runs = first_worker_runs.clone();
+    registry.register_fn("transform", move |ctx| {
+        // The first batch worker of the second round waits until the worker stops consuming.
+        if ctx.node_id == "gather#0" && runs.fetch_add(1, Ordering::SeqCst) == 1 {
+            let _ = entered_tx.send(());
+            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
+        }
+        transform.execute(ctx)
+    });
+    let worker = env
+        .worker(registry.clone(), vec![bp.clone()])
+        .threads(1)
+        .prefetch(1)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let run = env
+        .client(vec![bp.clone()])
+        .start_workflow("batch-loop", ContextMap::new())
+        .unwrap();
+    entered_rx
+        .recv_timeout(WAIT)
+        .expect("the second round's first worker starts");
+    worker.shutdown();
+    env.eventually("the worker stops consuming", WAIT, || {
+        env.consumer_count(&env.queue) == 0
+    });
+    gate_tx.send(()).unwrap();
+    worker.join().unwrap();
+    // The second round's other worker job is lost, and so is Redis's state (a restart
+    // without persistence): only the stored context tells what is left to do.
+    env.eventually("the other worker job is queued", WAIT, || {
+        env.queue_depth(&env.queue) == 1
+    });
+    assert_eq!(env.purge(), 1);
+    assert!(env.forget_coordination() > 0);
+    let second = env
+        .worker(registry, vec![bp])
+        .threads(2)
+        .stalled_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    let reconciler = second.reconciler();
+    let handle = second.start().unwrap();
+    // The first pass re-enqueues the lost worker. Its report reaches a join that forgot the
+    // other worker, so a later pass finds the gather's workers all done and enqueues it.
+    env.eventually("the run completes", WAIT, || {
+        let stats = reconciler.run().unwrap();
+        assert_eq!(stats.failed_runs, 0, "{stats:?}");
+        env.store().status(&run).unwrap().unwrap().status == "completed"
+    });
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["_outputs.done"], json!(30), "{context}");
+    assert_eq!(context["_outputs.gather"], json!([30, 20]), "{context}");
+    handle.stop().unwrap();
+}
+
+#[test]
 fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
     let env = TestEnv::new("recovered");
     let one = bp(r#"{"id":"one","nodes":[{"id":"a","uses":"inc"}]}"#);

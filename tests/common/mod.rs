@@ -236,6 +236,22 @@ impl TestEnv {
         got
     }
 
+    /// Deletes every Redis key of this test, as a Redis restart without persistence does;
+    /// returns how many there were.
+    pub fn forget_coordination(&self) -> usize {
+        let Ok(mut c) = self.redis.get() else {
+            return 0;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query(&mut *c)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _ = redis::cmd("DEL").arg(&keys).query::<()>(&mut *c);
+        }
+        keys.len()
+    }
+
     pub fn purge(&self) -> u32 {
         self.purge_queue(&self.queue)
     }
@@ -291,15 +307,7 @@ impl Drop for TestEnv {
                 &[&scope],
             );
         }
-        if let Ok(mut c) = self.redis.get() {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}*", self.prefix))
-                .query(&mut *c)
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _ = redis::cmd("DEL").arg(keys).query::<()>(&mut *c);
-            }
-        }
+        self.forget_coordination();
         if let Ok(mut conn) = amqp::connect(&amqp_url()) {
             if let Ok(ch) = conn.open_channel(None) {
                 let demo = format!("{}.demo", self.queue);
