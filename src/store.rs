@@ -30,18 +30,28 @@ pub type PgPool = r2d2::Pool<PgConnectionManager>;
 /// Its sessions are tuned for this crate's statements, which all find rows by key: a
 /// prepared statement keeps its generic plan (`plan_cache_mode = force_generic_plan`) and
 /// the planner avoids sequential scans and hash, merge and bitmap plans (`enable_* = off`).
-/// Run analytical queries of your own on a pool of your own.
+/// Run analytical queries of your own on a pool of your own, or, to share one pool with
+/// queries of your own, build it with [`untuned`](PgConnectionManager::untuned) (this
+/// crate's statements then take PostgreSQL's default plans: correct, somewhat slower).
 #[derive(Debug)]
 pub struct PgConnectionManager {
     inner: PostgresConnectionManager<NoTls>,
+    tuned: bool,
 }
 
 impl PgConnectionManager {
-    /// A manager for a connection configuration.
+    /// A manager for a connection configuration, with tuned sessions.
     pub fn new(config: postgres::Config) -> PgConnectionManager {
         PgConnectionManager {
             inner: PostgresConnectionManager::new(config, NoTls),
+            tuned: true,
         }
+    }
+
+    /// Leaves the sessions' planner settings at the server's defaults.
+    pub fn untuned(mut self) -> PgConnectionManager {
+        self.tuned = false;
+        self
     }
 }
 
@@ -88,6 +98,12 @@ impl ManageConnection for PgConnectionManager {
     /// tables grow.
     fn connect(&self) -> Result<PgConnection, postgres::Error> {
         let mut client = self.inner.connect()?;
+        if !self.tuned {
+            return Ok(PgConnection {
+                client,
+                statements: HashMap::new(),
+            });
+        }
         client.batch_execute(
             "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off;
              SET enable_bitmapscan = off",

@@ -167,3 +167,18 @@ fn client_wait_returns_when_the_run_stops_running_or_the_time_is_up() {
     assert!(err.to_string().contains("does not exist"), "{err}");
     worker.stop().unwrap();
 }
+
+#[test]
+fn pool_sessions_are_tuned_unless_built_untuned() {
+    let setting = |manager: flowcraft_rabbitmq::store::PgConnectionManager| -> String {
+        let pool = r2d2::Pool::builder().max_size(1).build(manager).unwrap();
+        let mut conn = pool.get().unwrap();
+        conn.query_one("SHOW enable_seqscan", &[])
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let config: postgres::Config = postgres_url().parse().unwrap();
+    let manager = flowcraft_rabbitmq::store::PgConnectionManager::new;
+    assert_eq!(setting(manager(config.clone())), "off");
+    assert_eq!(setting(manager(config).untuned()), "on");
+}
