@@ -121,7 +121,15 @@ pub struct FinishOutcome {
     pub ready: Vec<bool>,
     /// Whether the run has no outstanding job left.
     pub run_idle: bool,
+    /// Whether the run's ledger goes back to its start jobs. It does not after Redis lost
+    /// its state (or the ledger expired): then `run_idle` only covers the jobs registered
+    /// since, and the run's context must confirm that nothing is left.
+    pub ledger_intact: bool,
 }
+
+/// A member of both ledger sets, added with a run's start jobs: its presence tells that the
+/// ledger goes back to the run's start. (No job id starts with a NUL byte.)
+const LEDGER_ORIGIN: &str = "\0origin";
 
 const FINISH_JOB: &str = r#"
 local ttl = tonumber(ARGV[1])
@@ -130,6 +138,11 @@ redis.call('SADD', KEYS[1], me)
 local i = 3
 local extra = tonumber(ARGV[i]); i = i + 1
 for _ = 1, extra do redis.call('SADD', KEYS[1], ARGV[i]); i = i + 1 end
+local origin = "\0origin"
+if extra > 0 then
+  redis.call('SADD', KEYS[1], origin)
+  redis.call('SADD', KEYS[2], origin)
+end
 local out = {}
 local k = 3
 while i <= #ARGV do
@@ -162,6 +175,7 @@ redis.call('SADD', KEYS[2], me)
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if redis.call('SCARD', KEYS[1]) == redis.call('SCARD', KEYS[2]) then out[#out + 1] = 1 else out[#out + 1] = 0 end
+out[#out + 1] = redis.call('SISMEMBER', KEYS[1], origin)
 return out
 "#;
 
@@ -344,6 +358,26 @@ impl RedisCoordinationStore {
         Ok(())
     }
 
+    /// Registers a run's start jobs (and any others) in its ledger, marking the ledger as
+    /// going back to the run's start (see [`FinishOutcome::ledger_intact`]).
+    pub fn register_start_jobs(&self, run: &str, jobs: &[String]) -> Result<(), CoordinationError> {
+        let (jobs_key, done_key) = (self.jobs_key(run), self.done_key(run));
+        let ttl = Self::secs(self.ttl) as i64;
+        redis::pipe()
+            .sadd(&jobs_key, jobs)
+            .ignore()
+            .sadd(&jobs_key, LEDGER_ORIGIN)
+            .ignore()
+            .sadd(&done_key, LEDGER_ORIGIN)
+            .ignore()
+            .expire(&jobs_key, ttl)
+            .ignore()
+            .expire(&done_key, ttl)
+            .ignore()
+            .query::<()>(&mut *self.conn()?)?;
+        Ok(())
+    }
+
     /// Whether a node carries a poison or cancel pill.
     pub fn is_poisoned(&self, run: &str, node: &str) -> Result<bool, CoordinationError> {
         let n: i64 = redis::cmd("EXISTS")
@@ -470,7 +504,8 @@ impl RedisCoordinationStore {
                 .take(r.successors.len())
                 .map(|&f| f == 1)
                 .collect(),
-            run_idle: flags.last().copied() == Some(1),
+            run_idle: flags.get(r.successors.len()).copied() == Some(1),
+            ledger_intact: flags.get(r.successors.len() + 1).copied() == Some(1),
         }
     }
 

@@ -63,6 +63,18 @@ pub struct ResumeOutcome {
     pub completed: bool,
 }
 
+/// What Redis says of a run once one of its jobs finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunProgress {
+    /// Jobs of the run are outstanding.
+    Busy,
+    /// No job of the run is outstanding.
+    Idle,
+    /// No job registered since the ledger was (re)made is outstanding, but the ledger does
+    /// not go back to the run's start: the context must confirm the run is done.
+    IdleUnverified,
+}
+
 /// Everything a resume needs.
 pub struct Resumer<'a> {
     pub store: &'a RunStore,
@@ -214,13 +226,13 @@ impl Resumer<'_> {
             return Err(ResumeError::AlreadyResumed(run_id.into()));
         }
         // Report each resumed node's successors as that node's (already finished) job.
-        let mut idle = false;
+        let mut progress = RunProgress::Busy;
         for (n, mine) in targets.iter().zip(&reports) {
             let job = job_id(n, iteration_of(n));
-            idle = self.finish_job(run_id, bp, &job, &[], mine, publisher)?;
+            progress = self.finish_job(run_id, bp, &job, &[], mine, publisher)?;
         }
         log::info!("run {run_id}: resumed {targets:?} with action {action:?}");
-        let completed = idle && self.complete(run_id, publisher)?;
+        let completed = self.complete_if_idle(run_id, progress, publisher)?;
         Ok(ResumeOutcome {
             nodes: targets,
             completed,
@@ -229,7 +241,7 @@ impl Resumer<'_> {
 
     /// Closes a finished job in the run's ledger (see
     /// [`finish_job`](RedisCoordinationStore::finish_job)), publishes the successors that
-    /// became ready, and returns whether the run has no outstanding work left.
+    /// became ready, and returns whether the run has outstanding work left.
     pub fn finish_job(
         &self,
         run_id: &str,
@@ -238,7 +250,7 @@ impl Resumer<'_> {
         also_register: &[String],
         successors: &[SuccessorReport],
         publisher: &mut dyn JobSink,
-    ) -> Result<bool, WorkerError> {
+    ) -> Result<RunProgress, WorkerError> {
         let outcome = self
             .coord
             .finish_job(run_id, job, also_register, successors)?;
@@ -251,22 +263,42 @@ impl Resumer<'_> {
         if !bodies.is_empty() {
             publisher.publish_jobs("", self.queue, &bodies)?;
         }
-        Ok(outcome.run_idle)
+        Ok(match (outcome.run_idle, outcome.ledger_intact) {
+            (false, _) => RunProgress::Busy,
+            (true, true) => RunProgress::Idle,
+            (true, false) => RunProgress::IdleUnverified,
+        })
+    }
+
+    /// Completes the run if it is idle (see [`complete`](Resumer::complete)). If Redis
+    /// could not vouch for that (its ledger does not go back to the run's start: Redis lost
+    /// its state, or the ledger expired), the stored context decides: the nodes it shows
+    /// still to run (the run's frontier) are enqueued instead. Returns whether this call
+    /// completed the run.
+    pub fn complete_if_idle(
+        &self,
+        run_id: &str,
+        progress: RunProgress,
+        publisher: &mut dyn JobSink,
+    ) -> Result<bool, WorkerError> {
+        match progress {
+            RunProgress::Busy => Ok(false),
+            RunProgress::Idle => self.complete(run_id, publisher),
+            RunProgress::IdleUnverified => {
+                if self.enqueue_frontier(run_id, publisher)? {
+                    Ok(false)
+                } else {
+                    self.complete(run_id, publisher)
+                }
+            }
+        }
     }
 
     /// Completes an idle run — status `completed` with its final context, unless it awaits a
     /// node — and, if it is a subflow's child, resumes the parent's subflow node with its
     /// result (SPEC §5), which may complete the parent in turn. Returns whether this call
     /// completed the run.
-    ///
-    /// Redis says the run is idle; the stored context must agree. If Redis lost its state (a
-    /// restart without persistence), the ledger forgot the run's jobs and the joins forgot
-    /// their earlier reports, so it can call a run idle while the stored successors show a
-    /// node still to run: those nodes (the run's frontier) are enqueued instead.
     pub fn complete(&self, run_id: &str, publisher: &mut dyn JobSink) -> Result<bool, WorkerError> {
-        if self.enqueue_frontier(run_id, publisher)? {
-            return Ok(false);
-        }
         let Some(context) = self.store.complete_run(run_id)? else {
             return Ok(false);
         };
@@ -275,8 +307,9 @@ impl Resumer<'_> {
         Ok(true)
     }
 
-    /// Enqueues what the stored context says is left to run of a run Redis calls idle;
-    /// returns whether there was anything.
+    /// Enqueues what the stored context says is left to run of a running run Redis calls
+    /// idle without vouching for it, as the reconciler would (its copies flagged
+    /// `recovered`, poisoned nodes skipped); returns whether there was anything.
     fn enqueue_frontier(
         &self,
         run_id: &str,
@@ -285,13 +318,21 @@ impl Resumer<'_> {
         let Some(snapshot) = self.store.load(run_id)? else {
             return Ok(false);
         };
+        if snapshot.status.as_deref() != Some("running") {
+            return Ok(false);
+        }
         let Some(bp) = self
             .blueprints
             .get(Blueprint::stamped_id(&snapshot.context))
         else {
             return Ok(false);
         };
-        let left = frontier(bp, &snapshot.context);
+        let mut left = Vec::new();
+        for (node, iteration) in frontier(bp, &snapshot.context) {
+            if !self.coord.is_poisoned(run_id, &node)? {
+                left.push((node, iteration));
+            }
+        }
         if left.is_empty() {
             return Ok(false);
         }
@@ -299,7 +340,11 @@ impl Resumer<'_> {
         self.coord.register_jobs(run_id, &ids)?;
         let bodies: Vec<Vec<u8>> = left
             .iter()
-            .map(|(n, i)| JobPayload::new(run_id, bp.id(), n, *i).to_body())
+            .map(|(n, i)| {
+                let mut job = JobPayload::new(run_id, bp.id(), n, *i);
+                job.recovered = true;
+                job.to_body()
+            })
             .collect();
         publisher.publish_jobs("", self.queue, &bodies)?;
         log::warn!(

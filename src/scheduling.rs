@@ -49,6 +49,19 @@ pub fn is_committed(bp: &Blueprint, node: &RunNode, context: &ContextMap, iterat
     committed_iterations(context, id).any(|i| i.as_u64() == Some(u64::from(iteration)))
 }
 
+/// Whether a batch worker's execution at `iteration` is committed (without rebuilding its
+/// definition: batches may hold thousands of workers).
+fn worker_committed(bp: &Blueprint, context: &ContextMap, worker: &str, iteration: u32) -> bool {
+    let repeats = batch::gather_of(worker)
+        .and_then(|g| bp.node_index(g))
+        .is_some_and(|g| bp.may_repeat(g));
+    if repeats {
+        committed_iterations(context, worker).any(|i| i.as_u64() == Some(u64::from(iteration)))
+    } else {
+        context.contains_key(&output_key(worker))
+    }
+}
+
 /// The committed iterations of a repeating node (`_node.<id>.iters`).
 fn committed_iterations<'c>(
     context: &'c ContextMap,
@@ -215,9 +228,11 @@ pub fn next_jobs(
             };
             let workers = context
                 .get(&batch::batch_key(gather_id))
-                .map(|b| batch::workers_of(b).len())
-                .unwrap_or(0);
-            let iteration = executions(bp, &RunNode::Static(gather), context);
+                .and_then(|b| b.get("workers"))
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            // The workers of a round and its gather share the scatter's iteration.
+            let iteration = if bp.may_repeat(gather) { iteration } else { 0 };
             vec![NextJob {
                 report: SuccessorReport {
                     job: job_id(gather_id, iteration),
@@ -262,15 +277,15 @@ pub fn next_jobs(
                     })
                     .collect();
             let def = bp.node(*index);
-            let gather = def
-                .params
-                .get("gatherNodeId")
-                .and_then(Value::as_str)
-                .and_then(|g| bp.node_index(g));
-            if let (true, Some(gather)) = (def.uses == flow::BATCH_SCATTER, gather) {
-                // Inside a loop the workers run again in every iteration: theirs is the
-                // scatter's, and an empty batch meets the gather at its next execution.
-                let repeats = bp.may_repeat(gather);
+            if def.uses == flow::BATCH_SCATTER {
+                let gather = def
+                    .params
+                    .get("gatherNodeId")
+                    .and_then(Value::as_str)
+                    .and_then(|g| bp.node_index(g));
+                // Inside a loop the workers run again in every round: a round's workers and
+                // its gather share the scatter's iteration.
+                let repeats = gather.is_some_and(|g| bp.may_repeat(g));
                 let worker_iteration = if repeats { iteration } else { 0 };
                 for d in &result.dynamic_nodes {
                     jobs.push(NextJob {
@@ -284,18 +299,13 @@ pub fn next_jobs(
                         input: None,
                     });
                 }
-                if result.dynamic_nodes.is_empty() {
-                    let gather_iteration = if repeats {
-                        executions(bp, &RunNode::Static(gather), context)
-                    } else {
-                        0
-                    };
+                if let (true, Some(gather)) = (result.dynamic_nodes.is_empty(), gather) {
                     let id = &bp.node(gather).id;
                     jobs.push(NextJob {
                         report: SuccessorReport {
-                            job: job_id(id, gather_iteration),
+                            job: job_id(id, worker_iteration),
                             node: id.clone(),
-                            iteration: gather_iteration,
+                            iteration: worker_iteration,
                             predecessor: def.id.clone(),
                             rule: JoinRule::Immediate,
                         },
@@ -360,9 +370,7 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
                 },
                 // A batch worker, at the scatter's iteration.
                 None => {
-                    let done = RunNode::resolve(bp, context, &report.node)
-                        .is_none_or(|w| is_committed(bp, &w, context, report.iteration));
-                    if !done {
+                    if !worker_committed(bp, context, &report.node, report.iteration) {
                         push(&report.node, report.iteration, &mut out);
                     }
                 }
@@ -391,30 +399,31 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         let Some(g) = bp.node_index(gather) else {
             continue;
         };
-        // The batch on record is the latest scatter's; in a loop, the gather meets it at
-        // its own next execution, if it has not met it yet.
+        // The batch on record is the latest scatter's: its round's workers and gather share
+        // the scatter's (latest) iteration.
         let gather_node = RunNode::Static(g);
-        let scatter_iteration = record
-            .get("scatter")
-            .and_then(Value::as_str)
-            .and_then(|s| bp.node_index(s))
-            .map_or(0, |s| {
-                executions(bp, &RunNode::Static(s), context).saturating_sub(1)
-            });
-        let (gather_iteration, worker_iteration) = if gather_node.may_repeat(bp) {
-            (executions(bp, &gather_node, context), scatter_iteration)
+        let iteration = if bp.may_repeat(g) {
+            record
+                .get("scatter")
+                .and_then(Value::as_str)
+                .and_then(|s| bp.node_index(s))
+                .map_or(0, |s| {
+                    executions(bp, &RunNode::Static(s), context).saturating_sub(1)
+                })
         } else {
-            (0, 0)
+            0
         };
-        let workers_done = batch::workers_of(record).iter().all(|w| {
-            RunNode::resolve(bp, context, w)
-                .is_some_and(|w| is_committed(bp, &w, context, worker_iteration))
-        });
-        if workers_done
-            && gather_iteration <= scatter_iteration
-            && !is_committed(bp, &gather_node, context, gather_iteration)
-        {
-            push(gather, gather_iteration, &mut out);
+        let workers_done = record
+            .get("workers")
+            .and_then(Value::as_array)
+            .is_none_or(|workers| {
+                workers.iter().all(|w| {
+                    w.as_str()
+                        .is_none_or(|w| worker_committed(bp, context, w, iteration))
+                })
+            });
+        if workers_done && !is_committed(bp, &gather_node, context, iteration) {
+            push(gather, iteration, &mut out);
         }
     }
     out

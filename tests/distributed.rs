@@ -95,3 +95,137 @@ fn same_final_context_as_the_in_process_runner() {
     }
     worker.stop().unwrap();
 }
+
+/// Every node's executions per run, for every node type the shapes below use.
+fn counting_everything(
+    counts: &std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
+) -> flowcraft_rabbitmq::NodeRegistry {
+    let mut registry = inc_registry();
+    for uses in [
+        "inc",
+        "transform",
+        "loop-controller",
+        "batch-scatter",
+        "batch-gather",
+    ] {
+        let inner = registry.get(uses).unwrap();
+        let seen = counts.clone();
+        registry.register_fn(uses, move |ctx| {
+            *seen
+                .lock()
+                .unwrap()
+                .entry((ctx.run_id.clone(), ctx.node_id.clone()))
+                .or_insert(0) += 1;
+            inner.execute(ctx)
+        });
+    }
+    registry
+}
+
+#[test]
+fn loops_joins_and_batches_run_each_node_as_in_process_and_leave_no_frontier() {
+    let shapes = [
+        // An `any` join after a loop, also fed by a parallel branch.
+        r#"{"id":"any-after-loop","nodes":[{"id":"init","uses":"inc"},{"id":"body","uses":"transform","params":{"expression":"(context['_outputs.body'] ?? 0) + 1"}},
+        {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.body < 3"}},
+        {"id":"other","uses":"inc"},{"id":"done","uses":"inc","config":{"joinStrategy":"any"}},
+        {"id":"after","uses":"inc"}],
+        "edges":[{"source":"init","target":"body"},{"source":"body","target":"ctl"},
+        {"source":"ctl","target":"body","action":"continue"},{"source":"ctl","target":"done","action":"break"},
+        {"source":"init","target":"other"},{"source":"other","target":"done"},{"source":"done","target":"after"}]}"#,
+        // An `all` join at a loop's entry.
+        r#"{"id":"join-into-loop","nodes":[{"id":"s","uses":"inc"},{"id":"a","uses":"inc"},{"id":"b","uses":"inc"},
+        {"id":"j","uses":"transform","params":{"expression":"(context['_outputs.j'] ?? 0) + 1"},"config":{"joinStrategy":"all"}},
+        {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.j < 5"}},
+        {"id":"done","uses":"inc"}],
+        "edges":[{"source":"s","target":"a"},{"source":"s","target":"b"},{"source":"a","target":"j"},
+        {"source":"b","target":"j"},{"source":"j","target":"ctl"},
+        {"source":"ctl","target":"j","action":"continue"},{"source":"ctl","target":"done","action":"break"}]}"#,
+        // A batch after a loop that ran three times.
+        r#"{"id":"batch-after-loop","nodes":[{"id":"init","uses":"inc"},{"id":"body","uses":"transform","params":{"expression":"(context['_outputs.body'] ?? 0) + 1"}},
+        {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.body < 3"}},
+        {"id":"items","uses":"transform","params":{"expression":"[1, 2, 3]"}},
+        {"id":"scatter","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"gather"}},
+        {"id":"gather","uses":"batch-gather"},{"id":"done","uses":"transform","params":{"expression":"input"}}],
+        "edges":[{"source":"init","target":"body"},{"source":"body","target":"ctl"},
+        {"source":"ctl","target":"body","action":"continue"},{"source":"ctl","target":"items","action":"break"},
+        {"source":"items","target":"scatter"},{"source":"scatter","target":"gather"},{"source":"gather","target":"done"}]}"#,
+        // A batch inside a second loop.
+        r#"{"id":"batch-in-second-loop","nodes":[{"id":"init","uses":"inc"},{"id":"body","uses":"transform","params":{"expression":"(context['_outputs.body'] ?? 0) + 1"}},
+        {"id":"ctl1","uses":"loop-controller","params":{"condition":"_outputs.body < 2"}},
+        {"id":"items","uses":"transform","params":{"expression":"[(context['_outputs.gather'] ?? [0])[0], 5]"}},
+        {"id":"scatter","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"gather"}},
+        {"id":"gather","uses":"batch-gather"},
+        {"id":"ctl2","uses":"loop-controller","params":{"condition":"_outputs.gather[0] < 3"}},
+        {"id":"done","uses":"transform","params":{"expression":"input"}}],
+        "edges":[{"source":"init","target":"body"},{"source":"body","target":"ctl1"},
+        {"source":"ctl1","target":"body","action":"continue"},{"source":"ctl1","target":"items","action":"break"},
+        {"source":"items","target":"scatter"},{"source":"scatter","target":"gather"},{"source":"gather","target":"ctl2"},
+        {"source":"ctl2","target":"items","action":"continue"},{"source":"ctl2","target":"done","action":"break"}]}"#,
+        // A batch inside a loop, and an empty batch.
+        r#"{"id":"empty-batch","nodes":[{"id":"scatter","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"gather"}},
+        {"id":"gather","uses":"batch-gather"}],"edges":[{"source":"scatter","target":"gather"}]}"#,
+    ];
+    let env = TestEnv::new("shapes");
+    let mut blueprints: Vec<_> = shapes.iter().map(|s| bp(s)).collect();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
+    let (examples, problems) = flowcraft_rabbitmq::blueprint::load_dir(dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    blueprints.push(examples["batch-loop"].clone());
+    blueprints.push(examples["loop"].clone());
+    blueprints.push(examples["diamond"].clone());
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let registry = counting_everything(&counts);
+    let worker = env.start_worker(registry.clone(), blueprints.clone(), 4);
+    let client = env.client(blueprints.clone());
+    let local = LocalRuntime::builder(registry)
+        .blueprints(blueprints.clone())
+        .build();
+    for b in &blueprints {
+        let id = b.id();
+        let initial = if id == "empty-batch" {
+            ctx(json!({"_inputs.scatter": []}))
+        } else {
+            ContextMap::new()
+        };
+        let run = client.start_workflow(id, initial.clone()).unwrap();
+        let row = env.wait_for_status(&run, "completed", WAIT);
+        let distributed = row.result.unwrap()["context"].as_object().unwrap().clone();
+        let in_process = local.run_by_id(id, initial).unwrap();
+        assert_eq!(
+            in_process.status,
+            flowcraft_rabbitmq::RunStatus::Completed,
+            "{id}"
+        );
+        let outputs = |c: &ContextMap| -> Vec<(String, serde_json::Value)> {
+            let mut v: Vec<_> = c
+                .iter()
+                .filter(|(k, _)| k.starts_with("_outputs."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        assert_eq!(outputs(&distributed), outputs(&in_process.context), "{id}");
+        let executions = |run: &str| -> Vec<(String, usize)> {
+            let mut v: Vec<_> = counts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|((r, _), _)| r == run)
+                .map(|((_, node), n)| (node.clone(), *n))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(executions(&run), executions(&in_process.run_id), "{id}");
+        // Nothing is left to run: a reconciler or a check after lost Redis state would
+        // enqueue nothing.
+        assert_eq!(
+            flowcraft_rabbitmq::scheduling::frontier(b, &distributed),
+            Vec::<(String, u32)>::new(),
+            "{id}"
+        );
+    }
+    worker.stop().unwrap();
+}

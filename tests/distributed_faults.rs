@@ -128,9 +128,12 @@ fn crash_at(test: &str, point: &str) {
     let context = env.context(&run);
     assert_eq!(context["_outputs.n3"], json!(3));
     assert_eq!(env.store().status(&run).unwrap().unwrap().status, "running");
-    // Another worker picks the redelivery up and finishes the run, effects once.
+    // Another worker picks the redelivery up and finishes the run, effects once. (One
+    // thread: after a crash after publish, n4 is queued twice — the dead worker's publish and
+    // the redelivered n3's — and two threads could run both copies' node code at once, which
+    // at-least-once execution allows; only one commit applies.)
     let (registry, counts) = counting_registry();
-    let worker = env.start_worker(registry, vec![chain], 2);
+    let worker = env.start_worker(registry, vec![chain], 1);
     let row = env.wait_for_status(&run, "completed", WAIT);
     let final_context = &row.result.unwrap()["context"];
     for (node, value) in expected.as_object().unwrap() {
@@ -433,7 +436,9 @@ fn the_reconciler_finishes_a_batch_inside_a_loop_whose_worker_job_was_purged() {
     let reconciler = second.reconciler();
     let handle = second.start().unwrap();
     // The first pass re-enqueues the lost worker. Its report reaches a join that forgot the
-    // other worker, so a later pass finds the gather's workers all done and enqueues it.
+    // other worker; the ledger, remade without the run's start, cannot vouch that the run is
+    // idle, so the worker reads the context, finds the round's workers all done, and enqueues
+    // the gather.
     env.eventually("the run completes", WAIT, || {
         let stats = reconciler.run().unwrap();
         assert_eq!(stats.failed_runs, 0, "{stats:?}");

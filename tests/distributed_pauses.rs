@@ -856,3 +856,48 @@ fn two_loops_meeting_at_a_join_fire_it_once() {
     assert_eq!(local.context["_outputs.j"], json!("a done, b done"));
     worker.stop().unwrap();
 }
+
+#[test]
+fn a_late_worker_of_an_earlier_larger_round_changes_nothing() {
+    let env = TestEnv::new("late_worker");
+    // Round 0 has three items, round 1 two; then the run waits.
+    let shrinking = bp(r#"{"id":"shrink","nodes":[{"id":"items","uses":"transform",
+        "params":{"expression":"context['_outputs.gather'] && [1, 2] || [1, 2, 3]"}},
+        {"id":"scatter","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"gather"}},
+        {"id":"gather","uses":"batch-gather"},
+        {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.gather.length > 2"}},
+        {"id":"hold","uses":"wait"}],
+        "edges":[{"source":"items","target":"scatter"},{"source":"scatter","target":"gather"},
+        {"source":"gather","target":"ctl"},{"source":"ctl","target":"items","action":"continue"},
+        {"source":"ctl","target":"hold","action":"break"}],
+        "metadata":{"cycleEntryPoints":["items"]}}"#);
+    let marker = bp(r#"{"id":"marker","nodes":[{"id":"m","uses":"inc"}]}"#);
+    let bps = vec![shrinking, marker];
+    let worker = env
+        .worker(inc_registry(), bps.clone())
+        .threads(1)
+        .prefetch(1)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let client = env.client(bps);
+    let run = client.start_workflow("shrink", ContextMap::new()).unwrap();
+    env.wait_for_status(&run, "awaiting", WAIT);
+    assert_eq!(env.context(&run)["_outputs.gather"], json!([2, 3]));
+    // A late copy of round 0's third worker, which round 1 does not have.
+    env.publish_raw(
+        json!({"runId": run, "blueprintId": "shrink", "nodeId": "gather#2"})
+            .to_string()
+            .as_bytes(),
+    );
+    // One thread, one delivery at a time, in order: once a later run completes, the late
+    // copy has been handled.
+    let later = client.start_workflow("marker", ContextMap::new()).unwrap();
+    env.wait_for_status(&later, "completed", WAIT);
+    assert_eq!(
+        env.store().status(&run).unwrap().unwrap().status,
+        "awaiting"
+    );
+    worker.stop().unwrap();
+}

@@ -48,7 +48,8 @@ pub fn workers_of(batch: &Value) -> Vec<String> {
 /// Rebuilds a dynamic worker's definition from the batch record in the context.
 pub fn dynamic_node_def(batch: &Value, worker: &str) -> Option<NodeDef> {
     let uses = batch.get("uses")?.as_str()?.to_string();
-    if !workers_of(batch).iter().any(|w| w == worker) {
+    let workers = batch.get("workers")?.as_array()?;
+    if !workers.iter().any(|w| w.as_str() == Some(worker)) {
         return None;
     }
     Some(NodeDef {

@@ -25,6 +25,7 @@ use crate::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::failpoint;
 use crate::flow::{self, output_key};
 use crate::node::{ContextMap, NodeResult};
+use crate::nodes::batch;
 use crate::protocol::{JobPayload, Message};
 use crate::resume::ParentLink;
 use crate::scheduling::{
@@ -113,6 +114,13 @@ fn process(
     }
     let context = snapshot.context;
     let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
+        if batch::gather_of(&job.node_id).is_some_and(|g| bp.node_index(g).is_some()) {
+            // A late copy of a batch worker of an earlier, larger round of a loop: that round
+            // is over (the batch on record is a later one). Close it in the ledger.
+            let me = job_id(&job.node_id, job.iteration);
+            shared.coord.finish_job(&job.run_id, &me, &[], &[])?;
+            return Ok(Outcome::Ack);
+        }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
         pause::fail_run(shared, &job.run_id, &reason, publisher)?;
         return Ok(Outcome::Ack);
@@ -300,17 +308,27 @@ fn finish_node(
         &merged,
         job.iteration,
     );
-    // The chosen successors are committed with the output, so a redelivery re-publishes
-    // exactly these, whatever the context has become since.
+    // The chosen successors are committed with the output, so a redelivery (or the frontier
+    // of the reconciler) re-publishes exactly these, whatever the context has become since.
     // (Only where a re-derivation could choose differently: loops, actions, fallbacks and
-    // conditions; elsewhere the blueprint alone decides.)
+    // conditions, and a successor that repeats, whose iteration counts its executions;
+    // elsewhere the blueprint alone decides.)
     let context_decides = match node {
         RunNode::Static(i) => {
             bp.has_conditional_successors(*i) || bp.node(*i).uses == flow::BATCH_SCATTER
         }
         RunNode::Dynamic(_) => false,
     };
-    if guard.repeats || context_decides || result.action.is_some() || fallback.is_some() {
+    let repeating_successor = next.iter().any(|n| {
+        bp.node_index(&n.report.node)
+            .is_some_and(|t| bp.may_repeat(t))
+    });
+    if guard.repeats
+        || context_decides
+        || repeating_successor
+        || result.action.is_some()
+        || fallback.is_some()
+    {
         let reports: Vec<SuccessorReport> = next.iter().map(|n| n.report.clone()).collect();
         commit.set.insert(
             guard.meta_key.clone(),
@@ -418,8 +436,13 @@ fn register_paused(
     node: &RunNode,
 ) -> Result<(), WorkerError> {
     let mut jobs = ledger_jobs(bp, job, node);
+    let starts = !jobs.is_empty();
     jobs.push(job_id(&job.node_id, job.iteration));
-    shared.coord.register_jobs(&job.run_id, &jobs)?;
+    if starts {
+        shared.coord.register_start_jobs(&job.run_id, &jobs)?;
+    } else {
+        shared.coord.register_jobs(&job.run_id, &jobs)?;
+    }
     Ok(())
 }
 
@@ -436,11 +459,9 @@ fn coordinate(
     let also = ledger_jobs(bp, job, node);
     let me = job_id(&job.node_id, job.iteration);
     let resumer = pause::resumer(shared);
-    let idle = resumer.finish_job(&job.run_id, bp, &me, &also, &successors, publisher)?;
+    let progress = resumer.finish_job(&job.run_id, bp, &me, &also, &successors, publisher)?;
     failpoint::hit("after_publish", &job.node_id);
-    if idle {
-        resumer.complete(&job.run_id, publisher)?;
-    }
+    resumer.complete_if_idle(&job.run_id, progress, publisher)?;
     Ok(())
 }
 
