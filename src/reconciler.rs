@@ -219,6 +219,12 @@ impl Reconciler {
                 "run {run} has a status row but no context row"
             )));
         };
+        let resumer = crate::resume::Resumer {
+            store: &self.store,
+            coord: &self.coord,
+            blueprints: &self.blueprints,
+            queue: &self.queue,
+        };
         let blueprint_id = Blueprint::stamped_id(&snapshot.context);
         let Some(bp) = self.blueprints.get(blueprint_id) else {
             return Err(WorkerError::Options(format!(
@@ -256,12 +262,6 @@ impl Reconciler {
             // Complete only a run with nothing to run whose ledger confirms it is idle (a run
             // without ledger has never had a job finish; a node locked by another reconciler
             // is being enqueued): otherwise leave it to a later pass.
-            let resumer = crate::resume::Resumer {
-                store: &self.store,
-                coord: &self.coord,
-                blueprints: &self.blueprints,
-                queue: &self.queue,
-            };
             // Completing a subflow child also resumes its parent.
             let completed =
                 nothing_to_run && has_ledger && resumer.complete(run, publisher.get()?)?;
@@ -272,17 +272,7 @@ impl Reconciler {
             }
             return Ok(completed);
         }
-        let ids: Vec<String> = jobs.iter().map(|(n, i)| job_id(n, *i)).collect();
-        self.coord.register_jobs(run, &ids)?;
-        let bodies: Vec<Vec<u8>> = jobs
-            .iter()
-            .map(|(n, i)| {
-                let mut job = JobPayload::new(run, bp.id(), n, *i);
-                job.recovered = true;
-                job.to_body()
-            })
-            .collect();
-        publisher.get()?.publish_jobs("", &self.queue, &bodies)?;
+        let ids = resumer.enqueue_recovered(run, bp, &jobs, publisher.get()?)?;
         self.store.touch(run)?;
         log::info!("reconciler: run {run}: enqueued {ids:?}");
         Ok(true)

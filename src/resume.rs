@@ -336,9 +336,26 @@ impl Resumer<'_> {
         if left.is_empty() {
             return Ok(false);
         }
-        let ids: Vec<String> = left.iter().map(|(n, i)| job_id(n, *i)).collect();
+        let ids = self.enqueue_recovered(run_id, bp, &left, publisher)?;
+        log::warn!(
+            "run {run_id}: Redis has no job of it left, but {ids:?} must still run \
+             (was Redis's state lost?); enqueued them"
+        );
+        Ok(true)
+    }
+
+    /// Registers jobs of a run in its ledger and publishes them as recovered copies (the
+    /// reconciler's kind: a committed one re-derives its successors); returns their ids.
+    pub fn enqueue_recovered(
+        &self,
+        run_id: &str,
+        bp: &Blueprint,
+        jobs: &[(String, u32)],
+        publisher: &mut dyn JobSink,
+    ) -> Result<Vec<String>, WorkerError> {
+        let ids: Vec<String> = jobs.iter().map(|(n, i)| job_id(n, *i)).collect();
         self.coord.register_jobs(run_id, &ids)?;
-        let bodies: Vec<Vec<u8>> = left
+        let bodies: Vec<Vec<u8>> = jobs
             .iter()
             .map(|(n, i)| {
                 let mut job = JobPayload::new(run_id, bp.id(), n, *i);
@@ -347,11 +364,7 @@ impl Resumer<'_> {
             })
             .collect();
         publisher.publish_jobs("", self.queue, &bodies)?;
-        log::warn!(
-            "run {run_id}: Redis has no job of it left, but {ids:?} must still run \
-             (was Redis's state lost?); enqueued them"
-        );
-        Ok(true)
+        Ok(ids)
     }
 
     /// For a run that completed earlier: resumes its parent if the notification was lost

@@ -247,24 +247,49 @@ fn a_version_mismatch_is_dead_lettered_without_touching_state() {
     worker.stop().unwrap();
 }
 
-#[test]
-fn the_reconciler_finishes_a_run_whose_next_job_was_purged() {
-    let env = TestEnv::new("purge");
-    let (chain, expected) = workload("chain5");
+/// A worker with `threads` threads, and a reconciler over the same services for which every
+/// running run is stalled.
+fn reconciling_worker(
+    env: &TestEnv,
+    registry: NodeRegistry,
+    blueprints: Vec<flowcraft_rabbitmq::Blueprint>,
+    threads: usize,
+) -> (
+    flowcraft_rabbitmq::Reconciler,
+    flowcraft_rabbitmq::WorkerHandle,
+) {
+    let worker = env
+        .worker(registry, blueprints)
+        .threads(threads)
+        .stalled_after(Duration::ZERO)
+        .build()
+        .unwrap();
+    let reconciler = worker.reconciler();
+    (reconciler, worker.start().unwrap())
+}
+
+/// Runs `bp` on a one-thread worker until the node for which `stop_at` says yes starts
+/// (`uses` is wrapped), then stops the worker consuming and lets that node finish: its
+/// successors stay queued. Returns the run.
+fn run_until_stopped(
+    env: &TestEnv,
+    mut registry: NodeRegistry,
+    bp: &flowcraft_rabbitmq::Blueprint,
+    uses: &str,
+    stop_at: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> String {
     let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
     let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    let mut registry = inc_registry();
-    registry.register_fn("inc", move |ctx| {
-        if ctx.node_id == "n2" {
+    let inner = registry.get(uses).unwrap();
+    registry.register_fn(uses, move |ctx| {
+        if stop_at(&ctx.node_id) {
             let _ = entered_tx.send(());
             let _ = gate_rx.recv_timeout(Duration::from_secs(30));
         }
-        Ok(NodeResult::output(json!(
-            ctx.input.as_i64().unwrap_or(0) + 1
-        )))
+        inner.execute(ctx)
     });
     let worker = env
-        .worker(registry, vec![chain.clone()])
+        .worker(registry, vec![bp.clone()])
         .threads(1)
         .prefetch(1)
         .build()
@@ -272,27 +297,30 @@ fn the_reconciler_finishes_a_run_whose_next_job_was_purged() {
         .start()
         .unwrap();
     let run = env
-        .client(vec![chain.clone()])
-        .start_workflow("chain5", ContextMap::new())
+        .client(vec![bp.clone()])
+        .start_workflow(bp.id(), ContextMap::new())
         .unwrap();
-    entered_rx.recv_timeout(WAIT).expect("n2 starts");
-    // Stop consuming while n2 runs; n2 finishes, publishes n3 and is acked; n3 stays queued.
+    entered_rx
+        .recv_timeout(WAIT)
+        .expect("the node to stop at starts");
     worker.shutdown();
     env.eventually("the worker stops consuming", WAIT, || {
         env.consumer_count(&env.queue) == 0
     });
     gate_tx.send(()).unwrap();
     worker.join().unwrap();
+    run
+}
+
+#[test]
+fn the_reconciler_finishes_a_run_whose_next_job_was_purged() {
+    let env = TestEnv::new("purge");
+    let (chain, expected) = workload("chain5");
+    // Stop consuming while n2 runs; n2 finishes, publishes n3 and is acked; n3 stays queued.
+    let run = run_until_stopped(&env, inc_registry(), &chain, "inc", |n| n == "n2");
     env.eventually("n3 is queued", WAIT, || env.queue_depth(&env.queue) == 1);
     assert_eq!(env.purge(), 1);
-    let second = env
-        .worker(inc_registry(), vec![chain])
-        .threads(2)
-        .stalled_after(Duration::ZERO)
-        .build()
-        .unwrap();
-    let reconciler = second.reconciler();
-    let handle = second.start().unwrap();
+    let (reconciler, handle) = reconciling_worker(&env, inc_registry(), vec![chain], 2);
     let stats = reconciler.run().unwrap();
     assert_eq!(
         (stats.stalled_runs, stats.reconciled_runs, stats.failed_runs),
@@ -318,51 +346,14 @@ fn a_run_whose_coordination_state_was_lost_still_runs_its_join_before_completing
         "edges":[{"source":"s","target":"a"},{"source":"s","target":"b"},
         {"source":"a","target":"j"},{"source":"b","target":"j"}]}"#,
     );
-    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    let mut gated = inc_registry();
-    gated.register_fn("inc", move |ctx| {
-        if ctx.node_id == "a" {
-            let _ = entered_tx.send(());
-            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
-        }
-        Ok(NodeResult::output(json!(
-            ctx.input.as_i64().unwrap_or(0) + 1
-        )))
-    });
-    let worker = env
-        .worker(gated, vec![b.clone()])
-        .threads(1)
-        .prefetch(1)
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    let run = env
-        .client(vec![b.clone()])
-        .start_workflow("v", ContextMap::new())
-        .unwrap();
-    entered_rx.recv_timeout(WAIT).expect("a starts");
-    worker.shutdown();
-    env.eventually("the worker stops consuming", WAIT, || {
-        env.consumer_count(&env.queue) == 0
-    });
-    gate_tx.send(()).unwrap();
-    worker.join().unwrap();
+    let run = run_until_stopped(&env, inc_registry(), &b, "inc", |n| n == "a");
     // `a` reported to the join; then `b`'s job is lost, and Redis forgets everything (the
     // ledger and the join's report from `a`).
     env.eventually("b is queued", WAIT, || env.queue_depth(&env.queue) == 1);
     assert_eq!(env.purge(), 1);
     assert!(env.forget_coordination() > 0);
     let (registry, counts) = counting_registry();
-    let second = env
-        .worker(registry, vec![b])
-        .threads(2)
-        .stalled_after(Duration::ZERO)
-        .build()
-        .unwrap();
-    let reconciler = second.reconciler();
-    let handle = second.start().unwrap();
+    let (reconciler, handle) = reconciling_worker(&env, registry, vec![b], 2);
     let stats = reconciler.run().unwrap();
     assert_eq!(
         (stats.reconciled_runs, stats.failed_runs),
@@ -381,45 +372,12 @@ fn a_run_whose_coordination_state_was_lost_still_runs_its_join_before_completing
 #[test]
 fn the_reconciler_finishes_a_batch_inside_a_loop_whose_worker_job_was_purged() {
     let env = TestEnv::new("purge_batch_loop");
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
-    let (blueprints, problems) = flowcraft_rabbitmq::blueprint::load_dir(dir);
-    assert!(problems.is_empty(), "{problems:?}");
-    let bp = blueprints["batch-loop"].clone();
-    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    let first_worker_runs = Arc::new(AtomicUsize::new(0));
-    let mut registry = inc_registry();
-    let transform = registry.get("transform").unwrap();
-    let runs = first_worker_runs.clone();
-    registry.register_fn("transform", move |ctx| {
-        // The first batch worker of the second round waits until the worker stops consuming.
-        if ctx.node_id == "gather#0" && runs.fetch_add(1, Ordering::SeqCst) == 1 {
-            let _ = entered_tx.send(());
-            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
-        }
-        transform.execute(ctx)
+    let bp = example("batch-loop");
+    // Stop at the first batch worker of the second round.
+    let first_worker_runs = AtomicUsize::new(0);
+    let run = run_until_stopped(&env, inc_registry(), &bp, "transform", move |n| {
+        n == "gather#0" && first_worker_runs.fetch_add(1, Ordering::SeqCst) == 1
     });
-    let worker = env
-        .worker(registry.clone(), vec![bp.clone()])
-        .threads(1)
-        .prefetch(1)
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    let run = env
-        .client(vec![bp.clone()])
-        .start_workflow("batch-loop", ContextMap::new())
-        .unwrap();
-    entered_rx
-        .recv_timeout(WAIT)
-        .expect("the second round's first worker starts");
-    worker.shutdown();
-    env.eventually("the worker stops consuming", WAIT, || {
-        env.consumer_count(&env.queue) == 0
-    });
-    gate_tx.send(()).unwrap();
-    worker.join().unwrap();
     // The second round's other worker job is lost, and so is Redis's state (a restart
     // without persistence): only the stored context tells what is left to do.
     env.eventually("the other worker job is queued", WAIT, || {
@@ -427,14 +385,7 @@ fn the_reconciler_finishes_a_batch_inside_a_loop_whose_worker_job_was_purged() {
     });
     assert_eq!(env.purge(), 1);
     assert!(env.forget_coordination() > 0);
-    let second = env
-        .worker(registry, vec![bp])
-        .threads(2)
-        .stalled_after(Duration::ZERO)
-        .build()
-        .unwrap();
-    let reconciler = second.reconciler();
-    let handle = second.start().unwrap();
+    let (reconciler, handle) = reconciling_worker(&env, inc_registry(), vec![bp], 2);
     // The first pass re-enqueues the lost worker. Its report reaches a join that forgot the
     // other worker; the ledger, remade without the run's start, cannot vouch that the run is
     // idle, so the worker reads the context, finds the round's workers all done, and enqueues
@@ -473,14 +424,7 @@ fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
     };
     assert!(store.commit_node("r1", commit, guard).unwrap());
     let (registry, counts) = counting_registry();
-    let worker = env
-        .worker(registry, vec![one])
-        .threads(1)
-        .stalled_after(Duration::ZERO)
-        .build()
-        .unwrap();
-    let reconciler = worker.reconciler();
-    let handle = worker.start().unwrap();
+    let (reconciler, handle) = reconciling_worker(&env, registry, vec![one], 1);
     let stats = reconciler.run().unwrap();
     assert_eq!(
         (stats.stalled_runs, stats.reconciled_runs),

@@ -354,6 +354,14 @@ pub fn workload(name: &str) -> (Blueprint, Value) {
     )
 }
 
+/// A blueprint of `examples/blueprints`.
+pub fn example(id: &str) -> Blueprint {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
+    let (mut blueprints, problems) = flowcraft_rabbitmq::blueprint::load_dir(dir);
+    assert!(problems.is_empty(), "{problems:?}");
+    blueprints.remove(id).expect("an example blueprint")
+}
+
 pub fn bp(text: &str) -> Blueprint {
     Blueprint::from_json(text).unwrap()
 }
