@@ -364,6 +364,7 @@ impl RedisCoordinationStore {
         let (jobs_key, done_key) = (self.jobs_key(run), self.done_key(run));
         let ttl = Self::secs(self.ttl) as i64;
         redis::pipe()
+            .atomic()
             .sadd(&jobs_key, jobs)
             .ignore()
             .sadd(&jobs_key, LEDGER_ORIGIN)
@@ -519,6 +520,10 @@ impl RedisCoordinationStore {
             .cmd("SCARD")
             .arg(self.jobs_key(run))
             .query(&mut *self.conn()?)?;
+        let outstanding = outstanding
+            .into_iter()
+            .filter(|j| j != LEDGER_ORIGIN)
+            .collect();
         Ok((outstanding, registered > 0))
     }
 }

@@ -63,6 +63,9 @@ pub struct ResumeOutcome {
     pub completed: bool,
 }
 
+/// How long a node enqueued by the completion check stays locked against enqueuing again.
+const FRONTIER_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What Redis says of a run once one of its jobs finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunProgress {
@@ -318,7 +321,9 @@ impl Resumer<'_> {
         let Some(snapshot) = self.store.load(run_id)? else {
             return Ok(false);
         };
-        if snapshot.status.as_deref() != Some("running") {
+        // An awaiting run may have branches still running; its awaited nodes are not in the
+        // frontier.
+        if !matches!(snapshot.status.as_deref(), Some("running" | "awaiting")) {
             return Ok(false);
         }
         let Some(bp) = self
@@ -329,7 +334,14 @@ impl Resumer<'_> {
         };
         let mut left = Vec::new();
         for (node, iteration) in frontier(bp, &snapshot.context) {
-            if !self.coord.is_poisoned(run_id, &node)? {
+            // As the reconciler does: no poisoned node, and a short lock so that two
+            // finishers (or a reconciler) do not both enqueue it.
+            let lock = self.coord.nodelock_key(run_id, &job_id(&node, iteration));
+            if !self.coord.is_poisoned(run_id, &node)?
+                && self
+                    .coord
+                    .set_if_not_exist(&lock, "completion check", FRONTIER_LOCK_TTL)?
+            {
                 left.push((node, iteration));
             }
         }

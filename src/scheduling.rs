@@ -342,8 +342,21 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
     }
     // Who reported to which (target, iteration), under which rule.
     let mut reported: Vec<((usize, u32), JoinRule, Vec<String>)> = Vec::new();
+    // A fallback's output stands for the node it replaced, whose entry holds the successors
+    // both chose: the fallback is no source of its own then.
+    let stand_ins: Vec<&str> = (0..bp.node_count())
+        .filter_map(|n| {
+            context
+                .get(&meta_key(&bp.node(n).id))?
+                .get("fallback")?
+                .as_str()
+        })
+        .collect();
     for source in 0..bp.node_count() {
         let id = &bp.node(source).id;
+        if stand_ins.contains(&id.as_str()) && stored_successors(context, id).is_none() {
+            continue;
+        }
         let Some((result, fallback)) = stored_result(context, id) else {
             continue;
         };

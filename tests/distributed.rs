@@ -106,7 +106,9 @@ fn counting_everything(
     counts: &std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
 ) -> flowcraft_rabbitmq::NodeRegistry {
     let mut registry = inc_registry();
+    registry.register_fn("boom", |_| Err(flowcraft_rabbitmq::NodeError::new("boom")));
     for uses in [
+        "boom",
         "inc",
         "transform",
         "loop-controller",
@@ -167,13 +169,31 @@ fn loops_joins_and_batches_run_each_node_as_in_process_and_leave_no_frontier() {
         {"source":"ctl1","target":"body","action":"continue"},{"source":"ctl1","target":"items","action":"break"},
         {"source":"items","target":"scatter"},{"source":"scatter","target":"gather"},{"source":"gather","target":"ctl2"},
         {"source":"ctl2","target":"items","action":"continue"},{"source":"ctl2","target":"done","action":"break"}]}"#,
-        // A batch inside a loop, and an empty batch.
+        // A fallback whose own edges' conditions read a key written later.
+        r#"{"id":"fallback-conditions","nodes":[{"id":"s","uses":"inc"},
+        {"id":"n","uses":"boom","config":{"fallback":"f"}},{"id":"f","uses":"inc"},
+        {"id":"a","uses":"inc"},{"id":"b","uses":"inc"},{"id":"late","uses":"inc"}],
+        "edges":[{"source":"s","target":"n"},
+        {"source":"f","target":"a","condition":"_outputs.late == null"},
+        {"source":"f","target":"b","condition":"_outputs.late != null"},
+        {"source":"a","target":"late"}]}"#,
+        // An empty batch.
         r#"{"id":"empty-batch","nodes":[{"id":"scatter","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"gather"}},
         {"id":"gather","uses":"batch-gather"}],"edges":[{"source":"scatter","target":"gather"}]}"#,
     ];
     let env = TestEnv::new("shapes");
     let mut blueprints: Vec<_> = shapes.iter().map(|s| bp(s)).collect();
-    blueprints.extend(["batch-loop", "loop", "diamond"].map(example));
+    blueprints.extend(
+        [
+            "batch-loop",
+            "loop",
+            "diamond",
+            "routing",
+            "conditions",
+            "retry-fallback",
+        ]
+        .map(example),
+    );
     let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let registry = counting_everything(&counts);
     let worker = env.start_worker(registry.clone(), blueprints.clone(), 4);

@@ -121,9 +121,14 @@ fn finish_job_fires_joins_once_and_tracks_outstanding_work() {
         .finish_job("run", "a", &starts, &[report("a", JoinRule::All(2))])
         .unwrap();
     assert_eq!(out.ready, vec![false]);
-    // j finishes with no successors: the run is idle.
+    // j finishes with no successors: the run is idle, and its ledger, made with the start
+    // jobs, vouches for that.
     let out = store.finish_job("run", "j", &[], &[]).unwrap();
-    assert!(out.run_idle);
+    assert!(out.run_idle && out.ledger_intact);
+    assert_eq!(store.outstanding_jobs("run").unwrap(), (vec![], true));
+    // A ledger made after its run's start (Redis lost it) cannot vouch.
+    let out = store.finish_job("remade", "x", &[], &[]).unwrap();
+    assert!(out.run_idle && !out.ledger_intact);
     // An any-join: the first predecessor wins.
     let any = |pred: &str| SuccessorReport {
         job: "k".into(),

@@ -114,12 +114,23 @@ fn process(
     }
     let context = snapshot.context;
     let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
-        if batch::gather_of(&job.node_id).is_some_and(|g| bp.node_index(g).is_some()) {
-            // A late copy of a batch worker of an earlier, larger round of a loop: that round
-            // is over (the batch on record is a later one). Close it in the ledger.
-            let me = job_id(&job.node_id, job.iteration);
-            shared.coord.finish_job(&job.run_id, &me, &[], &[])?;
-            return Ok(Outcome::Ack);
+        let gather = batch::gather_of(&job.node_id).and_then(|g| bp.node_index(g));
+        if let Some(gather) = gather {
+            let gather = RunNode::Static(gather);
+            let round = if gather.may_repeat(bp) {
+                job.iteration
+            } else {
+                0
+            };
+            if is_committed(bp, &gather, &context, round) {
+                // A late copy of a batch worker of an earlier, larger round of a loop: that
+                // round is gathered (the batch on record is a later one). Close it.
+                let me = job_id(&job.node_id, job.iteration);
+                let resumer = pause::resumer(shared);
+                let progress = resumer.finish_job(&job.run_id, bp, &me, &[], &[], publisher)?;
+                resumer.complete_if_idle(&job.run_id, progress, publisher)?;
+                return Ok(Outcome::Ack);
+            }
         }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
         pause::fail_run(shared, &job.run_id, &reason, publisher)?;
