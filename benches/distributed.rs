@@ -3,7 +3,8 @@
 //!
 //! For each worker thread count, N runs are created and their start jobs queued first; then a
 //! worker starts and the clock runs until every run is `completed`. Printed: jobs/s, runs/s
-//! and the p50/p99 *job latency*: from the moment a node's predecessor started executing (or
+//! (both over that whole time, the worker's start-up included), the *steady* jobs/s (from
+//! the first node's start to the last one's) and the p50/p99 *job latency*: from the moment a node's predecessor started executing (or
 //! the worker started, for start nodes) to the moment the node itself started — the cost of
 //! one hop (commit, Redis, publish with confirm, delivery, dispatch).
 //!
@@ -178,16 +179,26 @@ fn bench(
     }
     latencies.sort();
     let jobs = runs * jobs_per_run;
+    // Steady rate: from the first node's start to the last one's, without the worker's
+    // start-up (connections, channels) or the completion poll.
+    let (first, last) = (starts.values().min(), starts.values().max());
+    let steady = match (first, last) {
+        (Some(first), Some(last)) if last > first => {
+            (starts.len() - 1) as f64 / last.duration_since(*first).as_secs_f64()
+        }
+        _ => 0.0,
+    };
     let mode = inflight
         .map(|n| format!("inflight={n}"))
         .unwrap_or_else(|| "backlog".into());
     println!(
-        "{workload:<9} threads={threads:<3} runs={runs:<5} {mode:<11} {:>8.0} jobs/s {:>7.0} runs/s   job latency p50 {:>7.2} ms  p99 {:>7.2} ms   ({:.2} s)",
+        "{workload:<9} threads={threads:<3} runs={runs:<5} {mode:<11} {:>8.0} jobs/s {:>7.0} runs/s   job latency p50 {:>7.2} ms  p99 {:>7.2} ms   ({:.2} s; steady {:.0} jobs/s)",
         jobs as f64 / elapsed.as_secs_f64(),
         runs as f64 / elapsed.as_secs_f64(),
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         elapsed.as_secs_f64(),
+        steady,
     );
 }
 
