@@ -17,12 +17,25 @@
 //! Waiting callers sleep until their own answer is in, each woken alone (thread park and
 //! unpark): a finished batch wakes its callers and, if requests are queued, one of them to
 //! lead next — never the whole queue.
+//!
+//! Under load a leader waits a moment for the batch to fill (the idea of PostgreSQL's
+//! `commit_delay`): when the last batch held several requests and fewer are queued now, it
+//! yields for at most [`GATHER_WAIT`], or until as many are queued as the last batch held.
+//! A lone caller never waits: its batches hold one request.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+/// The longest a leader waits for its batch to fill (see the module docs). Measured on
+/// `chain5` at 8 threads (median of 4–6 interleaved runs): no wait 4 056 jobs/s, 50 µs
+/// 4 372, 100 µs 4 518–4 561, 200 µs 4 479, 400 µs 4 583; waiting the whole time instead of
+/// until the last batch's size is queued, 4 255. One thread and 16 threads do not change.
+pub(crate) const GATHER_WAIT: Duration = Duration::from_micros(100);
 
 /// The error of a grouped call.
 pub(crate) trait GroupError: Display + Sized {
@@ -36,6 +49,8 @@ pub(crate) trait GroupError: Display + Sized {
 pub(crate) struct Group<Req, T, E> {
     state: Mutex<State<Req, Result<T, E>>>,
     max_batch: usize,
+    /// The queue's length, readable without the lock by a leader waiting for it to grow.
+    queued: AtomicUsize,
 }
 
 /// A queued request: its ticket, the request, and the caller's thread (to wake it).
@@ -50,6 +65,8 @@ struct State<Req, Resp> {
     results: HashMap<u64, Resp>,
     leading: bool,
     next_ticket: u64,
+    /// How many requests the last batch held.
+    last_batch: usize,
 }
 
 impl<Req, T, E: GroupError> Group<Req, T, E> {
@@ -61,8 +78,10 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
                 results: HashMap::new(),
                 leading: false,
                 next_ticket: 0,
+                last_batch: 0,
             }),
             max_batch: max_batch.max(1),
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -89,6 +108,7 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
             request,
             caller: thread::current(),
         });
+        self.queued.store(state.queue.len(), Ordering::Release);
         loop {
             if let Some(response) = state.results.remove(&ticket) {
                 return response;
@@ -102,7 +122,15 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
             }
             // Nobody leads: lead a batch (again, if a key conflict left our request out of
             // the last one).
+            let expected = state.last_batch.min(self.max_batch);
+            if expected > 1 && state.queue.len() < expected {
+                state.leading = true;
+                drop(state);
+                self.wait_to_fill(expected);
+                state = self.lock();
+            }
             let (tickets, callers, batch) = self.take_batch(&mut state, &key);
+            state.last_batch = batch.len();
             state.leading = true;
             drop(state);
             let outcome = catch_unwind(AssertUnwindSafe(|| run_batch(&batch, &run)));
@@ -123,6 +151,7 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
                     // Our own request may still be queued (left out of the batch): nobody
                     // will wait for it, so nobody may run it.
                     state.queue.retain(|q| q.ticket != ticket);
+                    self.queued.store(state.queue.len(), Ordering::Release);
                     Some(panic)
                 }
             };
@@ -143,6 +172,14 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
                 resume_unwind(panic);
             }
             state = self.lock();
+        }
+    }
+
+    /// Yields until `expected` requests are queued, for at most [`GATHER_WAIT`].
+    fn wait_to_fill(&self, expected: usize) {
+        let until = Instant::now() + GATHER_WAIT;
+        while self.queued.load(Ordering::Acquire) < expected && Instant::now() < until {
+            thread::yield_now();
         }
     }
 
@@ -169,6 +206,7 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
             }
         }
         state.queue = kept;
+        self.queued.store(state.queue.len(), Ordering::Release);
         (tickets, callers, batch)
     }
 }
