@@ -21,7 +21,9 @@
 //! Under load a leader waits a moment for the batch to fill (the idea of PostgreSQL's
 //! `commit_delay`): when the last batch held several requests and fewer are queued now, it
 //! yields for at most [`GATHER_WAIT`], or until as many are queued as the last batch held.
-//! A lone caller never waits: its batches hold one request.
+//! (When no other thread is ready to run, yielding returns at once: the wait is a spin.) A
+//! lone caller waits at most once, right after a burst: its batches hold one request, so the
+//! next ones do not wait.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;

@@ -90,6 +90,8 @@ impl Reconciler {
 
     /// How long a run may be idle before it counts as stalled (default 300 s); also how long
     /// an awaiting run must be idle, and a sleep overdue, before its wake-up is sent again.
+    /// Commits move a run's `updated_at` at most once a second, so keep this well above a
+    /// second: below, a busy run can look idle, and gets (harmless) duplicate jobs.
     pub fn stalled_after(mut self, after: Duration) -> Self {
         self.stalled_after = after;
         self
