@@ -14,6 +14,7 @@
 //! with backoff. [`WorkerHandle::shutdown`] stops consuming, lets in-flight jobs finish and
 //! be acked, then closes cleanly.
 
+mod acks;
 mod job;
 mod pause;
 
@@ -476,6 +477,7 @@ impl RabbitMqAdapter {
                 dead_letters,
                 amqp::dead_letter_queue(&self.shared.queue),
                 self.threads,
+                self.prefetch,
             );
             let end = consume(&consumer, &job_tx, &done_rx, &confirms, stop, &mut settler);
             closed.store(true, Ordering::SeqCst);
@@ -519,6 +521,8 @@ struct Settler<'c, 'a> {
     waiting: Vec<VecDeque<Finished>>,
     failures: HashMap<Vec<u8>, u32>,
     in_flight: usize,
+    /// Deliveries not yet acked or nacked: acks are coalesced ([`acks`]).
+    book: acks::AckBook<Delivery>,
     /// Set when the session must end (its dead-letter channel failed).
     broken: Option<String>,
 }
@@ -529,6 +533,7 @@ impl<'c, 'a> Settler<'c, 'a> {
         dead_letters: ConfirmPublisher,
         dead_queue: String,
         publishers: usize,
+        prefetch: u16,
     ) -> Self {
         Settler {
             consumer,
@@ -538,8 +543,40 @@ impl<'c, 'a> Settler<'c, 'a> {
             waiting: (0..publishers).map(|_| VecDeque::new()).collect(),
             failures: HashMap::new(),
             in_flight: 0,
+            // A slow delivery holds back at most a quarter of the prefetch window.
+            book: acks::AckBook::new(usize::from(prefetch) / 4),
             broken: None,
         }
+    }
+
+    /// A delivery goes to the workers.
+    fn delivered(&mut self, delivery: &Delivery) {
+        self.in_flight += 1;
+        self.book.delivered(delivery.delivery_tag());
+    }
+
+    /// Acks a delivery (possibly later, with others: see [`acks`]).
+    fn ack(&mut self, delivery: Delivery) -> Result<(), amiquip::Error> {
+        let tag = delivery.delivery_tag();
+        let acks = self.book.ready(tag, delivery);
+        self.send_acks(acks)
+    }
+
+    /// Nacks a delivery at once, releasing the acks it held back.
+    fn nack(&mut self, delivery: Delivery) -> Result<(), amiquip::Error> {
+        let acks = self.book.settled_otherwise(delivery.delivery_tag());
+        self.consumer.nack(delivery, true)?;
+        self.send_acks(acks)
+    }
+
+    fn send_acks(&self, acks: Vec<acks::Ack<Delivery>>) -> Result<(), amiquip::Error> {
+        for ack in acks {
+            match ack {
+                acks::Ack::Single(d) => self.consumer.ack(d)?,
+                acks::Ack::Multiple(d) => self.consumer.ack_multiple(d)?,
+            }
+        }
+        Ok(())
     }
 
     fn finished(&mut self, f: Finished) -> Result<(), amiquip::Error> {
@@ -592,7 +629,7 @@ impl<'c, 'a> Settler<'c, 'a> {
                 if !self.failures.is_empty() {
                     self.failures.remove(&delivery.body);
                 }
-                return self.consumer.ack(delivery);
+                return self.ack(delivery);
             }
             job::Outcome::Retry(reason) => {
                 let count = self.failures.entry(delivery.body.clone()).or_insert(0);
@@ -602,7 +639,7 @@ impl<'c, 'a> Settler<'c, 'a> {
                     if self.failures.len() > 10_000 {
                         self.failures.clear();
                     }
-                    return self.consumer.nack(delivery, true);
+                    return self.nack(delivery);
                 }
                 self.failures.remove(&delivery.body);
                 format!("failed {MAX_DELIVERY_FAILURES} times: {reason}")
@@ -617,13 +654,13 @@ impl<'c, 'a> Settler<'c, 'a> {
             std::slice::from_ref(&delivery.body),
             &properties,
         ) {
-            Ok(()) => self.consumer.ack(delivery),
+            Ok(()) => self.ack(delivery),
             Err(e) => {
                 // Nothing is dropped: the message goes back to the queue, and the session
                 // ends so that the channels are rebuilt.
                 log::error!("cannot dead-letter a message ({e}); requeueing it");
                 self.broken = Some(format!("the dead-letter channel failed: {e}"));
-                self.consumer.nack(delivery, true)
+                self.nack(delivery)
             }
         }
     }
@@ -658,7 +695,7 @@ fn consume(
         if index == deliveries_op {
             match op.recv(consumer.receiver()) {
                 Ok(ConsumerMessage::Delivery(delivery)) => {
-                    settler.in_flight += 1;
+                    settler.delivered(&delivery);
                     if jobs.send(delivery).is_err() {
                         return SessionEnd::ConnectionLost("worker threads are gone".into());
                     }
