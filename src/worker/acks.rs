@@ -2,8 +2,9 @@
 //! `ack` with `multiple` set settles every delivery up to its tag. Deliveries finish out of
 //! order across the worker threads, so a delivery that may be acked waits while an earlier
 //! one is still in flight; once the earlier ones are settled, a single `ack multiple` covers
-//! the whole run of them. A slow delivery holds back at most `max_held` others: beyond
-//! that they are acked one by one, so the prefetch window never fills with finished work.
+//! the whole run of them. A slow delivery holds back at most `max_held` others (at least
+//! one): beyond that they are acked one by one, so the prefetch window never fills with
+//! finished work.
 
 use std::collections::BTreeMap;
 
@@ -60,6 +61,23 @@ impl<D> AckBook<D> {
             self.held -= 1;
         }
         self.flush()
+    }
+
+    /// Takes every ready delivery (to ack one by one when the session ends while earlier
+    /// ones are still in flight).
+    pub(crate) fn take_ready(&mut self) -> Vec<D> {
+        let tags: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, d)| d.is_some())
+            .map(|(&tag, _)| tag)
+            .collect();
+        let ready: Vec<D> = tags
+            .into_iter()
+            .filter_map(|tag| self.open.remove(&tag).flatten())
+            .collect();
+        self.held -= ready.len();
+        ready
     }
 
     /// Acks the run of ready deliveries at the front with one frame; then, if too many are
@@ -136,6 +154,56 @@ mod tests {
     }
 
     #[test]
+    fn a_multiple_ack_stops_before_a_delivery_in_flight() {
+        let mut book = AckBook::new(8);
+        for tag in 1..=4 {
+            book.delivered(tag);
+        }
+        assert_eq!(book.ready(2, 2), vec![]);
+        assert_eq!(book.ready(4, 4), vec![]);
+        assert_eq!(book.ready(1, 1), vec![Ack::Multiple(2)]);
+        assert_eq!(book.held(), 1);
+        assert_eq!(book.ready(3, 3), vec![Ack::Multiple(4)]);
+    }
+
+    #[test]
+    fn a_nack_behind_the_front_changes_nothing_before_it() {
+        let mut book = AckBook::new(8);
+        for tag in 1..=3 {
+            book.delivered(tag);
+        }
+        assert_eq!(book.ready(3, 3), vec![]);
+        assert_eq!(book.settled_otherwise(2), vec![]);
+        // The requeued message comes back with a new, higher tag, in flight.
+        book.delivered(4);
+        assert_eq!(book.ready(1, 1), vec![Ack::Multiple(3)]);
+        assert_eq!(book.ready(4, 4), vec![Ack::Single(4)]);
+    }
+
+    #[test]
+    fn with_max_held_one_a_slow_delivery_holds_back_one() {
+        let mut book = AckBook::new(1);
+        for tag in 1..=3 {
+            book.delivered(tag);
+        }
+        assert_eq!(book.ready(2, 2), vec![]);
+        assert_eq!(book.ready(3, 3), vec![Ack::Single(2), Ack::Single(3)]);
+        assert_eq!(book.held(), 0);
+        assert_eq!(book.ready(1, 1), vec![Ack::Single(1)]);
+    }
+
+    #[test]
+    fn ready_deliveries_can_be_taken_when_the_session_ends() {
+        let mut book = AckBook::new(8);
+        for tag in 1..=3 {
+            book.delivered(tag);
+        }
+        assert_eq!(book.ready(3, 3), vec![]);
+        assert_eq!(book.take_ready(), vec![3]);
+        assert_eq!(book.held(), 0);
+    }
+
+    #[test]
     fn a_nacked_delivery_releases_the_ones_behind_it() {
         let mut book = AckBook::new(8);
         for tag in 1..=3 {
@@ -164,10 +232,9 @@ mod tests {
             assert!(book.held() <= 4, "{} held", book.held());
         }
         assert!(!acked.is_empty());
-        // When the slow one finishes, one frame covers the rest.
-        let last = book.ready(1, 1);
-        assert_eq!(last.len(), 1);
-        assert!(matches!(last[0], Ack::Multiple(10) | Ack::Single(1)));
+        // When the slow one finishes, one frame covers the rest (10 is never acked alone:
+        // the excess taken is the oldest).
+        assert_eq!(book.ready(1, 1), vec![Ack::Multiple(10)]);
         assert_eq!(book.held(), 0);
     }
 }

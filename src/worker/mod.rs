@@ -543,7 +543,8 @@ impl<'c, 'a> Settler<'c, 'a> {
             waiting: (0..publishers).map(|_| VecDeque::new()).collect(),
             failures: HashMap::new(),
             in_flight: 0,
-            // A slow delivery holds back at most a quarter of the prefetch window.
+            // A slow delivery holds back at most a quarter of the prefetch window (at least
+            // one delivery).
             book: acks::AckBook::new(usize::from(prefetch) / 4),
             broken: None,
         }
@@ -567,6 +568,16 @@ impl<'c, 'a> Settler<'c, 'a> {
         let acks = self.book.settled_otherwise(delivery.delivery_tag());
         self.consumer.nack(delivery, true)?;
         self.send_acks(acks)
+    }
+
+    /// The session ends with deliveries in flight: acks, one by one, the finished ones they
+    /// hold back (the channel may still work; if not, they are redelivered, harmlessly).
+    fn ack_held(&mut self) {
+        for delivery in self.book.take_ready() {
+            if self.consumer.ack(delivery).is_err() {
+                break;
+            }
+        }
     }
 
     fn send_acks(&self, acks: Vec<acks::Ack<Delivery>>) -> Result<(), amiquip::Error> {
@@ -688,6 +699,7 @@ fn consume(
             return SessionEnd::Stopped;
         }
         if let Some(reason) = settler.broken.take() {
+            settler.ack_held();
             return SessionEnd::ConnectionLost(reason);
         }
         let op = select.select();
@@ -697,6 +709,7 @@ fn consume(
                 Ok(ConsumerMessage::Delivery(delivery)) => {
                     settler.delivered(&delivery);
                     if jobs.send(delivery).is_err() {
+                        settler.ack_held();
                         return SessionEnd::ConnectionLost("worker threads are gone".into());
                     }
                 }
@@ -718,6 +731,7 @@ fn consume(
             }
         } else if index == done_op {
             let Ok(finished) = op.recv(done) else {
+                settler.ack_held();
                 return SessionEnd::ConnectionLost("worker threads are gone".into());
             };
             if let Err(e) = settler.finished(finished) {
