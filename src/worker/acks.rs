@@ -130,6 +130,15 @@ impl<D> AckBook<D> {
 mod tests {
     use super::*;
 
+    /// A book with deliveries 1..=n in flight.
+    fn delivered(max_held: usize, n: u64) -> AckBook<u64> {
+        let mut book = AckBook::new(max_held);
+        for tag in 1..=n {
+            book.delivered(tag);
+        }
+        book
+    }
+
     #[test]
     fn in_order_deliveries_are_acked_one_by_one() {
         let mut book = AckBook::new(8);
@@ -141,10 +150,7 @@ mod tests {
 
     #[test]
     fn later_deliveries_wait_for_an_earlier_one_then_go_in_one_frame() {
-        let mut book = AckBook::new(8);
-        for tag in 1..=4 {
-            book.delivered(tag);
-        }
+        let mut book = delivered(8, 4);
         assert_eq!(book.ready(3, 3), vec![]);
         assert_eq!(book.ready(2, 2), vec![]);
         assert_eq!(book.held(), 2);
@@ -155,10 +161,7 @@ mod tests {
 
     #[test]
     fn a_multiple_ack_stops_before_a_delivery_in_flight() {
-        let mut book = AckBook::new(8);
-        for tag in 1..=4 {
-            book.delivered(tag);
-        }
+        let mut book = delivered(8, 4);
         assert_eq!(book.ready(2, 2), vec![]);
         assert_eq!(book.ready(4, 4), vec![]);
         assert_eq!(book.ready(1, 1), vec![Ack::Multiple(2)]);
@@ -168,10 +171,7 @@ mod tests {
 
     #[test]
     fn a_nack_behind_the_front_changes_nothing_before_it() {
-        let mut book = AckBook::new(8);
-        for tag in 1..=3 {
-            book.delivered(tag);
-        }
+        let mut book = delivered(8, 3);
         assert_eq!(book.ready(3, 3), vec![]);
         assert_eq!(book.settled_otherwise(2), vec![]);
         // The requeued message comes back with a new, higher tag, in flight.
@@ -182,10 +182,7 @@ mod tests {
 
     #[test]
     fn with_max_held_one_a_slow_delivery_holds_back_one() {
-        let mut book = AckBook::new(1);
-        for tag in 1..=3 {
-            book.delivered(tag);
-        }
+        let mut book = delivered(1, 3);
         assert_eq!(book.ready(2, 2), vec![]);
         assert_eq!(book.ready(3, 3), vec![Ack::Single(2), Ack::Single(3)]);
         assert_eq!(book.held(), 0);
@@ -194,10 +191,7 @@ mod tests {
 
     #[test]
     fn ready_deliveries_can_be_taken_when_the_session_ends() {
-        let mut book = AckBook::new(8);
-        for tag in 1..=3 {
-            book.delivered(tag);
-        }
+        let mut book = delivered(8, 3);
         assert_eq!(book.ready(3, 3), vec![]);
         assert_eq!(book.take_ready(), vec![3]);
         assert_eq!(book.held(), 0);
@@ -205,10 +199,7 @@ mod tests {
 
     #[test]
     fn a_nacked_delivery_releases_the_ones_behind_it() {
-        let mut book = AckBook::new(8);
-        for tag in 1..=3 {
-            book.delivered(tag);
-        }
+        let mut book = delivered(8, 3);
         assert_eq!(book.ready(2, 2), vec![]);
         assert_eq!(book.ready(3, 3), vec![]);
         assert_eq!(book.settled_otherwise(1), vec![Ack::Multiple(3)]);
@@ -217,10 +208,7 @@ mod tests {
 
     #[test]
     fn a_slow_delivery_holds_back_at_most_max_held() {
-        let mut book = AckBook::new(4);
-        for tag in 1..=10 {
-            book.delivered(tag);
-        }
+        let mut book = delivered(4, 10);
         let mut acked = Vec::new();
         for tag in 2..=10 {
             for ack in book.ready(tag, tag) {
