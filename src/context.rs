@@ -55,11 +55,10 @@ impl PostgresContext {
 
     /// A key's value (`None` if absent or the run has no row).
     pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
-        let row = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.get_sql)?;
-            conn.query_opt(&stmt, &[&self.run_id, &key])?
-        };
+        let row = self
+            .pool
+            .get()?
+            .query_opt_prepared(&self.get_sql, &[&self.run_id, &key])?;
         Ok(match row {
             Some(row) => row.try_get::<_, Option<Value>>(0)?,
             None => None,
@@ -73,11 +72,10 @@ impl PostgresContext {
 
     /// Whether a key is present.
     pub fn has(&self, key: &str) -> Result<bool, StoreError> {
-        let row = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.has_sql)?;
-            conn.query_opt(&stmt, &[&self.run_id, &key])?
-        };
+        let row = self
+            .pool
+            .get()?
+            .query_opt_prepared(&self.has_sql, &[&self.run_id, &key])?;
         Ok(match row {
             Some(row) => row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
             None => false,
@@ -91,11 +89,10 @@ impl PostgresContext {
 
     /// The whole context (an empty object if the run has no row).
     pub fn to_json(&self) -> Result<Value, StoreError> {
-        let row = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.all_sql)?;
-            conn.query_opt(&stmt, &[&self.run_id])?
-        };
+        let row = self
+            .pool
+            .get()?
+            .query_opt_prepared(&self.all_sql, &[&self.run_id])?;
         Ok(match row {
             Some(row) => row.try_get(0)?,
             None => Value::Object(Map::new()),
@@ -119,11 +116,9 @@ impl PostgresContext {
             }
         }
         let set = Value::Object(set);
-        {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.patch_sql)?;
-            conn.execute(&stmt, &[&self.run_id, &delete, &set])?
-        };
+        self.pool
+            .get()?
+            .execute_prepared(&self.patch_sql, &[&self.run_id, &delete, &set])?;
         Ok(())
     }
 }

@@ -11,7 +11,8 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Statement};
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
 use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
 use serde_json::{Map, Value};
@@ -70,6 +71,46 @@ impl PgConnection {
         let s = self.client.prepare(sql)?;
         self.statements.insert(sql.to_string(), s.clone());
         Ok(s)
+    }
+
+    /// Runs `sql` as this connection's prepared statement; the rows.
+    pub fn query_prepared(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let stmt = self.statement(sql)?;
+        self.client.query(&stmt, params)
+    }
+
+    /// Runs `sql` as this connection's prepared statement; at most one row.
+    pub fn query_opt_prepared(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let stmt = self.statement(sql)?;
+        self.client.query_opt(&stmt, params)
+    }
+
+    /// Runs `sql` as this connection's prepared statement; exactly one row.
+    pub fn query_one_prepared(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        let stmt = self.statement(sql)?;
+        self.client.query_one(&stmt, params)
+    }
+
+    /// Runs `sql` as this connection's prepared statement; the rows it changed.
+    pub fn execute_prepared(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let stmt = self.statement(sql)?;
+        self.client.execute(&stmt, params)
     }
 }
 
@@ -569,14 +610,8 @@ impl RunStore {
         })
     }
 
-    fn execute(
-        &self,
-        sql: &str,
-        params: &[&(dyn postgres::types::ToSql + Sync)],
-    ) -> Result<u64, StoreError> {
-        let mut conn = self.pool.get()?;
-        let stmt = conn.statement(sql)?;
-        Ok(conn.execute(&stmt, params)?)
+    fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        Ok(self.pool.get()?.execute_prepared(sql, params)?)
     }
 
     /// The pool.
@@ -602,11 +637,7 @@ impl RunStore {
         &self,
         runs: &[String],
     ) -> Result<Vec<Result<Option<RunSnapshot>, StoreError>>, StoreError> {
-        let rows = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.load)?;
-            conn.query(&stmt, &[&runs])?
-        };
+        let rows = self.pool.get()?.query_prepared(&self.sql.load, &[&runs])?;
         let mut found: HashMap<String, Result<RunSnapshot, String>> =
             HashMap::with_capacity(rows.len());
         for row in rows {
@@ -667,25 +698,21 @@ impl RunStore {
         fn column<'a, T>(rows: &[&'a CommitRequest], f: impl Fn(&'a CommitRequest) -> T) -> Vec<T> {
             rows.iter().map(|&r| f(r)).collect()
         }
-        let returned = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.commit)?;
-            conn.query(
-                &stmt,
-                &[
-                    &column(&rows, |r| r.run_id.as_str()),
-                    &column(&rows, |r| &r.delete),
-                    &column(&rows, |r| &r.set),
-                    &column(&rows, |r| r.output_key.as_str()),
-                    &column(&rows, |r| r.meta_key.as_str()),
-                    &column(&rows, |r| r.iteration),
-                    &column(&rows, |r| r.repeats),
-                    &column(&rows, |r| r.awaiting_id.as_deref()),
-                    &column(&rows, |r| &r.awaiting_details),
-                    &column(&rows, |r| &r.set_if_absent),
-                ],
-            )?
-        };
+        let returned = self.pool.get()?.query_prepared(
+            &self.sql.commit,
+            &[
+                &column(&rows, |r| r.run_id.as_str()),
+                &column(&rows, |r| &r.delete),
+                &column(&rows, |r| &r.set),
+                &column(&rows, |r| r.output_key.as_str()),
+                &column(&rows, |r| r.meta_key.as_str()),
+                &column(&rows, |r| r.iteration),
+                &column(&rows, |r| r.repeats),
+                &column(&rows, |r| r.awaiting_id.as_deref()),
+                &column(&rows, |r| &r.awaiting_details),
+                &column(&rows, |r| &r.set_if_absent),
+            ],
+        )?;
         let mut applied: HashMap<&str, bool> = HashMap::with_capacity(rows.len());
         for row in returned {
             let ordinal: i64 = row.try_get(0)?;
@@ -702,11 +729,10 @@ impl RunStore {
     /// Marks a running run `completed` with its final context, unless it awaits a node.
     /// Returns the final context when this call completed the run.
     pub fn complete_run(&self, run_id: &str) -> Result<Option<ContextMap>, StoreError> {
-        let row = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.complete)?;
-            conn.query_opt(&stmt, &[&run_id])?
-        };
+        let row = self
+            .pool
+            .get()?
+            .query_opt_prepared(&self.sql.complete, &[&run_id])?;
         let Some(row) = row else { return Ok(None) };
         match row.try_get::<_, Value>(0)? {
             Value::Object(context) => Ok(Some(context)),
@@ -737,11 +763,10 @@ impl RunStore {
 
     /// A run's status row.
     pub fn status(&self, run_id: &str) -> Result<Option<StatusRow>, StoreError> {
-        let row = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.status)?;
-            conn.query_opt(&stmt, &[&run_id])?
-        };
+        let row = self
+            .pool
+            .get()?
+            .query_opt_prepared(&self.sql.status, &[&run_id])?;
         let Some(row) = row else { return Ok(None) };
         Ok(Some(StatusRow {
             run_id: run_id.to_string(),
@@ -754,11 +779,10 @@ impl RunStore {
     /// Runs whose status is `running` and that have not moved for `idle`, oldest first.
     pub fn stalled_runs(&self, idle: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
         let secs = idle.as_secs_f64();
-        let rows = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.stalled)?;
-            conn.query(&stmt, &[&secs, &limit])?
-        };
+        let rows = self
+            .pool
+            .get()?
+            .query_prepared(&self.sql.stalled, &[&secs, &limit])?;
         run_ids(&rows)
     }
 
@@ -778,11 +802,10 @@ impl RunStore {
         let (after_time, after_run) = after
             .map(|c| (c.updated_at.as_str(), c.run_id.as_str()))
             .unwrap_or(("-infinity", ""));
-        let rows = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.awaiting_page)?;
-            conn.query(&stmt, &[&secs, &limit, &now, &after_time, &after_run])?
-        };
+        let rows = self.pool.get()?.query_prepared(
+            &self.sql.awaiting_page,
+            &[&secs, &limit, &now, &after_time, &after_run],
+        )?;
         rows.iter()
             .map(|row| {
                 let lost: Value = row.try_get(3)?;
@@ -832,11 +855,10 @@ impl RunStore {
         let nodes = Value::from(nodes.to_vec());
         let set = Value::Object(set);
         let set_if_absent = Value::Object(set_if_absent);
-        let row = {
-            let mut conn = self.pool.get()?;
-            let stmt = conn.statement(&self.sql.resume)?;
-            conn.query_one(&stmt, &[&run_id, &nodes, &set, &delete, &set_if_absent])?
-        };
+        let row = self.pool.get()?.query_one_prepared(
+            &self.sql.resume,
+            &[&run_id, &nodes, &set, &delete, &set_if_absent],
+        )?;
         let applied: i32 = row.try_get(0)?;
         Ok(applied > 0)
     }
@@ -902,9 +924,10 @@ impl RunStore {
 
     /// A webhook endpoint's `(event_name, url)`.
     pub fn webhook(&self, webhook_id: &str) -> Result<Option<(String, String)>, StoreError> {
-        let mut conn = self.pool.get()?;
-        let stmt = conn.statement(&self.sql.webhook)?;
-        let row = conn.query_opt(&stmt, &[&webhook_id])?;
+        let row = self
+            .pool
+            .get()?
+            .query_opt_prepared(&self.sql.webhook, &[&webhook_id])?;
         match row {
             Some(row) => Ok(Some((row.try_get(0)?, row.try_get(1)?))),
             None => Ok(None),
