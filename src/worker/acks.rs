@@ -35,6 +35,11 @@ impl<D> AckBook<D> {
         }
     }
 
+    /// How many deliveries are handed out and not finished yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.open.len() - self.held
+    }
+
     /// A delivery was handed to a worker.
     pub(crate) fn delivered(&mut self, tag: u64) {
         self.open.insert(tag, None);
@@ -153,7 +158,7 @@ mod tests {
         let mut book = delivered(8, 4);
         assert_eq!(book.ready(3, 3), vec![]);
         assert_eq!(book.ready(2, 2), vec![]);
-        assert_eq!(book.held(), 2);
+        assert_eq!((book.held(), book.in_flight()), (2, 2));
         assert_eq!(book.ready(1, 1), vec![Ack::Multiple(3)]);
         assert_eq!(book.held(), 0);
         assert_eq!(book.ready(4, 4), vec![Ack::Single(4)]);

@@ -520,7 +520,6 @@ struct Settler<'c, 'a> {
     trackers: Vec<ConfirmTracker>,
     waiting: Vec<VecDeque<Finished>>,
     failures: HashMap<Vec<u8>, u32>,
-    in_flight: usize,
     /// Deliveries not yet acked or nacked: acks are coalesced ([`acks`]).
     book: acks::AckBook<Delivery>,
     /// Set when the session must end (its dead-letter channel failed).
@@ -542,7 +541,6 @@ impl<'c, 'a> Settler<'c, 'a> {
             trackers: (0..publishers).map(|_| ConfirmTracker::default()).collect(),
             waiting: (0..publishers).map(|_| VecDeque::new()).collect(),
             failures: HashMap::new(),
-            in_flight: 0,
             // A slow delivery holds back at most a quarter of the prefetch window (at least
             // one delivery).
             book: acks::AckBook::new(usize::from(prefetch) / 4),
@@ -552,7 +550,6 @@ impl<'c, 'a> Settler<'c, 'a> {
 
     /// A delivery goes to the workers.
     fn delivered(&mut self, delivery: &Delivery) {
-        self.in_flight += 1;
         self.book.delivered(delivery.delivery_tag());
     }
 
@@ -609,7 +606,7 @@ impl<'c, 'a> Settler<'c, 'a> {
         let confirmed = self.trackers[publisher].confirmed();
         while self.waiting[publisher]
             .front()
-            .is_some_and(|f| f.tags.is_none_or(|(_, last)| last <= confirmed))
+            .is_some_and(|f| f.tags.is_some_and(|(_, last)| last <= confirmed))
         {
             if let Some(f) = self.waiting[publisher].pop_front() {
                 self.settle(f)?;
@@ -619,7 +616,6 @@ impl<'c, 'a> Settler<'c, 'a> {
     }
 
     fn settle(&mut self, f: Finished) -> Result<(), amiquip::Error> {
-        self.in_flight = self.in_flight.saturating_sub(1);
         let mut outcome = f.outcome;
         if let Some((first, last)) = f.tags {
             if self.trackers[f.publisher].any_nacked(first, last) && outcome == job::Outcome::Ack {
@@ -695,7 +691,7 @@ fn consume(
     let mut stop_op = Some(select.recv(stop));
     let mut cancelled = false;
     loop {
-        if stop_op.is_none() && cancelled && settler.in_flight == 0 {
+        if stop_op.is_none() && cancelled && settler.book.in_flight() == 0 {
             return SessionEnd::Stopped;
         }
         if let Some(reason) = settler.broken.take() {
@@ -741,7 +737,7 @@ fn consume(
             let _ = op.recv(stop);
             log::info!(
                 "stopping: no new jobs; finishing {} in flight",
-                settler.in_flight
+                settler.book.in_flight()
             );
             select.remove(index);
             stop_op = None;
