@@ -101,8 +101,12 @@ pub fn with_iteration(meta: Value, previous: Option<&Value>, iteration: u32) -> 
     meta
 }
 
-/// The details a paused node left (`_awaitingDetails.<node>`).
+/// The details of a node that is awaited now (listed in `_awaitingNodeIds`, with
+/// `_awaitingDetails.<node>`).
 pub fn awaited_details<'a>(context: &'a ContextMap, node_id: &str) -> Option<&'a Value> {
+    if !is_awaiting(context, node_id) {
+        return None;
+    }
     context.get(AWAITING_DETAILS)?.get(node_id)
 }
 

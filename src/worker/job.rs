@@ -29,8 +29,7 @@ use crate::nodes::batch;
 use crate::protocol::{JobPayload, Message};
 use crate::resume::ParentLink;
 use crate::scheduling::{
-    self, awaited_details, executions, is_awaiting, is_committed, meta_key, next_jobs,
-    paused_iteration, RunNode,
+    self, awaited_details, executions, is_committed, meta_key, next_jobs, paused_iteration, RunNode,
 };
 use crate::store::{CommitGuard, NodeCommit};
 
@@ -137,9 +136,7 @@ fn process(
         return Ok(Outcome::Ack);
     };
     // Guard: idempotency.
-    let paused = awaited_details(&context, &job.node_id)
-        .filter(|_| is_awaiting(&context, &job.node_id))
-        .cloned();
+    let paused = awaited_details(&context, &job.node_id).cloned();
     if let Some(details) = paused {
         let paused_iteration = paused_iteration(&details);
         if u64::from(job.iteration) > paused_iteration && !job.wake {
@@ -276,10 +273,6 @@ fn finish_node(
                 return Ok(Outcome::Ack);
             }
         };
-        let mut details = details;
-        if let Some(d) = details.as_object_mut() {
-            d.insert("iteration".into(), json!(job.iteration));
-        }
         commit.awaiting = Some((def.id.clone(), details.clone()));
         if !shared.store.commit_node(&job.run_id, commit, guard)? {
             // Committed already, or the node is paused at another iteration right now: try

@@ -28,7 +28,7 @@ use crate::node::NodeResult;
 use crate::nodes::{now_ms, subflow};
 use crate::protocol::{EventMessage, JobPayload};
 use crate::resume::{ParentLink, ResumeError, Resumer, PARENT_KEY};
-use crate::scheduling::{awaited_details, is_awaiting, paused_iteration};
+use crate::scheduling::{awaited_details, paused_iteration};
 use crate::store::RunSnapshot;
 
 use super::job::Outcome;
@@ -48,7 +48,8 @@ fn kind(details: &Value) -> &str {
         .unwrap_or_default()
 }
 
-/// Completes a pausing node's `_awaitingDetails` entry before it is committed.
+/// Completes a pausing node's `_awaitingDetails` entry before it is committed (with the
+/// loop iteration it pauses at).
 pub(crate) fn prepare(
     shared: &Shared,
     job: &JobPayload,
@@ -78,6 +79,9 @@ pub(crate) fn prepare(
             details["childRunId"] = json!(child_run_id(&job.run_id, &node.id, job.iteration, 1));
         }
         _ => {}
+    }
+    if let Some(d) = details.as_object_mut() {
+        d.insert("iteration".into(), json!(job.iteration));
     }
     Ok(Prepared::Details(details))
 }
@@ -224,12 +228,9 @@ pub(crate) fn on_timer(
     let Some(snapshot) = shared.store.load(&job.run_id)? else {
         return Ok(Outcome::Ack);
     };
-    if !is_awaiting(&snapshot.context, &job.node_id) {
+    let Some(details) = awaited_details(&snapshot.context, &job.node_id).cloned() else {
         return Ok(Outcome::Ack);
-    }
-    let details = awaited_details(&snapshot.context, &job.node_id)
-        .cloned()
-        .unwrap_or(Value::Null);
+    };
     if kind(&details) != "sleep" || paused_iteration(&details) != u64::from(job.iteration) {
         // A stale timer (an earlier iteration, or the node is not a sleep): nothing to do.
         return Ok(Outcome::Ack);
