@@ -379,21 +379,9 @@ impl Resumer<'_> {
         Ok(ids)
     }
 
-    /// For a run that completed earlier: resumes its parent if the notification was lost
+    /// Resumes the subflow node that awaits `child_run`, which completed with `context`
     /// (stale or repeated notifications change nothing).
-    pub fn notify_parent(
-        &self,
-        completed_run: &str,
-        publisher: &mut dyn JobSink,
-    ) -> Result<(), WorkerError> {
-        match self.store.load(completed_run)? {
-            Some(child) => self.resume_parent(completed_run, &child.context, publisher),
-            None => Ok(()),
-        }
-    }
-
-    /// Resumes the subflow node that awaits `child_run`, which completed with `context`.
-    fn resume_parent(
+    pub(crate) fn resume_parent(
         &self,
         child_run: &str,
         context: &ContextMap,

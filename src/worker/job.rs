@@ -88,7 +88,7 @@ fn process(
     let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
         let reason = format!("unknown blueprint '{}'", job.blueprint_id);
         log::warn!("run {}: {reason}; marking it failed", job.run_id);
-        pause::fail_run(shared, &job.run_id, &reason, publisher)?;
+        pause::fail_run(shared, &job.run_id, None, &reason, publisher)?;
         return Ok(Outcome::Ack);
     };
     let Some(snapshot) = shared.store.load(&job.run_id)? else {
@@ -99,7 +99,7 @@ fn process(
     };
     if let Some(status @ ("failed" | "cancelled" | "completed")) = snapshot.status.as_deref() {
         if ParentLink::of(&snapshot.context).is_some() {
-            pause::renotify_parent(shared, &job.run_id, status, publisher)?;
+            pause::renotify_parent(shared, &job.run_id, &snapshot.context, status, publisher)?;
         }
         log::debug!(
             "run {}: dropping job {} of a {status} run",
@@ -132,7 +132,7 @@ fn process(
             }
         }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
-        pause::fail_run(shared, &job.run_id, &reason, publisher)?;
+        pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
         return Ok(Outcome::Ack);
     };
     // Guard: idempotency.
@@ -269,7 +269,7 @@ fn finish_node(
         let details = match pause::prepare(shared, job, def, details)? {
             Prepared::Details(d) => d,
             Prepared::Fail(reason) => {
-                pause::fail_run(shared, &job.run_id, &reason, publisher)?;
+                pause::fail_run(shared, &job.run_id, Some(&snapshot), &reason, publisher)?;
                 return Ok(Outcome::Ack);
             }
         };
@@ -357,7 +357,7 @@ fn finish_node(
             "node '{}' exceeded the iteration limit ({} executions in one run)",
             over.report.node, shared.max_iterations
         );
-        pause::fail_run(shared, &job.run_id, &reason, publisher)?;
+        pause::fail_run(shared, &job.run_id, Some(&merged), &reason, publisher)?;
         return Ok(Outcome::Ack);
     }
     if !shared.store.commit_node(&job.run_id, commit, guard)? {
@@ -480,7 +480,8 @@ fn fail_node(
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, WorkerError> {
     // A concurrent delivery of the same job may have succeeded meanwhile: its result stands.
-    if let Some(now) = shared.store.load(&job.run_id)? {
+    let now = shared.store.load(&job.run_id)?;
+    if let Some(now) = &now {
         if is_committed(bp, node, &now.context, job.iteration) {
             log::info!(
                 "run {}: '{}' failed here ({failure}) but another delivery committed it",
@@ -502,6 +503,13 @@ fn fail_node(
         }
         shared.coord.poison(&job.run_id, &poisoned, &cancelled)?;
     }
-    pause::fail_run(shared, &job.run_id, &failure.to_string(), publisher)?;
+    let context = now.as_ref().map(|now| &now.context);
+    pause::fail_run(
+        shared,
+        &job.run_id,
+        context,
+        &failure.to_string(),
+        publisher,
+    )?;
     Ok(Outcome::Ack)
 }

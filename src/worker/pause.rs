@@ -24,7 +24,7 @@ use crate::amqp::JobSink;
 use crate::blueprint::{Blueprint, NodeDef};
 use crate::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
 use crate::flow::input_key;
-use crate::node::NodeResult;
+use crate::node::{ContextMap, NodeResult};
 use crate::nodes::{now_ms, subflow};
 use crate::protocol::{EventMessage, JobPayload};
 use crate::resume::{ParentLink, ResumeError, Resumer, PARENT_KEY};
@@ -309,9 +309,13 @@ pub(crate) fn on_event(
 
 /// Marks a run failed; if it is a subflow's child, the parent node retries it (a new child
 /// run, while `maxRetries` allows), runs its fallback, or fails too.
+///
+/// `context` is the run's context if the caller has read it (it tells whether the run is a
+/// subflow's child); without it, the run is read.
 pub(crate) fn fail_run(
     shared: &Shared,
     run: &str,
+    context: Option<&ContextMap>,
     reason: &str,
     publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
@@ -319,20 +323,26 @@ pub(crate) fn fail_run(
         return Ok(());
     }
     log::info!("run {run}: failed: {reason}");
-    propagate_failure(shared, run, reason, publisher)
+    propagate_failure(shared, run, context, reason, publisher)
 }
 
-/// Tells a failed child's parent, if it still awaits this child.
+/// Tells a failed child's parent, if it still awaits this child (`context` as in
+/// [`fail_run`]).
 fn propagate_failure(
     shared: &Shared,
     run: &str,
+    context: Option<&ContextMap>,
     reason: &str,
     publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
-    let Some(child) = shared.store.load(run)? else {
-        return Ok(());
+    let link = match context {
+        Some(context) => ParentLink::of(context),
+        None => shared
+            .store
+            .load(run)?
+            .and_then(|child| ParentLink::of(&child.context)),
     };
-    let Some(link) = ParentLink::of(&child.context) else {
+    let Some(link) = link else {
         return Ok(());
     };
     let Some((parent, details)) = link.awaiting_parent(&shared.store, run)? else {
@@ -340,7 +350,7 @@ fn propagate_failure(
     };
     match child_failed(shared, &link, parent, run, reason, details, publisher)? {
         None => Ok(()),
-        Some(parent_reason) => fail_run(shared, &link.run_id, &parent_reason, publisher),
+        Some(parent_reason) => fail_run(shared, &link.run_id, None, &parent_reason, publisher),
     }
 }
 
@@ -349,11 +359,12 @@ fn propagate_failure(
 pub(crate) fn renotify_parent(
     shared: &Shared,
     run: &str,
+    context: &ContextMap,
     status: &str,
     publisher: &mut dyn JobSink,
 ) -> Result<(), WorkerError> {
     match status {
-        "completed" => resumer(shared).notify_parent(run, publisher),
+        "completed" => resumer(shared).resume_parent(run, context, publisher),
         "failed" => {
             let reason = shared
                 .store
@@ -361,7 +372,7 @@ pub(crate) fn renotify_parent(
                 .and_then(|row| row.result)
                 .and_then(|r| r.get("reason").and_then(Value::as_str).map(String::from))
                 .unwrap_or_else(|| "the child run failed".into());
-            propagate_failure(shared, run, &reason, publisher)
+            propagate_failure(shared, run, Some(context), &reason, publisher)
         }
         _ => Ok(()),
     }
