@@ -57,16 +57,9 @@ pub fn demo(args: &DemoArgs) -> i32 {
         Ok(w) => w,
         Err(e) => return fail(EXIT_USAGE, e),
     };
-    let client = match flowcraft_rabbitmq::Client::with_options(
-        &s.rabbitmq_url,
-        pg.clone(),
-        redis,
-        tables.clone(),
-        &queue,
-        &s.redis_prefix,
-    ) {
-        Ok(c) => c.with_blueprints([bp]),
-        Err(e) => return fail(EXIT_USAGE, e),
+    let client = match s.client_over(tables.clone(), pg.clone(), redis, &queue, [bp]) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     println!(
         "flowcraft demo: {} runs of 'demo-fanout' ({jobs_per_run} jobs each: 1 → 6 in parallel → 'all' join) on {} worker threads, queue '{queue}'",

@@ -20,41 +20,43 @@ pub fn load_valid(dir: &BlueprintDir) -> Result<BTreeMap<String, Blueprint>, i32
     Err(EXIT_USAGE)
 }
 
-/// Loads a valid blueprint directory that has blueprint `id`.
-pub fn load_with(dir: &BlueprintDir, id: &str) -> Result<BTreeMap<String, Blueprint>, i32> {
+/// Loads a valid blueprint directory that has blueprint `id`: every blueprint, and that one.
+pub fn load_with(
+    dir: &BlueprintDir,
+    id: &str,
+) -> Result<(BTreeMap<String, Blueprint>, Blueprint), i32> {
     let blueprints = load_valid(dir)?;
-    if blueprints.contains_key(id) {
-        Ok(blueprints)
-    } else {
-        Err(fail(
+    match blueprints.get(id).cloned() {
+        Some(bp) => Ok((blueprints, bp)),
+        None => Err(fail(
             EXIT_USAGE,
             format!(
                 "no blueprint with id '{id}' in {}",
                 dir.blueprints.display()
             ),
-        ))
+        )),
     }
 }
 
-/// What `run` and `start` need: the initial context and a directory with blueprint `id`.
+/// What `run` and `start` need: the initial context, a directory with blueprint `id`, and
+/// that blueprint.
 pub type RunInputs = (
     serde_json::Map<String, serde_json::Value>,
     BTreeMap<String, Blueprint>,
+    Blueprint,
 );
 
 /// Parses `--context` and loads a directory that has blueprint `id`.
 pub fn run_inputs(dir: &BlueprintDir, id: &str, context: Option<&str>) -> Result<RunInputs, i32> {
     let initial = parse_context(context).map_err(|e| fail(EXIT_USAGE, e))?;
-    Ok((initial, load_with(dir, id)?))
+    let (blueprints, bp) = load_with(dir, id)?;
+    Ok((initial, blueprints, bp))
 }
 
 pub fn run(dir: &BlueprintDir, id: &str, context: Option<&str>, threads: usize) -> i32 {
-    let (initial, blueprints) = match run_inputs(dir, id, context) {
+    let (initial, blueprints, bp) = match run_inputs(dir, id, context) {
         Ok(inputs) => inputs,
         Err(code) => return code,
-    };
-    let Some(bp) = blueprints.get(id).cloned() else {
-        return EXIT_USAGE;
     };
     let runtime = LocalRuntime::builder(NodeRegistry::with_builtins())
         .blueprints(blueprints.into_values())
@@ -121,12 +123,11 @@ pub fn check(dir: &BlueprintDir) -> i32 {
 }
 
 pub fn graph(dir: &BlueprintDir, id: &str) -> i32 {
-    match load_with(dir, id).map(|b| b.get(id).map(Blueprint::to_mermaid)) {
-        Ok(Some(chart)) => {
-            print!("{chart}");
+    match load_with(dir, id) {
+        Ok((_, bp)) => {
+            print!("{}", bp.to_mermaid());
             EXIT_OK
         }
-        Ok(None) => EXIT_USAGE,
         Err(code) => code,
     }
 }

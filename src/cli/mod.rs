@@ -261,9 +261,8 @@ pub fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
     code
 }
 
-/// Parses a JSON object argument.
-pub fn parse_object(
-    flag: &str,
+/// Parses `--context` as a JSON object.
+pub fn parse_context(
     text: Option<&str>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     let Some(text) = text else {
@@ -271,14 +270,7 @@ pub fn parse_object(
     };
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(format!("{flag} must be a JSON object")),
-        Err(e) => Err(format!("{flag} is not valid JSON: {e}")),
+        Ok(_) => Err("--context must be a JSON object".to_string()),
+        Err(e) => Err(format!("--context is not valid JSON: {e}")),
     }
-}
-
-/// Parses `--context` as a JSON object.
-pub fn parse_context(
-    text: Option<&str>,
-) -> Result<serde_json::Map<String, serde_json::Value>, String> {
-    parse_object("--context", text)
 }

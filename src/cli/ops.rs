@@ -206,7 +206,7 @@ pub fn start(
     context: Option<&str>,
     wait: Option<f64>,
 ) -> i32 {
-    let (initial, blueprints) = match run_inputs(dir, id, context) {
+    let (initial, blueprints, _) = match run_inputs(dir, id, context) {
         Ok(inputs) => inputs,
         Err(code) => return code,
     };

@@ -122,15 +122,27 @@ impl ServiceArgs {
     /// A client over all three services.
     pub fn client(&self, blueprints: BTreeMap<String, Blueprint>) -> Result<Client, i32> {
         let (tables, pg, redis) = self.connect_all(2)?;
+        self.client_over(tables, pg, redis, &self.queue, blueprints.into_values())
+    }
+
+    /// A client over these tables and pools, sending to `queue`, knowing `blueprints`.
+    pub fn client_over(
+        &self,
+        tables: Tables,
+        pg: PgPool,
+        redis: RedisPool,
+        queue: &str,
+        blueprints: impl IntoIterator<Item = Blueprint>,
+    ) -> Result<Client, i32> {
         Client::with_options(
             &self.rabbitmq_url,
             pg,
             redis,
             tables,
-            &self.queue,
+            queue,
             &self.redis_prefix,
         )
-        .map(|c| c.with_blueprints(blueprints.into_values()))
+        .map(|c| c.with_blueprints(blueprints))
         .map_err(|e| fail(EXIT_USAGE, e))
     }
 }
