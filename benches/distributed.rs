@@ -99,7 +99,7 @@ fn bench(
     inflight: Option<usize>,
 ) {
     let env = TestEnv::new(&format!("bench_{workload}_{threads}"));
-    let (blueprint, _) = workload_def(workload);
+    let (blueprint, _) = common::workload(workload);
     let jobs_per_run = blueprint.node_count();
     let client = env.client(vec![blueprint.clone()]);
     // Backlog mode: every run is queued before the worker starts. Paced mode (--inflight N):
@@ -202,10 +202,6 @@ fn bench(
     );
 }
 
-fn workload_def(name: &str) -> (flowcraft_rabbitmq::Blueprint, serde_json::Value) {
-    workload(name)
-}
-
 /// Timer accuracy: runs of `mark → sleep 2s → stamp`; lateness = stamp − (mark + 2 s).
 fn timers(runs: usize) {
     let mut env = TestEnv::new("bench_timers");
@@ -220,18 +216,11 @@ fn timers(runs: usize) {
         );
         Ok(NodeResult::output(json!(null)))
     });
-    let bp = flowcraft_rabbitmq::Blueprint::from_json(
+    let bp = bp(
         r#"{"id":"timer","nodes":[{"id":"before","uses":"mark"},{"id":"nap","uses":"sleep","params":{"duration":2000}},
             {"id":"after","uses":"mark"}],"edges":[{"source":"before","target":"nap"},{"source":"nap","target":"after"}]}"#,
-    )
-    .unwrap();
-    let worker = env
-        .worker(registry, vec![bp.clone()])
-        .threads(4)
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
+    );
+    let worker = env.start_worker(registry, vec![bp.clone()], 4);
     let client = env.client(vec![bp]);
     let ids: Vec<String> = (0..runs)
         .map(|_| client.start_workflow("timer", ContextMap::new()).unwrap())

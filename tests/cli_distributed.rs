@@ -44,21 +44,28 @@ fn blueprint_dir(env: &TestEnv) -> std::path::PathBuf {
     dir
 }
 
-fn start_worker(env: &TestEnv, dir: &std::path::Path) -> Child {
+/// A `flowcraft worker` process on blueprint directory `dir` with two threads, no
+/// reconciler and `extra` arguments; its output is discarded.
+fn spawn_worker(env: &TestEnv, dir: &str, extra: &[&str]) -> Child {
     flowcraft(env)
         .args([
             "worker",
             "--blueprints",
-            dir.to_str().unwrap(),
+            dir,
             "--threads",
             "2",
             "--reconcile-every",
             "0",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start a worker")
+}
+
+fn start_worker(env: &TestEnv, dir: &std::path::Path) -> Child {
+    spawn_worker(env, dir.to_str().unwrap(), &[])
 }
 
 fn sigterm(child: &Child) {
@@ -238,7 +245,11 @@ fn operator_commands_answer_bad_input_clearly() {
 
 #[test]
 fn demo_prints_its_summary() {
-    let env = TestEnv::without_tables("cli_demo");
+    let mut env = TestEnv::without_tables("cli_demo");
+    // The demo's own queue and its dead-letter queue.
+    let demo = format!("{}.demo", env.queue);
+    env.extra_queues.push(format!("{demo}.dead"));
+    env.extra_queues.push(demo);
     let out = run(flowcraft(&env).args(["demo", "--runs", "20", "--threads", "2"]));
     let stdout = text(&out.stdout);
     assert_eq!(
@@ -264,37 +275,25 @@ fn free_port() -> u16 {
 }
 
 fn pause_worker(env: &TestEnv, port: Option<u16>, public: u16) -> Child {
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
-    let mut cmd = flowcraft(env);
-    cmd.args([
-        "worker",
-        "--blueprints",
-        examples,
-        "--threads",
-        "2",
-        "--reconcile-every",
-        "0",
-    ])
-    .args(["--public-url", &format!("http://127.0.0.1:{public}")])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    if let Some(port) = port {
-        cmd.args(["--webhook-listen", &format!("127.0.0.1:{port}")]);
+    let public_url = format!("http://127.0.0.1:{public}");
+    let listen = port.map(|port| format!("127.0.0.1:{port}"));
+    let mut extra = vec!["--public-url", public_url.as_str()];
+    if let Some(listen) = &listen {
+        extra.extend(["--webhook-listen", listen.as_str()]);
     }
-    cmd.spawn().expect("start a worker")
+    spawn_worker(env, EXAMPLES_DIR, &extra)
 }
 
 #[test]
 fn worker_processes_keep_timers_across_restarts_and_take_webhook_calls() {
     let mut env = TestEnv::without_tables("cli_pauses");
     env.extra_queues.push(format!("{}.delay.2000", env.queue));
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
     assert_eq!(run(flowcraft(&env).arg("migrate")).status.code(), Some(0));
     let port = free_port();
     let mut first = pause_worker(&env, None, port);
     let mut second = pause_worker(&env, None, port);
     let start = |id: &str| -> String {
-        let out = run(flowcraft(&env).args(["start", "--blueprints", examples, id]));
+        let out = run(flowcraft(&env).args(["start", "--blueprints", EXAMPLES_DIR, id]));
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         text(&out.stdout).trim().to_string()
     };

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::*;
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::store::{CommitGuard, NodeCommit};
 use flowcraft_rabbitmq::{amqp, NodeError, NodeRegistry, NodeResult, RedisCoordinationStore};
 use serde_json::{json, Value};
 
@@ -111,8 +110,7 @@ fn crash_at(test: &str, point: &str) {
         "contexts": env.tables.contexts, "statuses": env.tables.statuses, "webhooks": env.tables.webhooks,
         "queue": env.queue, "prefix": env.prefix, "events": env.events_exchange(),
     });
-    let client = env.client(vec![chain.clone()]);
-    let run = client.start_workflow("chain5", ContextMap::new()).unwrap();
+    let run = env.start_run(&chain, ContextMap::new());
     let status = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture"])
         .env("FLOWCRAFT_TEST_CHILD", spec.to_string())
@@ -169,8 +167,7 @@ fn a_failed_node_fails_the_run_and_poisons_its_join() {
         {"source":"ok","target":"join"},{"source":"bad","target":"join"}]}"#,
     );
     let worker = env.start_worker(registry, vec![b.clone()], 2);
-    let client = env.client(vec![b]);
-    let run = client.start_workflow("f", ContextMap::new()).unwrap();
+    let run = env.start_run(&b, ContextMap::new());
     let row = env.wait_for_status(&run, "failed", WAIT);
     let reason = row.result.unwrap()["reason"].as_str().unwrap().to_string();
     assert!(
@@ -220,10 +217,7 @@ fn bad_messages_go_to_the_dead_letter_queue_and_the_worker_goes_on() {
         .collect();
     assert!(dead.contains(&"{not json".to_string()), "{dead:?}");
     // The worker goes on.
-    let run = env
-        .client(vec![chain])
-        .start_workflow("chain5", ContextMap::new())
-        .unwrap();
+    let run = env.start_run(&chain, ContextMap::new());
     env.wait_for_status(&run, "completed", WAIT);
     worker.stop().unwrap();
 }
@@ -247,25 +241,28 @@ fn a_version_mismatch_is_dead_lettered_without_touching_state() {
     worker.stop().unwrap();
 }
 
-/// A worker with `threads` threads, and a reconciler over the same services for which every
-/// running run is stalled.
-fn reconciling_worker(
-    env: &TestEnv,
-    registry: NodeRegistry,
-    blueprints: Vec<flowcraft_rabbitmq::Blueprint>,
-    threads: usize,
+/// Wraps node type `uses` so that a node for which `stop_at` says yes signals that it
+/// entered and then waits (up to 30 s) for the gate before running. Returns the entered
+/// receiver and the gate sender.
+fn gate(
+    registry: &mut NodeRegistry,
+    uses: &str,
+    stop_at: impl Fn(&str) -> bool + Send + Sync + 'static,
 ) -> (
-    flowcraft_rabbitmq::Reconciler,
-    flowcraft_rabbitmq::WorkerHandle,
+    crossbeam_channel::Receiver<()>,
+    crossbeam_channel::Sender<()>,
 ) {
-    let worker = env
-        .worker(registry, blueprints)
-        .threads(threads)
-        .stalled_after(Duration::ZERO)
-        .build()
-        .unwrap();
-    let reconciler = worker.reconciler();
-    (reconciler, worker.start().unwrap())
+    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let inner = registry.get(uses).unwrap();
+    registry.register_fn(uses, move |ctx| {
+        if stop_at(&ctx.node_id) {
+            let _ = entered_tx.send(());
+            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
+        }
+        inner.execute(ctx)
+    });
+    (entered_rx, gate_tx)
 }
 
 /// Runs `bp` on a one-thread worker until the node for which `stop_at` says yes starts
@@ -278,16 +275,7 @@ fn run_until_stopped(
     uses: &str,
     stop_at: impl Fn(&str) -> bool + Send + Sync + 'static,
 ) -> String {
-    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    let inner = registry.get(uses).unwrap();
-    registry.register_fn(uses, move |ctx| {
-        if stop_at(&ctx.node_id) {
-            let _ = entered_tx.send(());
-            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
-        }
-        inner.execute(ctx)
-    });
+    let (entered_rx, gate_tx) = gate(&mut registry, uses, stop_at);
     let worker = env
         .worker(registry, vec![bp.clone()])
         .threads(1)
@@ -296,10 +284,7 @@ fn run_until_stopped(
         .unwrap()
         .start()
         .unwrap();
-    let run = env
-        .client(vec![bp.clone()])
-        .start_workflow(bp.id(), ContextMap::new())
-        .unwrap();
+    let run = env.start_run(bp, ContextMap::new());
     entered_rx
         .recv_timeout(WAIT)
         .expect("the node to stop at starts");
@@ -320,7 +305,8 @@ fn the_reconciler_finishes_a_run_whose_next_job_was_purged() {
     let run = run_until_stopped(&env, inc_registry(), &chain, "inc", |n| n == "n2");
     env.eventually("n3 is queued", WAIT, || env.queue_depth(&env.queue) == 1);
     assert_eq!(env.purge(), 1);
-    let (reconciler, handle) = reconciling_worker(&env, inc_registry(), vec![chain], 2);
+    let (reconciler, handle) =
+        env.reconciling_worker(inc_registry(), vec![chain], 2, Duration::ZERO);
     let stats = reconciler.run().unwrap();
     assert_eq!(
         (stats.stalled_runs, stats.reconciled_runs, stats.failed_runs),
@@ -353,7 +339,7 @@ fn a_run_whose_coordination_state_was_lost_still_runs_its_join_before_completing
     assert_eq!(env.purge(), 1);
     assert!(env.forget_coordination() > 0);
     let (registry, counts) = counting_registry();
-    let (reconciler, handle) = reconciling_worker(&env, registry, vec![b], 2);
+    let (reconciler, handle) = env.reconciling_worker(registry, vec![b], 2, Duration::ZERO);
     let stats = reconciler.run().unwrap();
     assert_eq!(
         (stats.reconciled_runs, stats.failed_runs),
@@ -385,7 +371,7 @@ fn the_reconciler_finishes_a_batch_inside_a_loop_whose_worker_job_was_purged() {
     });
     assert_eq!(env.purge(), 1);
     assert!(env.forget_coordination() > 0);
-    let (reconciler, handle) = reconciling_worker(&env, inc_registry(), vec![bp], 2);
+    let (reconciler, handle) = env.reconciling_worker(inc_registry(), vec![bp], 2, Duration::ZERO);
     // The first pass re-enqueues the lost worker. Its report reaches a join that forgot the
     // other worker; the ledger, remade without the run's start, cannot vouch that the run is
     // idle, so the worker reads the context, finds the round's workers all done, and enqueues
@@ -414,17 +400,10 @@ fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
     // message is gone: `a` is committed, but its ledger entry never closed.
     let coord = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
     coord.register_jobs("r1", &["a".to_string()]).unwrap();
-    let mut commit = NodeCommit::default();
-    commit.set.insert("_outputs.a".into(), json!(1));
-    let guard = CommitGuard {
-        output_key: "_outputs.a".into(),
-        meta_key: "_node.a".into(),
-        iteration: 0,
-        repeats: false,
-    };
+    let (commit, guard) = commit_of("a", json!(1));
     assert!(store.commit_node("r1", commit, guard).unwrap());
     let (registry, counts) = counting_registry();
-    let (reconciler, handle) = reconciling_worker(&env, registry, vec![one], 1);
+    let (reconciler, handle) = env.reconciling_worker(registry, vec![one], 1, Duration::ZERO);
     let stats = reconciler.run().unwrap();
     assert_eq!(
         (stats.stalled_runs, stats.reconciled_runs),
@@ -613,10 +592,7 @@ fn sleeping_nodes_do_not_pin_database_connections() {
         .unwrap()
         .start()
         .unwrap();
-    let run = env
-        .client(vec![b])
-        .start_workflow("naps", ContextMap::new())
-        .unwrap();
+    let run = env.start_run(&b, ContextMap::new());
     env.wait_for_status(&run, "completed", WAIT);
     assert_eq!(
         peak.load(Ordering::SeqCst),
@@ -645,10 +621,7 @@ fn a_long_node_keeps_its_run_from_looking_stalled() {
         .unwrap()
         .start()
         .unwrap();
-    let run = env
-        .client(vec![b])
-        .start_workflow("long", ContextMap::new())
-        .unwrap();
+    let run = env.start_run(&b, ContextMap::new());
     entered_rx.recv_timeout(WAIT).expect("the node starts");
     let before = env.store().status(&run).unwrap().unwrap().updated_at;
     env.eventually("the heartbeat moves updated_at", WAIT, || {
@@ -664,18 +637,10 @@ fn postgres_connections_killed_mid_run_are_replaced_and_the_run_completes() {
     let env = TestEnv::new("pgkill");
     let (chain, expected) = workload("chain5");
     let app = format!("fc_{}", env.tag);
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
     let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut registry = inc_registry();
-    registry.register_fn("inc", move |ctx| {
-        if ctx.node_id == "n2" && first.swap(false, Ordering::SeqCst) {
-            let _ = entered_tx.send(());
-            let _ = gate_rx.recv_timeout(Duration::from_secs(30));
-        }
-        Ok(NodeResult::output(json!(
-            ctx.input.as_i64().unwrap_or(0) + 1
-        )))
+    let (entered_rx, gate_tx) = gate(&mut registry, "inc", move |n| {
+        n == "n2" && first.swap(false, Ordering::SeqCst)
     });
     let separator = if postgres_url().contains('?') {
         '&'
@@ -694,10 +659,7 @@ fn postgres_connections_killed_mid_run_are_replaced_and_the_run_completes() {
         .unwrap()
         .start()
         .unwrap();
-    let run = env
-        .client(vec![chain])
-        .start_workflow("chain5", ContextMap::new())
-        .unwrap();
+    let run = env.start_run(&chain, ContextMap::new());
     entered_rx.recv_timeout(WAIT).expect("n2 starts");
     // Every connection of the worker's pool dies while n2 runs.
     let killed: i64 = env

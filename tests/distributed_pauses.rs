@@ -44,15 +44,6 @@ fn iterations(context: &serde_json::Value, node: &str) -> Vec<u64> {
     iters
 }
 
-fn examples() -> Vec<flowcraft_rabbitmq::Blueprint> {
-    let (bps, problems) = flowcraft_rabbitmq::blueprint::load_dir(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/blueprints"
-    ));
-    assert!(problems.is_empty(), "{problems:?}");
-    bps.into_values().collect()
-}
-
 fn two_workers(
     env: &TestEnv,
     registry: &NodeRegistry,
@@ -198,14 +189,7 @@ fn the_reconciler_rearms_a_lost_timer_once_it_is_overdue_and_leaves_others_alone
     };
     let bps = vec![nap("lost", 3000), nap("kept", 2500)];
     let overdue = Duration::from_secs(2);
-    let worker = env
-        .worker(inc_registry(), bps.clone())
-        .threads(2)
-        .stalled_after(overdue)
-        .build()
-        .unwrap();
-    let reconciler = worker.reconciler();
-    let handle = worker.start().unwrap();
+    let (reconciler, handle) = env.reconciling_worker(inc_registry(), bps.clone(), 2, overdue);
     let client = env.client(bps);
     let lost = client.start_workflow("lost", ContextMap::new()).unwrap();
     let kept = client.start_workflow("kept", ContextMap::new()).unwrap();
@@ -257,15 +241,10 @@ fn the_reconciler_renotifies_or_restarts_the_child_of_an_awaiting_subflow() {
         {"id":"after","uses":"inc"}],"edges":[{"source":"child","target":"after"}]}"#,
     );
     let bps = vec![kid, parent];
-    let worker = env
-        .worker(inc_registry(), bps.clone())
-        .threads(2)
-        .stalled_after(Duration::ZERO)
-        .build()
-        .unwrap();
+    let (reconciler, handle) =
+        env.reconciling_worker(inc_registry(), bps.clone(), 2, Duration::ZERO);
     // One awaiting run per pass: the passes page through the four awaiting runs.
-    let reconciler = worker.reconciler().batch_size(1);
-    let handle = worker.start().unwrap();
+    let reconciler = reconciler.batch_size(1);
     let client = env.client(bps);
     let child_of = |run: &str| -> String {
         env.context(run)["_awaitingDetails"]["child"]["childRunId"]
@@ -620,10 +599,7 @@ fn a_thousand_item_batch_gathers_in_order() {
     );
     let worker = env.start_worker(inc_registry(), vec![b.clone()], 4);
     let items: Vec<i64> = (0..1000).collect();
-    let run = env
-        .client(vec![b])
-        .start_workflow("big", ctx(json!({"_inputs.s": items})))
-        .unwrap();
+    let run = env.start_run(&b, ctx(json!({"_inputs.s": items})));
     let row = env.wait_for_status(&run, "completed", Duration::from_secs(120));
     let expected: Vec<i64> = (1..=1000).collect();
     let context = &row.result.unwrap()["context"];
@@ -691,7 +667,10 @@ fn batch_example_runs_distributed() {
 
 #[test]
 fn a_wait_inside_a_loop_is_resumed_once_per_iteration() {
-    let env = TestEnv::new("waitloop");
+    let mut env = TestEnv::new("waitloop");
+    // The next iteration of `ask` may arrive while the previous one is still awaited: it is
+    // deferred through the 1 s delay queue.
+    env.extra_queues.push(format!("{}.delay.1000", env.queue));
     let b = bp(
         r#"{"id":"wl","nodes":[{"id":"init","uses":"inc"},{"id":"ask","uses":"wait"},
         {"id":"ctl","uses":"loop-controller","params":{"condition":"_outputs.ask < 3"}},
@@ -811,10 +790,7 @@ fn a_join_of_a_loop_exit_and_a_parallel_branch_fires_once() {
         {"source":"other","target":"done"},{"source":"done","target":"after"}]}"#,
     );
     let worker = env.start_worker(counting(&counts), vec![b.clone()], 3);
-    let run = env
-        .client(vec![b])
-        .start_workflow("lj", ContextMap::new())
-        .unwrap();
+    let run = env.start_run(&b, ContextMap::new());
     let row = env.wait_for_status(&run, "completed", WAIT);
     let context = &row.result.unwrap()["context"];
     assert_eq!(context["_outputs.done"], json!("side 3"));
@@ -844,10 +820,7 @@ fn two_loops_meeting_at_a_join_fire_it_once() {
         {"source":"ea","target":"j"},{"source":"eb","target":"j"}]}"#,
     );
     let worker = env.start_worker(counting(&counts), vec![b.clone()], 3);
-    let run = env
-        .client(vec![b.clone()])
-        .start_workflow("tl", ContextMap::new())
-        .unwrap();
+    let run = env.start_run(&b, ContextMap::new());
     let row = env.wait_for_status(&run, "completed", WAIT);
     let context = &row.result.unwrap()["context"];
     assert_eq!(context["_outputs.j"], json!("a done, b done"));

@@ -10,23 +10,11 @@ use std::sync::{Arc, Barrier};
 use common::*;
 use flowcraft_rabbitmq::coordination::{JoinRule, SuccessorReport};
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::store::{CommitGuard, NodeCommit, StoreError};
+use flowcraft_rabbitmq::store::StoreError;
 use flowcraft_rabbitmq::RedisCoordinationStore;
 use serde_json::{json, Value};
 
 const THREADS: usize = 8;
-
-fn commit_of(node: &str, value: Value) -> (NodeCommit, CommitGuard) {
-    let mut commit = NodeCommit::default();
-    commit.set.insert(format!("_outputs.{node}"), value);
-    let guard = CommitGuard {
-        output_key: format!("_outputs.{node}"),
-        meta_key: format!("_node.{node}"),
-        iteration: 0,
-        repeats: false,
-    };
-    (commit, guard)
-}
 
 /// Runs `work(thread)` on THREADS threads released together; returns their results.
 fn together<T: Send + 'static>(work: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {

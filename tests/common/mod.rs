@@ -8,9 +8,11 @@ use flowcraft_rabbitmq::amqp::JobSink;
 use flowcraft_rabbitmq::coordination::{self, RedisPool};
 use flowcraft_rabbitmq::migrate;
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::store::{self, PgPool, RunStore, StatusRow, Tables};
+use flowcraft_rabbitmq::store::{
+    self, CommitGuard, NodeCommit, PgPool, RunStore, StatusRow, Tables,
+};
 use flowcraft_rabbitmq::{
-    amqp, Blueprint, Client, NodeRegistry, NodeResult, RabbitMqAdapter, WorkerHandle,
+    amqp, Blueprint, Client, NodeRegistry, NodeResult, RabbitMqAdapter, Reconciler, WorkerHandle,
 };
 use serde_json::{json, Value};
 
@@ -35,7 +37,7 @@ pub struct TestEnv {
     pub prefix: String,
     pub pg: PgPool,
     pub redis: RedisPool,
-    /// More queues to delete at the end (delay queues).
+    /// More queues to delete at the end (delay queues, the demo's queues).
     pub extra_queues: Vec<String>,
 }
 
@@ -139,6 +141,25 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// A worker with `threads` threads, started, and a reconciler over the same services for
+    /// which a running run is stalled after `stalled_after`.
+    pub fn reconciling_worker(
+        &self,
+        registry: NodeRegistry,
+        blueprints: Vec<Blueprint>,
+        threads: usize,
+        stalled_after: Duration,
+    ) -> (Reconciler, WorkerHandle) {
+        let worker = self
+            .worker(registry, blueprints)
+            .threads(threads)
+            .stalled_after(stalled_after)
+            .build()
+            .unwrap();
+        let reconciler = worker.reconciler();
+        (reconciler, worker.start().unwrap())
+    }
+
     pub fn client(&self, blueprints: Vec<Blueprint>) -> Client {
         Client::with_options(
             amqp_url(),
@@ -150,6 +171,13 @@ impl TestEnv {
         )
         .unwrap()
         .with_blueprints(blueprints)
+    }
+
+    /// Starts a run of `bp` through a client that knows only `bp`; returns the run id.
+    pub fn start_run(&self, bp: &Blueprint, context: ContextMap) -> String {
+        self.client(vec![bp.clone()])
+            .start_workflow(bp.id(), context)
+            .unwrap()
     }
 
     /// Polls a run's status until it leaves `running` (or reaches `want`), with a deadline.
@@ -310,14 +338,7 @@ impl Drop for TestEnv {
         self.forget_coordination();
         if let Ok(mut conn) = amqp::connect(&amqp_url()) {
             if let Ok(ch) = conn.open_channel(None) {
-                let demo = format!("{}.demo", self.queue);
-                let mut queues = vec![
-                    self.queue.clone(),
-                    self.dead_queue(),
-                    format!("{demo}.dead"),
-                    demo,
-                    format!("{}.delay.1000", self.queue),
-                ];
+                let mut queues = vec![self.queue.clone(), self.dead_queue()];
                 queues.extend(self.extra_queues.iter().cloned());
                 for q in queues {
                     let _ = ch.queue_delete(q, Default::default());
@@ -354,16 +375,41 @@ pub fn workload(name: &str) -> (Blueprint, Value) {
     )
 }
 
-/// A blueprint of `examples/blueprints`.
-pub fn example(id: &str) -> Blueprint {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
-    let (mut blueprints, problems) = flowcraft_rabbitmq::blueprint::load_dir(dir);
+/// The bundled example blueprints.
+pub const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
+
+/// Every blueprint of [`EXAMPLES_DIR`] by id, which must all be valid.
+fn load_examples() -> std::collections::BTreeMap<String, Blueprint> {
+    let (blueprints, problems) = flowcraft_rabbitmq::blueprint::load_dir(EXAMPLES_DIR);
     assert!(problems.is_empty(), "{problems:?}");
-    blueprints.remove(id).expect("an example blueprint")
+    blueprints
+}
+
+/// Every blueprint of [`EXAMPLES_DIR`].
+pub fn examples() -> Vec<Blueprint> {
+    load_examples().into_values().collect()
+}
+
+/// A blueprint of [`EXAMPLES_DIR`].
+pub fn example(id: &str) -> Blueprint {
+    load_examples().remove(id).expect("an example blueprint")
 }
 
 pub fn bp(text: &str) -> Blueprint {
     Blueprint::from_json(text).unwrap()
+}
+
+/// The commit of output `value` for node `node` (iteration 0, not repeating), with its guard.
+pub fn commit_of(node: &str, value: Value) -> (NodeCommit, CommitGuard) {
+    let mut commit = NodeCommit::default();
+    commit.set.insert(format!("_outputs.{node}"), value);
+    let guard = CommitGuard {
+        output_key: format!("_outputs.{node}"),
+        meta_key: format!("_node.{node}"),
+        iteration: 0,
+        repeats: false,
+    };
+    (commit, guard)
 }
 
 pub fn ctx(v: Value) -> ContextMap {
