@@ -266,13 +266,6 @@ pub fn record_output(
     }
 }
 
-/// Records the inputs of the taken edges' targets.
-pub fn record_inputs(deltas: &mut ContextDeltas, bp: &Blueprint, taken: &[TakenEdge]) {
-    for t in taken {
-        deltas.set(input_key(&bp.node(t.target).id), t.input.clone());
-    }
-}
-
 /// The final `result` JSON of a completed run: `{status, context, serializedContext}`.
 pub fn completed_result(context: &ContextMap) -> Value {
     let serialized = serde_json::to_string(context).unwrap_or_default();

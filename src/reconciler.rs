@@ -28,7 +28,7 @@ use amiquip::Connection;
 
 use crate::amqp::{self, ConfirmPublisher, JobSink};
 use crate::blueprint::Blueprint;
-use crate::coordination::{job_id, parse_job_id, RedisCoordinationStore};
+use crate::coordination::{parse_job_id, RedisCoordinationStore};
 use crate::nodes::now_ms;
 use crate::protocol::JobPayload;
 use crate::scheduling::frontier;
@@ -60,7 +60,6 @@ pub struct Reconciler {
     amqp_url: String,
     queue: String,
     stalled_after: Duration,
-    lock_ttl: Duration,
     batch: i64,
     /// Where the last pass's page of awaiting runs ended, shared by clones.
     awaiting_cursor: Arc<Mutex<Option<AwaitingCursor>>>,
@@ -82,7 +81,6 @@ impl Reconciler {
             amqp_url,
             queue,
             stalled_after: Duration::from_secs(300),
-            lock_ttl: Duration::from_secs(30),
             batch: 500,
             awaiting_cursor: Arc::new(Mutex::new(None)),
         }
@@ -102,6 +100,15 @@ impl Reconciler {
     pub fn batch_size(mut self, runs: u32) -> Self {
         self.batch = i64::from(runs.max(1));
         self
+    }
+
+    fn resumer(&self) -> crate::resume::Resumer<'_> {
+        crate::resume::Resumer {
+            store: &self.store,
+            coord: &self.coord,
+            blueprints: &self.blueprints,
+            queue: &self.queue,
+        }
     }
 
     /// One pass.
@@ -187,20 +194,18 @@ impl Reconciler {
                 "blueprint '{blueprint_id}' is not loaded"
             )));
         }
-        let mut bodies = Vec::new();
-        let mut woken = Vec::new();
-        for (node, iteration) in &run.lost_wake_ups {
-            let lock = self.coord.nodelock_key(run_id, &job_id(node, *iteration));
-            if self
-                .coord
-                .set_if_not_exist(&lock, "reconciler", self.lock_ttl)?
-            {
+        let claimed = self
+            .resumer()
+            .claim(run_id, run.lost_wake_ups.clone(), "reconciler")?;
+        let woken: Vec<&str> = claimed.iter().map(|(node, _)| node.as_str()).collect();
+        let bodies: Vec<Vec<u8>> = claimed
+            .iter()
+            .map(|(node, iteration)| {
                 let mut job = JobPayload::new(run_id, blueprint_id, node, *iteration);
                 job.wake = true;
-                bodies.push(job.to_body());
-                woken.push(node.as_str());
-            }
-        }
+                job.to_body()
+            })
+            .collect();
         if bodies.is_empty() {
             return Ok(false);
         }
@@ -221,12 +226,7 @@ impl Reconciler {
                 "run {run} has a status row but no context row"
             )));
         };
-        let resumer = crate::resume::Resumer {
-            store: &self.store,
-            coord: &self.coord,
-            blueprints: &self.blueprints,
-            queue: &self.queue,
-        };
+        let resumer = self.resumer();
         let blueprint_id = Blueprint::stamped_id(&snapshot.context);
         let Some(bp) = self.blueprints.get(blueprint_id) else {
             return Err(WorkerError::Options(format!(
@@ -247,19 +247,7 @@ impl Reconciler {
             }
         }
         let nothing_to_run = candidates.is_empty();
-        let mut jobs = Vec::new();
-        for (node, iteration) in candidates {
-            if self.coord.is_poisoned(run, &node)? {
-                continue;
-            }
-            let lock = self.coord.nodelock_key(run, &job_id(&node, iteration));
-            if self
-                .coord
-                .set_if_not_exist(&lock, "reconciler", self.lock_ttl)?
-            {
-                jobs.push((node, iteration));
-            }
-        }
+        let jobs = resumer.claim(run, candidates, "reconciler")?;
         if jobs.is_empty() {
             // Complete only a run with nothing to run whose ledger confirms it is idle (a run
             // without ledger has never had a job finish; a node locked by another reconciler

@@ -63,8 +63,9 @@ pub struct ResumeOutcome {
     pub completed: bool,
 }
 
-/// How long a node enqueued by the completion check stays locked against enqueuing again.
-const FRONTIER_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a node enqueued to recover a run (by the reconciler or the completion check)
+/// stays locked against being enqueued again.
+pub const RECOVERY_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What Redis says of a run once one of its jobs finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,19 +333,7 @@ impl Resumer<'_> {
         else {
             return Ok(false);
         };
-        let mut left = Vec::new();
-        for (node, iteration) in frontier(bp, &snapshot.context) {
-            // As the reconciler does: no poisoned node, and a short lock so that two
-            // finishers (or a reconciler) do not both enqueue it.
-            let lock = self.coord.nodelock_key(run_id, &job_id(&node, iteration));
-            if !self.coord.is_poisoned(run_id, &node)?
-                && self
-                    .coord
-                    .set_if_not_exist(&lock, "completion check", FRONTIER_LOCK_TTL)?
-            {
-                left.push((node, iteration));
-            }
-        }
+        let left = self.claim(run_id, frontier(bp, &snapshot.context), "completion check")?;
         if left.is_empty() {
             return Ok(false);
         }
@@ -354,6 +343,28 @@ impl Resumer<'_> {
              (was Redis's state lost?); enqueued them"
         );
         Ok(true)
+    }
+
+    /// The jobs of `candidates` this caller may enqueue: not poisoned, and not claimed by
+    /// another recoverer (reconciler or completion check) within [`RECOVERY_LOCK_TTL`].
+    pub fn claim(
+        &self,
+        run_id: &str,
+        candidates: Vec<(String, u32)>,
+        owner: &str,
+    ) -> Result<Vec<(String, u32)>, WorkerError> {
+        let mut claimed = Vec::new();
+        for (node, iteration) in candidates {
+            let lock = self.coord.nodelock_key(run_id, &job_id(&node, iteration));
+            if !self.coord.is_poisoned(run_id, &node)?
+                && self
+                    .coord
+                    .set_if_not_exist(&lock, owner, RECOVERY_LOCK_TTL)?
+            {
+                claimed.push((node, iteration));
+            }
+        }
+        Ok(claimed)
     }
 
     /// Registers jobs of a run in its ledger and publishes them as recovered copies (the
