@@ -61,9 +61,7 @@ impl RunNode {
     pub fn may_repeat(&self, bp: &Blueprint) -> bool {
         match self {
             RunNode::Static(i) => bp.may_repeat(*i),
-            RunNode::Dynamic(def) => batch::gather_of(&def.id)
-                .and_then(|g| bp.node_index(g))
-                .is_some_and(|g| bp.may_repeat(g)),
+            RunNode::Dynamic(def) => batch::worker_repeats(bp, &def.id),
         }
     }
 }

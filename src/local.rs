@@ -532,7 +532,7 @@ impl<'a> RunState<'a> {
         let expected = self
             .context
             .get(&batch::batch_key(gather_id))
-            .map(|b| batch::workers_of(b).len())
+            .map(batch::worker_count)
             .unwrap_or(0);
         let generation = self.generation(gather);
         let done = self.joins.entry((gather, generation)).or_default();

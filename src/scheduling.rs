@@ -4,6 +4,8 @@
 //! Shared by the per-job protocol, the reconciler and `resume`, so all three agree on what a
 //! node's "iteration" is and on who reports to which join.
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 use crate::blueprint::Blueprint;
@@ -42,23 +44,25 @@ pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
 /// Whether a given iteration of a node is committed: for repeating nodes, listed in its
 /// `iters`; otherwise, its output exists.
 pub fn is_committed(bp: &Blueprint, node: &RunNode, context: &ContextMap, iteration: u32) -> bool {
-    let id = &node.def(bp).id;
-    if !node.may_repeat(bp) {
-        return context.contains_key(&output_key(id));
-    }
-    committed_iterations(context, id).any(|i| i.as_u64() == Some(u64::from(iteration)))
+    committed(context, &node.def(bp).id, node.may_repeat(bp), iteration)
 }
 
 /// Whether a batch worker's execution at `iteration` is committed (without rebuilding its
 /// definition: batches may hold thousands of workers).
 fn worker_committed(bp: &Blueprint, context: &ContextMap, worker: &str, iteration: u32) -> bool {
-    let repeats = batch::gather_of(worker)
-        .and_then(|g| bp.node_index(g))
-        .is_some_and(|g| bp.may_repeat(g));
+    committed(
+        context,
+        worker,
+        batch::worker_repeats(bp, worker),
+        iteration,
+    )
+}
+
+fn committed(context: &ContextMap, id: &str, repeats: bool, iteration: u32) -> bool {
     if repeats {
-        committed_iterations(context, worker).any(|i| i.as_u64() == Some(u64::from(iteration)))
+        committed_iterations(context, id).any(|i| i.as_u64() == Some(u64::from(iteration)))
     } else {
-        context.contains_key(&output_key(worker))
+        context.contains_key(&output_key(id))
     }
 }
 
@@ -232,11 +236,13 @@ pub fn next_jobs(
             };
             let workers = context
                 .get(&batch::batch_key(gather_id))
-                .and_then(|b| b.get("workers"))
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
+                .map_or(0, batch::worker_count);
             // The workers of a round and its gather share the scatter's iteration.
-            let iteration = if bp.may_repeat(gather) { iteration } else { 0 };
+            let iteration = if batch::rounds_repeat(bp, gather) {
+                iteration
+            } else {
+                0
+            };
             vec![NextJob {
                 report: SuccessorReport {
                     job: job_id(gather_id, iteration),
@@ -289,7 +295,7 @@ pub fn next_jobs(
                     .and_then(|g| bp.node_index(g));
                 // Inside a loop the workers run again in every round: a round's workers and
                 // its gather share the scatter's iteration.
-                let repeats = gather.is_some_and(|g| bp.may_repeat(g));
+                let repeats = gather.is_some_and(|g| batch::rounds_repeat(bp, g));
                 let worker_iteration = if repeats { iteration } else { 0 };
                 for d in &result.dynamic_nodes {
                     jobs.push(NextJob {
@@ -345,20 +351,13 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         }
     }
     // Who reported to which (target, iteration), under which rule.
-    let mut reported: Vec<((usize, u32), JoinRule, Vec<String>)> = Vec::new();
-    // A fallback's output stands for the node it replaced, whose entry holds the successors
-    // both chose: the fallback is no source of its own then.
-    let stand_ins: Vec<&str> = (0..bp.node_count())
-        .filter_map(|n| {
-            context
-                .get(&meta_key(&bp.node(n).id))?
-                .get("fallback")?
-                .as_str()
-        })
-        .collect();
+    let mut reported: BTreeMap<(usize, u32), (JoinRule, Vec<String>)> = BTreeMap::new();
     for source in 0..bp.node_count() {
         let id = &bp.node(source).id;
-        if stand_ins.contains(&id.as_str()) && stored_successors(context, id).is_none() {
+        let stored = stored_successors(context, id);
+        // A fallback that stood in for a node has no successors of its own: they are stored
+        // under the node it replaced. (When it ran on its own, it stored them itself.)
+        if stored.is_none() && !bp.fallback_of(source).is_empty() {
             continue;
         }
         let Some((result, fallback)) = stored_result(context, id) else {
@@ -366,7 +365,7 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         };
         let node = RunNode::Static(source);
         let last = executions(bp, &node, context).saturating_sub(1);
-        let reports = stored_successors(context, id).unwrap_or_else(|| {
+        let reports = stored.unwrap_or_else(|| {
             next_jobs(bp, &node, &result, fallback.as_deref(), context, last)
                 .into_iter()
                 .map(|n| n.report)
@@ -374,17 +373,11 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         });
         for report in reports {
             match bp.node_index(&report.node) {
-                Some(t) => match reported
-                    .iter_mut()
-                    .find(|(k, _, _)| *k == (t, report.iteration))
-                {
-                    Some((_, _, from)) => from.push(report.predecessor),
-                    None => reported.push((
-                        (t, report.iteration),
-                        report.rule,
-                        vec![report.predecessor],
-                    )),
-                },
+                Some(t) => reported
+                    .entry((t, report.iteration))
+                    .or_insert_with(|| (report.rule, Vec::new()))
+                    .1
+                    .push(report.predecessor),
                 // A batch worker, at the scatter's iteration.
                 None => {
                     if !worker_committed(bp, context, &report.node, report.iteration) {
@@ -394,7 +387,7 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
             }
         }
     }
-    for ((target, iteration), rule, mut from) in reported {
+    for ((target, iteration), (rule, mut from)) in reported {
         if is_committed(bp, &RunNode::Static(target), context, iteration) {
             continue;
         }
@@ -419,7 +412,7 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         // The batch on record is the latest scatter's: its round's workers and gather share
         // the scatter's (latest) iteration.
         let gather_node = RunNode::Static(g);
-        let iteration = if bp.may_repeat(g) {
+        let iteration = if batch::rounds_repeat(bp, g) {
             record
                 .get("scatter")
                 .and_then(Value::as_str)

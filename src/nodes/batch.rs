@@ -9,7 +9,7 @@
 
 use serde_json::{json, Value};
 
-use crate::blueprint::{NodeConfig, NodeDef};
+use crate::blueprint::{Blueprint, NodeConfig, NodeDef};
 use crate::flow::{input_key, output_key};
 use crate::node::{DynamicNode, NodeContext, NodeError, NodeResult};
 
@@ -30,6 +30,27 @@ pub fn worker_id(gather_id: &str, index: usize) -> String {
 pub fn gather_of(worker_id: &str) -> Option<&str> {
     let (gather, index) = worker_id.rsplit_once('#')?;
     index.parse::<usize>().ok().map(|_| gather)
+}
+
+/// How many workers a batch record holds.
+pub fn worker_count(batch: &Value) -> usize {
+    batch
+        .get("workers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
+}
+
+/// Whether a gather's batch runs again in later loop iterations (the gather may repeat):
+/// then a round's workers and its gather share the scatter's iteration.
+pub fn rounds_repeat(bp: &Blueprint, gather: usize) -> bool {
+    bp.may_repeat(gather)
+}
+
+/// [`rounds_repeat`] for a batch worker id (false if its gather is not in `bp`).
+pub fn worker_repeats(bp: &Blueprint, worker: &str) -> bool {
+    gather_of(worker)
+        .and_then(|g| bp.node_index(g))
+        .is_some_and(|g| rounds_repeat(bp, g))
 }
 
 /// The worker ids recorded for a gather node.

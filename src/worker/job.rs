@@ -115,13 +115,8 @@ fn process(
     let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
         let gather = batch::gather_of(&job.node_id).and_then(|g| bp.node_index(g));
         if let Some(gather) = gather {
-            let gather = RunNode::Static(gather);
-            let round = if gather.may_repeat(bp) {
-                job.iteration
-            } else {
-                0
-            };
-            if is_committed(bp, &gather, &context, round) {
+            // A worker job's iteration is its round's.
+            if is_committed(bp, &RunNode::Static(gather), &context, job.iteration) {
                 // A late copy of a batch worker of an earlier, larger round of a loop: that
                 // round is gathered (the batch on record is a later one). Close it.
                 let me = job_id(&job.node_id, job.iteration);
@@ -318,8 +313,12 @@ fn finish_node(
     // conditions, and a successor that repeats, whose iteration counts its executions;
     // elsewhere the blueprint alone decides.)
     let context_decides = match node {
+        // (A fallback target stores them so that the frontier can tell its own run from
+        // its standing in for another node.)
         RunNode::Static(i) => {
-            bp.has_conditional_successors(*i) || bp.node(*i).uses == flow::BATCH_SCATTER
+            bp.has_conditional_successors(*i)
+                || bp.node(*i).uses == flow::BATCH_SCATTER
+                || !bp.fallback_of(*i).is_empty()
         }
         RunNode::Dynamic(_) => false,
     };
