@@ -3,7 +3,7 @@
 //! from the awaiting keys — atomically and only while they are still awaited, so a second
 //! resume does nothing — then report their successors and publish the ready ones.
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::amqp::JobSink;
 use crate::blueprint::Blueprint;
@@ -16,7 +16,7 @@ use crate::protocol::JobPayload;
 use crate::scheduling::{
     awaited_details, frontier, meta_key, next_jobs, node_meta, paused_iteration, RunNode,
 };
-use crate::store::{RunSnapshot, RunStore};
+use crate::store::{NodeCommit, RunSnapshot, RunStore};
 use crate::worker::WorkerError;
 
 /// Why a resume did not happen.
@@ -147,29 +147,18 @@ impl Resumer<'_> {
             ..
         } = success;
         let (action, output) = (result.action.as_deref(), &result.output);
-        let mut set = Map::new();
-        // Inputs of `any` joins: written only where the join has none yet.
-        let mut set_if_absent = Map::new();
-        let mut delete = Vec::new();
-        for (k, v) in deltas.iter() {
-            match v {
-                Some(v) => {
-                    set.insert(k.to_string(), v.clone());
-                }
-                None => delete.push(k.to_string()),
-            }
-        }
-        set.insert(
+        let mut commit = NodeCommit::from_deltas(&deltas);
+        commit.set.insert(
             "_resume.action".into(),
             action
                 .map(|a| Value::String(a.into()))
                 .unwrap_or(Value::Null),
         );
-        set.insert("_resume.output".into(), output.clone());
+        commit.set.insert("_resume.output".into(), output.clone());
         let mut merged: ContextMap = context.clone();
         merged.remove(AWAITING_NODE_IDS);
         merged.remove(AWAITING_DETAILS);
-        for k in &delete {
+        for k in &commit.delete {
             merged.remove(k);
         }
         let iteration_of =
@@ -187,13 +176,15 @@ impl Resumer<'_> {
             let mut outputs = ContextDeltas::default();
             record_output(&mut outputs, n, fallback.as_deref(), output);
             for (k, v) in outputs.iter() {
-                set.insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
+                commit
+                    .set
+                    .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
             }
             // Seen as committed by the successor computation below; replaced with the full
             // record once the successors are known.
-            set.insert(meta_key(n), record(json!({}), n));
+            commit.set.insert(meta_key(n), record(json!({}), n));
         }
-        for (k, v) in &set {
+        for (k, v) in &commit.set {
             merged.insert(k.clone(), v.clone());
         }
         // Each resumed node's successors, in `targets` order.
@@ -205,28 +196,20 @@ impl Resumer<'_> {
                 for next in next_jobs(bp, &node, &result, fallback, &merged, iteration_of(n)) {
                     if let Some(input) = &next.input {
                         let key = input_key(&next.report.node);
-                        if next.keeps_first_input(bp) {
-                            if !merged.contains_key(&key) {
-                                merged.insert(key.clone(), input.clone());
-                            }
-                            // Several resumed nodes may feed one join: the first keeps it.
-                            set_if_absent.entry(key).or_insert_with(|| input.clone());
-                        } else {
-                            set.insert(key.clone(), input.clone());
-                            merged.insert(key, input.clone());
+                        let keeps_first = next.keeps_first_input(bp);
+                        if !keeps_first || !merged.contains_key(&key) {
+                            merged.insert(key.clone(), input.clone());
                         }
+                        commit.set_input(key, input.clone(), keeps_first);
                     }
                     mine.push(next.report);
                 }
             }
             let meta = node_meta(action, fallback.as_deref(), &mine);
-            set.insert(meta_key(n), record(meta, n));
+            commit.set.insert(meta_key(n), record(meta, n));
             reports.push(mine);
         }
-        if !self
-            .store
-            .resume_nodes(run_id, &targets, set, set_if_absent, &delete)?
-        {
+        if !self.store.resume_nodes(run_id, &targets, commit)? {
             return Err(ResumeError::AlreadyResumed(run_id.into()));
         }
         // Report each resumed node's successors as that node's (already finished) job.

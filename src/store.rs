@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::amqp::mask_url;
 use crate::group::{Group, GroupError};
-use crate::node::ContextMap;
+use crate::node::{ContextDeltas, ContextMap};
 
 /// A pool of PostgreSQL connections, each with its own prepared-statement cache.
 pub type PgPool = r2d2::Pool<PgConnectionManager>;
@@ -338,6 +338,33 @@ pub struct NodeCommit {
     pub delete: Vec<String>,
     /// A node that paused the run: its id and `_awaitingDetails` entry.
     pub awaiting: Option<(String, Value)>,
+}
+
+impl NodeCommit {
+    /// A node's context writes: its sets and deletions.
+    pub fn from_deltas(deltas: &ContextDeltas) -> NodeCommit {
+        let mut commit = NodeCommit::default();
+        for (k, v) in deltas.iter() {
+            match v {
+                Some(v) => {
+                    commit.set.insert(k.to_string(), v.clone());
+                }
+                None => commit.delete.push(k.to_string()),
+            }
+        }
+        commit
+    }
+
+    /// Records a successor's input: set, or — for a target that keeps the first input it
+    /// is given (an `any` join outside loops) — set only where absent, the first of this
+    /// commit's winning.
+    pub fn set_input(&mut self, key: String, input: Value, keeps_first: bool) {
+        if keeps_first {
+            self.set_if_absent.entry(key).or_insert(input);
+        } else {
+            self.set.insert(key, input);
+        }
+    }
 }
 
 /// PostgreSQL access for one pair of context/status tables.
@@ -839,22 +866,21 @@ impl RunStore {
         self.execute(&self.sql.touch, &[&run_id]).map(drop)
     }
 
-    /// Resumes awaited nodes: deletes `delete`, applies `set` (their outputs, `_resume.*`,
-    /// their context writes) and the keys of `set_if_absent` the context lacks, and removes them from the awaiting keys — only while every node
-    /// of `nodes` is still awaited — and moves the status back to `running` (or keeps
-    /// `awaiting` if other nodes still wait). Returns whether it applied: resuming twice
-    /// applies once.
+    /// Resumes awaited nodes: applies `commit` (their outputs, `_resume.*`, their context
+    /// writes and their successors' inputs; its `awaiting` is ignored) and removes them from
+    /// the awaiting keys — only while every node of `nodes` is still awaited — and moves the
+    /// status back to `running` (or keeps `awaiting` if other nodes still wait). Returns
+    /// whether it applied: resuming twice applies once.
     pub fn resume_nodes(
         &self,
         run_id: &str,
         nodes: &[String],
-        set: Map<String, Value>,
-        set_if_absent: Map<String, Value>,
-        delete: &[String],
+        commit: NodeCommit,
     ) -> Result<bool, StoreError> {
         let nodes = Value::from(nodes.to_vec());
-        let set = Value::Object(set);
-        let set_if_absent = Value::Object(set_if_absent);
+        let set = Value::Object(commit.set);
+        let set_if_absent = Value::Object(commit.set_if_absent);
+        let delete = commit.delete;
         let row = self.pool.get()?.query_one_prepared(
             &self.sql.resume,
             &[&run_id, &nodes, &set, &delete, &set_if_absent],

@@ -242,15 +242,7 @@ fn finish_node(
         fallback,
         ..
     } = success;
-    let mut commit = NodeCommit::default();
-    for (k, v) in deltas.iter() {
-        match v {
-            Some(v) => {
-                commit.set.insert(k.to_string(), v.clone());
-            }
-            None => commit.delete.push(k.to_string()),
-        }
-    }
+    let mut commit = NodeCommit::from_deltas(&deltas);
     if !snapshot.contains_key("blueprintId") {
         bp.stamp(&mut commit.set);
     }
@@ -340,12 +332,8 @@ fn finish_node(
     }
     for n in &next {
         if let Some(input) = &n.input {
-            let target = if n.keeps_first_input(bp) {
-                &mut commit.set_if_absent
-            } else {
-                &mut commit.set
-            };
-            target.insert(flow::input_key(&n.report.node), input.clone());
+            let key = flow::input_key(&n.report.node);
+            commit.set_input(key, input.clone(), n.keeps_first_input(bp));
         }
     }
     let over_limit = |n: &&scheduling::NextJob| {
