@@ -295,25 +295,6 @@ pub trait JobSink {
     }
 }
 
-/// Hands messages to a channel, calling `sent` after each (confirms are the caller's).
-fn send(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    bodies: &[Vec<u8>],
-    properties: &AmqpProperties,
-    mut sent: impl FnMut(),
-) -> Result<(), AmqpError> {
-    for body in bodies {
-        channel.basic_publish(
-            exchange,
-            Publish::with_properties(body, routing_key, properties.clone()),
-        )?;
-        sent();
-    }
-    Ok(())
-}
-
 impl JobSink for ConfirmPublisher {
     fn publish(
         &mut self,
@@ -322,19 +303,14 @@ impl JobSink for ConfirmPublisher {
         bodies: &[Vec<u8>],
         properties: &AmqpProperties,
     ) -> Result<(), AmqpError> {
-        send(
-            &self.channel,
-            exchange,
-            routing_key,
-            bodies,
-            properties,
-            || {},
-        )?;
-        self.wait_for_confirms(bodies.len())
+        let first = self.inner.published() + 1;
+        self.inner
+            .publish(exchange, routing_key, bodies, properties)?;
+        self.wait_for_confirms(first)
     }
 
     fn channel(&self) -> &Channel {
-        &self.channel
+        self.inner.channel()
     }
 }
 
@@ -378,15 +354,14 @@ impl JobSink for AsyncPublisher {
         bodies: &[Vec<u8>],
         properties: &AmqpProperties,
     ) -> Result<(), AmqpError> {
-        let published = &mut self.published;
-        send(
-            &self.channel,
-            exchange,
-            routing_key,
-            bodies,
-            properties,
-            || *published += 1,
-        )
+        for body in bodies {
+            self.channel.basic_publish(
+                exchange,
+                Publish::with_properties(body, routing_key, properties.clone()),
+            )?;
+            self.published += 1;
+        }
+        Ok(())
     }
 
     fn channel(&self) -> &Channel {
@@ -431,48 +406,43 @@ impl ConfirmTracker {
 }
 
 /// A channel in confirm mode: [`publish`](JobSink::publish)
-/// returns only once the broker has confirmed every message it sent.
+/// returns only once the broker has confirmed every message it sent. (An
+/// [`AsyncPublisher`] whose confirms it follows itself.)
 pub struct ConfirmPublisher {
-    channel: Channel,
+    inner: AsyncPublisher,
     confirms: Receiver<Confirm>,
-    smoother: ConfirmSmoother,
+    tracker: ConfirmTracker,
     timeout: Duration,
 }
 
 impl ConfirmPublisher {
     /// Puts a channel in confirm mode.
     pub fn new(channel: Channel) -> Result<ConfirmPublisher, AmqpError> {
-        let confirms = channel.listen_for_publisher_confirms()?;
-        channel.enable_publisher_confirms()?;
+        let (inner, confirms) = AsyncPublisher::new(channel)?;
         Ok(ConfirmPublisher {
-            channel,
+            inner,
             confirms,
-            smoother: ConfirmSmoother::new(),
+            tracker: ConfirmTracker::default(),
             timeout: Duration::from_secs(30),
         })
     }
 
-    fn wait_for_confirms(&mut self, count: usize) -> Result<(), AmqpError> {
-        let mut pending = count;
-        let mut nacked = false;
-        while pending > 0 {
-            let raw = match self.confirms.recv_timeout(self.timeout) {
-                Ok(c) => c,
+    /// Waits until every message published so far is confirmed; an error if one from
+    /// `first` on was refused.
+    fn wait_for_confirms(&mut self, first: u64) -> Result<(), AmqpError> {
+        let last = self.inner.published();
+        while self.tracker.confirmed() < last {
+            match self.confirms.recv_timeout(self.timeout) {
+                Ok(confirm) => self.tracker.record(confirm),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     return Err(AmqpError::ConfirmTimeout(self.timeout))
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Err(AmqpError::Closed)
                 }
-            };
-            for confirm in self.smoother.process(raw) {
-                pending = pending.saturating_sub(1);
-                if matches!(confirm, Confirm::Nack(_)) {
-                    nacked = true;
-                }
             }
         }
-        if nacked {
+        if first <= last && self.tracker.any_nacked(first, last) {
             Err(AmqpError::Nacked)
         } else {
             Ok(())
@@ -481,7 +451,7 @@ impl ConfirmPublisher {
 
     /// Closes the channel.
     pub fn close(self) -> Result<(), AmqpError> {
-        self.channel.close().map_err(AmqpError::from)
+        self.inner.close()
     }
 }
 
