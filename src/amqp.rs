@@ -455,6 +455,54 @@ impl ConfirmPublisher {
     }
 }
 
+/// What a [`KeptPublisher`] declares on a fresh channel before its first publish.
+pub type Declare = Box<dyn Fn(&Channel) -> Result<(), AmqpError> + Send + Sync>;
+
+/// A confirm publisher on a connection of its own, opened on first use and kept; dropped
+/// when a publish fails, so the next one reconnects. Shared by threads (a client, the
+/// webhook receiver's handlers).
+pub struct KeptPublisher {
+    url: String,
+    declare: Declare,
+    open: std::sync::Mutex<Option<(Connection, ConfirmPublisher)>>,
+}
+
+impl KeptPublisher {
+    /// A publisher to `url` that runs `declare` on each new channel.
+    pub fn new(url: impl Into<String>, declare: Declare) -> KeptPublisher {
+        KeptPublisher {
+            url: url.into(),
+            declare,
+            open: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` with the publisher (connecting first if needed). If `f` fails and
+    /// `broken` says the error is the connection's, the connection is dropped.
+    pub fn with<T, E: From<AmqpError>>(
+        &self,
+        f: impl FnOnce(&mut ConfirmPublisher) -> Result<T, E>,
+        broken: impl Fn(&E) -> bool,
+    ) -> Result<T, E> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, publisher) = match open.take() {
+            Some(kept) => open.insert(kept),
+            None => {
+                let mut connection = connect(&self.url)?;
+                let channel = connection.open_channel(None).map_err(AmqpError::from)?;
+                let publisher = ConfirmPublisher::new(channel)?;
+                (self.declare)(publisher.channel())?;
+                open.insert((connection, publisher))
+            }
+        };
+        let result = f(publisher);
+        if result.as_ref().is_err_and(&broken) {
+            *open = None;
+        }
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,13 +5,12 @@
 //! so runs started by any client written that way behave the same.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amiquip::Connection;
 use serde_json::Value;
 
-use crate::amqp::{self, AmqpError, ConfirmPublisher, JobSink};
+use crate::amqp::{self, AmqpError, ConfirmPublisher, Declare, JobSink, KeptPublisher};
 use crate::blueprint::Blueprint;
 use crate::coordination::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
 use crate::executor::NodeSuccess;
@@ -46,20 +45,14 @@ impl From<amiquip::Error> for ClientError {
     }
 }
 
-struct Publishing {
-    _connection: Connection,
-    publisher: ConfirmPublisher,
-}
-
 /// Starts and steers runs. Opens its RabbitMQ connection on first use and keeps it.
 pub struct Client {
     store: RunStore,
     coord: RedisCoordinationStore,
     blueprints: HashMap<String, Arc<Blueprint>>,
-    amqp_url: String,
     queue: String,
     public_url: String,
-    publishing: Mutex<Option<Publishing>>,
+    publisher: KeptPublisher,
 }
 
 impl Client {
@@ -88,14 +81,15 @@ impl Client {
         queue: &str,
         redis_prefix: &str,
     ) -> Result<Client, ClientError> {
+        let declared = queue.to_string();
+        let declare: Declare = Box::new(move |channel| amqp::declare_job_queue(channel, &declared));
         Ok(Client {
             store: RunStore::new(pg, tables)?,
             coord: RedisCoordinationStore::new(redis, redis_prefix),
             blueprints: HashMap::new(),
-            amqp_url: amqp_url.into(),
+            publisher: KeptPublisher::new(amqp_url, declare),
             queue: queue.to_string(),
             public_url: crate::worker::DEFAULT_PUBLIC_URL.to_string(),
-            publishing: Mutex::new(None),
         })
     }
 
@@ -135,28 +129,12 @@ impl Client {
         &self,
         f: impl FnOnce(&mut ConfirmPublisher) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
-        let mut guard = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            let mut connection = amqp::connect(&self.amqp_url)?;
-            let publisher = ConfirmPublisher::new(connection.open_channel(None)?)?;
-            amqp::declare_job_queue(publisher.channel(), &self.queue)?;
-            *guard = Some(Publishing {
-                _connection: connection,
-                publisher,
-            });
-        }
-        let result = match guard.as_mut() {
-            Some(p) => f(&mut p.publisher),
-            None => Err(ClientError::Amqp(AmqpError::Closed)),
-        };
-        if matches!(
-            result,
-            Err(ClientError::Amqp(_)) | Err(ClientError::Worker(WorkerError::Amqp(_)))
-        ) {
-            // Reconnect next time.
-            *guard = None;
-        }
-        result
+        self.publisher.with(f, |e| {
+            matches!(
+                e,
+                ClientError::Amqp(_) | ClientError::Worker(WorkerError::Amqp(_))
+            )
+        })
     }
 
     /// Starts a run: context row, `running` status row, one job per start node. Returns the

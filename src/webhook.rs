@@ -17,17 +17,16 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use amiquip::Connection;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::amqp::{self, percent_decode, ConfirmPublisher, JobSink};
+use crate::amqp::{self, percent_decode, JobSink, KeptPublisher};
 use crate::coordination::RedisCoordinationStore;
 use crate::protocol::{webhook_event_name, EventMessage};
 use crate::scheduling;
@@ -109,7 +108,7 @@ pub struct WebhookOptions {
 
 struct Receiver {
     options: WebhookOptions,
-    publisher: Mutex<Option<(Connection, ConfirmPublisher)>>,
+    publisher: KeptPublisher,
 }
 
 /// A running webhook receiver.
@@ -131,10 +130,20 @@ impl WebhookServer {
             .to_ip()
             .ok_or_else(|| WorkerError::Options(format!("{addr} is not an IP address")))?;
         let server = Arc::new(server);
-        let receiver = Arc::new(Receiver {
-            options,
-            publisher: Mutex::new(None),
+        let exchange = options.exchange.clone();
+        let declare: amqp::Declare = Box::new(move |channel| {
+            channel.exchange_declare(
+                amiquip::ExchangeType::Fanout,
+                exchange.clone(),
+                amiquip::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+            )?;
+            Ok(())
         });
+        let publisher = KeptPublisher::new(options.amqp_url.clone(), declare);
+        let receiver = Arc::new(Receiver { options, publisher });
         let mut threads = Vec::new();
         for i in 0..2 {
             let (server, receiver) = (server.clone(), receiver.clone());
@@ -319,30 +328,14 @@ impl Receiver {
     }
 
     fn publish(&self, event: &EventMessage) -> Result<(), WorkerError> {
-        let mut guard = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            let mut connection = amqp::connect(&self.options.amqp_url)?;
-            let publisher = ConfirmPublisher::new(connection.open_channel(None)?)?;
-            publisher.channel().exchange_declare(
-                amiquip::ExchangeType::Fanout,
-                self.options.exchange.clone(),
-                amiquip::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-            )?;
-            *guard = Some((connection, publisher));
-        }
-        let result = match guard.as_mut() {
-            Some((_, publisher)) => publisher
-                .publish_jobs(&self.options.exchange, "", &[event.to_body()])
-                .map_err(WorkerError::from),
-            None => Err(WorkerError::Amqp(amqp::AmqpError::Closed)),
-        };
-        if result.is_err() {
-            *guard = None;
-        }
-        result
+        self.publisher.with(
+            |publisher| {
+                publisher
+                    .publish_jobs(&self.options.exchange, "", &[event.to_body()])
+                    .map_err(WorkerError::from)
+            },
+            |_| true,
+        )
     }
 }
 
