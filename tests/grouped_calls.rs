@@ -84,6 +84,63 @@ fn concurrent_commits_apply_once_per_node_and_lose_no_update() {
     }
 }
 
+/// Node commits and run completions share the write statement: each caller still gets its
+/// own answer, a completed run is completed once, and a run that awaits a node is not.
+#[test]
+fn concurrent_commits_and_completions_each_get_their_own_answer() {
+    const PER_THREAD: usize = 10;
+    let env = TestEnv::new("grouped_write");
+    let store = env.store();
+    for t in 0..THREADS {
+        for i in 0..PER_THREAD {
+            store
+                .create_run(&format!("commit-{t}-{i}"), &ContextMap::new())
+                .unwrap();
+            let context = ctx(json!({ "value": [t, i] }));
+            store
+                .create_run(&format!("done-{t}-{i}"), &context)
+                .unwrap();
+        }
+    }
+    store
+        .create_run("awaiting", &ctx(json!({ "_awaitingNodeIds": ["w"] })))
+        .unwrap();
+    let shared_store = store.clone();
+    let answers = together(move |t| {
+        let mut mine = Vec::new();
+        for i in 0..PER_THREAD {
+            let (commit, guard) = commit_of("n", json!([t, i]));
+            let applied = shared_store
+                .commit_node(&format!("commit-{t}-{i}"), commit, guard)
+                .unwrap();
+            let done = format!("done-{t}-{i}");
+            let completed = shared_store.complete_run(&done).unwrap();
+            let again = shared_store.complete_run(&done).unwrap();
+            let awaiting = shared_store.complete_run("awaiting").unwrap();
+            mine.push((t, i, applied, completed, again, awaiting));
+        }
+        mine
+    });
+    let answers: Vec<_> = answers.into_iter().flatten().collect();
+    assert_eq!(answers.len(), THREADS * PER_THREAD);
+    for (t, i, applied, completed, again, awaiting) in answers {
+        assert!(applied, "commit-{t}-{i}: the commit did not apply");
+        let context = env.context(&format!("commit-{t}-{i}"));
+        assert_eq!(context.get("_outputs.n"), Some(&json!([t, i])));
+        let completed = completed.unwrap_or_else(|| panic!("done-{t}-{i} was not completed"));
+        assert_eq!(completed.get("value"), Some(&json!([t, i])));
+        assert_eq!(again, None, "done-{t}-{i} was completed twice");
+        assert_eq!(awaiting, None, "a run awaiting a node was completed");
+        let status = store.status(&format!("done-{t}-{i}")).unwrap().unwrap();
+        assert_eq!(status.status, "completed");
+        let result = status.result.unwrap_or_default();
+        assert_eq!(result["context"]["value"], json!([t, i]));
+        let commit_status = store.status(&format!("commit-{t}-{i}")).unwrap().unwrap();
+        assert_eq!(commit_status.status, "running");
+    }
+    assert_eq!(store.status("awaiting").unwrap().unwrap().status, "running");
+}
+
 #[test]
 fn concurrent_loads_each_get_their_own_run_and_a_bad_row_fails_alone() {
     let env = TestEnv::new("grouped_load");
