@@ -19,7 +19,7 @@ use std::sync::Arc;
 use redis::{ErrorKind, Script, ScriptInvocation, ServerErrorKind};
 
 use crate::amqp::mask_url;
-use crate::group::{Group, GroupError};
+use crate::group::{run_batch, Group, GroupError};
 
 /// A pool of Redis connections.
 pub type RedisPool = r2d2::Pool<redis::Client>;
@@ -439,6 +439,26 @@ impl RedisCoordinationStore {
         };
         self.finishing
             .submit(request, |_| None, |batch| self.finish_batch(batch))
+    }
+
+    /// [`finish_job`](Self::finish_job) for a batch its caller gathered itself: one
+    /// pipelined round trip, outside the group. Each call is `(run, job, also_register,
+    /// successors)`; one result per call, with the failure rules of grouped calls.
+    pub(crate) fn finish_jobs(
+        &self,
+        calls: Vec<(String, String, Vec<String>, Vec<SuccessorReport>)>,
+    ) -> Vec<Result<FinishOutcome, CoordinationError>> {
+        let requests: Vec<FinishRequest> = calls
+            .into_iter()
+            .map(|(run, job, also_register, successors)| FinishRequest {
+                run,
+                job,
+                also_register,
+                successors,
+                ttl: self.ttl,
+            })
+            .collect();
+        run_batch(&requests, &|batch| self.finish_batch(batch))
     }
 
     /// One round trip for a batch of `finish_job` calls: the script itself for one, a

@@ -213,9 +213,104 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
     }
 }
 
+/// A queue of requests that their callers hand off: whichever caller finds nobody leading
+/// runs the queued requests in batches (and deals with their results itself), and every
+/// other caller goes on at once, without waiting for its request.
+///
+/// This is [`Group`] without the wait: a worker thread hands off the tail of its job (commit,
+/// Redis, publish, ack) and takes its next job, so a process keeps more jobs in flight than
+/// it has threads, and the batches grow with them.
+pub(crate) struct Combiner<Req> {
+    state: Mutex<CombinerState<Req>>,
+    max_batch: usize,
+}
+
+struct CombinerState<Req> {
+    queue: VecDeque<Req>,
+    leading: bool,
+}
+
+impl<Req> Combiner<Req> {
+    /// A combiner whose batches hold at most `max_batch` requests.
+    pub(crate) fn new(max_batch: usize) -> Self {
+        Combiner {
+            state: Mutex::new(CombinerState {
+                queue: VecDeque::new(),
+                leading: false,
+            }),
+            max_batch: max_batch.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CombinerState<Req>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `request`. If another caller leads, returns at once: that one runs it. Otherwise
+    /// this caller leads: it runs the queue with `run` in batches (oldest first, at most
+    /// `max_batch`, never two requests with the same `Some` key) until the queue is empty,
+    /// and returns then. A panic in `run` goes on in the leader; the next caller leads.
+    pub(crate) fn hand_off(
+        &self,
+        request: Req,
+        key: impl Fn(&Req) -> Option<&str>,
+        mut run: impl FnMut(Vec<Req>),
+    ) {
+        let mut state = self.lock();
+        state.queue.push_back(request);
+        if state.leading {
+            return;
+        }
+        state.leading = true;
+        // Steps down if `run` panics.
+        struct Resign<'a, Req>(&'a Combiner<Req>);
+        impl<Req> Drop for Resign<'_, Req> {
+            fn drop(&mut self) {
+                self.0.lock().leading = false;
+            }
+        }
+        drop(state);
+        let resign = Resign(self);
+        loop {
+            let mut state = self.lock();
+            let batch = self.take_batch(&mut state, &key);
+            if batch.is_empty() {
+                // Under the lock: a request queued from now on finds nobody leading (and
+                // may lead at once, so `resign` must not step down again later).
+                state.leading = false;
+                drop(state);
+                std::mem::forget(resign);
+                return;
+            }
+            drop(state);
+            run(batch);
+        }
+    }
+
+    fn take_batch(
+        &self,
+        state: &mut CombinerState<Req>,
+        key: &impl Fn(&Req) -> Option<&str>,
+    ) -> Vec<Req> {
+        let mut batch: Vec<Req> = Vec::new();
+        let mut kept = VecDeque::new();
+        while let Some(request) = state.queue.pop_front() {
+            let conflicts = batch.len() >= self.max_batch
+                || key(&request).is_some_and(|k| batch.iter().any(|b| key(b) == Some(k)));
+            if conflicts {
+                kept.push_back(request);
+            } else {
+                batch.push(request);
+            }
+        }
+        state.queue = kept;
+        batch
+    }
+}
+
 /// Runs a batch and applies the failure rules of the module docs: exactly one result per
 /// request.
-fn run_batch<Req, T, E: GroupError>(
+pub(crate) fn run_batch<Req, T, E: GroupError>(
     batch: &[Req],
     run: &impl Fn(&[Req]) -> Result<Vec<Result<T, E>>, E>,
 ) -> Vec<Result<T, E>> {
@@ -282,6 +377,71 @@ mod tests {
             reason: reason.into(),
             every,
         }
+    }
+
+    #[test]
+    fn a_lone_hand_off_runs_at_once_in_the_caller() {
+        let combiner: Combiner<u32> = Combiner::new(8);
+        let mut ran = Vec::new();
+        for i in 0..3 {
+            combiner.hand_off(i, |_| None, |batch| ran.push(batch));
+        }
+        assert_eq!(ran, vec![vec![0], vec![1], vec![2]]);
+        assert!(!combiner.lock().leading && combiner.lock().queue.is_empty());
+    }
+
+    #[test]
+    fn handed_off_requests_all_run_once_never_two_keys_in_a_batch() {
+        let combiner: Arc<Combiner<(usize, String)>> = Arc::new(Combiner::new(16));
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let threads = 8;
+        let per_thread = 300;
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (combiner, ran, barrier) = (combiner.clone(), ran.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    for i in 0..per_thread {
+                        let key = format!("k{}", (t / 2) * 1_000 + i);
+                        combiner.hand_off(
+                            (t * 1_000 + i, key),
+                            |(_, k)| Some(k.as_str()),
+                            |batch| {
+                                assert!(batch.len() <= 16);
+                                let mut keys: Vec<&String> = batch.iter().map(|(_, k)| k).collect();
+                                keys.sort();
+                                keys.dedup();
+                                assert_eq!(keys.len(), batch.len(), "a key twice in one batch");
+                                ran.lock().unwrap().extend(batch.iter().map(|(n, _)| *n));
+                            },
+                        );
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let mut ran = ran.lock().unwrap().clone();
+        ran.sort();
+        let expected: Vec<usize> = (0..threads)
+            .flat_map(|t| (0..per_thread).map(move |i| t * 1_000 + i))
+            .collect();
+        assert_eq!(ran, expected, "a request ran twice or never");
+        assert!(!combiner.lock().leading && combiner.lock().queue.is_empty());
+    }
+
+    #[test]
+    fn a_leader_that_panics_steps_down_and_the_next_caller_leads() {
+        let combiner: Combiner<u32> = Combiner::new(8);
+        let panicked = catch_unwind(AssertUnwindSafe(|| {
+            combiner.hand_off(1, |_| None, |_| panic!("boom"))
+        }));
+        assert!(panicked.is_err());
+        let mut ran = Vec::new();
+        combiner.hand_off(2, |_| None, |batch| ran.extend(batch));
+        assert_eq!(ran, vec![2]);
     }
 
     #[test]

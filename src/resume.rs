@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::amqp::JobSink;
 use crate::blueprint::Blueprint;
-use crate::coordination::{job_id, RedisCoordinationStore, SuccessorReport};
+use crate::coordination::{job_id, FinishOutcome, RedisCoordinationStore, SuccessorReport};
 use crate::executor::NodeSuccess;
 use crate::flow::{input_key, record_output};
 use crate::local::{AWAITING_DETAILS, AWAITING_NODE_IDS};
@@ -241,6 +241,19 @@ impl Resumer<'_> {
         let outcome = self
             .coord
             .finish_job(run_id, job, also_register, successors)?;
+        self.publish_ready(run_id, bp, successors, &outcome, publisher)
+    }
+
+    /// The second half of [`finish_job`](Self::finish_job), after the Redis step: publishes
+    /// the successors that `outcome` found ready and tells the run's progress.
+    pub(crate) fn publish_ready(
+        &self,
+        run_id: &str,
+        bp: &Blueprint,
+        successors: &[SuccessorReport],
+        outcome: &FinishOutcome,
+        publisher: &mut dyn JobSink,
+    ) -> Result<RunProgress, WorkerError> {
         let bodies: Vec<Vec<u8>> = successors
             .iter()
             .zip(&outcome.ready)

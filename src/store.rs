@@ -18,7 +18,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use serde_json::{Map, Value};
 
 use crate::amqp::mask_url;
-use crate::group::{Group, GroupError};
+use crate::group::{run_batch, Group, GroupError};
 use crate::node::{ContextDeltas, ContextMap};
 
 /// A pool of PostgreSQL connections, each with its own prepared-statement cache.
@@ -770,6 +770,42 @@ impl RunStore {
                 "a completion got a commit's result".into(),
             )),
         }
+    }
+
+    /// Applies the commits of a batch its caller gathered itself, in one statement (one
+    /// transaction), outside the commit group: for each, whether it applied. Commits of one
+    /// run must not share a batch (each then runs alone). If the statement fails because of
+    /// a row, each commit runs again alone; if because of the connection, each gets the error.
+    pub(crate) fn commit_nodes(
+        &self,
+        commits: Vec<(String, NodeCommit, CommitGuard)>,
+    ) -> Vec<Result<bool, StoreError>> {
+        let requests: Vec<WriteRequest> = commits
+            .into_iter()
+            .map(|(run_id, commit, guard)| {
+                WriteRequest::Commit(Box::new(CommitRequest::new(&run_id, commit, guard)))
+            })
+            .collect();
+        let mut runs: Vec<&str> = requests.iter().map(WriteRequest::run_id).collect();
+        runs.sort_unstable();
+        let distinct = runs.windows(2).all(|w| w[0] != w[1]);
+        let results = if distinct {
+            run_batch(&requests, &|batch| self.write_batch(batch))
+        } else {
+            requests
+                .iter()
+                .flat_map(|r| run_batch(std::slice::from_ref(r), &|b| self.write_batch(b)))
+                .collect()
+        };
+        results
+            .into_iter()
+            .map(|r| match r? {
+                Written::Commit(applied) => Ok(applied),
+                Written::Complete(_) => Err(StoreError::Grouped(
+                    "a commit got a completion's result".into(),
+                )),
+            })
+            .collect()
     }
 
     fn write(&self, request: WriteRequest) -> Result<Written, StoreError> {

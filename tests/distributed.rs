@@ -45,6 +45,51 @@ fn workloads_complete_with_expected_outputs() {
     worker.stop().unwrap();
 }
 
+/// With many threads and many runs, job tails are handed off and run in batches by whichever
+/// thread leads (`src/worker/tail.rs`): every node still executes once and commits once,
+/// every run completes with the expected outputs, and every delivery is acked (after a
+/// clean stop, nothing is left in the queue: an unsettled delivery would return to it).
+#[test]
+fn many_threads_and_runs_each_node_runs_once_and_every_delivery_is_acked() {
+    const RUNS: usize = 40;
+    let env = TestEnv::new("tails");
+    let (chain, chain_expected) = workload("chain5");
+    let (diamond, diamond_expected) = workload("diamond8");
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let client = env.client(vec![chain.clone(), diamond.clone()]);
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        for (id, expected) in [("chain5", &chain_expected), ("diamond8", &diamond_expected)] {
+            let run = client.start_workflow(id, ContextMap::new()).unwrap();
+            runs.push((run, expected.clone()));
+        }
+    }
+    // Every run is queued before the worker starts, so its threads always have work.
+    let registry = counting_everything(&counts);
+    let worker = env.start_worker(registry, vec![chain.clone(), diamond.clone()], 8);
+    for (run, expected) in &runs {
+        let row = env.wait_for_status(run, "completed", WAIT);
+        let context = &row.result.unwrap()["context"];
+        for (node, value) in expected.as_object().unwrap() {
+            assert_eq!(context[format!("_outputs.{node}")], *value, "{run} {node}");
+        }
+    }
+    // A clean stop waits until every delivery in flight is settled: bounded here, so that a
+    // delivery a tail never settled fails the test instead of hanging it.
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || stopped_tx.send(worker.stop()));
+    stopped
+        .recv_timeout(WAIT)
+        .expect("the worker did not stop: a delivery was never settled")
+        .unwrap();
+    let counts = counts.lock().unwrap();
+    let nodes = chain.node_count() * RUNS + diamond.node_count() * RUNS;
+    assert_eq!(counts.len(), nodes, "some node never ran");
+    let twice: Vec<_> = counts.iter().filter(|(_, &n)| n != 1).collect();
+    assert!(twice.is_empty(), "nodes that ran more than once: {twice:?}");
+    assert_eq!(env.queue_depth(&env.queue), 0, "a delivery was not acked");
+}
+
 #[test]
 fn same_final_context_as_the_in_process_runner() {
     let env = TestEnv::new("parity");

@@ -1,5 +1,7 @@
 //! The per-job protocol (SPEC §6), in order: guard → execute → commit → coordinate →
-//! publish → ack. Each step is a named function; each crash window is described once, here:
+//! publish → ack. Each step is a named function; after a node executed, the steps from the
+//! commit on run in [`tail`](super::tail), batched with other jobs'. Each crash window is
+//! described once, here:
 //!
 //! - Crash before the commit: nothing was written; the redelivery executes the node again
 //!   (node code runs at least once).
@@ -34,6 +36,7 @@ use crate::scheduling::{
 use crate::store::{CommitGuard, NodeCommit};
 
 use super::pause::{self, Prepared};
+use super::tail::TailJob;
 use super::{Shared, WorkerError};
 
 /// What the consumer thread does with a delivery.
@@ -46,21 +49,34 @@ pub(crate) enum Outcome {
     Retry(String),
 }
 
+/// What a worker thread does next with a delivery it handled.
+pub(crate) enum Handled {
+    /// Settle it with this outcome.
+    Done(Outcome),
+    /// Its node executed: commit and coordinate it ([`tail`](super::tail)), then settle it.
+    Tail(Box<TailJob>),
+}
+
+impl From<Outcome> for Handled {
+    fn from(outcome: Outcome) -> Self {
+        Handled::Done(outcome)
+    }
+}
+
 /// Handles one delivery body: a job, a timer, or an event.
 pub(crate) fn handle(
     shared: &Shared,
     body: &[u8],
     redelivered: bool,
     publisher: &mut dyn JobSink,
-) -> Outcome {
-    let retry = |what: String, e: WorkerError| Outcome::Retry(format!("{what}: {e}"));
+) -> Handled {
+    let retry = |what: String, e: WorkerError| Outcome::Retry(format!("{what}: {e}")).into();
     match Message::parse(body) {
-        Err(reason) => Outcome::DeadLetter(reason),
+        Err(reason) => Outcome::DeadLetter(reason).into(),
         Ok(Message::Event(event)) => pause::on_event(shared, &event, publisher)
-            .unwrap_or_else(|e| retry(event.event.clone(), e)),
-        Ok(Message::Job(job)) if job.timer => {
-            pause::on_timer(shared, &job, publisher).unwrap_or_else(|e| retry(describe(&job), e))
-        }
+            .map_or_else(|e| retry(event.event.clone(), e), Handled::from),
+        Ok(Message::Job(job)) if job.timer => pause::on_timer(shared, &job, publisher)
+            .map_or_else(|e| retry(describe(&job), e), Handled::from),
         Ok(Message::Job(job)) => {
             log::debug!(
                 "run {}: job {} (iteration {})",
@@ -74,7 +90,7 @@ pub(crate) fn handle(
     }
 }
 
-fn describe(job: &JobPayload) -> String {
+pub(crate) fn describe(job: &JobPayload) -> String {
     format!("run {} node {}", job.run_id, job.node_id)
 }
 
@@ -83,19 +99,16 @@ fn process(
     job: &JobPayload,
     redelivered: bool,
     publisher: &mut dyn JobSink,
-) -> Result<Outcome, WorkerError> {
+) -> Result<Handled, WorkerError> {
     // Guard: the blueprint, the run, its version, the node.
     let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
         let reason = format!("unknown blueprint '{}'", job.blueprint_id);
         log::warn!("run {}: {reason}; marking it failed", job.run_id);
         pause::fail_run(shared, &job.run_id, None, &reason, publisher)?;
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::Ack.into());
     };
     let Some(snapshot) = shared.store.load(&job.run_id)? else {
-        return Ok(Outcome::DeadLetter(format!(
-            "run '{}' has no context row",
-            job.run_id
-        )));
+        return Ok(Outcome::DeadLetter(format!("run '{}' has no context row", job.run_id)).into());
     };
     if let Some(status @ ("failed" | "cancelled" | "completed")) = snapshot.status.as_deref() {
         if ParentLink::of(&snapshot.context).is_some() {
@@ -106,10 +119,10 @@ fn process(
             job.run_id,
             job.node_id
         );
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::Ack.into());
     }
     if let Some(reason) = version_mismatch(bp, &snapshot.context) {
-        return Ok(Outcome::DeadLetter(reason));
+        return Ok(Outcome::DeadLetter(reason).into());
     }
     let context = snapshot.context;
     let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
@@ -123,12 +136,12 @@ fn process(
                 let resumer = pause::resumer(shared);
                 let progress = resumer.finish_job(&job.run_id, bp, &me, &[], &[], publisher)?;
                 resumer.complete_if_idle(&job.run_id, progress, publisher)?;
-                return Ok(Outcome::Ack);
+                return Ok(Outcome::Ack.into());
             }
         }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
         pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::Ack.into());
     };
     // Guard: idempotency.
     let paused = awaited_details(&context, &job.node_id).cloned();
@@ -137,7 +150,7 @@ fn process(
         if u64::from(job.iteration) > paused_iteration && !job.wake {
             // The next iteration of a pausing node arrived while the previous one is still
             // awaited: it must not be dropped, so it comes back in a second.
-            return defer(shared, job, publisher);
+            return defer(shared, job, publisher).map(Handled::from);
         }
         if u64::from(job.iteration) == paused_iteration {
             if redelivered || job.wake {
@@ -146,13 +159,13 @@ fn process(
                 register_paused(shared, bp, job, &node)?;
                 pause::after_commit(shared, job, node.def(bp), &details, publisher)?;
             }
-            return Ok(Outcome::Ack);
+            return Ok(Outcome::Ack.into());
         }
         // An earlier iteration: handled as any committed job below.
     }
     if job.wake {
         // The pause this wake-up was sent for is over: nothing to repeat.
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::Ack.into());
     }
     if is_committed(bp, &node, &context, job.iteration) {
         // Committed before. Its coordination may not have happened (a crash, a failed step):
@@ -161,17 +174,17 @@ fn process(
         // first, comes back redelivered. (Re-deriving here would publish the successors a
         // second time whenever a duplicate arrives while the original is coordinating.)
         if !redelivered && !job.recovered {
-            return Ok(Outcome::Ack);
+            return Ok(Outcome::Ack.into());
         }
         let me = job_id(&job.node_id, job.iteration);
         if executions(bp, &node, &context) == job.iteration.saturating_add(1) {
-            return rederive(shared, bp, job, &node, &context, publisher);
+            return rederive(shared, bp, job, &node, &context, publisher).map(Handled::from);
         }
         // A later iteration of this node committed meanwhile (a side branch of a loop whose
         // jobs overtook each other): the stored successors are that iteration's, so only
         // close this job in the ledger.
         shared.coord.finish_job(&job.run_id, &me, &[], &[])?;
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::Ack.into());
     }
     if is_start_job(bp, job, &node)
         && bp
@@ -193,7 +206,7 @@ fn process(
     drop(executing);
     match outcome {
         Ok(success) => finish_node(shared, bp, job, &node, snapshot, success, publisher),
-        Err(failure) => fail_node(shared, bp, job, &node, failure, publisher),
+        Err(failure) => fail_node(shared, bp, job, &node, failure, publisher).map(Handled::from),
     }
 }
 
@@ -234,7 +247,7 @@ fn finish_node(
     snapshot: Arc<ContextMap>,
     success: NodeSuccess,
     publisher: &mut dyn JobSink,
-) -> Result<Outcome, WorkerError> {
+) -> Result<Handled, WorkerError> {
     let def = node.def(bp);
     let NodeSuccess {
         result,
@@ -257,20 +270,20 @@ fn finish_node(
             Prepared::Details(d) => d,
             Prepared::Fail(reason) => {
                 pause::fail_run(shared, &job.run_id, Some(&snapshot), &reason, publisher)?;
-                return Ok(Outcome::Ack);
+                return Ok(Outcome::Ack.into());
             }
         };
         commit.awaiting = Some((def.id.clone(), details.clone()));
         if !shared.store.commit_node(&job.run_id, commit, guard)? {
             // Committed already, or the node is paused at another iteration right now: try
             // again in a second (a copy of a committed pause is then dropped).
-            return defer(shared, job, publisher);
+            return defer(shared, job, publisher).map(Handled::from);
         }
         // Registered before anything can resume it (a 0 ms timer, a fast child run).
         register_paused(shared, bp, job, node)?;
         pause::after_commit(shared, job, def, &details, publisher)?;
         log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::Ack.into());
     }
     let previous_meta = guard
         .repeats
@@ -345,26 +358,17 @@ fn finish_node(
             over.report.node, shared.max_iterations
         );
         pause::fail_run(shared, &job.run_id, Some(&merged), &reason, publisher)?;
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::Ack.into());
     }
-    if !shared.store.commit_node(&job.run_id, commit, guard)? {
-        log::debug!(
-            "run {}: node '{}' was committed by another delivery",
-            job.run_id,
-            def.id
-        );
-        return Ok(Outcome::Ack);
-    }
-    failpoint::hit("after_commit", &def.id);
-    coordinate(
-        shared,
-        bp,
-        job,
-        node,
-        next.into_iter().map(|n| n.report).collect(),
-        publisher,
-    )?;
-    Ok(Outcome::Ack)
+    // Commit → coordinate → publish → ack, handed off to be batched with other threads' jobs.
+    Ok(Handled::Tail(Box::new(TailJob {
+        job: job.clone(),
+        node_id: def.id.clone(),
+        commit,
+        guard,
+        also_register: ledger_jobs(bp, job, node),
+        successors: next.into_iter().map(|n| n.report).collect(),
+    })))
 }
 
 /// A redelivered job whose execution is committed: derive the successors again from the

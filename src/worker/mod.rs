@@ -9,14 +9,19 @@
 //! ```
 //!
 //! A delivery is acked only after its effects are committed and its successor jobs are
-//! confirmed by the broker (see [`job`] for the crash windows). When the connection is lost
-//! the session ends — unacked deliveries go back to the queue — and the worker reconnects
-//! with backoff. [`WorkerHandle::shutdown`] stops consuming, lets in-flight jobs finish and
+//! confirmed by the broker (see [`job`] for the crash windows). A worker thread hands the
+//! tail of a job whose node executed (commit, coordinate, publish) off to be run in a batch
+//! with other threads' tails (module `tail`), and takes its next delivery meanwhile. When
+//! the connection is lost the session ends — unacked deliveries go back to the queue — and
+//! the worker reconnects with backoff. [`WorkerHandle::shutdown`] stops consuming, lets in-flight jobs finish and
 //! be acked, then closes cleanly.
 
 mod acks;
 mod job;
 mod pause;
+mod tail;
+
+use tail::{Backoff, Leader, PendingTail};
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +36,7 @@ use crossbeam_channel::{unbounded, Receiver, Select, Sender};
 use crate::amqp::{self, AmqpError, AsyncPublisher, ConfirmPublisher, ConfirmTracker, JobSink};
 use crate::blueprint::Blueprint;
 use crate::coordination::{CoordinationError, RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
+use crate::group::Combiner;
 use crate::local::DEFAULT_MAX_ITERATIONS;
 use crate::node::NodeRegistry;
 use crate::reconciler::Reconciler;
@@ -415,22 +421,25 @@ impl RabbitMqAdapter {
         let (job_tx, job_rx) = unbounded::<Delivery>();
         let (done_tx, done_rx) = unbounded::<Finished>();
         let closed = Arc::new(AtomicBool::new(false));
+        // The session's handed-off job tails (they settle its deliveries).
+        let tails = Combiner::new(tail::MAX_TAILS);
         let end = std::thread::scope(|scope| {
             let mut workers = Vec::new();
             for (i, mut publisher) in publishers.into_iter().enumerate() {
                 let (jobs, done, shared) = (job_rx.clone(), done_tx.clone(), self.shared.clone());
                 let closed = closed.clone();
+                let tails = &tails;
                 let spawned = std::thread::Builder::new()
                     .name(format!("flowcraft-worker-{i}"))
                     .spawn_scoped(scope, move || {
-                        let mut failing = 0u32;
+                        let mut backoff = Backoff::default();
                         for delivery in jobs.iter() {
                             if closed.load(Ordering::SeqCst) {
                                 // The session is over: these deliveries return to the queue.
                                 continue;
                             }
                             let before = publisher.published();
-                            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                            let handled = catch_unwind(AssertUnwindSafe(|| {
                                 job::handle(
                                     &shared,
                                     &delivery.body,
@@ -440,19 +449,35 @@ impl RabbitMqAdapter {
                             }))
                             .unwrap_or_else(|_| {
                                 job::Outcome::DeadLetter("handling this message panicked".into())
+                                    .into()
                             });
-                            if let (job::Outcome::Retry(reason), false) =
-                                (&outcome, closed.load(Ordering::SeqCst))
-                            {
-                                // A service is failing: back off before the message is requeued.
-                                failing = (failing + 1).min(7);
-                                let pause = Duration::from_millis(50 << failing)
-                                    .min(Duration::from_secs(5));
-                                log::warn!("{reason}; retrying in {pause:?}");
-                                std::thread::sleep(pause);
-                            } else {
-                                failing = 0;
-                            }
+                            let outcome = match handled {
+                                job::Handled::Done(outcome) => outcome,
+                                job::Handled::Tail(tail) => {
+                                    // Its commit, coordination and settling are batched with
+                                    // other threads' (see `tail`); this thread goes on.
+                                    let mut leader = Leader {
+                                        shared: &shared,
+                                        publisher: &mut publisher,
+                                        index: i,
+                                        done: &done,
+                                        backoff: &mut backoff,
+                                        closed: &closed,
+                                    };
+                                    tails.hand_off(
+                                        PendingTail { delivery, tail },
+                                        PendingTail::run_id,
+                                        |batch| leader.run(batch),
+                                    );
+                                    continue;
+                                }
+                            };
+                            let retry = match &outcome {
+                                job::Outcome::Retry(reason) => Some(reason.as_str()),
+                                _ => None,
+                            };
+                            // A service is failing: back off before the message is requeued.
+                            backoff.after(retry, closed.load(Ordering::SeqCst));
                             let after = publisher.published();
                             let finished = Finished {
                                 delivery,
