@@ -309,11 +309,15 @@ impl<Req> Combiner<Req> {
 }
 
 /// Runs a batch and applies the failure rules of the module docs: exactly one result per
-/// request.
+/// request (an empty batch does not run).
 pub(crate) fn run_batch<Req, T, E: GroupError>(
     batch: &[Req],
     run: &impl Fn(&[Req]) -> Result<Vec<Result<T, E>>, E>,
 ) -> Vec<Result<T, E>> {
+    if batch.is_empty() {
+        // Nothing to run (and no round trip for it).
+        return Vec::new();
+    }
     let missing = || E::for_caller("the batch returned no result for this request".into());
     match run(batch) {
         Ok(mut results) => {
@@ -377,6 +381,13 @@ mod tests {
             reason: reason.into(),
             every,
         }
+    }
+
+    #[test]
+    fn an_empty_batch_does_not_run() {
+        let results: Vec<Result<u32, TestError>> =
+            run_batch(&[], &|_: &[u32]| panic!("an empty batch ran"));
+        assert!(results.is_empty());
     }
 
     #[test]

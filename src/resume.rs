@@ -302,9 +302,19 @@ impl Resumer<'_> {
         let Some(context) = self.store.complete_run(run_id)? else {
             return Ok(false);
         };
-        log::info!("run {run_id}: completed");
-        self.resume_parent(run_id, &context, publisher)?;
+        self.completed(run_id, &context, publisher)?;
         Ok(true)
+    }
+
+    /// What follows a run's completion (its final `context`): a subflow's parent resumes.
+    pub(crate) fn completed(
+        &self,
+        run_id: &str,
+        context: &ContextMap,
+        publisher: &mut dyn JobSink,
+    ) -> Result<(), WorkerError> {
+        log::info!("run {run_id}: completed");
+        self.resume_parent(run_id, context, publisher)
     }
 
     /// Enqueues what the stored context says is left to run of a running run Redis calls

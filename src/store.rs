@@ -773,31 +773,19 @@ impl RunStore {
     }
 
     /// Applies the commits of a batch its caller gathered itself, in one statement (one
-    /// transaction), outside the commit group: for each, whether it applied. Commits of one
-    /// run must not share a batch (each then runs alone). If the statement fails because of
-    /// a row, each commit runs again alone; if because of the connection, each gets the error.
+    /// transaction), outside the commit group: for each, whether it applied. See
+    /// [`write_gathered`](Self::write_gathered).
     pub(crate) fn commit_nodes(
         &self,
         commits: Vec<(String, NodeCommit, CommitGuard)>,
     ) -> Vec<Result<bool, StoreError>> {
-        let requests: Vec<WriteRequest> = commits
+        let requests = commits
             .into_iter()
             .map(|(run_id, commit, guard)| {
                 WriteRequest::Commit(Box::new(CommitRequest::new(&run_id, commit, guard)))
             })
             .collect();
-        let mut runs: Vec<&str> = requests.iter().map(WriteRequest::run_id).collect();
-        runs.sort_unstable();
-        let distinct = runs.windows(2).all(|w| w[0] != w[1]);
-        let results = if distinct {
-            run_batch(&requests, &|batch| self.write_batch(batch))
-        } else {
-            requests
-                .iter()
-                .flat_map(|r| run_batch(std::slice::from_ref(r), &|b| self.write_batch(b)))
-                .collect()
-        };
-        results
+        self.write_gathered(requests)
             .into_iter()
             .map(|r| match r? {
                 Written::Commit(applied) => Ok(applied),
@@ -806,6 +794,42 @@ impl RunStore {
                 )),
             })
             .collect()
+    }
+
+    /// [`complete_run`](Self::complete_run) for a batch of runs its caller gathered itself,
+    /// in one statement: for each, its final context if this call completed it. See
+    /// [`write_gathered`](Self::write_gathered).
+    pub(crate) fn complete_runs(
+        &self,
+        runs: &[String],
+    ) -> Vec<Result<Option<ContextMap>, StoreError>> {
+        let requests = runs.iter().cloned().map(WriteRequest::Complete).collect();
+        self.write_gathered(requests)
+            .into_iter()
+            .map(|r| match r? {
+                Written::Complete(context) => Ok(context),
+                Written::Commit(_) => Err(StoreError::Grouped(
+                    "a completion got a commit's result".into(),
+                )),
+            })
+            .collect()
+    }
+
+    /// Writes of a batch gathered by the caller (not by the write group): one statement if
+    /// their runs are distinct, else each alone (one statement cannot write a row twice).
+    /// If the statement fails because of a row, each write runs again alone; if because of
+    /// the connection, each gets the error.
+    fn write_gathered(&self, requests: Vec<WriteRequest>) -> Vec<Result<Written, StoreError>> {
+        let mut runs: Vec<&str> = requests.iter().map(WriteRequest::run_id).collect();
+        runs.sort_unstable();
+        if runs.windows(2).all(|w| w[0] != w[1]) {
+            run_batch(&requests, &|batch| self.write_batch(batch))
+        } else {
+            requests
+                .iter()
+                .flat_map(|r| run_batch(std::slice::from_ref(r), &|b| self.write_batch(b)))
+                .collect()
+        }
     }
 
     fn write(&self, request: WriteRequest) -> Result<Written, StoreError> {

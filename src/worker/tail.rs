@@ -10,6 +10,7 @@
 //! has threads, and its statements and pipelines carry more jobs each. A lone thread leads
 //! its own tail at once: with one thread, nothing changes.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,8 +21,10 @@ use crossbeam_channel::Sender;
 use crate::amqp::AsyncPublisher;
 use crate::coordination::{job_id, SuccessorReport};
 use crate::failpoint;
+use crate::node::ContextMap;
 use crate::protocol::JobPayload;
-use crate::store::{CommitGuard, NodeCommit};
+use crate::resume::RunProgress;
+use crate::store::{CommitGuard, NodeCommit, StoreError};
 
 use super::job::{describe, Outcome};
 use super::{pause, Finished, Shared, WorkerError};
@@ -132,12 +135,14 @@ impl Leader<'_> {
             })
             .collect();
         let finished = shared.coord.finish_jobs(calls);
+        // Publish: each job's ready successors.
         let resumer = pause::resumer(shared);
+        let mut published = Vec::new();
         for (slot, finished) in coordinating.into_iter().zip(finished) {
             let Some(p) = slot.take() else { continue };
-            let before = self.publisher.published();
+            let first_tag = self.publisher.published() + 1;
             let t = &p.tail;
-            let published = finished.map_err(WorkerError::from).and_then(|outcome| {
+            let progress = finished.map_err(WorkerError::from).and_then(|outcome| {
                 let Some(bp) = shared.blueprints.get(&t.job.blueprint_id) else {
                     // (Unreachable: checked before the node ran, and a worker's blueprints
                     // do not change. The run then waits for the reconciler.)
@@ -146,7 +151,7 @@ impl Leader<'_> {
                         t.job.run_id,
                         t.job.blueprint_id
                     );
-                    return Ok(());
+                    return Ok(RunProgress::Busy);
                 };
                 let progress = resumer.publish_ready(
                     &t.job.run_id,
@@ -156,22 +161,50 @@ impl Leader<'_> {
                     self.publisher,
                 )?;
                 failpoint::hit("after_publish", &t.job.node_id);
-                resumer.complete_if_idle(&t.job.run_id, progress, self.publisher)?;
-                Ok(())
+                Ok(progress)
             });
-            let outcome = match published {
+            published.push((p, first_tag, progress));
+        }
+        // Final status: the runs now idle complete in one statement.
+        let idle: Vec<String> = published
+            .iter()
+            .filter(|(_, _, progress)| matches!(progress, Ok(RunProgress::Idle)))
+            .map(|(p, _, _)| p.tail.job.run_id.clone())
+            .collect();
+        let mut completed: HashMap<String, Result<Option<ContextMap>, StoreError>> = idle
+            .iter()
+            .cloned()
+            .zip(shared.store.complete_runs(&idle))
+            .collect();
+        for (p, first_tag, progress) in published {
+            let run_id = &p.tail.job.run_id;
+            let result = progress.and_then(|progress| match progress {
+                RunProgress::Busy => Ok(()),
+                RunProgress::Idle => match completed.remove(run_id) {
+                    Some(Ok(Some(context))) => resumer.completed(run_id, &context, self.publisher),
+                    Some(Ok(None)) => Ok(()),
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(StoreError::Grouped("no completion for this run".into()).into()),
+                },
+                RunProgress::IdleUnverified => resumer
+                    .complete_if_idle(run_id, progress, self.publisher)
+                    .map(|_| ()),
+            });
+            let outcome = match result {
                 Ok(()) => Outcome::Ack,
                 Err(e) => {
-                    let reason = format!("{}: {e}", describe(&t.job));
+                    let reason = format!("{}: {e}", describe(&p.tail.job));
                     retrying.get_or_insert_with(|| reason.clone());
                     Outcome::Retry(reason)
                 }
             };
-            let after = self.publisher.published();
+            // Its publishes are numbered `first_tag..=last`; other jobs' may lie between
+            // (they are acked only once all up to `last` are confirmed).
+            let last = self.publisher.published();
             self.settle(
                 p.delivery,
                 outcome,
-                (after > before).then_some((before + 1, after)),
+                (last >= first_tag).then_some((first_tag, last)),
             );
         }
         let closed = self.closed.load(Ordering::SeqCst);
