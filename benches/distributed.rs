@@ -249,6 +249,8 @@ fn timers(runs: usize) {
 }
 
 fn main() {
+    // The worker's warnings (retries, reconnections) show with RUST_LOG=warn.
+    let _ = env_logger::try_init();
     let a = args();
     if std::env::args().any(|x| x == "--list") {
         return;

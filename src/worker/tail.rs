@@ -84,64 +84,67 @@ impl Leader<'_> {
         }
     }
 
+    /// Commit, coordinate, publish and complete for the tails in `pending`; each is taken out
+    /// of its slot only as its delivery is handed on, so a panic finds the rest there.
     fn run_batch(&mut self, pending: &mut [Option<PendingTail>]) {
         let shared = self.shared;
-        // Commit.
+        let mut retries: Vec<(usize, String)> = Vec::new();
+        let mut succeeded = false;
+        // Commit: one statement.
         let commits = pending
             .iter_mut()
             .flatten()
             .map(|p| {
                 let t = &mut p.tail;
-                let guard = t.guard.clone();
-                (t.job.run_id.clone(), std::mem::take(&mut t.commit), guard)
+                (
+                    t.job.run_id.clone(),
+                    std::mem::take(&mut t.commit),
+                    t.guard.clone(),
+                )
             })
             .collect();
-        let applied = shared.store.commit_nodes(commits);
         let mut coordinating = Vec::new();
-        let mut retrying: Option<String> = None;
-        for (slot, applied) in pending.iter_mut().zip(applied) {
-            let Some(p) = slot else { continue };
+        for (i, applied) in shared.store.commit_nodes(commits).into_iter().enumerate() {
+            let Some(t) = tail(pending, i) else { continue };
             match applied {
                 Ok(true) => {
-                    failpoint::hit("after_commit", &p.tail.node_id);
-                    coordinating.push(slot);
+                    failpoint::hit("after_commit", &t.node_id);
+                    coordinating.push(i);
                 }
                 Ok(false) => {
                     log::debug!(
                         "run {}: node '{}' was committed by another delivery",
-                        p.tail.job.run_id,
-                        p.tail.node_id
+                        t.job.run_id,
+                        t.node_id
                     );
-                    let p = slot.take().expect("the slot was just matched");
-                    self.settle(p.delivery, Outcome::Ack, None);
+                    succeeded = true;
+                    self.settle_slot(&mut pending[i], Outcome::Ack, None);
                 }
-                Err(e) => {
-                    let p = slot.take().expect("the slot was just matched");
-                    let reason = format!("{}: {e}", describe(&p.tail.job));
-                    retrying.get_or_insert_with(|| reason.clone());
-                    self.settle(p.delivery, Outcome::Retry(reason), None);
-                }
+                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
             }
         }
-        // Coordinate: one Redis pipeline for the batch.
+        // Coordinate: one Redis pipeline.
         let calls = coordinating
             .iter()
-            .flat_map(|slot| slot.as_ref())
-            .map(|p| {
-                let t = &p.tail;
+            .filter_map(|&i| tail(pending, i))
+            .map(|t| {
                 let me = job_id(&t.job.node_id, t.job.iteration);
-                let run = t.job.run_id.clone();
-                (run, me, t.also_register.clone(), t.successors.clone())
+                let successors = t.successors.clone();
+                (
+                    t.job.run_id.clone(),
+                    me,
+                    t.also_register.clone(),
+                    successors,
+                )
             })
             .collect();
         let finished = shared.coord.finish_jobs(calls);
-        // Publish: each job's ready successors.
+        // Publish each job's ready successors, noting the delivery tags of its publishes.
         let resumer = pause::resumer(shared);
         let mut published = Vec::new();
-        for (slot, finished) in coordinating.into_iter().zip(finished) {
-            let Some(p) = slot.take() else { continue };
-            let first_tag = self.publisher.published() + 1;
-            let t = &p.tail;
+        for (i, finished) in coordinating.into_iter().zip(finished) {
+            let Some(t) = tail(pending, i) else { continue };
+            let before = self.publisher.published();
             let progress = finished.map_err(WorkerError::from).and_then(|outcome| {
                 let Some(bp) = shared.blueprints.get(&t.job.blueprint_id) else {
                     // (Unreachable: checked before the node ran, and a worker's blueprints
@@ -163,22 +166,29 @@ impl Leader<'_> {
                 failpoint::hit("after_publish", &t.job.node_id);
                 Ok(progress)
             });
-            published.push((p, first_tag, progress));
+            let tags = Tags::default().with(before, self.publisher.published());
+            match progress {
+                Ok(progress) => published.push((i, progress, tags)),
+                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+            }
         }
         // Final status: the runs now idle complete in one statement.
         let idle: Vec<String> = published
             .iter()
-            .filter(|(_, _, progress)| matches!(progress, Ok(RunProgress::Idle)))
-            .map(|(p, _, _)| p.tail.job.run_id.clone())
+            .filter(|(_, progress, _)| matches!(progress, RunProgress::Idle))
+            .filter_map(|&(i, _, _)| tail(pending, i))
+            .map(|t| t.job.run_id.clone())
             .collect();
         let mut completed: HashMap<String, Result<Option<ContextMap>, StoreError>> = idle
             .iter()
             .cloned()
             .zip(shared.store.complete_runs(&idle))
             .collect();
-        for (p, first_tag, progress) in published {
-            let run_id = &p.tail.job.run_id;
-            let result = progress.and_then(|progress| match progress {
+        for (i, progress, tags) in published {
+            let Some(t) = tail(pending, i) else { continue };
+            let run_id = &t.job.run_id;
+            let before = self.publisher.published();
+            let result = match progress {
                 RunProgress::Busy => Ok(()),
                 RunProgress::Idle => match completed.remove(run_id) {
                     Some(Ok(Some(context))) => resumer.completed(run_id, &context, self.publisher),
@@ -189,26 +199,41 @@ impl Leader<'_> {
                 RunProgress::IdleUnverified => resumer
                     .complete_if_idle(run_id, progress, self.publisher)
                     .map(|_| ()),
-            });
-            let outcome = match result {
-                Ok(()) => Outcome::Ack,
-                Err(e) => {
-                    let reason = format!("{}: {e}", describe(&p.tail.job));
-                    retrying.get_or_insert_with(|| reason.clone());
-                    Outcome::Retry(reason)
-                }
             };
-            // Its publishes are numbered `first_tag..=last`; other jobs' may lie between
-            // (they are acked only once all up to `last` are confirmed).
-            let last = self.publisher.published();
-            self.settle(
-                p.delivery,
-                outcome,
-                (last >= first_tag).then_some((first_tag, last)),
-            );
+            let tags = tags.with(before, self.publisher.published());
+            match result {
+                Ok(()) => {
+                    succeeded = true;
+                    self.settle_slot(&mut pending[i], Outcome::Ack, tags.range());
+                }
+                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+            }
         }
+        // Retries: when nothing in the batch succeeded (a service is failing), back off
+        // before they are requeued, as a lone job's would; an isolated failure (one bad row)
+        // is requeued at once, so it does not hold up the other jobs' tails.
         let closed = self.closed.load(Ordering::SeqCst);
-        self.backoff.after(retrying.as_deref(), closed);
+        let outage = retries.first().filter(|_| !succeeded);
+        self.backoff
+            .after(outage.map(|(_, reason)| reason.as_str()), closed);
+        for (i, reason) in retries {
+            if succeeded {
+                // (An outage's first reason is logged by the backoff.)
+                log::warn!("{reason}; retrying");
+            }
+            self.settle_slot(&mut pending[i], Outcome::Retry(reason), None);
+        }
+    }
+
+    fn settle_slot(
+        &self,
+        slot: &mut Option<PendingTail>,
+        outcome: Outcome,
+        tags: Option<(u64, u64)>,
+    ) {
+        if let Some(p) = slot.take() {
+            self.settle(p.delivery, outcome, tags);
+        }
     }
 
     fn settle(&self, delivery: Delivery, outcome: Outcome, tags: Option<(u64, u64)>) {
@@ -219,6 +244,37 @@ impl Leader<'_> {
             publisher: self.index,
             tags,
         });
+    }
+}
+
+/// The tail in slot `i`, unless its delivery was handed on.
+fn tail(pending: &[Option<PendingTail>], i: usize) -> Option<&TailJob> {
+    pending[i].as_ref().map(|p| &*p.tail)
+}
+
+/// The delivery tags of one job's publishes: those of its successors and, later, those of
+/// its run's completion (a subflow's parent). Between the two, other jobs may publish; a
+/// range spans them only when a job publishes in both steps (a child run's last job).
+#[derive(Clone, Copy, Default)]
+struct Tags {
+    first: Option<u64>,
+    last: Option<u64>,
+}
+
+impl Tags {
+    /// With the publishes numbered `before + 1 ..= after` (none if `after == before`).
+    fn with(self, before: u64, after: u64) -> Tags {
+        if after <= before {
+            return self;
+        }
+        Tags {
+            first: self.first.or(Some(before + 1)),
+            last: Some(after),
+        }
+    }
+
+    fn range(self) -> Option<(u64, u64)> {
+        self.first.zip(self.last)
     }
 }
 
@@ -245,5 +301,28 @@ impl Backoff {
             Some(_) => {}
             None => self.failing = 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tags;
+
+    #[test]
+    fn a_job_s_tags_cover_its_own_publishes_only() {
+        // Published nothing: no range (it is acked without waiting for others' confirms).
+        assert_eq!(Tags::default().with(4, 4).with(9, 9).range(), None);
+        // Its successors only.
+        assert_eq!(Tags::default().with(4, 6).with(9, 9).range(), Some((5, 6)));
+        // Its run's completion only (a subflow's parent resumed).
+        assert_eq!(
+            Tags::default().with(4, 4).with(9, 10).range(),
+            Some((10, 10))
+        );
+        // Both: the range spans the others' publishes between them.
+        assert_eq!(
+            Tags::default().with(4, 5).with(9, 10).range(),
+            Some((5, 10))
+        );
     }
 }
