@@ -401,43 +401,59 @@ mod tests {
         assert!(!combiner.lock().leading && combiner.lock().queue.is_empty());
     }
 
-    #[test]
-    fn handed_off_requests_all_run_once_never_two_keys_in_a_batch() {
-        let combiner: Arc<Combiner<(usize, String)>> = Arc::new(Combiner::new(16));
-        let ran = Arc::new(Mutex::new(Vec::new()));
-        let threads = 8;
-        let per_thread = 300;
+    /// Runs `work(thread, i)` for `per_thread` values of `i` on `threads` threads released
+    /// together, and waits for them all.
+    fn on_threads(
+        threads: usize,
+        per_thread: usize,
+        work: impl Fn(usize, usize) + Send + Sync + 'static,
+    ) {
         let barrier = Arc::new(Barrier::new(threads));
+        let work = Arc::new(work);
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (combiner, ran, barrier) = (combiner.clone(), ran.clone(), barrier.clone());
+                let (barrier, work) = (barrier.clone(), work.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    for i in 0..per_thread {
-                        let key = format!("k{}", (t / 2) * 1_000 + i);
-                        combiner.hand_off(
-                            (t * 1_000 + i, key),
-                            |(_, k)| Some(k.as_str()),
-                            |batch| {
-                                assert!(batch.len() <= 16);
-                                let mut keys: Vec<&String> = batch.iter().map(|(_, k)| k).collect();
-                                keys.sort();
-                                keys.dedup();
-                                assert_eq!(keys.len(), batch.len(), "a key twice in one batch");
-                                ran.lock().unwrap().extend(batch.iter().map(|(n, _)| *n));
-                            },
-                        );
-                    }
+                    (0..per_thread).for_each(|i| work(t, i));
                 })
             })
             .collect();
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    /// The request of thread `t`, call `i`: its number, and a key that the other thread of
+    /// its pair uses too (so keys collide now and then).
+    fn request(t: usize, i: usize) -> (usize, String) {
+        (t * 1_000 + i, format!("k{}", (t / 2) * 1_000 + i))
+    }
+
+    #[test]
+    fn handed_off_requests_all_run_once_never_two_keys_in_a_batch() {
+        let (threads, per_thread) = (8, 300);
+        let combiner: Arc<Combiner<(usize, String)>> = Arc::new(Combiner::new(16));
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let (shared, ran_by) = (combiner.clone(), ran.clone());
+        on_threads(threads, per_thread, move |t, i| {
+            shared.hand_off(
+                request(t, i),
+                |(_, k)| Some(k.as_str()),
+                |batch| {
+                    assert!(batch.len() <= 16);
+                    let mut keys: Vec<&String> = batch.iter().map(|(_, k)| k).collect();
+                    keys.sort();
+                    keys.dedup();
+                    assert_eq!(keys.len(), batch.len(), "a key twice in one batch");
+                    ran_by.lock().unwrap().extend(batch.iter().map(|(n, _)| *n));
+                },
+            );
+        });
         let mut ran = ran.lock().unwrap().clone();
         ran.sort();
         let expected: Vec<usize> = (0..threads)
-            .flat_map(|t| (0..per_thread).map(move |i| t * 1_000 + i))
+            .flat_map(|t| (0..per_thread).map(move |i| request(t, i).0))
             .collect();
         assert_eq!(ran, expected, "a request ran twice or never");
         assert!(!combiner.lock().leading && combiner.lock().queue.is_empty());
@@ -475,40 +491,26 @@ mod tests {
 
     #[test]
     fn concurrent_callers_share_batches_and_each_gets_its_own_response() {
+        let (threads, per_thread) = (8, 200);
         let group: Arc<Group<(usize, String), usize, TestError>> = Arc::new(Group::new(64));
         let batches = Arc::new(AtomicUsize::new(0));
-        let threads = 8;
-        let per_thread = 200;
-        let barrier = Arc::new(Barrier::new(threads));
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (group, batches, barrier) = (group.clone(), batches.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    for i in 0..per_thread {
-                        let n = t * 1_000 + i;
-                        // Two keys per thread pair collide now and then.
-                        let key = format!("k{}", (t / 2) * 1_000 + i);
-                        let r = group.submit(
-                            (n, key),
-                            |(_, k)| Some(k.as_str()),
-                            |batch| {
-                                batches.fetch_add(1, Ordering::SeqCst);
-                                let mut keys: Vec<&String> = batch.iter().map(|(_, k)| k).collect();
-                                keys.sort();
-                                keys.dedup();
-                                assert_eq!(keys.len(), batch.len(), "a key twice in one batch");
-                                Ok(batch.iter().map(|(n, _)| Ok(n + 1)).collect())
-                            },
-                        );
-                        assert_eq!(r, Ok(n + 1));
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
+        let (shared, counted) = (group.clone(), batches.clone());
+        on_threads(threads, per_thread, move |t, i| {
+            let (n, key) = request(t, i);
+            let r = shared.submit(
+                (n, key),
+                |(_, k)| Some(k.as_str()),
+                |batch| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut keys: Vec<&String> = batch.iter().map(|(_, k)| k).collect();
+                    keys.sort();
+                    keys.dedup();
+                    assert_eq!(keys.len(), batch.len(), "a key twice in one batch");
+                    Ok(batch.iter().map(|(n, _)| Ok(n + 1)).collect())
+                },
+            );
+            assert_eq!(r, Ok(n + 1));
+        });
         assert!(batches.load(Ordering::SeqCst) <= threads * per_thread);
         assert!(group.lock().queue.is_empty() && group.lock().results.is_empty());
     }

@@ -412,6 +412,28 @@ enum Written {
     Complete(Option<ContextMap>),
 }
 
+impl Written {
+    /// A commit's result.
+    fn applied(self) -> Result<bool, StoreError> {
+        match self {
+            Written::Commit(applied) => Ok(applied),
+            Written::Complete(_) => Err(StoreError::Grouped(
+                "a commit got a completion's result".into(),
+            )),
+        }
+    }
+
+    /// A completion's result.
+    fn completed(self) -> Result<Option<ContextMap>, StoreError> {
+        match self {
+            Written::Complete(context) => Ok(context),
+            Written::Commit(_) => Err(StoreError::Grouped(
+                "a completion got a commit's result".into(),
+            )),
+        }
+    }
+}
+
 /// The rows of the commits that applied, in a write statement.
 const APPLIED: &str = "SELECT ord, NULL::text, NULL::jsonb FROM c";
 /// The rows of the completed runs, in a write statement.
@@ -752,24 +774,15 @@ impl RunStore {
         guard: CommitGuard,
     ) -> Result<bool, StoreError> {
         let request = WriteRequest::Commit(Box::new(CommitRequest::new(run_id, commit, guard)));
-        match self.write(request)? {
-            Written::Commit(applied) => Ok(applied),
-            Written::Complete(_) => Err(StoreError::Grouped(
-                "a commit got a completion's result".into(),
-            )),
-        }
+        self.write(request)?.applied()
     }
 
     /// Marks a running run `completed` with its final context, unless it awaits a node.
     /// Returns the final context when this call completed the run. Shares a statement with
     /// concurrent node commits and completions.
     pub fn complete_run(&self, run_id: &str) -> Result<Option<ContextMap>, StoreError> {
-        match self.write(WriteRequest::Complete(run_id.to_string()))? {
-            Written::Complete(context) => Ok(context),
-            Written::Commit(_) => Err(StoreError::Grouped(
-                "a completion got a commit's result".into(),
-            )),
-        }
+        self.write(WriteRequest::Complete(run_id.to_string()))?
+            .completed()
     }
 
     /// Applies the commits of a batch its caller gathered itself, in one statement (one
@@ -787,12 +800,7 @@ impl RunStore {
             .collect();
         self.write_gathered(requests)
             .into_iter()
-            .map(|r| match r? {
-                Written::Commit(applied) => Ok(applied),
-                Written::Complete(_) => Err(StoreError::Grouped(
-                    "a commit got a completion's result".into(),
-                )),
-            })
+            .map(|r| r?.applied())
             .collect()
     }
 
@@ -806,12 +814,7 @@ impl RunStore {
         let requests = runs.iter().cloned().map(WriteRequest::Complete).collect();
         self.write_gathered(requests)
             .into_iter()
-            .map(|r| match r? {
-                Written::Complete(context) => Ok(context),
-                Written::Commit(_) => Err(StoreError::Grouped(
-                    "a completion got a commit's result".into(),
-                )),
-            })
+            .map(|r| r?.completed())
             .collect()
     }
 
