@@ -9,6 +9,11 @@
 //! acked once its publishes are confirmed. So a process keeps more jobs in flight than it
 //! has threads, and its statements and pipelines carry more jobs each. A lone thread leads
 //! its own tail at once: with one thread, nothing changes.
+//!
+//! The batch's statements run outside the store's write group (which carries pauses,
+//! resumes and other completions), so two statements of one process may wait on each
+//! other's rows, as statements of two processes always could; PostgreSQL breaks a deadlock
+//! by failing one statement, whose writes then run again one by one.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
