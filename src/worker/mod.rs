@@ -464,12 +464,14 @@ impl RabbitMqAdapter {
                                         done: &done,
                                         backoff: &mut backoff,
                                         closed: &closed,
+                                        deferred: Vec::new(),
                                     };
                                     tails.hand_off(
                                         PendingTail { delivery, tail },
                                         PendingTail::run_id,
                                         |batch| leader.run(batch),
                                     );
+                                    leader.settle_deferred();
                                     continue;
                                 }
                             };
@@ -614,8 +616,13 @@ impl<'c, 'a> Settler<'c, 'a> {
     }
 
     fn finished(&mut self, f: Finished) -> Result<(), amiquip::Error> {
+        // Behind an earlier one still waiting on the same channel, it waits too: each is
+        // checked for refusals in the order they were sent.
+        let waiting = &self.waiting[f.publisher];
         match f.tags {
-            Some((_, last)) if self.trackers[f.publisher].confirmed() < last => {
+            Some((_, last))
+                if self.trackers[f.publisher].confirmed() < last || !waiting.is_empty() =>
+            {
                 self.waiting[f.publisher].push_back(f);
                 Ok(())
             }

@@ -73,19 +73,41 @@ pub(super) struct Leader<'a> {
     pub(super) backoff: &'a mut Backoff,
     /// Whether the session is over (failures then wait for nothing).
     pub(super) closed: &'a AtomicBool,
+    /// Deliveries to requeue after a backoff, once this thread no longer leads (see
+    /// [`settle_deferred`](Self::settle_deferred)), with the reason.
+    pub(super) deferred: Vec<(Delivery, String)>,
 }
 
 impl Leader<'_> {
-    /// Runs a batch of tails and hands each delivery on to be settled. A panic fails (and
-    /// dead-letters) the deliveries not yet handed on, as it would a job's.
+    /// Runs a batch of tails and hands each delivery on to be settled. If that panics, the
+    /// deliveries not yet handed on are requeued: the batch does not tell whose tail
+    /// panicked, and a job whose commit applied must come back to coordinate. (A tail that
+    /// panics each time is dead-lettered after repeated failures, as any failing job.)
     pub(super) fn run(&mut self, batch: Vec<PendingTail>) {
         let mut pending: Vec<Option<PendingTail>> = batch.into_iter().map(Some).collect();
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.run_batch(&mut pending)));
-        if outcome.is_err() {
-            for p in pending.iter_mut().filter_map(Option::take) {
-                let panicked = Outcome::DeadLetter("handling this message panicked".into());
-                self.settle(p.delivery, panicked, None);
-            }
+        let reason = match catch_unwind(AssertUnwindSafe(|| self.run_batch(&mut pending))) {
+            Ok(()) => "its tail was left unsettled",
+            Err(_) => "a batch of job tails panicked",
+        };
+        for p in pending.iter_mut().filter_map(Option::take) {
+            let reason = format!("{}: {reason}", describe(&p.tail.job));
+            log::error!("{reason}; requeueing it");
+            self.settle(p.delivery, Outcome::Retry(reason), None);
+        }
+    }
+
+    /// Requeues the deliveries of batches in which nothing succeeded (a service is failing),
+    /// after the thread's backoff: called once it no longer leads, so that the wait holds up
+    /// no other thread's tails.
+    pub(super) fn settle_deferred(&mut self) {
+        let Some((_, reason)) = self.deferred.first() else {
+            return;
+        };
+        let reason = reason.clone();
+        self.backoff
+            .after(Some(&reason), self.closed.load(Ordering::SeqCst));
+        for (delivery, reason) in std::mem::take(&mut self.deferred) {
+            self.settle(delivery, Outcome::Retry(reason), None);
         }
     }
 
@@ -147,6 +169,7 @@ impl Leader<'_> {
         // Publish each job's ready successors, noting the delivery tags of its publishes.
         let resumer = pause::resumer(shared);
         let mut published = Vec::new();
+        let mut acked: Vec<(usize, Tags)> = Vec::new();
         for (i, finished) in coordinating.into_iter().zip(finished) {
             let Some(t) = tail(pending, i) else { continue };
             let before = self.publisher.published();
@@ -207,26 +230,31 @@ impl Leader<'_> {
             };
             let tags = tags.with(before, self.publisher.published());
             match result {
-                Ok(()) => {
-                    succeeded = true;
-                    self.settle_slot(&mut pending[i], Outcome::Ack, tags.range());
-                }
+                Ok(()) => acked.push((i, tags)),
                 Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
             }
         }
-        // Retries: when nothing in the batch succeeded (a service is failing), back off
-        // before they are requeued, as a lone job's would; an isolated failure (one bad row)
-        // is requeued at once, so it does not hold up the other jobs' tails.
-        let closed = self.closed.load(Ordering::SeqCst);
-        let outage = retries.first().filter(|_| !succeeded);
-        self.backoff
-            .after(outage.map(|(_, reason)| reason.as_str()), closed);
+        // Settled in the order of their first tags, so that the consumer thread sees each
+        // publisher's ranges in order (it forgets refusals before the range it checks).
+        acked.sort_by_key(|(_, tags)| tags.first);
+        succeeded |= !acked.is_empty();
+        for (i, tags) in acked {
+            self.settle_slot(&mut pending[i], Outcome::Ack, tags.range());
+        }
+        // Retries. When nothing in the batch succeeded (a service is failing), they are
+        // requeued after a backoff, as a lone job's would be (`settle_deferred`); an isolated
+        // failure (one bad row) is requeued at once.
+        if succeeded {
+            self.backoff.after(None, false);
+        }
         for (i, reason) in retries {
+            let Some(p) = pending[i].take() else { continue };
             if succeeded {
-                // (An outage's first reason is logged by the backoff.)
                 log::warn!("{reason}; retrying");
+                self.settle(p.delivery, Outcome::Retry(reason), None);
+            } else {
+                self.deferred.push((p.delivery, reason));
             }
-            self.settle_slot(&mut pending[i], Outcome::Retry(reason), None);
         }
     }
 
