@@ -185,31 +185,22 @@ impl<Req, T, E: GroupError> Group<Req, T, E> {
         }
     }
 
-    /// Takes the next batch off the queue, oldest first, skipping requests whose key is
-    /// already in the batch (they stay queued, in order).
+    /// Takes the next batch off the queue ([`take_batch`]): its tickets, callers and
+    /// requests.
     fn take_batch(
         &self,
         state: &mut State<Req, Result<T, E>>,
         key: &impl Fn(&Req) -> Option<&str>,
     ) -> (Vec<u64>, Vec<Thread>, Vec<Req>) {
-        let mut tickets = Vec::new();
-        let mut callers = Vec::new();
-        let mut batch: Vec<Req> = Vec::new();
-        let mut kept = VecDeque::new();
-        while let Some(queued) = state.queue.pop_front() {
-            let conflicts = batch.len() >= self.max_batch
-                || key(&queued.request).is_some_and(|k| batch.iter().any(|b| key(b) == Some(k)));
-            if conflicts {
-                kept.push_back(queued);
-            } else {
-                tickets.push(queued.ticket);
-                callers.push(queued.caller);
-                batch.push(queued.request);
-            }
-        }
-        state.queue = kept;
+        let taken = take_batch(&mut state.queue, self.max_batch, |q| key(&q.request));
         self.queued.store(state.queue.len(), Ordering::Release);
-        (tickets, callers, batch)
+        let mut batch = (Vec::new(), Vec::new(), Vec::new());
+        for queued in taken {
+            batch.0.push(queued.ticket);
+            batch.1.push(queued.caller);
+            batch.2.push(queued.request);
+        }
+        batch
     }
 }
 
@@ -273,7 +264,7 @@ impl<Req> Combiner<Req> {
         let resign = Resign(self);
         loop {
             let mut state = self.lock();
-            let batch = self.take_batch(&mut state, &key);
+            let batch = take_batch(&mut state.queue, self.max_batch, &key);
             if batch.is_empty() {
                 // Under the lock: a request queued from now on finds nobody leading (and
                 // may lead at once, so `resign` must not step down again later).
@@ -286,26 +277,24 @@ impl<Req> Combiner<Req> {
             run(batch);
         }
     }
+}
 
-    fn take_batch(
-        &self,
-        state: &mut CombinerState<Req>,
-        key: &impl Fn(&Req) -> Option<&str>,
-    ) -> Vec<Req> {
-        let mut batch: Vec<Req> = Vec::new();
-        let mut kept = VecDeque::new();
-        while let Some(request) = state.queue.pop_front() {
-            let conflicts = batch.len() >= self.max_batch
-                || key(&request).is_some_and(|k| batch.iter().any(|b| key(b) == Some(k)));
-            if conflicts {
-                kept.push_back(request);
-            } else {
-                batch.push(request);
-            }
+/// Takes the next batch off `queue`, oldest first: at most `max` items, never two whose
+/// `key` is the same `Some` (the ones left out stay queued, in order).
+fn take_batch<Q>(queue: &mut VecDeque<Q>, max: usize, key: impl Fn(&Q) -> Option<&str>) -> Vec<Q> {
+    let mut batch: Vec<Q> = Vec::new();
+    let mut kept = VecDeque::new();
+    while let Some(item) = queue.pop_front() {
+        let conflicts = batch.len() >= max
+            || key(&item).is_some_and(|k| batch.iter().any(|b| key(b) == Some(k)));
+        if conflicts {
+            kept.push_back(item);
+        } else {
+            batch.push(item);
         }
-        state.queue = kept;
-        batch
     }
+    *queue = kept;
+    batch
 }
 
 /// Runs a batch and applies the failure rules of the module docs: exactly one result per
