@@ -241,7 +241,7 @@ impl Resumer<'_> {
         let outcome = self
             .coord
             .finish_job(run_id, job, also_register, successors)?;
-        self.publish_ready(run_id, bp, successors, &outcome, publisher)
+        self.publish_ready(run_id, bp.id(), successors, &outcome, publisher)
     }
 
     /// The second half of [`finish_job`](Self::finish_job), after the Redis step: publishes
@@ -249,7 +249,7 @@ impl Resumer<'_> {
     pub(crate) fn publish_ready(
         &self,
         run_id: &str,
-        bp: &Blueprint,
+        blueprint_id: &str,
         successors: &[SuccessorReport],
         outcome: &FinishOutcome,
         publisher: &mut dyn JobSink,
@@ -258,7 +258,7 @@ impl Resumer<'_> {
             .iter()
             .zip(&outcome.ready)
             .filter(|(_, ready)| **ready)
-            .map(|(s, _)| JobPayload::new(run_id, bp.id(), &s.node, s.iteration).to_body())
+            .map(|(s, _)| JobPayload::new(run_id, blueprint_id, &s.node, s.iteration).to_body())
             .collect();
         if !bodies.is_empty() {
             publisher.publish_jobs("", self.queue, &bodies)?;

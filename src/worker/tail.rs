@@ -174,19 +174,9 @@ impl Leader<'_> {
             let Some(t) = tail(pending, i) else { continue };
             let before = self.publisher.published();
             let progress = finished.map_err(WorkerError::from).and_then(|outcome| {
-                let Some(bp) = shared.blueprints.get(&t.job.blueprint_id) else {
-                    // (Unreachable: checked before the node ran, and a worker's blueprints
-                    // do not change. The run then waits for the reconciler.)
-                    log::error!(
-                        "run {}: blueprint '{}' vanished",
-                        t.job.run_id,
-                        t.job.blueprint_id
-                    );
-                    return Ok(RunProgress::Busy);
-                };
                 let progress = resumer.publish_ready(
                     &t.job.run_id,
-                    bp,
+                    &t.job.blueprint_id,
                     &t.successors,
                     &outcome,
                     self.publisher,
