@@ -369,8 +369,8 @@ impl NodeCommit {
 
 /// PostgreSQL access for one pair of context/status tables.
 ///
-/// Snapshot reads, and node commits with run completions, of concurrent callers (clones of
-/// one store share this) are grouped: one statement, one round trip and one fsync for the batch
+/// Snapshot reads and node commits of concurrent callers (clones of one store share this)
+/// are grouped: one statement, one round trip and one fsync for the batch
 /// ([`crate::group`]); a lone caller runs alone, at once.
 #[derive(Clone)]
 pub struct RunStore {
@@ -383,61 +383,8 @@ pub struct RunStore {
 /// Batches of concurrent requests (see [`crate::group`]).
 struct Groups {
     load: Group<String, Option<RunSnapshot>, StoreError>,
-    /// Node commits and run completions: the writes of the per-job path, which share a
-    /// statement (one transaction, one fsync) when they coincide.
-    write: Group<WriteRequest, Written, StoreError>,
+    commit: Group<CommitRequest, bool, StoreError>,
 }
-
-/// A write of the grouped statement.
-enum WriteRequest {
-    Commit(Box<CommitRequest>),
-    /// Complete this run.
-    Complete(String),
-}
-
-impl WriteRequest {
-    fn run_id(&self) -> &str {
-        match self {
-            WriteRequest::Commit(c) => &c.run_id,
-            WriteRequest::Complete(run_id) => run_id,
-        }
-    }
-}
-
-/// The result of a [`WriteRequest`].
-enum Written {
-    /// Whether the commit applied.
-    Commit(bool),
-    /// The final context, if this call completed the run.
-    Complete(Option<ContextMap>),
-}
-
-impl Written {
-    /// A commit's result.
-    fn applied(self) -> Result<bool, StoreError> {
-        match self {
-            Written::Commit(applied) => Ok(applied),
-            Written::Complete(_) => Err(StoreError::Grouped(
-                "a commit got a completion's result".into(),
-            )),
-        }
-    }
-
-    /// A completion's result.
-    fn completed(self) -> Result<Option<ContextMap>, StoreError> {
-        match self {
-            Written::Complete(context) => Ok(context),
-            Written::Commit(_) => Err(StoreError::Grouped(
-                "a completion got a commit's result".into(),
-            )),
-        }
-    }
-}
-
-/// The rows of the commits that applied, in a write statement.
-const APPLIED: &str = "SELECT ord, NULL::text, NULL::jsonb FROM c";
-/// The rows of the completed runs, in a write statement.
-const COMPLETED: &str = "SELECT NULL::bigint, run_id, context_data FROM done";
 
 /// Most requests one grouped statement carries.
 const MAX_BATCH: usize = 64;
@@ -497,7 +444,6 @@ struct Statements {
     load: String,
     commit: String,
     complete: String,
-    commit_and_complete: String,
     fail: String,
     set_status: String,
     status: String,
@@ -568,31 +514,21 @@ impl RunStore {
                           OR st.updated_at < NOW() - interval '1 second')
                    RETURNING 1)"
         );
-        // Completes the runs of the array parameter `runs` that are running and await nothing.
-        let complete = |runs: &str| {
-            format!(
-            "UPDATE {s} st SET status = 'completed', updated_at = NOW(),
-               result = jsonb_build_object('status', 'completed', 'context', c.context_data,
-                                           'serializedContext', c.context_data::text)
-             FROM {c} c
-             WHERE st.run_id = ANY({runs}::text[]) AND c.run_id = st.run_id AND st.status = 'running'
-               AND COALESCE(jsonb_array_length(c.context_data->'_awaitingNodeIds'), 0) = 0
-             RETURNING st.run_id, c.context_data"
-        )
-        };
         let sql = Statements {
             load: format!(
                 "SELECT c.run_id, c.context_data, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id)
                  FROM {c} c WHERE c.run_id = ANY($1::text[])"
             ),
-            // The three write statements return rows of one shape: the ordinal of a commit
-            // that applied, or a completed run and its final context.
-            commit: format!("{commit_ctes} {APPLIED}"),
-            complete: format!("WITH done AS ({}) {COMPLETED}", complete("$1")),
-            // (Both in one statement: their runs are distinct.)
-            commit_and_complete: format!(
-                "{commit_ctes}, done AS ({}) {APPLIED} UNION ALL {COMPLETED}",
-                complete("$11")
+            commit: format!("{commit_ctes} SELECT ord FROM c"),
+            // Completes the runs $1 that are running and await nothing.
+            complete: format!(
+                "UPDATE {s} st SET status = 'completed', updated_at = NOW(),
+                   result = jsonb_build_object('status', 'completed', 'context', c.context_data,
+                                               'serializedContext', c.context_data::text)
+                 FROM {c} c
+                 WHERE st.run_id = ANY($1::text[]) AND c.run_id = st.run_id AND st.status = 'running'
+                   AND COALESCE(jsonb_array_length(c.context_data->'_awaitingNodeIds'), 0) = 0
+                 RETURNING st.run_id, c.context_data"
             ),
             fail: format!(
                 "INSERT INTO {s} (run_id, status, updated_at, result)
@@ -697,7 +633,7 @@ impl RunStore {
             sql,
             groups: Arc::new(Groups {
                 load: Group::new(MAX_BATCH),
-                write: Group::new(MAX_BATCH),
+                commit: Group::new(MAX_BATCH),
             }),
         })
     }
@@ -765,141 +701,113 @@ impl RunStore {
     }
 
     /// Applies a node's effects if its guard holds; returns whether they were applied.
-    /// Concurrent commits of different runs share one statement (one transaction), with
-    /// concurrent [completions](RunStore::complete_run).
+    /// Concurrent commits of different runs share one statement (one transaction).
     pub fn commit_node(
         &self,
         run_id: &str,
         commit: NodeCommit,
         guard: CommitGuard,
     ) -> Result<bool, StoreError> {
-        let request = WriteRequest::Commit(Box::new(CommitRequest::new(run_id, commit, guard)));
-        self.write(request)?.applied()
-    }
-
-    /// Marks a running run `completed` with its final context, unless it awaits a node.
-    /// Returns the final context when this call completed the run. Shares a statement with
-    /// concurrent node commits and completions.
-    pub fn complete_run(&self, run_id: &str) -> Result<Option<ContextMap>, StoreError> {
-        self.write(WriteRequest::Complete(run_id.to_string()))?
-            .completed()
+        self.groups.commit.submit(
+            CommitRequest::new(run_id, commit, guard),
+            |r| Some(r.run_id.as_str()),
+            |batch| self.commit_batch(batch),
+        )
     }
 
     /// Applies the commits of a batch its caller gathered itself, in one statement (one
-    /// transaction), outside the commit group: for each, whether it applied. See
-    /// [`write_gathered`](Self::write_gathered).
+    /// transaction), outside the commit group: for each, whether it applied. Commits of one
+    /// run cannot share a statement; if the batch holds some, each commit runs alone. If the
+    /// statement fails because of a row, each commit runs again alone; if because of the
+    /// connection, each gets the error.
     pub(crate) fn commit_nodes(
         &self,
         commits: Vec<(String, NodeCommit, CommitGuard)>,
     ) -> Vec<Result<bool, StoreError>> {
-        let requests = commits
+        let requests: Vec<CommitRequest> = commits
             .into_iter()
-            .map(|(run_id, commit, guard)| {
-                WriteRequest::Commit(Box::new(CommitRequest::new(&run_id, commit, guard)))
-            })
+            .map(|(run_id, commit, guard)| CommitRequest::new(&run_id, commit, guard))
             .collect();
-        self.write_gathered(requests)
-            .into_iter()
-            .map(|r| r?.applied())
-            .collect()
-    }
-
-    /// [`complete_run`](Self::complete_run) for a batch of runs its caller gathered itself,
-    /// in one statement: for each, its final context if this call completed it. See
-    /// [`write_gathered`](Self::write_gathered).
-    pub(crate) fn complete_runs(
-        &self,
-        runs: &[String],
-    ) -> Vec<Result<Option<ContextMap>, StoreError>> {
-        let requests = runs.iter().cloned().map(WriteRequest::Complete).collect();
-        self.write_gathered(requests)
-            .into_iter()
-            .map(|r| r?.completed())
-            .collect()
-    }
-
-    /// Writes of a batch gathered by the caller (not by the write group): one statement if
-    /// their runs are distinct, else each alone (one statement cannot write a row twice).
-    /// If the statement fails because of a row, each write runs again alone; if because of
-    /// the connection, each gets the error.
-    fn write_gathered(&self, requests: Vec<WriteRequest>) -> Vec<Result<Written, StoreError>> {
-        let mut runs: Vec<&str> = requests.iter().map(WriteRequest::run_id).collect();
+        let mut runs: Vec<&str> = requests.iter().map(|r| r.run_id.as_str()).collect();
         runs.sort_unstable();
         if runs.windows(2).all(|w| w[0] != w[1]) {
-            run_batch(&requests, &|batch| self.write_batch(batch))
+            run_batch(&requests, &|batch| self.commit_batch(batch))
         } else {
             requests
                 .iter()
-                .flat_map(|r| run_batch(std::slice::from_ref(r), &|b| self.write_batch(b)))
+                .flat_map(|r| run_batch(std::slice::from_ref(r), &|b| self.commit_batch(b)))
                 .collect()
         }
     }
 
-    fn write(&self, request: WriteRequest) -> Result<Written, StoreError> {
-        self.groups.write.submit(
-            request,
-            |r| Some(r.run_id()),
-            |batch| self.write_batch(batch),
-        )
-    }
-
-    /// One statement for a batch of writes of distinct runs: the commits (in run order, so
-    /// that concurrent batches lock context rows in one order) and the completions.
-    fn write_batch(
+    /// One statement for a batch of commits of distinct runs; for each, whether it applied.
+    fn commit_batch(
         &self,
-        batch: &[WriteRequest],
-    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
-        let mut commits: Vec<&CommitRequest> = Vec::new();
-        let mut completes: Vec<&str> = Vec::new();
-        for request in batch {
-            match request {
-                WriteRequest::Commit(c) => commits.push(c),
-                WriteRequest::Complete(run_id) => completes.push(run_id),
-            }
-        }
-        commits.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        batch: &[CommitRequest],
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        // Sorted by run, so that concurrent batches lock context rows in one order.
+        let mut rows: Vec<&CommitRequest> = batch.iter().collect();
+        rows.sort_by(|a, b| a.run_id.cmp(&b.run_id));
         fn column<'a, T>(rows: &[&'a CommitRequest], f: impl Fn(&'a CommitRequest) -> T) -> Vec<T> {
             rows.iter().map(|&r| f(r)).collect()
         }
-        let mut connection = self.pool.get()?;
-        let returned = if commits.is_empty() {
-            connection.query_prepared(&self.sql.complete, &[&completes])?
-        } else {
-            let params: [&(dyn ToSql + Sync); 10] = [
-                &column(&commits, |r| r.run_id.as_str()),
-                &column(&commits, |r| &r.delete),
-                &column(&commits, |r| &r.set),
-                &column(&commits, |r| r.output_key.as_str()),
-                &column(&commits, |r| r.meta_key.as_str()),
-                &column(&commits, |r| r.iteration),
-                &column(&commits, |r| r.repeats),
-                &column(&commits, |r| r.awaiting_id.as_deref()),
-                &column(&commits, |r| &r.awaiting_details),
-                &column(&commits, |r| &r.set_if_absent),
-            ];
-            if completes.is_empty() {
-                connection.query_prepared(&self.sql.commit, &params)?
-            } else {
-                let mut all = params.to_vec();
-                all.push(&completes);
-                connection.query_prepared(&self.sql.commit_and_complete, &all)?
-            }
-        };
-        drop(connection);
-        let mut applied: HashMap<&str, bool> = HashMap::with_capacity(commits.len());
-        let mut completed: HashMap<String, Result<ContextMap, StoreError>> = HashMap::new();
+        let returned = self.pool.get()?.query_prepared(
+            &self.sql.commit,
+            &[
+                &column(&rows, |r| r.run_id.as_str()),
+                &column(&rows, |r| &r.delete),
+                &column(&rows, |r| &r.set),
+                &column(&rows, |r| r.output_key.as_str()),
+                &column(&rows, |r| r.meta_key.as_str()),
+                &column(&rows, |r| r.iteration),
+                &column(&rows, |r| r.repeats),
+                &column(&rows, |r| r.awaiting_id.as_deref()),
+                &column(&rows, |r| &r.awaiting_details),
+                &column(&rows, |r| &r.set_if_absent),
+            ],
+        )?;
+        let mut applied: HashMap<&str, bool> = HashMap::with_capacity(rows.len());
         for row in returned {
-            if let Some(ordinal) = row.try_get::<_, Option<i64>>(0)? {
-                let commit = usize::try_from(ordinal - 1)
-                    .ok()
-                    .and_then(|i| commits.get(i));
-                if let Some(commit) = commit {
-                    applied.insert(commit.run_id.as_str(), true);
-                }
-                continue;
+            let ordinal: i64 = row.try_get(0)?;
+            if let Some(r) = usize::try_from(ordinal - 1).ok().and_then(|i| rows.get(i)) {
+                applied.insert(r.run_id.as_str(), true);
             }
-            let run_id: String = row.try_get(1)?;
-            let context = match row.try_get::<_, Value>(2)? {
+        }
+        Ok(batch
+            .iter()
+            .map(|r| Ok(applied.contains_key(r.run_id.as_str())))
+            .collect())
+    }
+
+    /// Marks a running run `completed` with its final context, unless it awaits a node.
+    /// Returns the final context when this call completed the run.
+    pub fn complete_run(&self, run_id: &str) -> Result<Option<ContextMap>, StoreError> {
+        let mut completed = self.complete_runs(&[run_id.to_string()]);
+        completed.pop().unwrap_or(Ok(None))
+    }
+
+    /// [`complete_run`](Self::complete_run) for several runs in one statement: for each, its
+    /// final context if this call completed it (a run named twice is completed once). If the
+    /// statement fails, the failure rules of grouped calls apply.
+    pub(crate) fn complete_runs(
+        &self,
+        runs: &[String],
+    ) -> Vec<Result<Option<ContextMap>, StoreError>> {
+        run_batch(runs, &|batch| self.complete_batch(batch))
+    }
+
+    fn complete_batch(
+        &self,
+        runs: &[String],
+    ) -> Result<Vec<Result<Option<ContextMap>, StoreError>>, StoreError> {
+        let rows = self
+            .pool
+            .get()?
+            .query_prepared(&self.sql.complete, &[&runs])?;
+        let mut completed: HashMap<String, Result<ContextMap, StoreError>> = HashMap::new();
+        for row in rows {
+            let run_id: String = row.try_get(0)?;
+            let context = match row.try_get::<_, Value>(1)? {
                 Value::Object(context) => Ok(context),
                 _ => Err(StoreError::Malformed {
                     run_id: run_id.clone(),
@@ -908,17 +816,9 @@ impl RunStore {
             };
             completed.insert(run_id, context);
         }
-        Ok(batch
+        Ok(runs
             .iter()
-            .map(|r| match r {
-                WriteRequest::Commit(c) => {
-                    Ok(Written::Commit(applied.contains_key(c.run_id.as_str())))
-                }
-                WriteRequest::Complete(run_id) => completed
-                    .remove(run_id.as_str())
-                    .transpose()
-                    .map(Written::Complete),
-            })
+            .map(|run| completed.remove(run).transpose())
             .collect())
     }
 
