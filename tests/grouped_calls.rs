@@ -84,8 +84,8 @@ fn concurrent_commits_apply_once_per_node_and_lose_no_update() {
     }
 }
 
-/// Node commits and run completions share the write statement: each caller still gets its
-/// own answer, a completed run is completed once, and a run that awaits a node is not.
+/// Concurrent node commits and run completions: each caller gets its own answer, a completed
+/// run is completed once, and a run that awaits a node is not.
 #[test]
 fn concurrent_commits_and_completions_each_get_their_own_answer() {
     const PER_THREAD: usize = 10;
