@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use amiquip::Delivery;
 use crossbeam_channel::Sender;
@@ -32,7 +31,7 @@ use crate::resume::RunProgress;
 use crate::store::{CommitGuard, NodeCommit, StoreError};
 
 use super::job::{describe, Outcome};
-use super::{pause, Finished, Shared, WorkerError};
+use super::{pause, Backoff, Finished, Shared, WorkerError};
 
 /// Most job tails one batch carries.
 pub(super) const MAX_TAILS: usize = 64;
@@ -298,32 +297,6 @@ impl Tags {
 
     fn range(self) -> Option<(u64, u64)> {
         self.first.zip(self.last)
-    }
-}
-
-/// A worker thread's pause after a service failed, growing while failures go on, so a
-/// message is not requeued and retried in a tight loop during an outage.
-#[derive(Default)]
-pub(super) struct Backoff {
-    failing: u32,
-}
-
-impl Backoff {
-    /// After handling a delivery (or a batch of them): if one is to be retried (`retry`, its
-    /// reason), waits 100 ms, 200 ms, … up to 5 s while failures go on — unless the session
-    /// is over (`closed`): its deliveries return to the queue anyway. After a success, the
-    /// next failure waits the least again.
-    pub(super) fn after(&mut self, retry: Option<&str>, closed: bool) {
-        match retry {
-            Some(reason) if !closed => {
-                self.failing = (self.failing + 1).min(7);
-                let pause = Duration::from_millis(50 << self.failing).min(Duration::from_secs(5));
-                log::warn!("{reason}; retrying in {pause:?}");
-                std::thread::sleep(pause);
-            }
-            Some(_) => {}
-            None => self.failing = 0,
-        }
     }
 }
 
