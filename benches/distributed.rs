@@ -212,7 +212,7 @@ fn timers(runs: usize) {
     registry.register_fn("mark", move |ctx| {
         seen.lock().unwrap().insert(
             (ctx.run_id.clone(), ctx.node_id.clone()),
-            flowcraft_rabbitmq::nodes::now_ms(),
+            flowcraft_rabbitmq::testing::nodes::now_ms(),
         );
         Ok(NodeResult::output(json!(null)))
     });

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use flowcraft_rabbitmq::blueprint::Blueprint;
 use flowcraft_rabbitmq::expr::Expression;
-use flowcraft_rabbitmq::flow::{choose_successors, ConditionScope};
 use flowcraft_rabbitmq::node::ContextMap;
+use flowcraft_rabbitmq::testing::flow::{choose_successors, ConditionScope};
 use flowcraft_rabbitmq::{LocalRuntime, NodeRegistry, NodeResult};
 use serde_json::{json, Value};
 

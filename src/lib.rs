@@ -1,53 +1,135 @@
 //! # flowcraft-rabbitmq
 //!
-//! Runs [Flowcraft](https://github.com/gorango/flowcraft) workflow blueprints — JSON DAGs of
-//! nodes and edges — in process or across many worker processes and hosts, with RabbitMQ for
-//! jobs, PostgreSQL for each run's state and Redis for coordination. Everything is blocking
-//! and thread-based: no async runtime is started by this crate.
+//! Runs [Flowcraft](https://github.com/gorango/flowcraft) workflow blueprints — JSON graphs
+//! of nodes and edges — in process or across many worker processes and hosts, with RabbitMQ
+//! for jobs, PostgreSQL for each run's state and Redis for coordination. Everything is
+//! blocking and thread-based: this crate starts no async runtime.
 //!
-//! Read the modules in this order:
+//! - **In process**: [`LocalRuntime`] runs a [`Blueprint`] with a [`NodeRegistry`] of node
+//!   implementations, no services needed.
+//! - **Distributed**: [`RabbitMqAdapter`] is a worker pool — one consumer thread, a fixed
+//!   pool of worker threads — that executes one node per job and publishes the successors;
+//!   a delivery is acked only after its effects are committed and its successors confirmed.
+//!   [`Client`] starts, reads, resumes and cancels runs; [`Reconciler`] resumes runs that
+//!   stalled (the worker runs one on a timer); [`WebhookServer`] receives webhook calls.
+//! - **Lower level**: [`PostgresContext`] reads and writes one run's context key by key;
+//!   [`RedisCoordinationStore`] offers the coordination primitives.
 //!
-//! 1. **What a workflow means** (no I/O): [`blueprint`] (model, validation, analysis),
-//!    [`expr`] (the safe expression language of conditions and transforms), [`node`] (the
-//!    node API and registry), [`executor`] (one node: input, retries, timeout, fallback),
-//!    [`flow`] (choosing successors, joins), [`nodes`] (built-in nodes) and [`local`] (the
-//!    in-process runner).
-//! 2. **How jobs move** (RabbitMQ, PostgreSQL, Redis): [`protocol`] (the job message),
-//!    [`amqp`] (connections with TCP_NODELAY, queues, publisher confirms), [`store`] (the
-//!    context and status rows, one-statement commits), [`context`] (the public
-//!    [`PostgresContext`]), [`coordination`] (Redis joins, locks and the run's job ledger),
-//!    [`scheduling`] (what runs next), [`worker`] (the consumer thread, worker pool and the
-//!    per-job protocol).
-//! 3. **Steering runs**: [`client`] (start, status, resume, cancel), [`resume`] and
-//!    [`reconciler`] (stalled runs).
+//! ```no_run
+//! use flowcraft_rabbitmq::{connect_postgres, connect_redis, run_migrations};
+//! use flowcraft_rabbitmq::{Blueprint, NodeRegistry, RabbitMqAdapter, Tables};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pg = connect_postgres("postgres://postgres@127.0.0.1:5432/postgres", 8)?;
+//! let redis = connect_redis("redis://127.0.0.1:6379", 8)?;
+//! run_migrations(&pg, &Tables::default())?;
+//! let worker = RabbitMqAdapter::builder("amqp://guest:guest@127.0.0.1:5672/%2f", pg, redis)
+//!     .registry(NodeRegistry::with_builtins())
+//!     .blueprint(Blueprint::from_path("blueprints/greeting.json")?)
+//!     .build()?
+//!     .start()?;
+//! worker.stop()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The source is laid out by what a file may touch: `vocabulary/` (words every layer
+//! shares), `engine/` (what a workflow means; no I/O), `services/` (the only code that talks
+//! to RabbitMQ, PostgreSQL or Redis), `runtime/` (how jobs move, through `services/`) and
+//! `cli/` on top.
 
-pub mod amqp;
-pub mod blueprint;
-pub mod client;
-pub mod context;
-pub mod coordination;
-pub mod executor;
-pub mod expr;
-pub mod failpoint;
-pub mod flow;
-mod group;
-pub mod local;
-pub mod migrate;
-pub mod node;
-pub mod nodes;
-pub mod protocol;
-pub mod reconciler;
-pub mod resume;
-pub mod scheduling;
-pub mod store;
-pub mod webhook;
-pub mod worker;
+mod engine;
+mod runtime;
+mod services;
+mod vocabulary;
 
-pub use blueprint::{Blueprint, BlueprintError};
-pub use client::Client;
-pub use context::PostgresContext;
-pub use coordination::RedisCoordinationStore;
-pub use local::{LocalRuntime, RunStatus, WorkflowResult};
-pub use node::{Node, NodeContext, NodeError, NodeRegistry, NodeResult};
-pub use reconciler::{Reconciler, ReconciliationStats};
-pub use worker::{RabbitMqAdapter, WorkerHandle};
+#[doc(hidden)]
+pub mod cli;
+
+pub use engine::blueprint::{Blueprint, BlueprintError};
+pub use engine::local::{LocalError, LocalRuntime, LocalRuntimeBuilder, WorkflowResult};
+pub use engine::node::{ContextMap, Node, NodeContext, NodeError, NodeRegistry, NodeResult};
+pub use runtime::client::Client;
+pub use runtime::error::{Error, Result};
+pub use runtime::reconciler::{Reconciler, ReconciliationStats};
+pub use runtime::webhook::{WebhookOptions, WebhookServer};
+pub use runtime::worker::{RabbitMqAdapter, RabbitMqAdapterBuilder, WorkerHandle};
+pub use services::postgres::context::PostgresContext;
+pub use services::postgres::migrate::migrate as run_migrations;
+pub use services::postgres::store::{
+    connect_pool as connect_postgres, PgPool, StatusRow, StoreError, Tables,
+};
+pub use services::rabbitmq::AmqpError;
+pub use services::redis::{
+    connect_pool as connect_redis, CoordinationError, RedisCoordinationStore, RedisPool,
+};
+pub use vocabulary::keys;
+pub use vocabulary::RunStatus;
+
+// The module paths of earlier versions, kept so that code written against them still
+// builds. New code imports from the crate root.
+#[doc(hidden)]
+pub mod blueprint {
+    pub use crate::engine::blueprint::*;
+}
+#[doc(hidden)]
+pub mod expr {
+    pub use crate::engine::expr::*;
+}
+#[doc(hidden)]
+pub mod node {
+    pub use crate::engine::node::*;
+}
+#[doc(hidden)]
+pub mod local {
+    pub use crate::engine::local::*;
+    pub use crate::vocabulary::keys::{AWAITING_DETAILS, AWAITING_NODE_IDS};
+    pub use crate::vocabulary::RunStatus;
+}
+#[doc(hidden)]
+pub mod store {
+    pub use crate::services::postgres::store::*;
+}
+#[doc(hidden)]
+pub mod context {
+    pub use crate::services::postgres::context::*;
+}
+#[doc(hidden)]
+pub mod migrate {
+    pub use crate::services::postgres::migrate::*;
+}
+#[doc(hidden)]
+pub mod coordination {
+    pub use crate::runtime::message::{job_id, parse_job_id};
+    pub use crate::services::redis::*;
+}
+#[doc(hidden)]
+pub mod worker {
+    pub use crate::runtime::worker::*;
+    /// The runtime's error, under its earlier name.
+    pub type WorkerError = crate::Error;
+}
+#[doc(hidden)]
+pub mod client {
+    pub use crate::runtime::client::*;
+    /// The runtime's error, under its earlier name.
+    pub type ClientError = crate::Error;
+}
+#[doc(hidden)]
+pub mod reconciler {
+    pub use crate::runtime::reconciler::*;
+}
+#[doc(hidden)]
+pub mod webhook {
+    pub use crate::runtime::webhook::*;
+}
+
+/// Internals for this crate's integration tests and benches (feature `testing`); not a
+/// stable API.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::engine::{executor, flow, nodes};
+    pub use crate::runtime::{failpoint, message, resumer, scheduling};
+    pub use crate::services::{group, rabbitmq as amqp};
+}

@@ -282,7 +282,7 @@ fn loops_joins_and_batches_run_each_node_as_in_process_and_leave_no_frontier() {
         // Nothing is left to run: a reconciler or a check after lost Redis state would
         // enqueue nothing.
         assert_eq!(
-            flowcraft_rabbitmq::scheduling::frontier(b, &distributed),
+            flowcraft_rabbitmq::testing::scheduling::frontier(b, &distributed),
             Vec::<(String, u32)>::new(),
             "{id}"
         );

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::{amqp, NodeError, NodeRegistry, NodeResult, RedisCoordinationStore};
+use flowcraft_rabbitmq::testing::amqp;
+use flowcraft_rabbitmq::{NodeError, NodeRegistry, NodeResult, RedisCoordinationStore};
 use serde_json::{json, Value};
 
 /// `inc` that counts executions per node id.
@@ -119,7 +120,7 @@ fn crash_at(test: &str, point: &str) {
         .unwrap();
     assert_eq!(
         status.code(),
-        Some(flowcraft_rabbitmq::failpoint::FAILPOINT_EXIT_CODE),
+        Some(flowcraft_rabbitmq::testing::failpoint::FAILPOINT_EXIT_CODE),
         "child worker did not stop at the failpoint"
     );
     // n3's effects are committed, the run is not finished, and n3's message is back in the queue.

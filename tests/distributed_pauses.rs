@@ -207,7 +207,7 @@ fn the_reconciler_rearms_a_lost_timer_once_it_is_overdue_and_leaves_others_alone
         let stats = reconciler.run().unwrap();
         assert_eq!(stats.failed_runs, 0, "{stats:?}");
         if stats.woken_runs > 0 {
-            let now = flowcraft_rabbitmq::nodes::now_ms();
+            let now = flowcraft_rabbitmq::testing::nodes::now_ms();
             assert!(
                 now >= wake_at + 2_000,
                 "woken {} ms after its wake-up time, before it was overdue",

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::services::postgres::store::RunStore;
+use crate::{migrate, Blueprint, NodeRegistry};
 use clap::Args;
-use flowcraft_rabbitmq::store::RunStore;
-use flowcraft_rabbitmq::{migrate, Blueprint, NodeRegistry};
 use serde_json::{json, Value};
 
 use super::{fail, ServiceArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};

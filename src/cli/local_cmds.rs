@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use flowcraft_rabbitmq::blueprint::{self, Blueprint};
-use flowcraft_rabbitmq::nodes::BUILTINS;
-use flowcraft_rabbitmq::{LocalRuntime, NodeRegistry, RunStatus};
+use crate::engine::blueprint::{self, Blueprint};
+use crate::engine::nodes::BUILTINS;
+use crate::{LocalRuntime, NodeRegistry, RunStatus};
 
 use super::{fail, parse_context, BlueprintDir, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 

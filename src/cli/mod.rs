@@ -71,7 +71,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_QUEUE",
-        default_value = flowcraft_rabbitmq::worker::DEFAULT_QUEUE,
+        default_value = crate::runtime::worker::DEFAULT_QUEUE,
         value_name = "NAME"
     )]
     pub queue: String,
@@ -79,7 +79,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_CONTEXTS_TABLE",
-        default_value = flowcraft_rabbitmq::store::DEFAULT_CONTEXTS_TABLE,
+        default_value = crate::services::postgres::store::DEFAULT_CONTEXTS_TABLE,
         value_name = "NAME"
     )]
     pub contexts_table: String,
@@ -87,7 +87,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_STATUSES_TABLE",
-        default_value = flowcraft_rabbitmq::store::DEFAULT_STATUSES_TABLE,
+        default_value = crate::services::postgres::store::DEFAULT_STATUSES_TABLE,
         value_name = "NAME"
     )]
     pub statuses_table: String,
@@ -95,7 +95,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_WEBHOOKS_TABLE",
-        default_value = flowcraft_rabbitmq::store::DEFAULT_WEBHOOKS_TABLE,
+        default_value = crate::services::postgres::store::DEFAULT_WEBHOOKS_TABLE,
         value_name = "NAME"
     )]
     pub webhooks_table: String,
@@ -103,7 +103,7 @@ pub struct ServiceArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_REDIS_PREFIX",
-        default_value = flowcraft_rabbitmq::coordination::DEFAULT_PREFIX,
+        default_value = crate::services::redis::DEFAULT_PREFIX,
         value_name = "PREFIX"
     )]
     pub redis_prefix: String,

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use crate::runtime::webhook::{WebhookOptions, WebhookServer};
+use crate::services::postgres::store::StatusRow;
+use crate::{migrate as migrations, NodeRegistry};
 use clap::Args;
-use flowcraft_rabbitmq::store::StatusRow;
-use flowcraft_rabbitmq::webhook::{WebhookOptions, WebhookServer};
-use flowcraft_rabbitmq::{migrate as migrations, NodeRegistry};
 use serde_json::{json, Value};
 
 use super::local_cmds::{load_valid, run_inputs};
@@ -34,7 +34,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     stalled_after: u64,
     /// How often one node may execute in one run (loops).
-    #[arg(long, default_value_t = flowcraft_rabbitmq::local::DEFAULT_MAX_ITERATIONS)]
+    #[arg(long, default_value_t = crate::engine::local::DEFAULT_MAX_ITERATIONS)]
     max_iterations: u32,
     /// Serve webhook calls (POST /webhooks/<runId>/<nodeId>) on this address, e.g. 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR")]
@@ -43,7 +43,7 @@ pub struct WorkerArgs {
     #[arg(
         long,
         env = "FLOWCRAFT_PUBLIC_URL",
-        default_value = flowcraft_rabbitmq::worker::DEFAULT_PUBLIC_URL,
+        default_value = crate::runtime::worker::DEFAULT_PUBLIC_URL,
         value_name = "URL"
     )]
     public_url: String,
@@ -56,13 +56,13 @@ pub struct WorkerArgs {
     )]
     webhook_secret: Option<String>,
     /// Largest accepted webhook body, in bytes.
-    #[arg(long, default_value_t = flowcraft_rabbitmq::webhook::DEFAULT_MAX_BODY, value_name = "BYTES")]
+    #[arg(long, default_value_t = crate::runtime::webhook::DEFAULT_MAX_BODY, value_name = "BYTES")]
     webhook_max_body: usize,
     /// Fanout exchange of webhook events.
     #[arg(
         long,
         env = "FLOWCRAFT_EVENTS_EXCHANGE",
-        default_value = flowcraft_rabbitmq::worker::DEFAULT_EVENTS_EXCHANGE,
+        default_value = crate::runtime::worker::DEFAULT_EVENTS_EXCHANGE,
         value_name = "NAME"
     )]
     events_exchange: String,
@@ -109,16 +109,14 @@ pub fn worker(args: &WorkerArgs) -> i32 {
     let webhooks = match &args.webhook_listen {
         None => None,
         Some(addr) => {
-            let store = match flowcraft_rabbitmq::store::RunStore::new(pg.clone(), tables.clone()) {
-                Ok(store) => store,
-                Err(e) => return fail(EXIT_USAGE, e),
-            };
+            let store =
+                match crate::services::postgres::store::RunStore::new(pg.clone(), tables.clone()) {
+                    Ok(store) => store,
+                    Err(e) => return fail(EXIT_USAGE, e),
+                };
             let options = WebhookOptions {
                 store,
-                coord: flowcraft_rabbitmq::RedisCoordinationStore::new(
-                    redis.clone(),
-                    s.redis_prefix.clone(),
-                ),
+                coord: crate::RedisCoordinationStore::new(redis.clone(), s.redis_prefix.clone()),
                 amqp_url: s.rabbitmq_url.clone(),
                 exchange: args.events_exchange.clone(),
                 secret: args.webhook_secret.clone(),

@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flowcraft_rabbitmq::amqp::{self, mask_url};
-use flowcraft_rabbitmq::coordination::{self, RedisPool};
-use flowcraft_rabbitmq::store::{self, PgPool, RunStore, Tables};
-use flowcraft_rabbitmq::worker::{RabbitMqAdapter, RabbitMqAdapterBuilder};
-use flowcraft_rabbitmq::{Blueprint, Client};
+use crate::runtime::worker::{RabbitMqAdapter, RabbitMqAdapterBuilder};
+use crate::services::postgres::store::{self, PgPool, RunStore, Tables};
+use crate::services::rabbitmq as amqp;
+use crate::services::redis::{self as coordination, RedisPool};
+use crate::services::url::mask_url;
+use crate::{Blueprint, Client};
 
 use super::{fail, ServiceArgs, EXIT_USAGE};
 

@@ -4,15 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use flowcraft_rabbitmq::amqp::JobSink;
 use flowcraft_rabbitmq::coordination::{self, RedisPool};
 use flowcraft_rabbitmq::migrate;
 use flowcraft_rabbitmq::node::ContextMap;
 use flowcraft_rabbitmq::store::{
     self, CommitGuard, NodeCommit, PgPool, RunStore, StatusRow, Tables,
 };
+use flowcraft_rabbitmq::testing::amqp;
+use flowcraft_rabbitmq::testing::amqp::JobSink;
 use flowcraft_rabbitmq::{
-    amqp, Blueprint, Client, NodeRegistry, NodeResult, RabbitMqAdapter, Reconciler, WorkerHandle,
+    Blueprint, Client, NodeRegistry, NodeResult, RabbitMqAdapter, Reconciler, WorkerHandle,
 };
 use serde_json::{json, Value};
 

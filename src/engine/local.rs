@@ -1,0 +1,543 @@
+//! The in-process runner: a whole run in this process, with no queue, database or cache.
+//!
+//! [`LocalRuntime::run`] executes a blueprint from its start nodes to the end: independent
+//! ready nodes run concurrently on a bounded pool of scoped threads (a lone ready node runs
+//! inline, so a chain pays no thread hop), joins are counted in memory, and the run ends
+//! `completed` (nothing left to do), `failed` (a node failed without fallback) or `awaiting`
+//! (a `wait`/`sleep`/`webhook` node paused it; [`LocalRuntime::resume`] continues it).
+//!
+//! ```
+//! use flowcraft_rabbitmq::{Blueprint, LocalRuntime, NodeRegistry, NodeResult, RunStatus};
+//! let bp = Blueprint::from_json(r#"{"id":"two","nodes":[{"id":"a","uses":"inc"},
+//!     {"id":"b","uses":"inc"}],"edges":[{"source":"a","target":"b"}]}"#).unwrap();
+//! let mut registry = NodeRegistry::with_builtins();
+//! registry.register_fn("inc", |ctx| Ok(NodeResult::output((ctx.input.as_i64().unwrap_or(0) + 1).into())));
+//! let result = LocalRuntime::new(registry).run(&bp, Default::default());
+//! assert_eq!(result.status, RunStatus::Completed);
+//! assert_eq!(result.context["_outputs.b"], 2);
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Weak};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::engine::blueprint::{Blueprint, NodeDef};
+use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
+use crate::engine::flow::{self, choose_successors, readiness, Readiness, RunNode};
+use crate::engine::node::{ContextMap, NodeError, NodeRegistry, NodeResult};
+use crate::engine::nodes::{batch, subflow};
+use crate::vocabulary::keys::{batch_key, input_key, AWAITING_DETAILS, AWAITING_NODE_IDS};
+use crate::vocabulary::RunStatus;
+
+/// Default bound on how often one node may execute in one run (loops).
+pub const DEFAULT_MAX_ITERATIONS: u32 = 1_000;
+/// Subflows may nest this deep.
+pub const MAX_SUBFLOW_DEPTH: usize = 16;
+
+/// A node failure recorded in a [`WorkflowResult`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowError {
+    pub node_id: String,
+    pub message: String,
+}
+
+/// The outcome of an in-process run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowResult {
+    pub run_id: String,
+    pub status: RunStatus,
+    pub context: ContextMap,
+    pub errors: Vec<WorkflowError>,
+}
+
+/// Errors of [`LocalRuntime::run_by_id`].
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("unknown blueprint '{0}'")]
+    UnknownBlueprint(String),
+}
+
+struct Inner {
+    blueprints: HashMap<String, Arc<Blueprint>>,
+    registry: NodeRegistry,
+    threads: usize,
+    max_iterations: u32,
+}
+
+/// Runs blueprints in this process. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalRuntime {
+    inner: Arc<Inner>,
+}
+
+/// Builder for [`LocalRuntime`].
+pub struct LocalRuntimeBuilder {
+    blueprints: HashMap<String, Arc<Blueprint>>,
+    registry: NodeRegistry,
+    threads: usize,
+    max_iterations: u32,
+}
+
+impl LocalRuntimeBuilder {
+    /// Adds a blueprint (needed for `subflow` and [`LocalRuntime::run_by_id`]).
+    pub fn blueprint(self, bp: Blueprint) -> Self {
+        self.blueprints([bp])
+    }
+
+    /// Adds several blueprints.
+    pub fn blueprints(mut self, bps: impl IntoIterator<Item = Blueprint>) -> Self {
+        crate::engine::blueprint::add_blueprints(&mut self.blueprints, bps);
+        self
+    }
+
+    /// Threads that execute independent nodes concurrently (default: 4; at least 1).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// How often one node may execute in one run before the run fails (default 1 000).
+    pub fn max_iterations(mut self, n: u32) -> Self {
+        self.max_iterations = n.max(1);
+        self
+    }
+
+    /// Builds the runtime. The registry's `subflow` is replaced by one that runs the child
+    /// in process, inside the node's attempt, so retries and fallback apply to it.
+    pub fn build(self) -> LocalRuntime {
+        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
+            let mut registry = self.registry;
+            let weak = weak.clone();
+            registry.register_fn("subflow", move |ctx| {
+                let inner = weak
+                    .upgrade()
+                    .ok_or_else(|| NodeError::fatal("runtime is gone"))?;
+                LocalRuntime { inner }.run_subflow(ctx)
+            });
+            Inner {
+                blueprints: self.blueprints,
+                registry,
+                threads: self.threads,
+                max_iterations: self.max_iterations,
+            }
+        });
+        LocalRuntime { inner }
+    }
+}
+
+impl LocalRuntime {
+    /// A runtime with defaults and no blueprints.
+    pub fn new(registry: NodeRegistry) -> LocalRuntime {
+        LocalRuntime::builder(registry).build()
+    }
+
+    /// A builder.
+    pub fn builder(registry: NodeRegistry) -> LocalRuntimeBuilder {
+        LocalRuntimeBuilder {
+            blueprints: HashMap::new(),
+            registry,
+            threads: 4,
+            max_iterations: DEFAULT_MAX_ITERATIONS,
+        }
+    }
+
+    /// Runs a known blueprint by id.
+    pub fn run_by_id(&self, id: &str, initial: ContextMap) -> Result<WorkflowResult, LocalError> {
+        let bp = self
+            .inner
+            .blueprints
+            .get(id)
+            .cloned()
+            .ok_or_else(|| LocalError::UnknownBlueprint(id.to_string()))?;
+        Ok(self.run(&bp, initial))
+    }
+
+    /// Runs a blueprint from its start nodes with an initial context.
+    pub fn run(&self, bp: &Blueprint, initial: ContextMap) -> WorkflowResult {
+        self.run_with_id(bp, initial, uuid::Uuid::new_v4().to_string())
+    }
+
+    fn run_with_id(
+        &self,
+        bp: &Blueprint,
+        mut initial: ContextMap,
+        run_id: String,
+    ) -> WorkflowResult {
+        bp.stamp(&mut initial);
+        let mut state = RunState::new(self, bp, initial, run_id);
+        for &s in bp.start_nodes() {
+            state.ready.push_back(RunNode::Static(s));
+        }
+        state.drive()
+    }
+
+    /// Continues a paused run: sets `_resume.action` / `_resume.output`, records `output` as
+    /// every awaited node's output, clears the awaiting keys and runs on from those nodes.
+    pub fn resume(
+        &self,
+        bp: &Blueprint,
+        mut context: ContextMap,
+        action: Option<String>,
+        output: Value,
+    ) -> WorkflowResult {
+        let awaiting: Vec<String> = context
+            .remove(AWAITING_NODE_IDS)
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        context.remove(AWAITING_DETAILS);
+        context.insert(
+            "_resume.action".into(),
+            action.clone().map(Value::String).unwrap_or(Value::Null),
+        );
+        context.insert("_resume.output".into(), output.clone());
+        let mut state = RunState::new(self, bp, context, uuid::Uuid::new_v4().to_string());
+        for id in awaiting {
+            let node = match bp.node_index(&id) {
+                Some(i) => RunNode::Static(i),
+                None => continue,
+            };
+            let result = NodeResult {
+                output: output.clone(),
+                action: action.clone(),
+                ..NodeResult::default()
+            };
+            state.complete(
+                node,
+                Ok(NodeSuccess {
+                    result,
+                    deltas: Default::default(),
+                    fallback: None,
+                    attempts: 0,
+                }),
+            );
+        }
+        state.drive()
+    }
+
+    fn execute(
+        &self,
+        bp: &Blueprint,
+        node: &NodeDef,
+        run_id: &str,
+        snapshot: Arc<ContextMap>,
+    ) -> Result<NodeSuccess, NodeFailure> {
+        let job = NodeJob {
+            blueprint: bp,
+            node,
+            run_id,
+        };
+        execute_node(job, &self.inner.registry, snapshot)
+    }
+
+    /// The in-process `subflow`: runs the child to its end inside the parent's attempt.
+    fn run_subflow(
+        &self,
+        ctx: &mut crate::engine::node::NodeContext,
+    ) -> Result<NodeResult, NodeError> {
+        let depth = ctx.run_id.matches('/').count();
+        if depth >= MAX_SUBFLOW_DEPTH {
+            return Err(NodeError::fatal(format!(
+                "subflows nest deeper than {MAX_SUBFLOW_DEPTH} levels"
+            )));
+        }
+        let details = subflow::subflow(ctx)?.awaiting.unwrap_or(Value::Null);
+        let child_id = details["blueprintId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let child = self
+            .inner
+            .blueprints
+            .get(&child_id)
+            .cloned()
+            .ok_or_else(|| {
+                NodeError::fatal(format!("subflow names unknown blueprint '{child_id}'"))
+            })?;
+        let initial = subflow::child_initial_context(&details, &child);
+        let child_run = format!("{}/{}", ctx.run_id, ctx.node_id);
+        let outcome = self.run_with_id(&child, initial, child_run);
+        match outcome.status {
+            RunStatus::Completed => {
+                let (result, deltas) = subflow::subflow_result(&details, &child, &outcome.context);
+                for (k, v) in deltas.iter() {
+                    match v {
+                        Some(v) => ctx.context.set(k, v.clone()),
+                        None => ctx.context.delete(k),
+                    }
+                }
+                Ok(result)
+            }
+            other => {
+                let reasons: Vec<String> = outcome
+                    .errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.node_id, e.message))
+                    .collect();
+                Err(NodeError::new(format!(
+                    "subflow '{child_id}' ended {other}{}",
+                    if reasons.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", reasons.join("; "))
+                    }
+                )))
+            }
+        }
+    }
+}
+
+type Completion = (RunNode, Result<NodeSuccess, NodeFailure>);
+
+struct RunState<'a> {
+    runtime: &'a LocalRuntime,
+    bp: &'a Blueprint,
+    run_id: String,
+    context: Arc<ContextMap>,
+    ready: VecDeque<RunNode>,
+    executions: HashMap<String, u32>,
+    joins: HashMap<(usize, u32), HashSet<String>>,
+    any_fired: HashSet<(usize, u32)>,
+    awaiting: Vec<String>,
+    awaiting_details: serde_json::Map<String, Value>,
+    errors: Vec<WorkflowError>,
+}
+
+impl<'a> RunState<'a> {
+    fn new(
+        runtime: &'a LocalRuntime,
+        bp: &'a Blueprint,
+        context: ContextMap,
+        run_id: String,
+    ) -> Self {
+        RunState {
+            runtime,
+            bp,
+            run_id,
+            context: Arc::new(context),
+            ready: VecDeque::new(),
+            executions: HashMap::new(),
+            joins: HashMap::new(),
+            any_fired: HashSet::new(),
+            awaiting: Vec::new(),
+            awaiting_details: serde_json::Map::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Runs until nothing is ready or executing. A lone ready node runs inline; otherwise
+    /// nodes go to up to `threads` scoped worker threads.
+    fn drive(mut self) -> WorkflowResult {
+        let threads = self.runtime.inner.threads;
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<(RunNode, Arc<ContextMap>)>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
+        let runtime = self.runtime;
+        let bp = self.bp;
+        let run_id = self.run_id.clone();
+        std::thread::scope(|scope| {
+            let mut workers = 0usize;
+            let mut executing = 0usize;
+            loop {
+                // Everything ready is handed out at once with one shared snapshot; the pool
+                // of `threads` workers bounds how many run at a time.
+                while self.errors.is_empty() {
+                    let Some(node) = self.ready.pop_front() else {
+                        break;
+                    };
+                    let snapshot = self.context.clone();
+                    if executing == 0 && self.ready.is_empty() {
+                        let outcome = runtime.execute(bp, node.def(bp), &run_id, snapshot);
+                        self.complete(node, outcome);
+                        continue;
+                    }
+                    if workers < threads {
+                        workers += 1;
+                        let (job_rx, done_tx, run_id) =
+                            (job_rx.clone(), done_tx.clone(), run_id.clone());
+                        scope.spawn(move || {
+                            for (node, snapshot) in job_rx.iter() {
+                                let outcome = runtime.execute(bp, node.def(bp), &run_id, snapshot);
+                                if done_tx.send((node, outcome)).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    if job_tx.send((node, snapshot)).is_err() {
+                        break;
+                    }
+                    executing += 1;
+                }
+                if executing == 0 {
+                    break;
+                }
+                match done_rx.recv() {
+                    Ok((node, outcome)) => {
+                        executing -= 1;
+                        self.complete(node, outcome);
+                    }
+                    Err(_) => break,
+                }
+            }
+            drop(job_tx);
+        });
+        self.finish()
+    }
+
+    fn finish(mut self) -> WorkflowResult {
+        let status = if !self.errors.is_empty() {
+            RunStatus::Failed
+        } else if !self.awaiting.is_empty() {
+            RunStatus::Awaiting
+        } else {
+            RunStatus::Completed
+        };
+        if status == RunStatus::Awaiting {
+            let ctx = Arc::make_mut(&mut self.context);
+            ctx.insert(AWAITING_NODE_IDS.into(), json!(self.awaiting));
+            ctx.insert(
+                AWAITING_DETAILS.into(),
+                Value::Object(self.awaiting_details),
+            );
+        }
+        WorkflowResult {
+            run_id: self.run_id,
+            status,
+            context: Arc::try_unwrap(self.context).unwrap_or_else(|shared| (*shared).clone()),
+            errors: self.errors,
+        }
+    }
+
+    fn fail(&mut self, node_id: &str, message: String) {
+        log::info!("run {}: node '{node_id}' failed: {message}", self.run_id);
+        self.errors.push(WorkflowError {
+            node_id: node_id.to_string(),
+            message,
+        });
+    }
+
+    /// Applies a finished node: its writes and output, then its successors.
+    fn complete(&mut self, node: RunNode, outcome: Result<NodeSuccess, NodeFailure>) {
+        let bp = self.bp;
+        let id = node.def(bp).id.clone();
+        let success = match outcome {
+            Ok(s) => s,
+            Err(failure) => return self.fail(&id, failure.to_string()),
+        };
+        let count = self.executions.entry(id.clone()).or_insert(0);
+        *count += 1;
+        if *count > self.runtime.inner.max_iterations {
+            let limit = self.runtime.inner.max_iterations;
+            return self.fail(
+                &id,
+                format!("node '{id}' exceeded the iteration limit ({limit} executions in one run)"),
+            );
+        }
+        let NodeSuccess {
+            result,
+            mut deltas,
+            fallback,
+            ..
+        } = success;
+        if let Some(details) = result.awaiting {
+            deltas.apply_to(Arc::make_mut(&mut self.context));
+            self.awaiting.push(id.clone());
+            self.awaiting_details.insert(id, details);
+            return;
+        }
+        flow::record_output(&mut deltas, &id, fallback.as_deref(), &result.output);
+        let ctx = Arc::make_mut(&mut self.context);
+        deltas.apply_to(ctx);
+        match node {
+            RunNode::Static(index) => {
+                let fallback_index = fallback.as_deref().and_then(|f| bp.node_index(f));
+                let taken = choose_successors(bp, index, fallback_index, &result, ctx);
+                for t in taken {
+                    let source = bp.edge(t.edge).source.clone();
+                    self.arrive(t.edge, t.target, source, t.input);
+                }
+                let def = bp.node(index);
+                if def.uses == flow::BATCH_SCATTER && result.dynamic_nodes.is_empty() {
+                    if let Some(g) = def
+                        .params
+                        .get("gatherNodeId")
+                        .and_then(Value::as_str)
+                        .and_then(|g| bp.node_index(g))
+                    {
+                        self.ready.push_back(RunNode::Static(g));
+                    }
+                }
+                for d in &result.dynamic_nodes {
+                    self.ready
+                        .push_back(RunNode::Dynamic(Arc::new(batch::def_from_dynamic(d))));
+                }
+            }
+            RunNode::Dynamic(_) => self.worker_done(&id),
+        }
+    }
+
+    /// A batch worker finished: its gather runs once every worker of the batch has.
+    fn worker_done(&mut self, worker: &str) {
+        let Some(gather_id) = batch::gather_of(worker) else {
+            return;
+        };
+        let Some(gather) = self.bp.node_index(gather_id) else {
+            return;
+        };
+        let expected = self
+            .context
+            .get(&batch_key(gather_id))
+            .map(batch::worker_count)
+            .unwrap_or(0);
+        let generation = self.generation(gather);
+        let done = self.joins.entry((gather, generation)).or_default();
+        done.insert(worker.to_string());
+        if done.len() >= expected {
+            self.joins.remove(&(gather, generation));
+            self.ready.push_back(RunNode::Static(gather));
+        }
+    }
+
+    fn generation(&self, node: usize) -> u32 {
+        self.executions
+            .get(&self.bp.node(node).id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// A predecessor reported to a target over an edge, with the target's input. An `any`
+    /// join keeps the winner's input; later predecessors change nothing.
+    fn arrive(&mut self, edge: usize, target: usize, predecessor: String, input: Value) {
+        let generation = self.generation(target);
+        let rule = readiness(self.bp, edge);
+        // A node outside loops runs once (a join after a loop hears from it repeatedly).
+        let ran_for_good = generation > 0 && !self.bp.may_repeat(target);
+        let any_decided = rule == Readiness::Any
+            && (ran_for_good || self.any_fired.contains(&(target, generation)));
+        if !any_decided {
+            Arc::make_mut(&mut self.context).insert(input_key(&self.bp.node(target).id), input);
+        }
+        if ran_for_good {
+            return;
+        }
+        match rule {
+            Readiness::Immediate => self.ready.push_back(RunNode::Static(target)),
+            Readiness::All(n) => {
+                let reported = self.joins.entry((target, generation)).or_default();
+                reported.insert(predecessor);
+                if reported.len() >= n {
+                    self.joins.remove(&(target, generation));
+                    self.ready.push_back(RunNode::Static(target));
+                }
+            }
+            Readiness::Any => {
+                if self.any_fired.insert((target, generation)) {
+                    self.ready.push_back(RunNode::Static(target));
+                }
+            }
+        }
+    }
+}

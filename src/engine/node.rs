@@ -1,0 +1,452 @@
+//! The node API: what an implementation receives, what it returns, and the registry that maps
+//! a blueprint's `uses` to code.
+//!
+//! A node reads its run's context through a [`ContextView`]: reads see the job's snapshot plus
+//! the node's own writes; writes are recorded as [`ContextDeltas`] that the runtime applies
+//! atomically together with the node's output. Implementations are [`Node`] trait objects or
+//! plain closures:
+//!
+//! ```
+//! use flowcraft_rabbitmq::node::{NodeRegistry, NodeResult};
+//! let mut registry = NodeRegistry::new();
+//! registry.register_fn("double", |ctx| {
+//!     let n = ctx.input.as_i64().unwrap_or(0);
+//!     ctx.context.set("last_doubled", serde_json::json!(n));
+//!     Ok(NodeResult::output(serde_json::json!(n * 2)))
+//! });
+//! assert!(registry.get("double").is_some());
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::engine::expr::Scope;
+
+/// A run's context as a flat JSON object (`_outputs.n1` is one key).
+pub type ContextMap = Map<String, Value>;
+
+/// What a node returns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeResult {
+    /// The node's output, stored at `_outputs.<nodeId>`.
+    #[serde(default)]
+    pub output: Value,
+    /// Selects the outgoing edges whose `action` equals it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Nodes created at run time (batch workers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dynamic_nodes: Vec<DynamicNode>,
+    /// Set by pausing nodes (`wait`, `sleep`, `webhook`, `subflow`): the run awaits this node,
+    /// and the value becomes `_awaitingDetails.<nodeId>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<Value>,
+}
+
+impl NodeResult {
+    /// A result with only an output.
+    pub fn output(output: Value) -> NodeResult {
+        NodeResult {
+            output,
+            ..NodeResult::default()
+        }
+    }
+
+    /// Sets the action.
+    pub fn with_action(mut self, action: impl Into<String>) -> NodeResult {
+        self.action = Some(action.into());
+        self
+    }
+
+    /// A result that pauses the run at this node.
+    pub fn awaiting(details: Value) -> NodeResult {
+        NodeResult {
+            awaiting: Some(details),
+            ..NodeResult::default()
+        }
+    }
+
+    /// `{"output": …, "action": …}`: the `result` seen by edge conditions.
+    pub fn to_condition_value(&self) -> Value {
+        let mut m = Map::with_capacity(2);
+        m.insert("output".into(), self.output.clone());
+        m.insert(
+            "action".into(),
+            self.action
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
+        );
+        Value::Object(m)
+    }
+}
+
+/// A node created at run time by a node result (a batch worker).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DynamicNode {
+    pub id: String,
+    pub uses: String,
+    #[serde(default)]
+    pub params: Value,
+    #[serde(default)]
+    pub input: Value,
+}
+
+/// An error from a node. Any `std::error::Error` converts into it with `?`; a fatal error
+/// skips the remaining attempts and the fallback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeError {
+    message: String,
+    fatal: bool,
+}
+
+impl NodeError {
+    /// A retryable error.
+    pub fn new(message: impl Into<String>) -> NodeError {
+        NodeError {
+            message: message.into(),
+            fatal: false,
+        }
+    }
+
+    /// An error that is not retried and has no fallback.
+    pub fn fatal(message: impl Into<String>) -> NodeError {
+        NodeError {
+            message: message.into(),
+            fatal: true,
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether the error is fatal.
+    pub fn is_fatal(&self) -> bool {
+        self.fatal
+    }
+}
+
+impl fmt::Display for NodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for NodeError {
+    fn from(e: E) -> NodeError {
+        NodeError::new(e.to_string())
+    }
+}
+
+/// Context writes of one node: key → new value, or `None` for a deletion. Ordered, so the
+/// last write of a key wins and application is deterministic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContextDeltas {
+    entries: Vec<(String, Option<Value>)>,
+}
+
+impl ContextDeltas {
+    /// Records a write.
+    pub fn set(&mut self, key: impl Into<String>, value: Value) {
+        self.put(key.into(), Some(value));
+    }
+
+    /// Records a deletion.
+    pub fn delete(&mut self, key: impl Into<String>) {
+        self.put(key.into(), None);
+    }
+
+    fn put(&mut self, key: String, value: Option<Value>) {
+        if let Some(slot) = self.entries.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = value;
+        } else {
+            self.entries.push((key, value));
+        }
+    }
+
+    /// The latest write of a key: `Some(Some(v))` set, `Some(None)` deleted, `None` untouched.
+    pub fn get(&self, key: &str) -> Option<Option<&Value>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// Iterates over the writes in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&Value>)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends all writes of `other` after this one's.
+    pub fn extend(&mut self, other: ContextDeltas) {
+        for (k, v) in other.entries {
+            self.put(k, v);
+        }
+    }
+
+    /// Applies the writes to a context map.
+    pub fn apply_to(&self, context: &mut ContextMap) {
+        for (k, v) in &self.entries {
+            match v {
+                Some(v) => {
+                    context.insert(k.clone(), v.clone());
+                }
+                None => {
+                    context.remove(k);
+                }
+            }
+        }
+    }
+
+    /// The writes as a JSON object (`null` marks deletions); used by `exec` and the CLI.
+    pub fn to_json(&self) -> Value {
+        Value::Object(
+            self.entries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().unwrap_or(Value::Null)))
+                .collect(),
+        )
+    }
+}
+
+/// A node's view of its run's context: the snapshot it was started with plus its own writes.
+#[derive(Debug, Clone)]
+pub struct ContextView {
+    snapshot: Arc<ContextMap>,
+    deltas: ContextDeltas,
+}
+
+impl ContextView {
+    /// A view over a snapshot, with no writes yet.
+    pub fn new(snapshot: Arc<ContextMap>) -> ContextView {
+        ContextView {
+            snapshot,
+            deltas: ContextDeltas::default(),
+        }
+    }
+
+    /// Reads a key (own writes first).
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self.deltas.get(key) {
+            Some(v) => v,
+            None => self.snapshot.get(key),
+        }
+    }
+
+    /// Writes a key.
+    pub fn set(&mut self, key: impl Into<String>, value: Value) {
+        self.deltas.set(key, value);
+    }
+
+    /// Whether a key is present.
+    pub fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Deletes a key.
+    pub fn delete(&mut self, key: impl Into<String>) {
+        self.deltas.delete(key);
+    }
+
+    /// The writes made so far.
+    pub fn deltas(&self) -> &ContextDeltas {
+        &self.deltas
+    }
+
+    /// Takes the writes made so far.
+    pub fn into_deltas(self) -> ContextDeltas {
+        self.deltas
+    }
+
+    /// The snapshot this view started from.
+    pub fn snapshot(&self) -> &Arc<ContextMap> {
+        &self.snapshot
+    }
+
+    /// The whole context as one JSON object (snapshot with writes applied).
+    pub fn to_json(&self) -> Value {
+        let mut map = (*self.snapshot).clone();
+        self.deltas.apply_to(&mut map);
+        Value::Object(map)
+    }
+}
+
+impl Scope for ContextView {
+    fn lookup(&self, key: &str) -> Option<&Value> {
+        self.get(key)
+    }
+}
+
+/// A cancellation signal an attempt can poll; raised when the attempt timed out.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    /// A flag that is not raised.
+    pub fn new() -> CancelFlag {
+        CancelFlag::default()
+    }
+
+    /// Raises the flag.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the flag is raised.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything a node implementation receives for one attempt.
+#[derive(Debug)]
+pub struct NodeContext {
+    pub input: Value,
+    pub params: Value,
+    pub context: ContextView,
+    pub run_id: String,
+    pub node_id: String,
+    pub blueprint_id: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub cancel: CancelFlag,
+}
+
+/// A node implementation.
+pub trait Node: Send + Sync + 'static {
+    /// Runs one attempt.
+    fn execute(&self, ctx: &mut NodeContext) -> Result<NodeResult, NodeError>;
+}
+
+impl<F> Node for F
+where
+    F: Fn(&mut NodeContext) -> Result<NodeResult, NodeError> + Send + Sync + 'static,
+{
+    fn execute(&self, ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
+        self(ctx)
+    }
+}
+
+/// Maps `uses` keys to implementations. Cheap to clone (implementations are shared).
+#[derive(Clone, Default)]
+pub struct NodeRegistry {
+    nodes: HashMap<String, Arc<dyn Node>>,
+}
+
+impl fmt::Debug for NodeRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut keys: Vec<_> = self.nodes.keys().collect();
+        keys.sort();
+        f.debug_struct("NodeRegistry").field("uses", &keys).finish()
+    }
+}
+
+impl NodeRegistry {
+    /// An empty registry (no built-ins).
+    pub fn new() -> NodeRegistry {
+        NodeRegistry::default()
+    }
+
+    /// A registry holding every built-in node (`wait`, `sleep`, `webhook`, `subflow`,
+    /// `batch-scatter`, `batch-gather`, `loop-controller`, `transform`, `exec`).
+    pub fn with_builtins() -> NodeRegistry {
+        let mut r = NodeRegistry::new();
+        crate::engine::nodes::register_builtins(&mut r);
+        r
+    }
+
+    /// Registers a [`Node`] under a key, replacing any previous one.
+    pub fn register(&mut self, uses: impl Into<String>, node: impl Node) -> &mut Self {
+        self.nodes.insert(uses.into(), Arc::new(node));
+        self
+    }
+
+    /// Registers a closure under a key.
+    pub fn register_fn<F>(&mut self, uses: impl Into<String>, f: F) -> &mut Self
+    where
+        F: Fn(&mut NodeContext) -> Result<NodeResult, NodeError> + Send + Sync + 'static,
+    {
+        self.register(uses, f)
+    }
+
+    /// Looks an implementation up.
+    pub fn get(&self, uses: &str) -> Option<Arc<dyn Node>> {
+        self.nodes.get(uses).cloned()
+    }
+
+    /// Whether a key is registered.
+    pub fn contains(&self, uses: &str) -> bool {
+        self.nodes.contains_key(uses)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn view_reads_own_writes_over_snapshot() {
+        let mut snap = ContextMap::new();
+        snap.insert("a".into(), json!(1));
+        snap.insert("b".into(), json!(2));
+        let mut view = ContextView::new(Arc::new(snap));
+        view.set("a", json!(10));
+        view.delete("b");
+        view.set("c", json!(3));
+        assert_eq!(view.get("a"), Some(&json!(10)));
+        assert!(!view.has("b"));
+        assert_eq!(view.get("c"), Some(&json!(3)));
+        assert_eq!(view.to_json(), json!({"a": 10, "c": 3}));
+        assert_eq!(view.snapshot().get("a"), Some(&json!(1)));
+    }
+
+    #[test]
+    fn deltas_keep_last_write_per_key() {
+        let mut d = ContextDeltas::default();
+        d.set("k", json!(1));
+        d.set("k", json!(2));
+        d.delete("z");
+        assert_eq!(d.iter().count(), 2);
+        assert_eq!(d.get("k"), Some(Some(&json!(2))));
+        assert_eq!(d.get("z"), Some(None));
+        let mut m = ContextMap::new();
+        m.insert("z".into(), json!(0));
+        d.apply_to(&mut m);
+        assert_eq!(Value::Object(m), json!({"k": 2}));
+    }
+
+    #[test]
+    fn std_errors_convert_and_fatal_is_kept() {
+        fn parse(s: &str) -> Result<i64, NodeError> {
+            Ok(s.parse::<i64>()?)
+        }
+        let e = parse("x").unwrap_err();
+        assert!(!e.is_fatal());
+        assert!(e.message().contains("invalid digit"));
+        assert!(NodeError::fatal("stop").is_fatal());
+    }
+
+    #[test]
+    fn result_serializes_camel_case() {
+        let r = NodeResult::output(json!(1)).with_action("ok");
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"output": 1, "action": "ok"})
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! [`Client`]: start runs, read their status, resume and cancel them.
+//!
+//! `start_workflow` follows the seed client's protocol exactly — insert the context row,
+//! insert a `running` status row, publish one persistent job per start node to the queue —
+//! so runs started by any client written that way behave the same.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::engine::blueprint::Blueprint;
+use crate::engine::executor::NodeSuccess;
+use crate::engine::node::{ContextMap, NodeResult};
+use crate::runtime::error::Error;
+use crate::runtime::message::JobPayload;
+use crate::runtime::resumer::Resumer;
+use crate::runtime::worker::DEFAULT_QUEUE;
+use crate::services::postgres::store::{PgPool, RunStore, StatusRow, Tables};
+use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, Declare, JobSink, KeptPublisher};
+use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
+
+/// Starts and steers runs. Opens its RabbitMQ connection on first use and keeps it.
+pub struct Client {
+    store: RunStore,
+    coord: RedisCoordinationStore,
+    blueprints: HashMap<String, Arc<Blueprint>>,
+    queue: String,
+    public_url: String,
+    publisher: KeptPublisher,
+}
+
+impl Client {
+    /// A client with default table names, queue and key prefix.
+    pub fn new(amqp_url: impl Into<String>, pg: PgPool, redis: RedisPool) -> Result<Client, Error> {
+        Client::with_options(
+            amqp_url,
+            pg,
+            redis,
+            Tables::default(),
+            DEFAULT_QUEUE,
+            DEFAULT_PREFIX,
+        )
+    }
+
+    /// A client with explicit table names, queue and Redis key prefix.
+    pub fn with_options(
+        amqp_url: impl Into<String>,
+        pg: PgPool,
+        redis: RedisPool,
+        tables: Tables,
+        queue: &str,
+        redis_prefix: &str,
+    ) -> Result<Client, Error> {
+        let declared = queue.to_string();
+        let declare: Declare = Box::new(move |channel| amqp::declare_job_queue(channel, &declared));
+        Ok(Client {
+            store: RunStore::new(pg, tables)?,
+            coord: RedisCoordinationStore::new(redis, redis_prefix),
+            blueprints: HashMap::new(),
+            publisher: KeptPublisher::new(amqp_url, declare),
+            queue: queue.to_string(),
+            public_url: crate::runtime::worker::DEFAULT_PUBLIC_URL.to_string(),
+        })
+    }
+
+    /// Adds blueprints the client may start and resume.
+    pub fn with_blueprints(mut self, bps: impl IntoIterator<Item = Blueprint>) -> Self {
+        crate::engine::blueprint::add_blueprints(&mut self.blueprints, bps);
+        self
+    }
+
+    /// Base URL of webhook endpoints (default `http://127.0.0.1:8080`).
+    pub fn with_public_url(mut self, url: impl Into<String>) -> Self {
+        self.public_url = url.into();
+        self
+    }
+
+    /// Registers the webhook endpoint of a run's node (SPEC §6) and returns `{url, event}`.
+    /// Workers do this themselves when a `webhook` node runs.
+    pub fn register_webhook_endpoint(
+        &self,
+        run_id: &str,
+        node_id: &str,
+    ) -> Result<crate::runtime::webhook::WebhookEndpoint, Error> {
+        Ok(crate::runtime::webhook::register_endpoint(
+            &self.store,
+            &self.public_url,
+            run_id,
+            node_id,
+        )?)
+    }
+
+    /// The run store (status queries, tests).
+    pub fn store(&self) -> &RunStore {
+        &self.store
+    }
+
+    fn with_publisher<T>(
+        &self,
+        f: impl FnOnce(&mut ConfirmPublisher) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.publisher.with(f, |e| matches!(e, Error::RabbitMq(_)))
+    }
+
+    /// Starts a run: context row, `running` status row, one job per start node. Returns the
+    /// run id.
+    pub fn start_workflow(
+        &self,
+        blueprint_id: &str,
+        initial_context: ContextMap,
+    ) -> Result<String, Error> {
+        let bp = self
+            .blueprints
+            .get(blueprint_id)
+            .ok_or_else(|| Error::UnknownBlueprint(blueprint_id.to_string()))?;
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let mut context = initial_context;
+        bp.stamp(&mut context);
+        self.store.create_run(&run_id, &context)?;
+        let bodies: Vec<Vec<u8>> = bp
+            .start_node_ids()
+            .iter()
+            .map(|n| JobPayload::new(&run_id, bp.id(), n, 0).to_body())
+            .collect();
+        self.with_publisher(|p| Ok(p.publish_jobs("", &self.queue, &bodies)?))?;
+        log::info!("run {run_id}: started ({blueprint_id})");
+        Ok(run_id)
+    }
+
+    /// A run's status row (`None` if unknown).
+    pub fn status(&self, run_id: &str) -> Result<Option<StatusRow>, Error> {
+        Ok(self.store.status(run_id)?)
+    }
+
+    /// Polls a run's status until it is no longer `running` — `completed`, `failed`,
+    /// `cancelled` or `awaiting` — or `timeout` has passed; returns the last status row
+    /// (still `running` on timeout).
+    pub fn wait(&self, run_id: &str, timeout: Duration) -> Result<StatusRow, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self
+                .status(run_id)?
+                .ok_or_else(|| Error::UnknownRun(run_id.into()))?;
+            if row.status != "running" || Instant::now() >= deadline {
+                return Ok(row);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resumes a paused run: `_resume.action`/`_resume.output` are set, `output` becomes every
+    /// awaited node's output, and the run continues along the edges matching `action`.
+    /// Resuming a run that is not awaiting is an error; resuming twice applies once.
+    pub fn resume_with_action(
+        &self,
+        run_id: &str,
+        action: Option<&str>,
+        output: Value,
+    ) -> Result<Vec<String>, Error> {
+        self.resume_nodes(run_id, None, action, output)
+    }
+
+    /// Resumes only the named awaited nodes.
+    pub fn resume_nodes(
+        &self,
+        run_id: &str,
+        nodes: Option<&[String]>,
+        action: Option<&str>,
+        output: Value,
+    ) -> Result<Vec<String>, Error> {
+        let Some(snapshot) = self.store.load(run_id)? else {
+            return Err(Error::UnknownRun(run_id.into()));
+        };
+        if snapshot.status.as_deref() != Some("awaiting") {
+            return Err(Error::NotAwaiting {
+                run: run_id.into(),
+                status: snapshot.status.unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        self.with_publisher(|publisher| {
+            let resumer = Resumer {
+                store: &self.store,
+                coord: &self.coord,
+                blueprints: &self.blueprints,
+                queue: &self.queue,
+            };
+            let result = NodeResult {
+                output,
+                action: action.map(String::from),
+                ..NodeResult::default()
+            };
+            let outcome =
+                resumer.resume(run_id, snapshot, nodes, NodeSuccess::of(result), publisher)?;
+            Ok(outcome.nodes)
+        })
+    }
+
+    /// Cancels a running or awaiting run: status `cancelled`; its queued jobs are dropped.
+    pub fn cancel(&self, run_id: &str) -> Result<(), Error> {
+        let result = serde_json::json!({"status": "cancelled"});
+        if self
+            .store
+            .set_status(run_id, "cancelled", Some(&result), &["running", "awaiting"])?
+        {
+            log::info!("run {run_id}: cancelled");
+            return Ok(());
+        }
+        match self.store.status(run_id)? {
+            None => Err(Error::UnknownRun(run_id.into())),
+            Some(row) => Err(Error::NotCancellable {
+                run: run_id.into(),
+                status: row.status,
+            }),
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! The per-job protocol (SPEC §6), in order: guard → execute → commit → coordinate →
+//! publish → ack. Each step is a named function; after a node executed, the steps from the
+//! commit on run in [`tail`](super::tail), batched with other jobs'. Each crash window is
+//! described once, here:
+//!
+//! - Crash before the commit: nothing was written; the redelivery executes the node again
+//!   (node code runs at least once).
+//! - Crash after the commit, before the Redis step or the publish: the redelivery (flagged
+//!   `redelivered`) finds the node's execution committed, skips execution and re-derives
+//!   the successors from the stored output; the join scripts are idempotent and a join's
+//!   firing lock remembers which predecessor fired it, so that predecessor fires it again.
+//! - Crash after the publish, before the ack: as above; successors may be published twice,
+//!   and their own guards make the copies harmless.
+//!
+//! A *duplicate* message (neither a redelivery nor the reconciler's `recovered` copy) whose
+//! node is already committed is acked without re-publishing: the original delivery
+//! publishes (or, if it crashed, will be redelivered and publish).
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::engine::blueprint::{Blueprint, JoinStrategy};
+use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
+use crate::engine::flow;
+use crate::engine::node::{ContextMap, NodeResult};
+use crate::engine::nodes::batch;
+use crate::runtime::failpoint;
+use crate::runtime::message::job_id;
+use crate::runtime::message::{JobPayload, Message};
+use crate::runtime::resumer::ParentLink;
+use crate::runtime::scheduling::{
+    self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
+};
+use crate::services::postgres::store::{CommitGuard, NodeCommit};
+use crate::services::rabbitmq::JobSink;
+use crate::services::redis::SuccessorReport;
+
+use super::pause::{self, Prepared};
+use super::tail::TailJob;
+use super::Shared;
+use crate::runtime::error::Error;
+use crate::vocabulary::keys::{input_key, meta_key, output_key};
+
+/// What the consumer thread does with a delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    Ack,
+    /// Reject without requeue: the broker routes it to `<queue>.dead`.
+    DeadLetter(String),
+    /// A service failed; requeue (dead-lettered after repeated failures).
+    Retry(String),
+}
+
+/// What a worker thread does next with a delivery it handled.
+pub(crate) enum Handled {
+    /// Settle it with this outcome.
+    Done(Outcome),
+    /// Its node executed: commit and coordinate it ([`tail`](super::tail)), then settle it.
+    Tail(Box<TailJob>),
+}
+
+impl From<Outcome> for Handled {
+    fn from(outcome: Outcome) -> Self {
+        Handled::Done(outcome)
+    }
+}
+
+/// Handles one delivery body: a job, a timer, or an event.
+pub(crate) fn handle(
+    shared: &Shared,
+    body: &[u8],
+    redelivered: bool,
+    publisher: &mut dyn JobSink,
+) -> Handled {
+    let retry = |what: String, e: Error| Outcome::Retry(format!("{what}: {e}")).into();
+    match Message::parse(body) {
+        Err(reason) => Outcome::DeadLetter(reason).into(),
+        Ok(Message::Event(event)) => pause::on_event(shared, &event, publisher)
+            .map_or_else(|e| retry(event.event.clone(), e), Handled::from),
+        Ok(Message::Job(job)) if job.timer => pause::on_timer(shared, &job, publisher)
+            .map_or_else(|e| retry(describe(&job), e), Handled::from),
+        Ok(Message::Job(job)) => {
+            log::debug!(
+                "run {}: job {} (iteration {})",
+                job.run_id,
+                job.node_id,
+                job.iteration
+            );
+            process(shared, &job, redelivered, publisher)
+                .unwrap_or_else(|e| retry(describe(&job), e))
+        }
+    }
+}
+
+pub(crate) fn describe(job: &JobPayload) -> String {
+    format!("run {} node {}", job.run_id, job.node_id)
+}
+
+fn process(
+    shared: &Shared,
+    job: &JobPayload,
+    redelivered: bool,
+    publisher: &mut dyn JobSink,
+) -> Result<Handled, Error> {
+    // Guard: the blueprint, the run, its version, the node.
+    let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
+        let reason = format!("unknown blueprint '{}'", job.blueprint_id);
+        log::warn!("run {}: {reason}; marking it failed", job.run_id);
+        pause::fail_run(shared, &job.run_id, None, &reason, publisher)?;
+        return Ok(Outcome::Ack.into());
+    };
+    let Some(snapshot) = shared.store.load(&job.run_id)? else {
+        return Ok(Outcome::DeadLetter(format!("run '{}' has no context row", job.run_id)).into());
+    };
+    if let Some(status @ ("failed" | "cancelled" | "completed")) = snapshot.status.as_deref() {
+        if ParentLink::of(&snapshot.context).is_some() {
+            pause::renotify_parent(shared, &job.run_id, &snapshot.context, status, publisher)?;
+        }
+        log::debug!(
+            "run {}: dropping job {} of a {status} run",
+            job.run_id,
+            job.node_id
+        );
+        return Ok(Outcome::Ack.into());
+    }
+    if let Some(reason) = version_mismatch(bp, &snapshot.context) {
+        return Ok(Outcome::DeadLetter(reason).into());
+    }
+    let context = snapshot.context;
+    let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
+        let gather = batch::gather_of(&job.node_id).and_then(|g| bp.node_index(g));
+        if let Some(gather) = gather {
+            // A worker job's iteration is its round's.
+            if is_committed(bp, &RunNode::Static(gather), &context, job.iteration) {
+                // A late copy of a batch worker of an earlier, larger round of a loop: that
+                // round is gathered (the batch on record is a later one). Close it.
+                let me = job_id(&job.node_id, job.iteration);
+                let resumer = pause::resumer(shared);
+                let progress = resumer.finish_job(&job.run_id, bp, &me, &[], &[], publisher)?;
+                resumer.complete_if_idle(&job.run_id, progress, publisher)?;
+                return Ok(Outcome::Ack.into());
+            }
+        }
+        let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
+        pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
+        return Ok(Outcome::Ack.into());
+    };
+    // Guard: idempotency.
+    let paused = awaited_details(&context, &job.node_id).cloned();
+    if let Some(details) = paused {
+        let paused_iteration = paused_iteration(&details);
+        if u64::from(job.iteration) > paused_iteration && !job.wake {
+            // The next iteration of a pausing node arrived while the previous one is still
+            // awaited: it must not be dropped, so it comes back in a second.
+            return defer(shared, job, publisher).map(Handled::from);
+        }
+        if u64::from(job.iteration) == paused_iteration {
+            if redelivered || job.wake {
+                // The pause is committed; repeat what follows it (timer, child run): after
+                // a crash, or when the reconciler found its wake-up lost.
+                register_paused(shared, bp, job, &node)?;
+                pause::after_commit(shared, job, node.def(bp), &details, publisher)?;
+            }
+            return Ok(Outcome::Ack.into());
+        }
+        // An earlier iteration: handled as any committed job below.
+    }
+    if job.wake {
+        // The pause this wake-up was sent for is over: nothing to repeat.
+        return Ok(Outcome::Ack.into());
+    }
+    if is_committed(bp, &node, &context, job.iteration) {
+        // Committed before. Its coordination may not have happened (a crash, a failed step):
+        // a redelivery, or the reconciler's copy, re-derives the successors. A plain
+        // duplicate is dropped: the delivery that committed coordinates — or, if it dies
+        // first, comes back redelivered. (Re-deriving here would publish the successors a
+        // second time whenever a duplicate arrives while the original is coordinating.)
+        if !redelivered && !job.recovered {
+            return Ok(Outcome::Ack.into());
+        }
+        let me = job_id(&job.node_id, job.iteration);
+        if executions(bp, &node, &context) == job.iteration.saturating_add(1) {
+            return rederive(shared, bp, job, &node, &context, publisher).map(Handled::from);
+        }
+        // A later iteration of this node committed meanwhile (a side branch of a loop whose
+        // jobs overtook each other): the stored successors are that iteration's, so only
+        // close this job in the ledger.
+        shared.coord.finish_job(&job.run_id, &me, &[], &[])?;
+        return Ok(Outcome::Ack.into());
+    }
+    if is_start_job(bp, job, &node)
+        && bp
+            .start_node_ids()
+            .iter()
+            .all(|s| !context.contains_key(&output_key(s)))
+    {
+        log::info!("run {}: started ({})", job.run_id, bp.id());
+    }
+    // Execute, holding no connection.
+    let snapshot = Arc::new(context);
+    let node_job = NodeJob {
+        blueprint: bp,
+        node: node.def(bp),
+        run_id: &job.run_id,
+    };
+    let executing = shared.executing(&job.run_id);
+    let outcome = execute_node(node_job, &shared.registry, snapshot.clone());
+    drop(executing);
+    match outcome {
+        Ok(success) => finish_node(shared, bp, job, &node, snapshot, success, publisher),
+        Err(failure) => fail_node(shared, bp, job, &node, failure, publisher).map(Handled::from),
+    }
+}
+
+/// Puts a job back for a second, through the 1 s delay queue, and acks this delivery.
+fn defer(shared: &Shared, job: &JobPayload, publisher: &mut dyn JobSink) -> Result<Outcome, Error> {
+    const DEFER_MS: u64 = 1_000;
+    publisher.publish_delayed(&shared.queue, DEFER_MS, job.to_body(), DEFER_MS)?;
+    Ok(Outcome::Ack)
+}
+
+fn version_mismatch(bp: &Blueprint, context: &ContextMap) -> Option<String> {
+    let stored = context.get("blueprintVersion")?;
+    let stored = match stored {
+        Value::String(s) => s.clone(),
+        Value::Null => return None,
+        other => other.to_string(),
+    };
+    match bp.version() {
+        Some(v) if v == stored => None,
+        mine => Some(format!(
+            "blueprint version mismatch: run has '{stored}', this worker has {}",
+            mine.map(|v| format!("'{v}'"))
+                .unwrap_or_else(|| "none".into())
+        )),
+    }
+}
+
+/// Commit → coordinate → publish for a node that executed.
+fn finish_node(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    snapshot: Arc<ContextMap>,
+    success: NodeSuccess,
+    publisher: &mut dyn JobSink,
+) -> Result<Handled, Error> {
+    let def = node.def(bp);
+    let NodeSuccess {
+        result,
+        deltas,
+        fallback,
+        ..
+    } = success;
+    let mut commit = NodeCommit::from_deltas(&deltas);
+    if !snapshot.contains_key("blueprintId") {
+        bp.stamp(&mut commit.set);
+    }
+    let guard = CommitGuard {
+        output_key: output_key(&def.id),
+        meta_key: meta_key(&def.id),
+        iteration: job.iteration,
+        repeats: node.may_repeat(bp),
+    };
+    if let Some(details) = result.awaiting.clone() {
+        let details = match pause::prepare(shared, job, def, details)? {
+            Prepared::Details(d) => d,
+            Prepared::Fail(reason) => {
+                pause::fail_run(shared, &job.run_id, Some(&snapshot), &reason, publisher)?;
+                return Ok(Outcome::Ack.into());
+            }
+        };
+        commit.awaiting = Some((def.id.clone(), details.clone()));
+        if !shared.store.commit_node(&job.run_id, commit, guard)? {
+            // Committed already, or the node is paused at another iteration right now: try
+            // again in a second (a copy of a committed pause is then dropped).
+            return defer(shared, job, publisher).map(Handled::from);
+        }
+        // Registered before anything can resume it (a 0 ms timer, a fast child run).
+        register_paused(shared, bp, job, node)?;
+        pause::after_commit(shared, job, def, &details, publisher)?;
+        log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
+        return Ok(Outcome::Ack.into());
+    }
+    let previous_meta = guard
+        .repeats
+        .then(|| snapshot.get(&guard.meta_key).cloned())
+        .flatten();
+    // The node's thread is done with the snapshot: take it over rather than copy it.
+    let mut merged = Arc::unwrap_or_clone(snapshot);
+    deltas.apply_to(&mut merged);
+    let mut outputs = crate::engine::node::ContextDeltas::default();
+    flow::record_output(&mut outputs, &def.id, fallback.as_deref(), &result.output);
+    outputs.apply_to(&mut merged);
+    for (k, v) in outputs.iter() {
+        commit
+            .set
+            .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
+    }
+    if guard.repeats {
+        let meta = scheduling::with_iteration(json!({}), previous_meta.as_ref(), job.iteration);
+        merged.insert(guard.meta_key.clone(), meta);
+    }
+    let next = next_jobs(
+        bp,
+        node,
+        &result,
+        fallback.as_deref(),
+        &merged,
+        job.iteration,
+    );
+    // The chosen successors are committed with the output, so a redelivery (or the frontier
+    // of the reconciler) re-publishes exactly these, whatever the context has become since.
+    // (Only where a re-derivation could choose differently: loops, actions, fallbacks and
+    // conditions, and a successor that repeats, whose iteration counts its executions;
+    // elsewhere the blueprint alone decides.)
+    let context_decides = match node {
+        // (A fallback target stores them so that the frontier can tell its own run from
+        // its standing in for another node.)
+        RunNode::Static(i) => {
+            bp.has_conditional_successors(*i)
+                || bp.node(*i).uses == flow::BATCH_SCATTER
+                || !bp.fallback_of(*i).is_empty()
+        }
+        RunNode::Dynamic(_) => false,
+    };
+    let repeating_successor = next.iter().any(|n| {
+        bp.node_index(&n.report.node)
+            .is_some_and(|t| bp.may_repeat(t))
+    });
+    if guard.repeats
+        || context_decides
+        || repeating_successor
+        || result.action.is_some()
+        || fallback.is_some()
+    {
+        let reports: Vec<SuccessorReport> = next.iter().map(|n| n.report.clone()).collect();
+        commit.set.insert(
+            guard.meta_key.clone(),
+            scheduling::node_meta(result.action.as_deref(), fallback.as_deref(), &reports),
+        );
+    }
+    for n in &next {
+        if let Some(input) = &n.input {
+            let key = input_key(&n.report.node);
+            commit.set_input(key, input.clone(), n.keeps_first_input(bp));
+        }
+    }
+    let over_limit = |n: &&scheduling::NextJob| {
+        scheduling::execution_count(&merged, &n.report.node) >= shared.max_iterations as usize
+    };
+    if let Some(over) = next.iter().find(over_limit) {
+        let reason = format!(
+            "node '{}' exceeded the iteration limit ({} executions in one run)",
+            over.report.node, shared.max_iterations
+        );
+        pause::fail_run(shared, &job.run_id, Some(&merged), &reason, publisher)?;
+        return Ok(Outcome::Ack.into());
+    }
+    // Commit → coordinate → publish → ack, handed off to be batched with other threads' jobs.
+    Ok(Handled::Tail(Box::new(TailJob {
+        job: job.clone(),
+        node_id: def.id.clone(),
+        commit,
+        guard,
+        also_register: ledger_jobs(bp, job, node),
+        successors: next.into_iter().map(|n| n.report).collect(),
+    })))
+}
+
+/// A redelivered job whose execution is committed: derive the successors again from the
+/// stored result and finish coordination.
+fn rederive(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    context: &ContextMap,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, Error> {
+    let def = node.def(bp);
+    let (result, fallback) =
+        scheduling::stored_result(context, &def.id).unwrap_or((NodeResult::default(), None));
+    log::debug!(
+        "run {}: redelivered '{}' is committed; re-deriving its successors",
+        job.run_id,
+        def.id
+    );
+    let reports = scheduling::stored_successors(context, &def.id).unwrap_or_else(|| {
+        next_jobs(
+            bp,
+            node,
+            &result,
+            fallback.as_deref(),
+            context,
+            job.iteration,
+        )
+        .into_iter()
+        .map(|n| n.report)
+        .collect()
+    });
+    coordinate(shared, bp, job, node, reports, publisher)?;
+    Ok(Outcome::Ack)
+}
+
+/// Whether `job` is one of the run's first jobs (a start node, before any loop).
+fn is_start_job(bp: &Blueprint, job: &JobPayload, node: &RunNode) -> bool {
+    job.iteration == 0 && matches!(node, RunNode::Static(i) if bp.start_nodes().contains(i))
+}
+
+/// The jobs the ledger must know when `job` finishes: itself, and the run's start jobs when
+/// it is one of them.
+fn ledger_jobs(bp: &Blueprint, job: &JobPayload, node: &RunNode) -> Vec<String> {
+    if is_start_job(bp, job, node) {
+        scheduling::start_jobs(bp)
+    } else {
+        Vec::new()
+    }
+}
+
+/// A paused node's job stays outstanding in the ledger — registered, not done — until the
+/// resume marks it done together with its successors, so the run never looks idle between
+/// the resume's commit and its successors' registration.
+fn register_paused(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+) -> Result<(), Error> {
+    let mut jobs = ledger_jobs(bp, job, node);
+    let starts = !jobs.is_empty();
+    jobs.push(job_id(&job.node_id, job.iteration));
+    if starts {
+        shared.coord.register_start_jobs(&job.run_id, &jobs)?;
+    } else {
+        shared.coord.register_jobs(&job.run_id, &jobs)?;
+    }
+    Ok(())
+}
+
+/// Redis bookkeeping, then publishing the successors that became ready, then the final
+/// status if the run has no outstanding work.
+fn coordinate(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    successors: Vec<SuccessorReport>,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    let also = ledger_jobs(bp, job, node);
+    let me = job_id(&job.node_id, job.iteration);
+    let resumer = pause::resumer(shared);
+    let progress = resumer.finish_job(&job.run_id, bp, &me, &also, &successors, publisher)?;
+    failpoint::hit("after_publish", &job.node_id);
+    resumer.complete_if_idle(&job.run_id, progress, publisher)?;
+    Ok(())
+}
+
+/// A node failed for good: the run fails with the reason; its `all` successors get a poison
+/// pill and its `any` successors a cancel pill, so nothing waits on it.
+fn fail_node(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    failure: NodeFailure,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, Error> {
+    // A concurrent delivery of the same job may have succeeded meanwhile: its result stands.
+    let now = shared.store.load(&job.run_id)?;
+    if let Some(now) = &now {
+        if is_committed(bp, node, &now.context, job.iteration) {
+            log::info!(
+                "run {}: '{}' failed here ({failure}) but another delivery committed it",
+                job.run_id,
+                node.def(bp).id
+            );
+            return Ok(Outcome::Ack);
+        }
+    }
+    if let RunNode::Static(i) = node {
+        let (mut poisoned, mut cancelled) = (Vec::new(), Vec::new());
+        for &e in bp.outgoing(*i) {
+            let target = bp.edge_ends(e).1;
+            let id = bp.node(target).id.clone();
+            match bp.join_strategy(target) {
+                JoinStrategy::All => poisoned.push(id),
+                JoinStrategy::Any => cancelled.push(id),
+            }
+        }
+        shared.coord.poison(&job.run_id, &poisoned, &cancelled)?;
+    }
+    let context = now.as_ref().map(|now| &now.context);
+    pause::fail_run(
+        shared,
+        &job.run_id,
+        context,
+        &failure.to_string(),
+        publisher,
+    )?;
+    Ok(Outcome::Ack)
+}

@@ -1,0 +1,456 @@
+//! Pausing nodes in the distributed runtime, and what wakes them.
+//!
+//! - `wait`: nothing to do; a person resumes the run (`Client::resume_with_action`).
+//! - `sleep`: after the commit, a timer message goes to the delay queue of its duration
+//!   (`<queue>.delay.<ms>`) and dead-letters into the job queue at `wakeUpAt`; whichever
+//!   worker receives it resumes the node. Nothing holds a thread, and the timer survives
+//!   worker restarts.
+//! - `webhook`: before the commit, the endpoint is registered (`{url, event}` in the
+//!   details); the receiver publishes the call to the events exchange, bound to the job
+//!   queue, and a worker resumes the node with the payload.
+//! - `subflow`: after the commit, the child run is created (idempotently, with a
+//!   deterministic id) and its start jobs published; when the child completes, the parent
+//!   node is resumed with its result; when it fails, the parent node retries (a new child
+//!   run), falls back, or fails.
+//!
+//! Every step is idempotent: a redelivered pausing job repeats `after_commit`, and resumes
+//! are guarded by the awaiting keys.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::engine::blueprint::{Blueprint, NodeDef};
+use crate::engine::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
+use crate::engine::node::{ContextMap, NodeResult};
+use crate::engine::nodes::{now_ms, subflow};
+use crate::runtime::message::{EventMessage, JobPayload};
+use crate::runtime::resumer::{ParentLink, Resumer};
+use crate::runtime::scheduling::{awaited_details, paused_iteration};
+use crate::services::postgres::store::RunSnapshot;
+use crate::services::rabbitmq::JobSink;
+use crate::vocabulary::keys::{input_key, output_key, PARENT_KEY};
+
+use super::job::Outcome;
+use super::Shared;
+use crate::runtime::error::Error;
+
+/// What a pausing node's details become before the commit.
+pub(crate) enum Prepared {
+    Details(Value),
+    /// The node cannot pause (e.g. a subflow of an unknown blueprint): the run fails.
+    Fail(String),
+}
+
+fn kind(details: &Value) -> &str {
+    details
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// Completes a pausing node's `_awaitingDetails` entry before it is committed (with the
+/// loop iteration it pauses at).
+pub(crate) fn prepare(
+    shared: &Shared,
+    job: &JobPayload,
+    node: &NodeDef,
+    mut details: Value,
+) -> Result<Prepared, Error> {
+    match kind(&details) {
+        "webhook" => {
+            let endpoint = crate::runtime::webhook::register_endpoint(
+                &shared.store,
+                &shared.public_url,
+                &job.run_id,
+                &node.id,
+            )?;
+            details["url"] = Value::String(endpoint.url);
+            details["event"] = Value::String(endpoint.event);
+        }
+        "subflow" => {
+            let child = details["blueprintId"].as_str().unwrap_or_default();
+            if !shared.blueprints.contains_key(child) {
+                return Ok(Prepared::Fail(format!(
+                    "subflow node '{}' names blueprint '{child}', which this worker does not have",
+                    node.id
+                )));
+            }
+            details["attempt"] = json!(1);
+            details["childRunId"] = json!(child_run_id(&job.run_id, &node.id, job.iteration, 1));
+        }
+        _ => {}
+    }
+    if let Some(d) = details.as_object_mut() {
+        d.insert("iteration".into(), json!(job.iteration));
+    }
+    Ok(Prepared::Details(details))
+}
+
+fn child_run_id(parent: &str, node: &str, iteration: u32, attempt: u32) -> String {
+    format!("{parent}.{node}.{iteration}.{attempt}")
+}
+
+/// Runs after a pausing node's commit (and again when its job is redelivered).
+pub(crate) fn after_commit(
+    shared: &Shared,
+    job: &JobPayload,
+    node: &NodeDef,
+    details: &Value,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    match kind(details) {
+        "sleep" => {
+            arm_timer(shared, job, node, details, publisher)?;
+            log::info!(
+                "run {}: '{}' sleeps until {}",
+                job.run_id,
+                node.id,
+                details["wakeUpAt"]
+            );
+        }
+        "subflow" => start_child(shared, job, node, details, publisher)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Longest single hop of a timer; longer sleeps re-arm when the hop ends.
+const MAX_TIMER_HOP_MS: u64 = 20 * 24 * 3600 * 1000;
+
+/// Publishes a sleep's wake-up: to the delay queue of its duration, expiring at `wakeUpAt`
+/// (or at the end of the hop, for sleeps over 20 days), or straight to the job queue when
+/// the time has come.
+fn arm_timer(
+    shared: &Shared,
+    job: &JobPayload,
+    node: &NodeDef,
+    details: &Value,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    let duration = details["durationMs"].as_u64().unwrap_or(0);
+    let wake_at = details["wakeUpAtMs"].as_u64().unwrap_or(0);
+    let remaining = wake_at.saturating_sub(now_ms());
+    let mut timer = JobPayload::new(&job.run_id, &job.blueprint_id, &node.id, job.iteration);
+    timer.timer = true;
+    if remaining == 0 {
+        return Ok(publisher.publish_jobs("", &shared.queue, &[timer.to_body()])?);
+    }
+    let hop = remaining.min(MAX_TIMER_HOP_MS);
+    // A first arming shares the queue of its duration (all its messages expire in publish
+    // order). A re-arming (a redelivered pause, the next hop of a long sleep) has less time
+    // left than its duration, so it goes to a queue of its own rounded hop instead of waiting
+    // behind longer timers.
+    let first_arm = duration.saturating_sub(remaining) < 1_000;
+    let queue_ms = if first_arm {
+        duration.clamp(hop, MAX_TIMER_HOP_MS)
+    } else {
+        hop.div_ceil(1_000) * 1_000
+    };
+    Ok(publisher.publish_delayed(&shared.queue, queue_ms, timer.to_body(), hop)?)
+}
+
+fn start_child(
+    shared: &Shared,
+    job: &JobPayload,
+    node: &NodeDef,
+    details: &Value,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    let child_id = details["blueprintId"].as_str().unwrap_or_default();
+    let Some(child) = shared.blueprints.get(child_id) else {
+        // The pause was committed by a worker that has this blueprint; one that does
+        // will start the child.
+        log::warn!(
+            "run {}: cannot start the child of '{}': blueprint '{child_id}' is not loaded here",
+            job.run_id,
+            node.id
+        );
+        return Ok(());
+    };
+    let child_run = details["childRunId"].as_str().unwrap_or_default();
+    let mut context = subflow::child_initial_context(details, child);
+    child.stamp(&mut context);
+    context.insert(
+        PARENT_KEY.into(),
+        json!({"runId": job.run_id, "nodeId": node.id, "blueprintId": job.blueprint_id}),
+    );
+    shared.store.create_run_if_absent(child_run, &context)?;
+    let bodies: Vec<Vec<u8>> = child
+        .start_node_ids()
+        .iter()
+        .map(|s| JobPayload::new(child_run, child.id(), s, 0).to_body())
+        .collect();
+    publisher.publish_jobs("", &shared.queue, &bodies)?;
+    log::info!(
+        "run {}: subflow '{}' started child run {child_run} ({child_id})",
+        job.run_id,
+        node.id
+    );
+    Ok(())
+}
+
+pub(crate) fn resumer(shared: &Shared) -> Resumer<'_> {
+    Resumer {
+        store: &shared.store,
+        coord: &shared.coord,
+        blueprints: &shared.blueprints,
+        queue: &shared.queue,
+    }
+}
+
+/// Resumes one awaited node; a node no longer awaited (resumed already, or the run ended)
+/// is not an error.
+fn resume_node(
+    shared: &Shared,
+    run: &str,
+    snapshot: RunSnapshot,
+    node: &str,
+    success: NodeSuccess,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, Error> {
+    let nodes = [node.to_string()];
+    match resumer(shared).resume(run, snapshot, Some(&nodes), success, publisher) {
+        Ok(_) => Ok(Outcome::Ack),
+        Err(e) if !e.is_refusal() => Err(e),
+        Err(other) => {
+            log::debug!("run {run}: '{node}' not resumed: {other}");
+            Ok(Outcome::Ack)
+        }
+    }
+}
+
+/// A `sleep` node's timer fired.
+pub(crate) fn on_timer(
+    shared: &Shared,
+    job: &JobPayload,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, Error> {
+    let Some(snapshot) = shared.store.load(&job.run_id)? else {
+        return Ok(Outcome::Ack);
+    };
+    let Some(details) = awaited_details(&snapshot.context, &job.node_id).cloned() else {
+        return Ok(Outcome::Ack);
+    };
+    if kind(&details) != "sleep" || paused_iteration(&details) != u64::from(job.iteration) {
+        // A stale timer (an earlier iteration, or the node is not a sleep): nothing to do.
+        return Ok(Outcome::Ack);
+    }
+    if details["wakeUpAtMs"].as_u64().unwrap_or(0) > now_ms() + 50 {
+        // One hop of a long sleep ended: arm the next.
+        if let Some(node) = shared
+            .blueprints
+            .get(&job.blueprint_id)
+            .and_then(|bp| bp.node_by_id(&job.node_id))
+        {
+            arm_timer(shared, job, node, &details, publisher)?;
+        }
+        return Ok(Outcome::Ack);
+    }
+    // A sleep passes its input through.
+    let output = snapshot
+        .context
+        .get(&input_key(&job.node_id))
+        .cloned()
+        .unwrap_or(Value::Null);
+    log::info!("run {}: '{}' wakes up", job.run_id, job.node_id);
+    let success = NodeSuccess::of(NodeResult::output(output));
+    resume_node(
+        shared,
+        &job.run_id,
+        snapshot,
+        &job.node_id,
+        success,
+        publisher,
+    )
+}
+
+/// A webhook was called.
+pub(crate) fn on_event(
+    shared: &Shared,
+    event: &EventMessage,
+    publisher: &mut dyn JobSink,
+) -> Result<Outcome, Error> {
+    let Some((run, node)) = event.webhook_target() else {
+        return Ok(Outcome::DeadLetter(format!(
+            "event '{}' names no run and node",
+            event.event
+        )));
+    };
+    log::info!("run {run}: webhook '{node}' called");
+    // The payload must not vanish: an event no awaited webhook node takes is dead-lettered.
+    let Some(snapshot) = shared.store.load(&run)? else {
+        return Ok(Outcome::DeadLetter(format!(
+            "webhook event for unknown run '{run}'"
+        )));
+    };
+    let awaited_iteration = awaited_details(&snapshot.context, &node)
+        .filter(|d| kind(d) == "webhook")
+        .map(paused_iteration);
+    let fresh = match (awaited_iteration, event.iteration) {
+        (Some(awaited), Some(sent)) => awaited == u64::from(sent),
+        (Some(awaited), None) => awaited == 0,
+        (None, _) => false,
+    };
+    if !fresh {
+        if snapshot.context.contains_key(&output_key(&node)) {
+            // A repeat of an event already applied (a redelivery after the resume).
+            return Ok(Outcome::Ack);
+        }
+        return Ok(Outcome::DeadLetter(format!(
+            "webhook event for run '{run}', whose node '{node}' is not an awaited webhook"
+        )));
+    }
+    let success = NodeSuccess::of(NodeResult::output(event.payload.clone()));
+    resume_node(shared, &run, snapshot, &node, success, publisher)
+}
+
+/// Marks a run failed; if it is a subflow's child, the parent node retries it (a new child
+/// run, while `maxRetries` allows), runs its fallback, or fails too.
+///
+/// `context` is the run's context if the caller has read it (it tells whether the run is a
+/// subflow's child); without it, the run is read.
+pub(crate) fn fail_run(
+    shared: &Shared,
+    run: &str,
+    context: Option<&ContextMap>,
+    reason: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    if !shared.store.fail_run(run, reason)? {
+        return Ok(());
+    }
+    log::info!("run {run}: failed: {reason}");
+    propagate_failure(shared, run, context, reason, publisher)
+}
+
+/// Tells a failed child's parent, if it still awaits this child (`context` as in
+/// [`fail_run`]).
+fn propagate_failure(
+    shared: &Shared,
+    run: &str,
+    context: Option<&ContextMap>,
+    reason: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    let link = match context {
+        Some(context) => ParentLink::of(context),
+        None => shared
+            .store
+            .load(run)?
+            .and_then(|child| ParentLink::of(&child.context)),
+    };
+    let Some(link) = link else {
+        return Ok(());
+    };
+    let Some((parent, details)) = link.awaiting_parent(&shared.store, run)? else {
+        return Ok(());
+    };
+    match child_failed(shared, &link, parent, run, reason, details, publisher)? {
+        None => Ok(()),
+        Some(parent_reason) => fail_run(shared, &link.run_id, None, &parent_reason, publisher),
+    }
+}
+
+/// A job arrived for a child run that already ended: if its parent still awaits it, the
+/// notification was lost (an error or a crash right after the child ended) — do it again.
+pub(crate) fn renotify_parent(
+    shared: &Shared,
+    run: &str,
+    context: &ContextMap,
+    status: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    match status {
+        "completed" => resumer(shared).resume_parent(run, context, publisher),
+        "failed" => {
+            let reason = shared
+                .store
+                .status(run)?
+                .and_then(|row| row.result)
+                .and_then(|r| r.get("reason").and_then(Value::as_str).map(String::from))
+                .unwrap_or_else(|| "the child run failed".into());
+            propagate_failure(shared, run, Some(context), &reason, publisher)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The parent's answer to a failed child: `None` when handled (retry or fallback), or the
+/// reason the parent run fails.
+#[allow(clippy::too_many_arguments)]
+fn child_failed(
+    shared: &Shared,
+    link: &ParentLink,
+    parent: RunSnapshot,
+    child_run: &str,
+    child_reason: &str,
+    details: Value,
+    publisher: &mut dyn JobSink,
+) -> Result<Option<String>, Error> {
+    let Some(bp) = shared
+        .blueprints
+        .get(Blueprint::stamped_id(&parent.context))
+    else {
+        return Ok(None);
+    };
+    let Some(node) = bp.node_by_id(&link.node_id) else {
+        return Ok(None);
+    };
+    let message = format!(
+        "subflow '{}' (run {child_run}) failed: {child_reason}",
+        details["blueprintId"].as_str().unwrap_or_default()
+    );
+    let attempt = details["attempt"].as_u64().unwrap_or(1) as u32;
+    if attempt < node.config.max_retries.unwrap_or(1) {
+        let iteration = paused_iteration(&details) as u32;
+        let mut next = details.clone();
+        next["attempt"] = json!(attempt + 1);
+        next["childRunId"] = json!(child_run_id(&link.run_id, &node.id, iteration, attempt + 1));
+        if shared
+            .store
+            .update_awaiting_details(&link.run_id, &node.id, &next)?
+        {
+            log::info!(
+                "run {}: retrying subflow '{}' (attempt {})",
+                link.run_id,
+                node.id,
+                attempt + 1
+            );
+            let job = JobPayload::new(&link.run_id, bp.id(), &node.id, iteration);
+            start_child(shared, &job, node, &next, publisher)?;
+        }
+        return Ok(None);
+    }
+    let failure = NodeFailure {
+        node_id: node.id.clone(),
+        message: message.clone(),
+        fatal: false,
+        attempts: attempt,
+    };
+    let job = NodeJob {
+        blueprint: bp,
+        node,
+        run_id: &link.run_id,
+    };
+    let RunSnapshot { context, status } = parent;
+    let context = Arc::new(context);
+    match run_fallback(job, &shared.registry, context.clone(), failure) {
+        Ok(success) => {
+            let parent = RunSnapshot {
+                context: Arc::unwrap_or_clone(context),
+                status,
+            };
+            resume_node(shared, &link.run_id, parent, &node.id, success, publisher)?;
+            Ok(None)
+        }
+        Err(failure) if failure.node_id == node.id => Ok(Some(format!(
+            "node '{}' failed: {}",
+            node.id, failure.message
+        ))),
+        Err(failure) => Ok(Some(format!(
+            "{failure} (fallback of '{}' after: {message})",
+            node.id
+        ))),
+    }
+}

@@ -1,0 +1,328 @@
+//! The tail of a job whose node executed — commit → coordinate → publish → ack, in that
+//! order (see [`job`](super::job) for its crash windows) — run for a batch of jobs at once.
+//!
+//! A worker thread does not wait for its job's tail: it hands the tail off
+//! ([`Combiner`](crate::services::group::Combiner)) and takes its next delivery. Whichever thread finds
+//! nobody leading runs the queued tails in batches: one commit statement for the batch, one
+//! Redis pipeline for the commits that applied, then each job's publishes (on the leading
+//! thread's channel) and final status, and hands each delivery to the consumer thread to be
+//! acked once its publishes are confirmed. So a process keeps more jobs in flight than it
+//! has threads, and its statements and pipelines carry more jobs each. A lone thread leads
+//! its own tail at once: with one thread, nothing changes.
+//!
+//! The batch's statements run outside the store's write group (which carries pauses,
+//! resumes and other completions), so two statements of one process may wait on each
+//! other's rows, as statements of two processes always could; PostgreSQL breaks a deadlock
+//! by failing one statement, whose writes then run again one by one.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use amiquip::Delivery;
+use crossbeam_channel::Sender;
+
+use crate::engine::node::ContextMap;
+use crate::runtime::failpoint;
+use crate::runtime::message::job_id;
+use crate::runtime::message::JobPayload;
+use crate::runtime::resumer::RunProgress;
+use crate::services::postgres::store::{CommitGuard, NodeCommit, StoreError};
+use crate::services::rabbitmq::AsyncPublisher;
+use crate::services::redis::SuccessorReport;
+
+use super::backoff::Backoff;
+use super::consumer::Finished;
+use super::job::{describe, Outcome};
+use super::{pause, Shared};
+use crate::runtime::error::Error;
+
+/// Most job tails one batch carries.
+pub(super) const MAX_TAILS: usize = 64;
+
+/// What is left of a job once its node executed.
+pub(crate) struct TailJob {
+    pub(crate) job: JobPayload,
+    /// The node's id in the blueprint (what the failpoints name).
+    pub(crate) node_id: String,
+    pub(crate) commit: NodeCommit,
+    pub(crate) guard: CommitGuard,
+    /// The run's start jobs, registered in the ledger with this one when it is one of them.
+    pub(crate) also_register: Vec<String>,
+    /// The successors chosen, reported to their joins.
+    pub(crate) successors: Vec<SuccessorReport>,
+}
+
+/// A tail waiting to be run, with the delivery it settles.
+pub(super) struct PendingTail {
+    pub(super) delivery: Delivery,
+    pub(super) tail: Box<TailJob>,
+}
+
+impl PendingTail {
+    /// Tails of one run never share a batch (one statement cannot commit a row twice).
+    pub(super) fn run_id(&self) -> Option<&str> {
+        Some(&self.tail.job.run_id)
+    }
+}
+
+/// The thread that runs a batch of tails: its channel, and where settled deliveries go.
+pub(super) struct Leader<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) publisher: &'a mut AsyncPublisher,
+    /// The index of `publisher` among the session's publishers.
+    pub(super) index: usize,
+    pub(super) done: &'a Sender<Finished>,
+    pub(super) backoff: &'a mut Backoff,
+    /// Whether the session is over (failures then wait for nothing).
+    pub(super) closed: &'a AtomicBool,
+    /// Deliveries to requeue after a backoff, once this thread no longer leads (see
+    /// [`settle_deferred`](Self::settle_deferred)), with the reason.
+    pub(super) deferred: Vec<(Delivery, String)>,
+}
+
+impl Leader<'_> {
+    /// Runs a batch of tails and hands each delivery on to be settled. If that panics, the
+    /// deliveries not yet handed on are requeued: the batch does not tell whose tail
+    /// panicked, and a job whose commit applied must come back to coordinate. (A tail that
+    /// panics each time is dead-lettered after repeated failures, as any failing job.)
+    pub(super) fn run(&mut self, batch: Vec<PendingTail>) {
+        let mut pending: Vec<Option<PendingTail>> = batch.into_iter().map(Some).collect();
+        let reason = match catch_unwind(AssertUnwindSafe(|| self.run_batch(&mut pending))) {
+            Ok(()) => "its tail was left unsettled",
+            Err(_) => "a batch of job tails panicked",
+        };
+        for p in pending.iter_mut().filter_map(Option::take) {
+            let reason = format!("{}: {reason}", describe(&p.tail.job));
+            log::error!("{reason}; requeueing it");
+            self.settle(p.delivery, Outcome::Retry(reason), None);
+        }
+    }
+
+    /// Requeues the deliveries of batches in which nothing succeeded (a service is failing),
+    /// after the thread's backoff: called once it no longer leads, so that the wait holds up
+    /// no other thread's tails.
+    pub(super) fn settle_deferred(&mut self) {
+        let Some((_, reason)) = self.deferred.first() else {
+            return;
+        };
+        let reason = reason.clone();
+        self.backoff
+            .after(Some(&reason), self.closed.load(Ordering::SeqCst));
+        for (delivery, reason) in std::mem::take(&mut self.deferred) {
+            self.settle(delivery, Outcome::Retry(reason), None);
+        }
+    }
+
+    /// Commit, coordinate, publish and complete for the tails in `pending`; each is taken out
+    /// of its slot only as its delivery is handed on, so a panic finds the rest there.
+    fn run_batch(&mut self, pending: &mut [Option<PendingTail>]) {
+        let shared = self.shared;
+        let mut retries: Vec<(usize, String)> = Vec::new();
+        let mut succeeded = false;
+        // Commit: one statement.
+        let commits = pending
+            .iter_mut()
+            .flatten()
+            .map(|p| {
+                let t = &mut p.tail;
+                (
+                    t.job.run_id.clone(),
+                    std::mem::take(&mut t.commit),
+                    t.guard.clone(),
+                )
+            })
+            .collect();
+        let mut coordinating = Vec::new();
+        for (i, applied) in shared.store.commit_nodes(commits).into_iter().enumerate() {
+            let Some(t) = tail(pending, i) else { continue };
+            match applied {
+                Ok(true) => {
+                    failpoint::hit("after_commit", &t.node_id);
+                    coordinating.push(i);
+                }
+                Ok(false) => {
+                    log::debug!(
+                        "run {}: node '{}' was committed by another delivery",
+                        t.job.run_id,
+                        t.node_id
+                    );
+                    succeeded = true;
+                    self.settle_slot(&mut pending[i], Outcome::Ack, None);
+                }
+                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+            }
+        }
+        // Coordinate: one Redis pipeline.
+        let calls = coordinating
+            .iter()
+            .filter_map(|&i| tail(pending, i))
+            .map(|t| {
+                let me = job_id(&t.job.node_id, t.job.iteration);
+                let successors = t.successors.clone();
+                (
+                    t.job.run_id.clone(),
+                    me,
+                    t.also_register.clone(),
+                    successors,
+                )
+            })
+            .collect();
+        let finished = shared.coord.finish_jobs(calls);
+        // Publish each job's ready successors, noting the delivery tags of its publishes.
+        let resumer = pause::resumer(shared);
+        let mut published = Vec::new();
+        let mut acked: Vec<(usize, Tags)> = Vec::new();
+        for (i, finished) in coordinating.into_iter().zip(finished) {
+            let Some(t) = tail(pending, i) else { continue };
+            let before = self.publisher.published();
+            let progress = finished.map_err(Error::from).and_then(|outcome| {
+                let progress = resumer.publish_ready(
+                    &t.job.run_id,
+                    &t.job.blueprint_id,
+                    &t.successors,
+                    &outcome,
+                    self.publisher,
+                )?;
+                failpoint::hit("after_publish", &t.job.node_id);
+                Ok(progress)
+            });
+            let tags = Tags::default().with(before, self.publisher.published());
+            match progress {
+                Ok(progress) => published.push((i, progress, tags)),
+                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+            }
+        }
+        // Final status: the runs now idle complete in one statement.
+        let idle: Vec<String> = published
+            .iter()
+            .filter(|(_, progress, _)| matches!(progress, RunProgress::Idle))
+            .filter_map(|&(i, _, _)| tail(pending, i))
+            .map(|t| t.job.run_id.clone())
+            .collect();
+        let mut completed: HashMap<String, Result<Option<ContextMap>, StoreError>> = idle
+            .iter()
+            .cloned()
+            .zip(shared.store.complete_runs(&idle))
+            .collect();
+        for (i, progress, tags) in published {
+            let Some(t) = tail(pending, i) else { continue };
+            let run_id = &t.job.run_id;
+            let before = self.publisher.published();
+            let result = match progress {
+                RunProgress::Busy => Ok(()),
+                RunProgress::Idle => match completed.remove(run_id) {
+                    Some(Ok(Some(context))) => resumer.completed(run_id, &context, self.publisher),
+                    Some(Ok(None)) => Ok(()),
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(StoreError::Grouped("no completion for this run".into()).into()),
+                },
+                RunProgress::IdleUnverified => resumer
+                    .complete_if_idle(run_id, progress, self.publisher)
+                    .map(|_| ()),
+            };
+            let tags = tags.with(before, self.publisher.published());
+            match result {
+                Ok(()) => acked.push((i, tags)),
+                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+            }
+        }
+        // Settled in the order of their first tags, so that the consumer thread sees each
+        // publisher's ranges in order (it forgets refusals before the range it checks).
+        acked.sort_by_key(|(_, tags)| tags.first);
+        succeeded |= !acked.is_empty();
+        for (i, tags) in acked {
+            self.settle_slot(&mut pending[i], Outcome::Ack, tags.range());
+        }
+        // Retries. When nothing in the batch succeeded (a service is failing), they are
+        // requeued after a backoff, as a lone job's would be (`settle_deferred`); an isolated
+        // failure (one bad row) is requeued at once.
+        if succeeded {
+            self.backoff.after(None, false);
+        }
+        for (i, reason) in retries {
+            let Some(p) = pending[i].take() else { continue };
+            if succeeded {
+                log::warn!("{reason}; retrying");
+                self.settle(p.delivery, Outcome::Retry(reason), None);
+            } else {
+                self.deferred.push((p.delivery, reason));
+            }
+        }
+    }
+
+    fn settle_slot(
+        &self,
+        slot: &mut Option<PendingTail>,
+        outcome: Outcome,
+        tags: Option<(u64, u64)>,
+    ) {
+        if let Some(p) = slot.take() {
+            self.settle(p.delivery, outcome, tags);
+        }
+    }
+
+    fn settle(&self, delivery: Delivery, outcome: Outcome, tags: Option<(u64, u64)>) {
+        // (The consumer thread is gone when the session ended: the delivery is requeued.)
+        let _ = self.done.send(Finished {
+            delivery,
+            outcome,
+            publisher: self.index,
+            tags,
+        });
+    }
+}
+
+/// The tail in slot `i`, unless its delivery was handed on.
+fn tail(pending: &[Option<PendingTail>], i: usize) -> Option<&TailJob> {
+    pending[i].as_ref().map(|p| &*p.tail)
+}
+
+/// The delivery tags of one job's publishes: those of its successors and, later, those of
+/// its run's completion (a subflow's parent). Between the two, other jobs may publish; a
+/// range spans them only when a job publishes in both steps (a child run's last job).
+#[derive(Clone, Copy, Default)]
+struct Tags {
+    first: Option<u64>,
+    last: Option<u64>,
+}
+
+impl Tags {
+    /// With the publishes numbered `before + 1 ..= after` (none if `after == before`).
+    fn with(self, before: u64, after: u64) -> Tags {
+        if after <= before {
+            return self;
+        }
+        Tags {
+            first: self.first.or(Some(before + 1)),
+            last: Some(after),
+        }
+    }
+
+    fn range(self) -> Option<(u64, u64)> {
+        self.first.zip(self.last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tags;
+
+    #[test]
+    fn a_job_s_tags_cover_its_own_publishes_only() {
+        // Published nothing: no range (it is acked without waiting for others' confirms).
+        assert_eq!(Tags::default().with(4, 4).with(9, 9).range(), None);
+        // Its successors only.
+        assert_eq!(Tags::default().with(4, 6).with(9, 9).range(), Some((5, 6)));
+        // Its run's completion only (a subflow's parent resumed).
+        assert_eq!(
+            Tags::default().with(4, 4).with(9, 10).range(),
+            Some((10, 10))
+        );
+        // Both: the range spans the others' publishes between them.
+        assert_eq!(
+            Tags::default().with(4, 5).with(9, 10).range(),
+            Some((5, 10))
+        );
+    }
+}

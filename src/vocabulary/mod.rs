@@ -1,0 +1,9 @@
+//! Words every layer shares, and nothing else: the names of the keys a run's context holds
+//! ([`keys`]) and the state of a run ([`RunStatus`]). No I/O, no dependency on the rest of
+//! the crate: the engine, the service adapters and the distributed runtime all read them
+//! from here, so the two runners and the stored rows agree on one spelling.
+
+pub mod keys;
+mod status;
+
+pub use status::RunStatus;
