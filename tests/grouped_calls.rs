@@ -74,11 +74,7 @@ fn concurrent_commits_apply_once_per_node_and_lose_no_update() {
         let same = context.get("_outputs.same").and_then(Value::as_u64);
         assert!(same.is_some_and(|t| (t as usize) < THREADS));
         assert_eq!(
-            env.store()
-                .status(run)
-                .unwrap()
-                .map(|s| s.status)
-                .as_deref(),
+            env.store().status(run).unwrap().map(|s| s.status.as_str()),
             Some("running")
         );
     }
@@ -180,7 +176,7 @@ fn concurrent_loads_each_get_their_own_run_and_a_bad_row_fails_alone() {
         match (i, loaded) {
             (0..=19, Ok(Some(snapshot))) => {
                 assert_eq!(snapshot.context.get("n"), Some(&json!(i)));
-                assert_eq!(snapshot.status.as_deref(), Some("running"));
+                assert_eq!(snapshot.status.map(|s| s.as_str()), Some("running"));
             }
             (20 | 21, Ok(None)) => {}
             (22, Err(StoreError::Malformed { run_id, .. })) => {

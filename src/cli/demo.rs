@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::services::postgres::migrate;
 use crate::services::postgres::store::RunStore;
-use crate::{migrate, Blueprint, NodeRegistry};
+use crate::{Blueprint, NodeRegistry};
 use clap::Args;
 use serde_json::{json, Value};
 

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use crate::runtime::webhook::{WebhookOptions, WebhookServer};
+use crate::services::postgres::migrate as migrations;
 use crate::services::postgres::store::StatusRow;
-use crate::{migrate as migrations, NodeRegistry};
+use crate::{NodeRegistry, RunStatus};
 use clap::Args;
 use serde_json::{json, Value};
 
@@ -226,14 +227,14 @@ pub fn start(
         Err(e) => return fail(EXIT_FAILED, e),
     };
     println!("{}", status_json(&row));
-    match row.status.as_str() {
-        "completed" => EXIT_OK,
-        "awaiting" => EXIT_AWAITING,
-        "running" => {
+    match row.status {
+        RunStatus::Completed => EXIT_OK,
+        RunStatus::Awaiting => EXIT_AWAITING,
+        RunStatus::Running => {
             eprintln!("flowcraft: run {run} is still running after {timeout} s");
             EXIT_TIMEOUT
         }
-        _ => EXIT_FAILED,
+        RunStatus::Failed | RunStatus::Cancelled => EXIT_FAILED,
     }
 }
 

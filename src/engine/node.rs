@@ -361,14 +361,6 @@ impl NodeRegistry {
         NodeRegistry::default()
     }
 
-    /// A registry holding every built-in node (`wait`, `sleep`, `webhook`, `subflow`,
-    /// `batch-scatter`, `batch-gather`, `loop-controller`, `transform`, `exec`).
-    pub fn with_builtins() -> NodeRegistry {
-        let mut r = NodeRegistry::new();
-        crate::engine::nodes::register_builtins(&mut r);
-        r
-    }
-
     /// Registers a [`Node`] under a key, replacing any previous one.
     pub fn register(&mut self, uses: impl Into<String>, node: impl Node) -> &mut Self {
         self.nodes.insert(uses.into(), Arc::new(node));

@@ -20,6 +20,7 @@ use crate::runtime::worker::DEFAULT_QUEUE;
 use crate::services::postgres::store::{PgPool, RunStore, StatusRow, Tables};
 use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, Declare, JobSink, KeptPublisher};
 use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
+use crate::vocabulary::RunStatus;
 
 /// Starts and steers runs. Opens its RabbitMQ connection on first use and keeps it.
 pub struct Client {
@@ -143,7 +144,7 @@ impl Client {
             let row = self
                 .status(run_id)?
                 .ok_or_else(|| Error::UnknownRun(run_id.into()))?;
-            if row.status != "running" || Instant::now() >= deadline {
+            if row.status != RunStatus::Running || Instant::now() >= deadline {
                 return Ok(row);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -173,10 +174,10 @@ impl Client {
         let Some(snapshot) = self.store.load(run_id)? else {
             return Err(Error::UnknownRun(run_id.into()));
         };
-        if snapshot.status.as_deref() != Some("awaiting") {
+        if snapshot.status != Some(RunStatus::Awaiting) {
             return Err(Error::NotAwaiting {
                 run: run_id.into(),
-                status: snapshot.status.unwrap_or_else(|| "unknown".into()),
+                status: snapshot.status.map_or("unknown", RunStatus::as_str).into(),
             });
         }
         self.with_publisher(|publisher| {
@@ -200,10 +201,12 @@ impl Client {
     /// Cancels a running or awaiting run: status `cancelled`; its queued jobs are dropped.
     pub fn cancel(&self, run_id: &str) -> Result<(), Error> {
         let result = serde_json::json!({"status": "cancelled"});
-        if self
-            .store
-            .set_status(run_id, "cancelled", Some(&result), &["running", "awaiting"])?
-        {
+        if self.store.set_status(
+            run_id,
+            RunStatus::Cancelled,
+            Some(&result),
+            &[RunStatus::Running, RunStatus::Awaiting],
+        )? {
             log::info!("run {run_id}: cancelled");
             return Ok(());
         }
@@ -211,7 +214,7 @@ impl Client {
             None => Err(Error::UnknownRun(run_id.into())),
             Some(row) => Err(Error::NotCancellable {
                 run: run_id.into(),
-                status: row.status,
+                status: row.status.to_string(),
             }),
         }
     }

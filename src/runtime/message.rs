@@ -127,6 +127,11 @@ impl Message {
 }
 
 impl JobPayload {
+    /// `run <run> node <node>`, for messages and logs.
+    pub fn describe(&self) -> String {
+        format!("run {} node {}", self.run_id, self.node_id)
+    }
+
     /// A first-attempt job.
     pub fn new(run_id: &str, blueprint_id: &str, node_id: &str, iteration: u32) -> JobPayload {
         JobPayload {

@@ -21,6 +21,7 @@ use crate::services::redis::{FinishOutcome, RedisCoordinationStore, SuccessorRep
 use crate::vocabulary::keys::{
     input_key, meta_key, AWAITING_DETAILS, AWAITING_NODE_IDS, PARENT_KEY,
 };
+use crate::vocabulary::RunStatus;
 
 /// What a resume did.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,11 +69,14 @@ impl Resumer<'_> {
         success: NodeSuccess,
         publisher: &mut dyn JobSink,
     ) -> Result<ResumeOutcome, Error> {
-        let status = snapshot.status.clone().unwrap_or_else(|| "unknown".into());
-        if !matches!(status.as_str(), "awaiting" | "running") {
+        let status = snapshot.status.map_or("unknown", RunStatus::as_str);
+        if !matches!(
+            snapshot.status,
+            Some(RunStatus::Awaiting | RunStatus::Running)
+        ) {
             return Err(Error::NotAwaiting {
                 run: run_id.into(),
-                status,
+                status: status.into(),
             });
         }
         let context = snapshot.context;
@@ -97,7 +101,7 @@ impl Resumer<'_> {
         if targets.is_empty() {
             return Err(Error::NotAwaiting {
                 run: run_id.into(),
-                status,
+                status: status.into(),
             });
         }
         let blueprint_id = Blueprint::stamped_id(&context).to_string();
@@ -298,7 +302,10 @@ impl Resumer<'_> {
         };
         // An awaiting run may have branches still running; its awaited nodes are not in the
         // frontier.
-        if !matches!(snapshot.status.as_deref(), Some("running" | "awaiting")) {
+        if !matches!(
+            snapshot.status,
+            Some(RunStatus::Running | RunStatus::Awaiting)
+        ) {
             return Ok(false);
         }
         let Some(bp) = self

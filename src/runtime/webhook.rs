@@ -34,6 +34,7 @@ use crate::services::rabbitmq::{self as amqp, JobSink, KeptPublisher};
 use crate::services::redis::RedisCoordinationStore;
 use crate::services::url::percent_decode;
 use crate::vocabulary::keys::output_key;
+use crate::vocabulary::RunStatus;
 
 /// Default body limit.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -255,7 +256,7 @@ impl Receiver {
                 // Fired before, and not a node that pauses again (in a loop) in a running run.
                 s.context.contains_key(&output_key(&node))
                     && (crate::runtime::scheduling::execution_count(&s.context, &node) == 0
-                        || s.status.as_deref() != Some("running")),
+                        || s.status != Some(RunStatus::Running)),
             ),
             Ok(None) => (None, false),
             Err(e) => {

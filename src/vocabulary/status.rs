@@ -25,6 +25,14 @@ impl RunStatus {
         }
     }
 
+    /// Whether the run has ended: `completed`, `failed` or `cancelled`.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+
     /// Parses a status name.
     pub fn parse(s: &str) -> Option<RunStatus> {
         Some(match s {
@@ -41,5 +49,18 @@ impl RunStatus {
 impl std::fmt::Display for RunStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Compares with a status name, as status rows spelled it when their status was a string.
+impl PartialEq<str> for RunStatus {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for RunStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }

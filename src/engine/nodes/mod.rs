@@ -29,6 +29,16 @@ pub const BUILTINS: &[&str] = &[
     "exec",
 ];
 
+impl NodeRegistry {
+    /// A registry holding every built-in node (`wait`, `sleep`, `webhook`, `subflow`,
+    /// `batch-scatter`, `batch-gather`, `loop-controller`, `transform`, `exec`).
+    pub fn with_builtins() -> NodeRegistry {
+        let mut r = NodeRegistry::new();
+        register_builtins(&mut r);
+        r
+    }
+}
+
 /// Registers every built-in node.
 pub fn register_builtins(registry: &mut NodeRegistry) {
     registry.register_fn("wait", wait);

@@ -12,7 +12,15 @@ use crate::services::postgres::store::{PgPool, RunStore, Tables};
 use crate::services::rabbitmq as amqp;
 use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
 
-use super::{RabbitMqAdapter, Shared, DEFAULT_EVENTS_EXCHANGE, DEFAULT_PUBLIC_URL, DEFAULT_QUEUE};
+use super::adapter::RabbitMqAdapter;
+use super::shared::Shared;
+
+/// Default job queue.
+pub const DEFAULT_QUEUE: &str = "flowcraft-jobs";
+/// Default fanout exchange of webhook events.
+pub const DEFAULT_EVENTS_EXCHANGE: &str = "flowcraft-events";
+/// Default base of webhook URLs.
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:8080";
 
 impl RabbitMqAdapter {
     /// A builder from the three services: an AMQP URL, a PostgreSQL pool and a Redis pool.

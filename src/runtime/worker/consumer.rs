@@ -10,8 +10,24 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, ConfirmTracker, JobSink};
 
 use super::acks;
-use super::job::Outcome;
-use super::supervisor::SessionEnd;
+
+/// What the consumer thread does with a finished delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Outcome {
+    Ack,
+    /// Reject without requeue: the broker routes it to `<queue>.dead`.
+    DeadLetter(String),
+    /// A service failed; requeue (dead-lettered after repeated failures).
+    Retry(String),
+}
+
+/// How a session ended.
+pub(super) enum SessionEnd {
+    /// A stop was asked for, and every delivery in flight is settled.
+    Stopped,
+    /// The connection (or a channel the session needs) is gone, for this reason.
+    ConnectionLost(String),
+}
 
 /// How often a delivery may fail on a service error before it is dead-lettered (with the
 /// workers' backoff, about a minute and a half of outage).

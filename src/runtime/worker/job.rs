@@ -1,7 +1,22 @@
-//! The per-job protocol (SPEC §6), in order: guard → execute → commit → coordinate →
-//! publish → ack. Each step is a named function; after a node executed, the steps from the
-//! commit on run in [`tail`](super::tail), batched with other jobs'. Each crash window is
-//! described once, here:
+//! The per-job protocol (SPEC §6). [`handle`] is the whole of it, one named step a line:
+//!
+//! 1. **parse** the delivery: a job, a sleep's timer, or a webhook's event;
+//! 2. **guard**: the blueprint, the run and its version, the node; then idempotency — a job
+//!    whose node is committed (or awaited) is not executed again;
+//! 3. **execute** the node, holding no connection ([`execute_node`]);
+//! 4. **build the commit**: output, bookkeeping, the successors chosen and their inputs;
+//! 5. **commit** (one statement, guarded: the first commit of a node's execution wins),
+//! 6. **coordinate** (Redis: report to the joins, register the ready jobs in the run's
+//!    ledger), **publish** the ready successors, **complete** the run if nothing is left —
+//!    steps 5–6 are the job's *tail*, handed off and run batched with other threads' tails
+//!    ([`tail`](super::tail));
+//! 7. **settle**: the consumer thread acks the delivery once the broker confirmed its
+//!    publishes, or requeues or dead-letters it ([`consumer`](super::consumer)).
+//!
+//! A job that needs no execution is settled at once (step 2), or — when its node committed
+//! before and its coordination may be missing — goes straight to a tail with nothing to
+//! commit. Pausing nodes commit their pause in step 4 ([`pause`](super::pause)). Each crash
+//! window is described once, here:
 //!
 //! - Crash before the commit: nothing was written; the redelivery executes the node again
 //!   (node code runs at least once).
@@ -23,11 +38,10 @@ use serde_json::{json, Value};
 use crate::engine::blueprint::{Blueprint, JoinStrategy};
 use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::flow;
-use crate::engine::node::{ContextMap, NodeResult};
+use crate::engine::node::{ContextDeltas, ContextMap, NodeResult};
 use crate::engine::nodes::batch;
-use crate::runtime::failpoint;
-use crate::runtime::message::job_id;
-use crate::runtime::message::{JobPayload, Message};
+use crate::runtime::error::Error;
+use crate::runtime::message::{job_id, JobPayload, Message};
 use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{
     self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
@@ -35,28 +49,18 @@ use crate::runtime::scheduling::{
 use crate::services::postgres::store::{CommitGuard, NodeCommit};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::SuccessorReport;
+use crate::vocabulary::keys::{input_key, meta_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION};
 
+use super::consumer::Outcome;
 use super::pause::{self, Prepared};
+use super::shared::Shared;
 use super::tail::TailJob;
-use super::Shared;
-use crate::runtime::error::Error;
-use crate::vocabulary::keys::{input_key, meta_key, output_key};
-
-/// What the consumer thread does with a delivery.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Outcome {
-    Ack,
-    /// Reject without requeue: the broker routes it to `<queue>.dead`.
-    DeadLetter(String),
-    /// A service failed; requeue (dead-lettered after repeated failures).
-    Retry(String),
-}
 
 /// What a worker thread does next with a delivery it handled.
-pub(crate) enum Handled {
-    /// Settle it with this outcome.
+pub(super) enum Handled {
+    /// Settle it with this outcome (step 7).
     Done(Outcome),
-    /// Its node executed: commit and coordinate it ([`tail`](super::tail)), then settle it.
+    /// Commit and coordinate it (steps 5–6, [`tail`](super::tail)), then settle it.
     Tail(Box<TailJob>),
 }
 
@@ -66,54 +70,103 @@ impl From<Outcome> for Handled {
     }
 }
 
-/// Handles one delivery body: a job, a timer, or an event.
-pub(crate) fn handle(
+/// The per-job protocol for one delivery body, up to its tail (see the module docs).
+pub(super) fn handle(
     shared: &Shared,
     body: &[u8],
     redelivered: bool,
     publisher: &mut dyn JobSink,
 ) -> Handled {
-    let retry = |what: String, e: Error| Outcome::Retry(format!("{what}: {e}")).into();
-    match Message::parse(body) {
-        Err(reason) => Outcome::DeadLetter(reason).into(),
-        Ok(Message::Event(event)) => pause::on_event(shared, &event, publisher)
-            .map_or_else(|e| retry(event.event.clone(), e), Handled::from),
-        Ok(Message::Job(job)) if job.timer => pause::on_timer(shared, &job, publisher)
-            .map_or_else(|e| retry(describe(&job), e), Handled::from),
-        Ok(Message::Job(job)) => {
-            log::debug!(
-                "run {}: job {} (iteration {})",
-                job.run_id,
-                job.node_id,
-                job.iteration
-            );
-            process(shared, &job, redelivered, publisher)
-                .unwrap_or_else(|e| retry(describe(&job), e))
+    // 1. Parse.
+    let job = match Message::parse(body) {
+        Err(reason) => return Outcome::DeadLetter(reason).into(),
+        Ok(Message::Event(event)) => {
+            return pause::on_event(shared, &event, publisher)
+                .unwrap_or_else(|e| retry(&event.event, e))
+                .into()
         }
-    }
+        Ok(Message::Job(job)) if job.timer => {
+            return pause::on_timer(shared, &job, publisher)
+                .unwrap_or_else(|e| retry(&job.describe(), e))
+                .into()
+        }
+        Ok(Message::Job(job)) => job,
+    };
+    log::debug!(
+        "run {}: job {} (iteration {})",
+        job.run_id,
+        job.node_id,
+        job.iteration
+    );
+    process(shared, &job, redelivered, publisher)
+        .unwrap_or_else(|e| retry(&job.describe(), e).into())
 }
 
-pub(crate) fn describe(job: &JobPayload) -> String {
-    format!("run {} node {}", job.run_id, job.node_id)
-}
-
+/// Steps 2–4 of a job; its tail does the rest.
 fn process(
     shared: &Shared,
     job: &JobPayload,
     redelivered: bool,
     publisher: &mut dyn JobSink,
 ) -> Result<Handled, Error> {
-    // Guard: the blueprint, the run, its version, the node.
+    // 2. Guard.
+    let (bp, node, context) = match guard(shared, job, redelivered, publisher)? {
+        Guarded::Execute { bp, node, context } => (bp, node, context),
+        Guarded::Settle(outcome) => return Ok(outcome.into()),
+        Guarded::Coordinate(tail) => return Ok(Handled::Tail(tail)),
+    };
+    // 3. Execute.
+    let (snapshot, executed) = execute(shared, bp, job, &node, context);
+    let success = match executed {
+        Ok(success) => success,
+        Err(failure) => {
+            return fail_node(shared, bp, job, &node, failure, publisher).map(Handled::from)
+        }
+    };
+    // 4. Build the commit; 5–6 (commit, coordinate, publish, complete) follow in its tail.
+    build_commit(shared, bp, job, &node, snapshot, success, publisher)
+}
+
+/// A service failed: requeue the delivery (dead-lettered after repeated failures).
+fn retry(what: &str, e: Error) -> Outcome {
+    Outcome::Retry(format!("{what}: {e}"))
+}
+
+/// What the guard decided.
+enum Guarded<'a> {
+    /// Execute the node over this context.
+    Execute {
+        bp: &'a Blueprint,
+        node: RunNode,
+        context: ContextMap,
+    },
+    /// Nothing to execute: settle the delivery.
+    Settle(Outcome),
+    /// Committed before: finish its coordination, with nothing to commit.
+    Coordinate(Box<TailJob>),
+}
+
+/// Step 2: whether the job is to be executed — its blueprint loaded, its run live and of
+/// this blueprint version, its node known — and not executed before.
+fn guard<'a>(
+    shared: &'a Shared,
+    job: &JobPayload,
+    redelivered: bool,
+    publisher: &mut dyn JobSink,
+) -> Result<Guarded<'a>, Error> {
+    use Guarded::{Coordinate, Settle};
+    // The blueprint, the run, its version, the node.
     let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
         let reason = format!("unknown blueprint '{}'", job.blueprint_id);
         log::warn!("run {}: {reason}; marking it failed", job.run_id);
         pause::fail_run(shared, &job.run_id, None, &reason, publisher)?;
-        return Ok(Outcome::Ack.into());
+        return Ok(Settle(Outcome::Ack));
     };
     let Some(snapshot) = shared.store.load(&job.run_id)? else {
-        return Ok(Outcome::DeadLetter(format!("run '{}' has no context row", job.run_id)).into());
+        let reason = format!("run '{}' has no context row", job.run_id);
+        return Ok(Settle(Outcome::DeadLetter(reason)));
     };
-    if let Some(status @ ("failed" | "cancelled" | "completed")) = snapshot.status.as_deref() {
+    if let Some(status) = snapshot.status.filter(|s| s.is_finished()) {
         if ParentLink::of(&snapshot.context).is_some() {
             pause::renotify_parent(shared, &job.run_id, &snapshot.context, status, publisher)?;
         }
@@ -122,10 +175,10 @@ fn process(
             job.run_id,
             job.node_id
         );
-        return Ok(Outcome::Ack.into());
+        return Ok(Settle(Outcome::Ack));
     }
     if let Some(reason) = version_mismatch(bp, &snapshot.context) {
-        return Ok(Outcome::DeadLetter(reason).into());
+        return Ok(Settle(Outcome::DeadLetter(reason)));
     }
     let context = snapshot.context;
     let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
@@ -135,25 +188,21 @@ fn process(
             if is_committed(bp, &RunNode::Static(gather), &context, job.iteration) {
                 // A late copy of a batch worker of an earlier, larger round of a loop: that
                 // round is gathered (the batch on record is a later one). Close it.
-                let me = job_id(&job.node_id, job.iteration);
-                let resumer = pause::resumer(shared);
-                let progress = resumer.finish_job(&job.run_id, bp, &me, &[], &[], publisher)?;
-                resumer.complete_if_idle(&job.run_id, progress, publisher)?;
-                return Ok(Outcome::Ack.into());
+                return Ok(Coordinate(close_only(job)));
             }
         }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
         pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
-        return Ok(Outcome::Ack.into());
+        return Ok(Settle(Outcome::Ack));
     };
-    // Guard: idempotency.
+    // Idempotency: a paused node.
     let paused = awaited_details(&context, &job.node_id).cloned();
     if let Some(details) = paused {
         let paused_iteration = paused_iteration(&details);
         if u64::from(job.iteration) > paused_iteration && !job.wake {
             // The next iteration of a pausing node arrived while the previous one is still
             // awaited: it must not be dropped, so it comes back in a second.
-            return defer(shared, job, publisher).map(Handled::from);
+            return defer(shared, job, publisher).map(Settle);
         }
         if u64::from(job.iteration) == paused_iteration {
             if redelivered || job.wake {
@@ -162,14 +211,15 @@ fn process(
                 register_paused(shared, bp, job, &node)?;
                 pause::after_commit(shared, job, node.def(bp), &details, publisher)?;
             }
-            return Ok(Outcome::Ack.into());
+            return Ok(Settle(Outcome::Ack));
         }
         // An earlier iteration: handled as any committed job below.
     }
     if job.wake {
         // The pause this wake-up was sent for is over: nothing to repeat.
-        return Ok(Outcome::Ack.into());
+        return Ok(Settle(Outcome::Ack));
     }
+    // Idempotency: a committed node.
     if is_committed(bp, &node, &context, job.iteration) {
         // Committed before. Its coordination may not have happened (a crash, a failed step):
         // a redelivery, or the reconciler's copy, re-derives the successors. A plain
@@ -177,19 +227,29 @@ fn process(
         // first, comes back redelivered. (Re-deriving here would publish the successors a
         // second time whenever a duplicate arrives while the original is coordinating.)
         if !redelivered && !job.recovered {
-            return Ok(Outcome::Ack.into());
+            return Ok(Settle(Outcome::Ack));
         }
-        let me = job_id(&job.node_id, job.iteration);
         if executions(bp, &node, &context) == job.iteration.saturating_add(1) {
-            return rederive(shared, bp, job, &node, &context, publisher).map(Handled::from);
+            return Ok(Coordinate(rederive(bp, job, &node, &context)));
         }
         // A later iteration of this node committed meanwhile (a side branch of a loop whose
         // jobs overtook each other): the stored successors are that iteration's, so only
         // close this job in the ledger.
-        shared.coord.finish_job(&job.run_id, &me, &[], &[])?;
-        return Ok(Outcome::Ack.into());
+        return Ok(Coordinate(close_only(job)));
     }
-    if is_start_job(bp, job, &node)
+    Ok(Guarded::Execute { bp, node, context })
+}
+
+/// Step 3: executes the node over the run's context, holding no connection; returns the
+/// context (shared with the node's threads) and what the node did.
+fn execute(
+    shared: &Shared,
+    bp: &Blueprint,
+    job: &JobPayload,
+    node: &RunNode,
+    context: ContextMap,
+) -> (Arc<ContextMap>, Result<NodeSuccess, NodeFailure>) {
+    if is_start_job(bp, job, node)
         && bp
             .start_node_ids()
             .iter()
@@ -197,20 +257,27 @@ fn process(
     {
         log::info!("run {}: started ({})", job.run_id, bp.id());
     }
-    // Execute, holding no connection.
     let snapshot = Arc::new(context);
     let node_job = NodeJob {
         blueprint: bp,
         node: node.def(bp),
         run_id: &job.run_id,
     };
-    let executing = shared.executing(&job.run_id);
-    let outcome = execute_node(node_job, &shared.registry, snapshot.clone());
-    drop(executing);
-    match outcome {
-        Ok(success) => finish_node(shared, bp, job, &node, snapshot, success, publisher),
-        Err(failure) => fail_node(shared, bp, job, &node, failure, publisher).map(Handled::from),
-    }
+    let _executing = shared.executing(&job.run_id);
+    let executed = execute_node(node_job, &shared.registry, snapshot.clone());
+    (snapshot, executed)
+}
+
+/// A tail that only closes the job in the run's ledger (nothing to commit, no successors)
+/// and completes the run if that was its last outstanding job.
+fn close_only(job: &JobPayload) -> Box<TailJob> {
+    Box::new(TailJob {
+        job: job.clone(),
+        node_id: job.node_id.clone(),
+        commit: None,
+        also_register: Vec::new(),
+        successors: Vec::new(),
+    })
 }
 
 /// Puts a job back for a second, through the 1 s delay queue, and acks this delivery.
@@ -221,7 +288,7 @@ fn defer(shared: &Shared, job: &JobPayload, publisher: &mut dyn JobSink) -> Resu
 }
 
 fn version_mismatch(bp: &Blueprint, context: &ContextMap) -> Option<String> {
-    let stored = context.get("blueprintVersion")?;
+    let stored = context.get(BLUEPRINT_VERSION)?;
     let stored = match stored {
         Value::String(s) => s.clone(),
         Value::Null => return None,
@@ -237,8 +304,10 @@ fn version_mismatch(bp: &Blueprint, context: &ContextMap) -> Option<String> {
     }
 }
 
-/// Commit → coordinate → publish for a node that executed.
-fn finish_node(
+/// Step 4: what a node that executed writes — its output, bookkeeping, the successors it
+/// chose and their inputs — as the tail that commits it; or, for a pausing node, its pause,
+/// committed here (see [`pause`](super::pause)).
+fn build_commit(
     shared: &Shared,
     bp: &Blueprint,
     job: &JobPayload,
@@ -255,7 +324,7 @@ fn finish_node(
         ..
     } = success;
     let mut commit = NodeCommit::from_deltas(&deltas);
-    if !snapshot.contains_key("blueprintId") {
+    if !snapshot.contains_key(BLUEPRINT_ID) {
         bp.stamp(&mut commit.set);
     }
     let guard = CommitGuard {
@@ -291,7 +360,7 @@ fn finish_node(
     // The node's thread is done with the snapshot: take it over rather than copy it.
     let mut merged = Arc::unwrap_or_clone(snapshot);
     deltas.apply_to(&mut merged);
-    let mut outputs = crate::engine::node::ContextDeltas::default();
+    let mut outputs = ContextDeltas::default();
     flow::record_output(&mut outputs, &def.id, fallback.as_deref(), &result.output);
     outputs.apply_to(&mut merged);
     for (k, v) in outputs.iter() {
@@ -359,27 +428,23 @@ fn finish_node(
         pause::fail_run(shared, &job.run_id, Some(&merged), &reason, publisher)?;
         return Ok(Outcome::Ack.into());
     }
-    // Commit → coordinate → publish → ack, handed off to be batched with other threads' jobs.
     Ok(Handled::Tail(Box::new(TailJob {
         job: job.clone(),
         node_id: def.id.clone(),
-        commit,
-        guard,
+        commit: Some((commit, guard)),
         also_register: ledger_jobs(bp, job, node),
         successors: next.into_iter().map(|n| n.report).collect(),
     })))
 }
 
 /// A redelivered job whose execution is committed: derive the successors again from the
-/// stored result and finish coordination.
+/// stored result, as a tail with nothing to commit.
 fn rederive(
-    shared: &Shared,
     bp: &Blueprint,
     job: &JobPayload,
     node: &RunNode,
     context: &ContextMap,
-    publisher: &mut dyn JobSink,
-) -> Result<Outcome, Error> {
+) -> Box<TailJob> {
     let def = node.def(bp);
     let (result, fallback) =
         scheduling::stored_result(context, &def.id).unwrap_or((NodeResult::default(), None));
@@ -401,8 +466,13 @@ fn rederive(
         .map(|n| n.report)
         .collect()
     });
-    coordinate(shared, bp, job, node, reports, publisher)?;
-    Ok(Outcome::Ack)
+    Box::new(TailJob {
+        job: job.clone(),
+        node_id: def.id.clone(),
+        commit: None,
+        also_register: ledger_jobs(bp, job, node),
+        successors: reports,
+    })
 }
 
 /// Whether `job` is one of the run's first jobs (a start node, before any loop).
@@ -437,25 +507,6 @@ fn register_paused(
     } else {
         shared.coord.register_jobs(&job.run_id, &jobs)?;
     }
-    Ok(())
-}
-
-/// Redis bookkeeping, then publishing the successors that became ready, then the final
-/// status if the run has no outstanding work.
-fn coordinate(
-    shared: &Shared,
-    bp: &Blueprint,
-    job: &JobPayload,
-    node: &RunNode,
-    successors: Vec<SuccessorReport>,
-    publisher: &mut dyn JobSink,
-) -> Result<(), Error> {
-    let also = ledger_jobs(bp, job, node);
-    let me = job_id(&job.node_id, job.iteration);
-    let resumer = pause::resumer(shared);
-    let progress = resumer.finish_job(&job.run_id, bp, &me, &also, &successors, publisher)?;
-    failpoint::hit("after_publish", &job.node_id);
-    resumer.complete_if_idle(&job.run_id, progress, publisher)?;
     Ok(())
 }
 

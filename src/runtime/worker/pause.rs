@@ -25,14 +25,15 @@ use crate::engine::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::node::{ContextMap, NodeResult};
 use crate::engine::nodes::{now_ms, subflow};
 use crate::runtime::message::{EventMessage, JobPayload};
-use crate::runtime::resumer::{ParentLink, Resumer};
+use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{awaited_details, paused_iteration};
 use crate::services::postgres::store::RunSnapshot;
 use crate::services::rabbitmq::JobSink;
 use crate::vocabulary::keys::{input_key, output_key, PARENT_KEY};
+use crate::vocabulary::RunStatus;
 
-use super::job::Outcome;
-use super::Shared;
+use super::consumer::Outcome;
+use super::shared::Shared;
 use crate::runtime::error::Error;
 
 /// What a pausing node's details become before the commit.
@@ -190,15 +191,6 @@ fn start_child(
     Ok(())
 }
 
-pub(crate) fn resumer(shared: &Shared) -> Resumer<'_> {
-    Resumer {
-        store: &shared.store,
-        coord: &shared.coord,
-        blueprints: &shared.blueprints,
-        queue: &shared.queue,
-    }
-}
-
 /// Resumes one awaited node; a node no longer awaited (resumed already, or the run ended)
 /// is not an error.
 fn resume_node(
@@ -210,7 +202,10 @@ fn resume_node(
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, Error> {
     let nodes = [node.to_string()];
-    match resumer(shared).resume(run, snapshot, Some(&nodes), success, publisher) {
+    match shared
+        .resumer()
+        .resume(run, snapshot, Some(&nodes), success, publisher)
+    {
         Ok(_) => Ok(Outcome::Ack),
         Err(e) if !e.is_refusal() => Err(e),
         Err(other) => {
@@ -358,12 +353,12 @@ pub(crate) fn renotify_parent(
     shared: &Shared,
     run: &str,
     context: &ContextMap,
-    status: &str,
+    status: RunStatus,
     publisher: &mut dyn JobSink,
 ) -> Result<(), Error> {
     match status {
-        "completed" => resumer(shared).resume_parent(run, context, publisher),
-        "failed" => {
+        RunStatus::Completed => shared.resumer().resume_parent(run, context, publisher),
+        RunStatus::Failed => {
             let reason = shared
                 .store
                 .status(run)?

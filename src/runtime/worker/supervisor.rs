@@ -5,6 +5,7 @@
 //! unacked when a session ends return to the queue.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use amiquip::{Connection, ConsumerOptions, Delivery};
@@ -15,23 +16,26 @@ use crate::services::group::Combiner;
 use crate::services::rabbitmq::{self as amqp, AsyncPublisher, ConfirmPublisher};
 
 use super::backoff::Backoff;
-use super::consumer::{consume, Finished, Settler};
+use super::consumer::{consume, Finished, SessionEnd, Settler};
+use super::shared::Shared;
 use super::tail;
 use super::thread::WorkerThread;
 use super::timers::wait_or_stop;
-use super::RabbitMqAdapter;
 
-/// How a session ended.
-pub(super) enum SessionEnd {
-    /// A stop was asked for, and every delivery in flight is settled.
-    Stopped,
-    /// The connection (or a channel the session needs) is gone, for this reason.
-    ConnectionLost(String),
+/// The consumer thread's outer loop: sessions, one per connection, until a stop is asked
+/// for.
+pub(super) struct Supervisor {
+    pub(super) shared: Arc<Shared>,
+    pub(super) amqp_url: String,
+    /// Reported to RabbitMQ as the connection's name.
+    pub(super) connection_name: Option<String>,
+    pub(super) threads: usize,
+    pub(super) prefetch: u16,
 }
 
-impl RabbitMqAdapter {
+impl Supervisor {
     /// Runs sessions until asked to stop, reconnecting with backoff after a connection loss.
-    pub(super) fn supervise(self, first: Connection, stop: Receiver<()>) -> Result<()> {
+    pub(super) fn run(self, first: Connection, stop: Receiver<()>) -> Result<()> {
         let mut connection = Some(first);
         let mut backoff = Duration::from_millis(200);
         loop {

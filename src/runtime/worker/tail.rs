@@ -33,24 +33,26 @@ use crate::services::redis::SuccessorReport;
 
 use super::backoff::Backoff;
 use super::consumer::Finished;
-use super::job::{describe, Outcome};
-use super::{pause, Shared};
+use super::consumer::Outcome;
+use super::shared::Shared;
 use crate::runtime::error::Error;
 
 /// Most job tails one batch carries.
 pub(super) const MAX_TAILS: usize = 64;
 
-/// What is left of a job once its node executed.
-pub(crate) struct TailJob {
-    pub(crate) job: JobPayload,
+/// What is left of a job once its node executed (or once the guard found it committed
+/// before, its coordination perhaps missing).
+pub(super) struct TailJob {
+    pub(super) job: JobPayload,
     /// The node's id in the blueprint (what the failpoints name).
-    pub(crate) node_id: String,
-    pub(crate) commit: NodeCommit,
-    pub(crate) guard: CommitGuard,
+    pub(super) node_id: String,
+    /// What to commit, and the guard that makes the first commit win; `None` when the job's
+    /// execution is committed already and only its coordination is left.
+    pub(super) commit: Option<(NodeCommit, CommitGuard)>,
     /// The run's start jobs, registered in the ledger with this one when it is one of them.
-    pub(crate) also_register: Vec<String>,
+    pub(super) also_register: Vec<String>,
     /// The successors chosen, reported to their joins.
-    pub(crate) successors: Vec<SuccessorReport>,
+    pub(super) successors: Vec<SuccessorReport>,
 }
 
 /// A tail waiting to be run, with the delivery it settles.
@@ -93,7 +95,7 @@ impl Leader<'_> {
             Err(_) => "a batch of job tails panicked",
         };
         for p in pending.iter_mut().filter_map(Option::take) {
-            let reason = format!("{}: {reason}", describe(&p.tail.job));
+            let reason = format!("{}: {reason}", p.tail.job.describe());
             log::error!("{reason}; requeueing it");
             self.settle(p.delivery, Outcome::Retry(reason), None);
         }
@@ -120,21 +122,23 @@ impl Leader<'_> {
         let shared = self.shared;
         let mut retries: Vec<(usize, String)> = Vec::new();
         let mut succeeded = false;
-        // Commit: one statement.
-        let commits = pending
-            .iter_mut()
-            .flatten()
-            .map(|p| {
-                let t = &mut p.tail;
-                (
-                    t.job.run_id.clone(),
-                    std::mem::take(&mut t.commit),
-                    t.guard.clone(),
-                )
-            })
-            .collect();
+        // Commit: one statement for the tails that have something to commit; the others go
+        // straight to coordination.
+        let mut committing = Vec::new();
         let mut coordinating = Vec::new();
-        for (i, applied) in shared.store.commit_nodes(commits).into_iter().enumerate() {
+        let mut commits = Vec::new();
+        for (i, slot) in pending.iter_mut().enumerate() {
+            let Some(p) = slot else { continue };
+            match p.tail.commit.take() {
+                Some((commit, guard)) => {
+                    committing.push(i);
+                    commits.push((p.tail.job.run_id.clone(), commit, guard));
+                }
+                None => coordinating.push(i),
+            }
+        }
+        let applied = shared.store.commit_nodes(commits);
+        for (i, applied) in committing.into_iter().zip(applied) {
             let Some(t) = tail(pending, i) else { continue };
             match applied {
                 Ok(true) => {
@@ -150,7 +154,7 @@ impl Leader<'_> {
                     succeeded = true;
                     self.settle_slot(&mut pending[i], Outcome::Ack, None);
                 }
-                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+                Err(e) => retries.push((i, format!("{}: {e}", t.job.describe()))),
             }
         }
         // Coordinate: one Redis pipeline.
@@ -170,7 +174,7 @@ impl Leader<'_> {
             .collect();
         let finished = shared.coord.finish_jobs(calls);
         // Publish each job's ready successors, noting the delivery tags of its publishes.
-        let resumer = pause::resumer(shared);
+        let resumer = shared.resumer();
         let mut published = Vec::new();
         let mut acked: Vec<(usize, Tags)> = Vec::new();
         for (i, finished) in coordinating.into_iter().zip(finished) {
@@ -190,7 +194,7 @@ impl Leader<'_> {
             let tags = Tags::default().with(before, self.publisher.published());
             match progress {
                 Ok(progress) => published.push((i, progress, tags)),
-                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+                Err(e) => retries.push((i, format!("{}: {e}", t.job.describe()))),
             }
         }
         // Final status: the runs now idle complete in one statement.
@@ -224,7 +228,7 @@ impl Leader<'_> {
             let tags = tags.with(before, self.publisher.published());
             match result {
                 Ok(()) => acked.push((i, tags)),
-                Err(e) => retries.push((i, format!("{}: {e}", describe(&t.job)))),
+                Err(e) => retries.push((i, format!("{}: {e}", t.job.describe()))),
             }
         }
         // Settled in the order of their first tags, so that the consumer thread sees each

@@ -11,9 +11,10 @@ use crate::services::rabbitmq::AsyncPublisher;
 
 use super::backoff::Backoff;
 use super::consumer::Finished;
-use super::job::{self, Handled, Outcome};
+use super::consumer::Outcome;
+use super::job::{self, Handled};
+use super::shared::Shared;
 use super::tail::{Leader, PendingTail};
-use super::Shared;
 
 /// A worker thread: takes deliveries from the consumer thread, runs the per-job protocol
 /// ([`job::handle`]) on each, and either hands the job's tail off to be batched

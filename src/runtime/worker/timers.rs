@@ -10,7 +10,7 @@ use crossbeam_channel::Receiver;
 use crate::runtime::error::{Error, Result};
 use crate::runtime::reconciler::Reconciler;
 
-use super::Shared;
+use super::shared::Shared;
 
 /// Starts the heartbeat: every third of `stalled_after` (1 s to 60 s) it touches the runs
 /// with a node executing, so the reconciler does not take them for stalled.

@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use crate::engine::node::{ContextDeltas, ContextMap};
 use crate::services::group::{run_batch, Group, GroupError};
 use crate::services::url::mask_url;
+use crate::vocabulary::RunStatus;
 
 /// A pool of PostgreSQL connections, each with its own prepared-statement cache.
 pub type PgPool = r2d2::Pool<PgConnectionManager>;
@@ -284,14 +285,19 @@ impl Tables {
 pub struct RunSnapshot {
     pub context: ContextMap,
     /// `None` when the run has no status row.
-    pub status: Option<String>,
+    pub status: Option<RunStatus>,
+}
+
+/// The reason a status row holds no status of [`RunStatus`].
+fn unknown_status(status: &str) -> String {
+    format!("unknown status '{status}'")
 }
 
 /// A run's status row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusRow {
     pub run_id: String,
-    pub status: String,
+    pub status: RunStatus,
     /// RFC 3339.
     pub updated_at: Option<String>,
     pub result: Option<Value>,
@@ -670,11 +676,19 @@ impl RunStore {
             HashMap::with_capacity(rows.len());
         for row in rows {
             let run_id: String = row.try_get(0)?;
-            let snapshot = match row.try_get::<_, Value>(1)? {
-                Value::Object(context) => Ok(RunSnapshot {
+            let status: Option<String> = row.try_get(2)?;
+            let snapshot = match (row.try_get::<_, Value>(1)?, status.as_deref()) {
+                (Value::Object(context), None) => Ok(RunSnapshot {
                     context,
-                    status: row.try_get(2)?,
+                    status: None,
                 }),
+                (Value::Object(context), Some(status)) => match RunStatus::parse(status) {
+                    Some(status) => Ok(RunSnapshot {
+                        context,
+                        status: Some(status),
+                    }),
+                    None => Err(unknown_status(status)),
+                },
                 _ => Err("context_data is not a JSON object".to_string()),
             };
             found.insert(run_id, snapshot);
@@ -832,11 +846,12 @@ impl RunStore {
     pub fn set_status(
         &self,
         run_id: &str,
-        status: &str,
+        status: RunStatus,
         result: Option<&Value>,
-        from: &[&str],
+        from: &[RunStatus],
     ) -> Result<bool, StoreError> {
-        let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let status = status.as_str();
         Ok(self.execute(&self.sql.set_status, &[&run_id, &status, &result, &from])? > 0)
     }
 
@@ -847,9 +862,14 @@ impl RunStore {
             .get()?
             .query_opt_prepared(&self.sql.status, &[&run_id])?;
         let Some(row) = row else { return Ok(None) };
+        let status: String = row.try_get(0)?;
+        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Malformed {
+            run_id: run_id.to_string(),
+            reason: unknown_status(&status),
+        })?;
         Ok(Some(StatusRow {
             run_id: run_id.to_string(),
-            status: row.try_get(0)?,
+            status,
             updated_at: row.try_get(1)?,
             result: row.try_get(2)?,
         }))
