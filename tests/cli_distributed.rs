@@ -209,6 +209,12 @@ fn operator_commands_answer_bad_input_clearly() {
             "no run with id 'no-such-run'",
         ),
         (
+            vec!["status", "some-run"],
+            Some(("FLOWCRAFT_STATUSES_TABLE", "flowcraft_never_made")),
+            1,
+            "relation \"flowcraft_never_made\" does not exist (SQLSTATE 42P01)",
+        ),
+        (
             vec!["start", "--blueprints", &dir, "e2e", "--context", "[1,"],
             None,
             2,

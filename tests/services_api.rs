@@ -187,3 +187,18 @@ fn pool_sessions_are_tuned_unless_built_untuned() {
     assert_eq!(setting(manager(config.clone())), "off");
     assert_eq!(setting(manager(config).untuned()), "on");
 }
+
+#[test]
+fn a_postgresql_error_carries_its_sqlstate_and_message() {
+    // Tables that were never migrated: the statement fails in PostgreSQL itself, and the
+    // error says why (it used to print only "PostgreSQL: db error").
+    let env = TestEnv::new("pgerr");
+    let unmigrated = format!("{}_never_created", env.tables.contexts);
+    let ctx = PostgresContext::new(env.pg.clone(), &unmigrated, "run-1").unwrap();
+    let err = ctx.get("k").unwrap_err().to_string();
+    assert!(err.contains("42P01"), "{err}");
+    assert!(
+        err.contains(&format!("relation \"{unmigrated}\" does not exist")),
+        "{err}"
+    );
+}

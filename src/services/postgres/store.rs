@@ -180,7 +180,7 @@ pub enum StoreError {
     Connect { url: String, reason: String },
     #[error("PostgreSQL pool: {0}")]
     Pool(#[from] r2d2::Error),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe_pg_error(.0))]
     Query(#[from] postgres::Error),
     #[error("run '{run_id}' has a malformed row: {reason}")]
     Malformed { run_id: String, reason: String },
@@ -188,6 +188,31 @@ pub enum StoreError {
     /// or the thread that ran it); the request may be retried.
     #[error("grouped statement: {0}")]
     Grouped(String),
+}
+
+/// A PostgreSQL error as its message says it: the server's severity, message, SQLSTATE,
+/// detail and hint (the client's own `Display` says only "db error"), or the client's error
+/// with its cause.
+fn describe_pg_error(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!("; {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 /// Opens a pool. `test_on_check_out` is off: a broken connection surfaces as a query error,
