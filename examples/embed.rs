@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::store::Tables;
-use flowcraft_rabbitmq::{coordination, migrate, store};
-use flowcraft_rabbitmq::{Blueprint, Client, NodeError, NodeRegistry, NodeResult, RabbitMqAdapter};
+use flowcraft_rabbitmq::{
+    connect_postgres, connect_redis, run_migrations, Blueprint, Client, ContextMap, NodeError,
+    NodeRegistry, NodeResult, RabbitMqAdapter, Tables,
+};
 use serde_json::json;
 
 const BLUEPRINT: &str = r#"{
@@ -33,15 +33,15 @@ fn env(key: &str, default: &str) -> String {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
     let amqp_url = env("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let pg = store::connect_pool(
+    let pg = connect_postgres(
         &env(
             "POSTGRES_URL",
             "postgres://postgres@127.0.0.1:5432/postgres",
         ),
         8,
     )?;
-    let redis = coordination::connect_pool(&env("REDIS_URL", "redis://127.0.0.1:6379"), 8)?;
-    migrate::migrate(&pg, &Tables::default())?;
+    let redis = connect_redis(&env("REDIS_URL", "redis://127.0.0.1:6379"), 8)?;
+    run_migrations(&pg, &Tables::default())?;
 
     // 1. Node implementations: the built-ins plus our own.
     let mut registry = NodeRegistry::with_builtins();
