@@ -3,22 +3,24 @@
 //!
 //! [`register_endpoint`] stores `{webhook_id: "<run>:<node>", event_name:
 //! "webhook:<run>:<node>", url}` and returns `{url, event}`. [`WebhookServer`] (a blocking
-//! tiny_http server) serves `POST /webhooks/<runId>/<nodeId>`:
+//! server, [`HttpServer`](crate::services::http::HttpServer)) serves `POST /webhooks/<runId>/<nodeId>`:
 //!
 //! | answer | when |
 //! | --- | --- |
 //! | 202 | accepted: `{"event", "payload"}` was published (confirmed) to the events exchange |
-//! | 400 | the body is not JSON |
+//! | 400 | the body is not JSON, or not a value PostgreSQL can store (see [`limits`](crate::vocabulary::limits)); a run or node id that is empty, longer than 256 bytes or has a control character; a malformed request |
 //! | 401 | a secret is configured and `X-Flowcraft-Signature` is not `sha256=<hex HMAC-SHA256 of the body>` |
 //! | 404 | no such endpoint (or not `POST /webhooks/<run>/<node>`: 404/405) |
 //! | 409 | the webhook already fired: its node was resumed (it fires once per pause) |
+//! | 408 | the request did not arrive whole within 10 s |
+//! | 411 | a chunked body (send `Content-Length`) |
 //! | 413 | the body is over the limit (default 1 MiB) |
-//! | 503 | a service is unreachable, or the node has not paused yet; nothing was recorded, retry |
+//! | 431 | the request line and headers are over 16 KiB |
+//! | 500 | the handler panicked (that request only) |
+//! | 503 | a service is unreachable, the node has not paused yet, or every connection slot is taken; nothing was recorded, retry |
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -29,11 +31,13 @@ use sha2::Sha256;
 use crate::runtime::error::Error;
 use crate::runtime::message::{webhook_event_name, EventMessage};
 use crate::runtime::scheduling;
+use crate::services::http::{HttpLimits, HttpServer, Request, Response};
 use crate::services::postgres::store::{RunStore, StoreError};
 use crate::services::rabbitmq::{self as amqp, JobSink, KeptPublisher};
 use crate::services::redis::RedisCoordinationStore;
 use crate::services::url::percent_decode;
 use crate::vocabulary::keys::output_key;
+use crate::vocabulary::limits::{check_id, check_storable};
 use crate::vocabulary::RunStatus;
 
 /// Default body limit.
@@ -116,26 +120,13 @@ struct Receiver {
 
 /// A running webhook receiver.
 pub struct WebhookServer {
-    server: Arc<tiny_http::Server>,
-    threads: Vec<JoinHandle<()>>,
-    addr: SocketAddr,
+    server: HttpServer,
 }
 
 impl WebhookServer {
-    /// Listens on `addr` (e.g. `127.0.0.1:8080`; port 0 picks a free port) with two handler
-    /// threads.
+    /// Listens on `addr` (e.g. `127.0.0.1:8080`; port 0 picks a free port). The server's
+    /// bounds are [`HttpLimits`]' defaults, with `options.max_body` for bodies.
     pub fn start(addr: &str, options: WebhookOptions) -> Result<WebhookServer, Error> {
-        let server = tiny_http::Server::http(addr).map_err(|e| Error::Listen {
-            what: "webhooks",
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-        let local = server.server_addr().to_ip().ok_or_else(|| Error::Listen {
-            what: "webhooks",
-            addr: addr.to_string(),
-            reason: "not an IP address".into(),
-        })?;
-        let server = Arc::new(server);
         let exchange = options.exchange.clone();
         let declare: amqp::Declare = Box::new(move |channel| {
             channel.exchange_declare(
@@ -148,102 +139,63 @@ impl WebhookServer {
             )?;
             Ok(())
         });
+        let limits = HttpLimits {
+            max_body: options.max_body,
+            ..HttpLimits::default()
+        };
         let publisher = KeptPublisher::new(options.amqp_url.clone(), declare);
-        let receiver = Arc::new(Receiver { options, publisher });
-        let mut threads = Vec::new();
-        for i in 0..2 {
-            let (server, receiver) = (server.clone(), receiver.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("flowcraft-webhooks-{i}"))
-                .spawn(move || {
-                    for request in server.incoming_requests() {
-                        receiver.handle(request);
-                    }
-                })
-                .map_err(Error::thread("webhook"))?;
-            threads.push(handle);
-        }
-        log::info!("webhook receiver listening on http://{local}");
-        Ok(WebhookServer {
-            server,
-            threads,
-            addr: local,
-        })
+        let receiver = Receiver { options, publisher };
+        let server = HttpServer::start(
+            addr,
+            "flowcraft-webhooks",
+            limits,
+            Arc::new(move |request: &Request| receiver.answer(request)),
+        )
+        .map_err(|e| Error::Listen {
+            what: "webhooks",
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        log::info!(
+            "webhook receiver listening on http://{}",
+            server.local_addr()
+        );
+        Ok(WebhookServer { server })
     }
 
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.server.local_addr()
     }
 
     /// Stops accepting requests and waits for the handler threads.
     pub fn stop(self) {
-        for _ in &self.threads {
-            self.server.unblock();
-        }
-        for t in self.threads {
-            let _ = t.join();
-        }
+        self.server.stop();
     }
 }
 
-struct Reply {
-    status: u16,
-    body: Value,
-}
-
-fn reply(status: u16, body: Value) -> Reply {
-    Reply { status, body }
-}
-
-fn error(status: u16, message: &str) -> Reply {
-    reply(status, json!({"error": message}))
+fn error(status: u16, message: &str) -> Response {
+    Response::error(status, message)
 }
 
 impl Receiver {
-    fn handle(&self, mut request: tiny_http::Request) {
-        let answer = self.answer(&mut request);
-        let body = answer.body.to_string();
-        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]);
-        let mut response = tiny_http::Response::from_string(body).with_status_code(answer.status);
-        if let Ok(h) = header {
-            response = response.with_header(h);
-        }
-        let _ = request.respond(response);
-    }
-
-    fn answer(&self, request: &mut tiny_http::Request) -> Reply {
-        let path = request
-            .url()
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    fn answer(&self, request: &Request) -> Response {
+        let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
         let (run, node) = match parts.as_slice() {
             ["webhooks", run, node] if !run.is_empty() && !node.is_empty() => {
                 (percent_decode(run), percent_decode(node))
             }
             _ => return error(404, "not found: use POST /webhooks/<runId>/<nodeId>"),
         };
-        if *request.method() != tiny_http::Method::Post {
+        if request.method != "POST" {
             return error(405, "use POST");
         }
-        let max = self.options.max_body;
-        if request.body_length().is_some_and(|n| n > max) {
-            return error(413, &format!("the body is over {max} bytes"));
-        }
-        let mut body = Vec::new();
-        if let Err(e) = request
-            .as_reader()
-            .take(max as u64 + 1)
-            .read_to_end(&mut body)
+        if let Err(reason) =
+            check_id("the run id", &run).and_then(|()| check_id("the node id", &node))
         {
-            return error(400, &format!("cannot read the body: {e}"));
+            return error(400, &reason);
         }
-        if body.len() > max {
-            return error(413, &format!("the body is over {max} bytes"));
-        }
+        let body = &request.body;
         // A webhook fires once per pause: once its node is no longer awaited (resumed, or the
         // run ended), every call is a replay. The marker (per loop iteration) stops two calls
         // racing within the same pause; it expires, so a receiver that crashed between
@@ -279,21 +231,19 @@ impl Receiver {
             }
         }
         if let Some(secret) = &self.options.secret {
-            let signature = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv(SIGNATURE_HEADER))
-                .map(|h| h.value.as_str().to_string());
-            match signature {
-                Some(sig) if signature_matches(secret, &body, &sig) => {}
+            match request.header(SIGNATURE_HEADER) {
+                Some(sig) if signature_matches(secret, body, sig) => {}
                 Some(_) => return error(401, "the signature does not match the body"),
                 None => return error(401, &format!("missing {SIGNATURE_HEADER} header")),
             }
         }
-        let payload: Value = match serde_json::from_slice(&body) {
+        let payload: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => return error(400, &format!("the body is not JSON: {e}")),
         };
+        if let Err(reason) = check_storable("the body", &payload, 0) {
+            return error(400, &reason);
+        }
         let Some(iteration) = awaited else {
             if fired_before {
                 return error(
@@ -330,7 +280,7 @@ impl Receiver {
             return error(503, "RabbitMQ is unavailable; retry later");
         }
         log::info!("run {run}: webhook '{node}' accepted");
-        reply(202, json!({"accepted": true, "event": event.event}))
+        Response::json(202, &json!({"accepted": true, "event": event.event}))
     }
 
     fn publish(&self, event: &EventMessage) -> Result<(), Error> {

@@ -6,6 +6,7 @@
 //! them.
 
 pub mod group;
+pub mod http;
 pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;

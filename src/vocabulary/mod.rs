@@ -4,6 +4,7 @@
 //! from here, so the two runners and the stored rows agree on one spelling.
 
 pub mod keys;
+pub mod limits;
 mod status;
 
 pub use status::RunStatus;
