@@ -25,16 +25,33 @@ use crate::engine::expr::Expression;
 /// Errors found while loading or validating a blueprint. Each names what is at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum BlueprintError {
+    /// The text is not a blueprint document: bad JSON, or a field of the wrong type.
     #[error("blueprint JSON is malformed at line {line}, column {column}: {message}")]
     Malformed {
+        /// 1-based line where parsing stopped.
         line: usize,
+        /// 1-based column where parsing stopped.
         column: usize,
+        /// serde_json's message; [`Blueprint::from_path`] prefixes the file's path.
         message: String,
     },
+    /// The blueprint file could not be read.
     #[error("cannot read blueprint file {path}: {message}")]
-    Io { path: String, message: String },
+    Io {
+        /// The file's path, as given.
+        path: String,
+        /// The I/O error's message.
+        message: String,
+    },
+    /// The document parsed but breaks a rule: an empty or repeated id, an edge or fallback
+    /// naming a missing node, an unknown `joinStrategy`, or no start node.
     #[error("blueprint '{blueprint}': {problem}")]
-    Invalid { blueprint: String, problem: String },
+    Invalid {
+        /// The blueprint's id (empty when the id itself is the problem).
+        blueprint: String,
+        /// What is wrong, naming the node or edge at fault.
+        problem: String,
+    },
 }
 
 impl BlueprintError {
@@ -59,7 +76,9 @@ pub enum JoinStrategy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum NodeInputs {
+    /// One source: the input is its value.
     Key(String),
+    /// Named sources: the input is an object of their values under the same names.
     Map(BTreeMap<String, String>),
 }
 
@@ -88,13 +107,17 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeDef {
+    /// Node id, unique within the blueprint.
     pub id: String,
     /// Key of the implementation in the node registry.
     pub uses: String,
+    /// Any JSON, passed to the implementation as is (`null` when absent).
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub params: Value,
+    /// Where the input comes from; `None` reads `_inputs.<id>`, which the incoming edge wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<NodeInputs>,
+    /// Attempts, retry delay, timeout, fallback and join strategy (all optional).
     #[serde(default)]
     pub config: NodeConfig,
 }
@@ -103,12 +126,19 @@ pub struct NodeDef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeDef {
+    /// Id of the node the edge leaves.
     pub source: String,
+    /// Id of the node the edge leads to.
     pub target: String,
+    /// If set, the edge is taken only when the source's result has this action.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    /// Expression over `{...context, result}` that must hold for the edge to be taken
+    /// (`None`: always holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition: Option<String>,
+    /// Expression over `{input, context}` whose value becomes the target's input (`None`:
+    /// the source's output as is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<String>,
 }
@@ -117,11 +147,15 @@ pub struct EdgeDef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BlueprintDef {
+    /// Blueprint id; jobs and runs refer to it.
     pub id: String,
+    /// Free-form; `version` and `cycleEntryPoints` are read.
     #[serde(default)]
     pub metadata: Map<String, Value>,
+    /// The nodes, in document order (node indices refer to it).
     #[serde(default)]
     pub nodes: Vec<NodeDef>,
+    /// The edges, in document order (edge indices refer to it).
     #[serde(default)]
     pub edges: Vec<EdgeDef>,
 }

@@ -64,7 +64,9 @@ impl Scope for Value {
 /// A parse error, with the byte position it was found at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExprError {
+    /// What is wrong, e.g. `unexpected end of expression` or `unterminated string`.
     pub message: String,
+    /// 0-based byte offset into the source; `Display` shows it as a 1-based column.
     pub position: usize,
 }
 

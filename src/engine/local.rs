@@ -40,7 +40,9 @@ pub const MAX_SUBFLOW_DEPTH: usize = 16;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowError {
+    /// Id of the node that failed.
     pub node_id: String,
+    /// Why, e.g. `node 'n' failed after 3 attempt(s): <last error>`, or the iteration limit.
     pub message: String,
 }
 
@@ -48,15 +50,20 @@ pub struct WorkflowError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowResult {
+    /// Id of this run: a fresh UUID v4 for every `run` or `resume` call.
     pub run_id: String,
+    /// `completed`, `failed` or `awaiting`; never `running` or `cancelled`.
     pub status: RunStatus,
+    /// The final context, with `_awaitingNodeIds` / `_awaitingDetails` when `awaiting`.
     pub context: ContextMap,
+    /// Node failures that ended the run, in the order they happened; empty unless `failed`.
     pub errors: Vec<WorkflowError>,
 }
 
 /// Errors of [`LocalRuntime::run_by_id`].
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
+    /// No blueprint with this id was added to the runtime.
     #[error("unknown blueprint '{0}'")]
     UnknownBlueprint(String),
 }

@@ -91,10 +91,15 @@ impl NodeResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DynamicNode {
+    /// Node id; a batch worker's is `<gatherNodeId>#<index>`.
     pub id: String,
+    /// Key of the implementation in the node registry.
     pub uses: String,
+    /// Params given to the implementation (a batch worker's are the scatter's `workerParams`).
     #[serde(default)]
     pub params: Value,
+    /// The node's item; the runtimes read the input from `_inputs.<id>`, which the creating
+    /// node writes too.
     #[serde(default)]
     pub input: Value,
 }
@@ -315,14 +320,21 @@ impl CancelFlag {
 /// Everything a node implementation receives for one attempt.
 #[derive(Debug)]
 pub struct NodeContext {
+    /// The resolved input: `_inputs.<nodeId>`, or the node's `inputs` sources.
     pub input: Value,
+    /// The node's `params` from the blueprint (`null` when absent).
     pub params: Value,
+    /// The run's context: the job's snapshot plus this attempt's own writes.
     pub context: ContextView,
+    /// Id of the run the attempt belongs to.
     pub run_id: String,
+    /// Id of the node being executed.
     pub node_id: String,
+    /// Id of the blueprint the node belongs to.
     pub blueprint_id: String,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// Raised when the attempt's `timeout` has passed; long-running nodes should poll it.
     pub cancel: CancelFlag,
 }
 

@@ -32,7 +32,12 @@ pub enum Error {
     UnknownBlueprint(String),
     /// A run whose blueprint is not loaded here.
     #[error("run '{run}' uses blueprint '{blueprint}', which is not loaded here")]
-    RunBlueprintNotLoaded { run: String, blueprint: String },
+    RunBlueprintNotLoaded {
+        /// The run's id.
+        run: String,
+        /// The blueprint id stamped in the run's context.
+        blueprint: String,
+    },
     /// A run id without a status or context row.
     #[error("run '{0}' does not exist")]
     UnknownRun(String),
@@ -41,30 +46,50 @@ pub enum Error {
     MissingContext(String),
     /// A resume of a run that awaits nothing.
     #[error("run '{run}' is not awaiting (status: {status})")]
-    NotAwaiting { run: String, status: String },
+    NotAwaiting {
+        /// The run's id.
+        run: String,
+        /// The run's status, or `unknown` when it has no status row.
+        status: String,
+    },
     /// A resume naming a node the run does not await.
     #[error("run '{run}' is not awaiting node '{node}'")]
-    NodeNotAwaited { run: String, node: String },
+    NodeNotAwaited {
+        /// The run's id.
+        run: String,
+        /// The node the resume named.
+        node: String,
+    },
     /// A resume that another resume beat.
     #[error("run '{0}' was resumed by someone else first")]
     AlreadyResumed(String),
     /// A cancel of a run that has ended.
     #[error("run '{run}' cannot be cancelled: it is {status}")]
-    NotCancellable { run: String, status: String },
+    NotCancellable {
+        /// The run's id.
+        run: String,
+        /// The status it ended with.
+        status: String,
+    },
     /// A worker option out of range.
     #[error("invalid worker options: {0}")]
     InvalidOption(&'static str),
     /// An address that could not be listened on.
     #[error("cannot listen for {what} on {addr}: {reason}")]
     Listen {
+        /// What was to be served there, e.g. `webhooks`.
         what: &'static str,
+        /// The address, as given.
         addr: String,
+        /// Why binding failed.
         reason: String,
     },
     /// A thread the runtime needs could not be started.
     #[error("cannot start the {name} thread: {source}")]
     Thread {
+        /// The thread's role, e.g. `consumer`, `heartbeat` or `reconciler`.
         name: String,
+        /// The error from spawning it.
         #[source]
         source: std::io::Error,
     },

@@ -48,7 +48,9 @@ pub const SIGNATURE_HEADER: &str = "X-Flowcraft-Signature";
 /// A registered endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WebhookEndpoint {
+    /// Where to call it: `<public_url>/webhooks/<runId>/<nodeId>`.
     pub url: String,
+    /// The event a call publishes: `webhook:<runId>:<nodeId>`.
     pub event: String,
 }
 
@@ -104,12 +106,17 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 
 /// Options of the receiver.
 pub struct WebhookOptions {
+    /// Where runs and registered endpoints are looked up.
     pub store: RunStore,
+    /// Holds the markers that let a webhook fire once per pause (kept one hour).
     pub coord: RedisCoordinationStore,
+    /// RabbitMQ URL that accepted calls are published through.
     pub amqp_url: String,
+    /// The events exchange (durable fanout, declared on start) accepted calls go to.
     pub exchange: String,
     /// Shared secret for `X-Flowcraft-Signature`; `None` accepts unsigned calls.
     pub secret: Option<String>,
+    /// Largest accepted body in bytes (413 above it); the CLI default is [`DEFAULT_MAX_BODY`].
     pub max_body: usize,
 }
 

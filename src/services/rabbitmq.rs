@@ -19,16 +19,32 @@ use crate::services::url::{mask_url, percent_decode};
 /// Errors talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
+    /// A URL that is not a valid `amqp://` URL.
     #[error("invalid AMQP URL '{url}': {reason}")]
-    InvalidUrl { url: String, reason: String },
+    InvalidUrl {
+        /// The URL, with its password masked.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The broker could not be reached or refused the connection.
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
-    Connect { url: String, reason: String },
+    Connect {
+        /// The URL, with its password masked.
+        url: String,
+        /// Why connecting failed.
+        reason: String,
+    },
+    /// An error from the AMQP client (amiquip) on an open connection or channel.
     #[error("RabbitMQ: {0}")]
     Protocol(Box<amiquip::Error>),
+    /// The broker did not confirm a publish within this time (30 s).
     #[error("RabbitMQ did not confirm a publish within {0:?}")]
     ConfirmTimeout(Duration),
+    /// The broker nacked a published message.
     #[error("RabbitMQ refused (nacked) a publish")]
     Nacked,
+    /// The connection or channel closed before the confirms arrived.
     #[error("the RabbitMQ connection is closed")]
     Closed,
 }

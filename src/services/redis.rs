@@ -33,10 +33,18 @@ pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Errors of the Redis layer.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinationError {
+    /// The URL does not parse, or the pool could not open its connections.
     #[error("cannot connect to Redis at {url}: {reason}")]
-    Connect { url: String, reason: String },
+    Connect {
+        /// The URL, with its password masked.
+        url: String,
+        /// Why connecting failed.
+        reason: String,
+    },
+    /// No pooled connection could be had (e.g. none within the 10 s timeout).
     #[error("Redis pool: {0}")]
     Pool(#[from] r2d2::Error),
+    /// A command or script failed, or the connection broke.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
     /// The pipeline that carried this request failed as a whole (its connection, or the
@@ -108,9 +116,11 @@ pub struct SuccessorReport {
     pub job: String,
     /// The successor's node id and iteration (for the join keys).
     pub node: String,
+    /// The successor's loop iteration (0 for nodes that never repeat).
     pub iteration: u32,
     /// Who reports (the edge's source, or a batch worker).
     pub predecessor: String,
+    /// How the successor becomes ready: at once, first report wins, or all n reported.
     pub rule: JoinRule,
 }
 

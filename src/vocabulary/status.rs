@@ -6,10 +6,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
+    /// Started and not ended or paused; the in-process runner never returns it.
     Running,
+    /// Paused until a resume: `wait`, `sleep`, `webhook` or `subflow` nodes are awaited.
     Awaiting,
+    /// Ended with nothing left to do.
     Completed,
+    /// Ended because a node failed with no fallback left, or the run could not go on.
     Failed,
+    /// Ended by a cancel while running or awaiting; its queued jobs are dropped.
     Cancelled,
 }
 

@@ -12,7 +12,9 @@ use crate::services::postgres::store::{validate_identifier, PgPool, StoreError};
 /// One change of a [`PostgresContext::patch`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum PatchOp {
+    /// Sets the key to the value, replacing any value it had.
     Set(String, Value),
+    /// Removes the key (nothing happens if it is absent).
     Delete(String),
 }
 

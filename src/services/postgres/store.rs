@@ -172,18 +172,39 @@ impl ManageConnection for PgConnectionManager {
 /// Errors of the PostgreSQL layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A table name that is not `name` or `schema.name` of letters, digits and underscores.
     #[error("invalid table name '{0}': use letters, digits and underscores (optionally schema.table), at most 63 characters each")]
     InvalidTableName(String),
+    /// A connection URL that does not parse.
     #[error("invalid PostgreSQL URL '{url}': {reason}")]
-    InvalidUrl { url: String, reason: String },
+    InvalidUrl {
+        /// The URL, with its password masked.
+        url: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The pool could not open its connections.
     #[error("cannot connect to PostgreSQL at {url}: {reason}")]
-    Connect { url: String, reason: String },
+    Connect {
+        /// The URL, with its password masked.
+        url: String,
+        /// Why connecting failed.
+        reason: String,
+    },
+    /// No pooled connection could be had (e.g. none within the 10 s timeout).
     #[error("PostgreSQL pool: {0}")]
     Pool(#[from] r2d2::Error),
+    /// A statement failed; shown with the server's severity, message, SQLSTATE, detail and hint.
     #[error("PostgreSQL: {}", describe_pg_error(.0))]
     Query(#[from] postgres::Error),
+    /// A run's row holds what the store cannot read.
     #[error("run '{run_id}' has a malformed row: {reason}")]
-    Malformed { run_id: String, reason: String },
+    Malformed {
+        /// The run's id.
+        run_id: String,
+        /// What is wrong, e.g. an unknown status or a context that is not a JSON object.
+        reason: String,
+    },
     /// The grouped statement that carried this request failed as a whole (its connection,
     /// or the thread that ran it); the request may be retried.
     #[error("grouped statement: {0}")]
@@ -261,8 +282,11 @@ pub fn validate_identifier(name: &str) -> Result<(), StoreError> {
 /// The three table names (validated).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tables {
+    /// Table of run contexts, one JSONB row per run (default `flowcraft_contexts`).
     pub contexts: String,
+    /// Table of run statuses (default `flowcraft_statuses`).
     pub statuses: String,
+    /// Table of registered webhook endpoints (default `flowcraft_webhooks`).
     pub webhooks: String,
 }
 
@@ -308,6 +332,7 @@ impl Tables {
 /// A run's context and status, read in one round trip.
 #[derive(Debug, Clone)]
 pub struct RunSnapshot {
+    /// The run's context row.
     pub context: ContextMap,
     /// `None` when the run has no status row.
     pub status: Option<RunStatus>,
@@ -321,10 +346,14 @@ fn unknown_status(status: &str) -> String {
 /// A run's status row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusRow {
+    /// The run's id.
     pub run_id: String,
+    /// The run's status.
     pub status: RunStatus,
     /// RFC 3339.
     pub updated_at: Option<String>,
+    /// The last outcome written (`{"status": "awaiting"|"completed"|"failed"|"cancelled", …}`);
+    /// `None` until the run first pauses or ends.
     pub result: Option<Value>,
 }
 
@@ -332,7 +361,9 @@ pub struct StatusRow {
 /// and id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwaitingCursor {
+    /// The last run's `updated_at`, as PostgreSQL's text.
     pub updated_at: String,
+    /// The last run's id (orders runs with the same `updated_at`).
     pub run_id: String,
 }
 
@@ -355,6 +386,7 @@ pub struct CommitGuard {
     /// `_node.<node>`: for nodes that may repeat, the commit applies only while `iteration` is
     /// not among its committed `iters`; the commit adds it.
     pub meta_key: String,
+    /// The execution's loop iteration (0 for nodes that never repeat).
     pub iteration: u32,
     /// Whether the node may repeat (see [`Blueprint::may_repeat`](crate::engine::blueprint::Blueprint::may_repeat)).
     pub repeats: bool,
@@ -363,9 +395,11 @@ pub struct CommitGuard {
 /// One node's effects, applied in one statement.
 #[derive(Debug, Clone, Default)]
 pub struct NodeCommit {
+    /// Keys to set, replacing their values.
     pub set: Map<String, Value>,
     /// Keys set only where absent (the input of an `any` join).
     pub set_if_absent: Map<String, Value>,
+    /// Keys to remove.
     pub delete: Vec<String>,
     /// A node that paused the run: its id and `_awaitingDetails` entry.
     pub awaiting: Option<(String, Value)>,
