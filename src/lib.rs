@@ -1,3 +1,7 @@
+// Every public item is documented; the internals the `testing` feature exposes to our own
+// tests are not part of the API, so they are held to it only without that feature
+// (`cargo clippy --lib -- -D warnings`).
+#![cfg_attr(not(feature = "testing"), warn(missing_docs))]
 //! # flowcraft-rabbitmq
 //!
 //! Runs [Flowcraft](https://github.com/gorango/flowcraft) workflow blueprints — JSON graphs
