@@ -202,3 +202,19 @@ fn a_postgresql_error_carries_its_sqlstate_and_message() {
         "{err}"
     );
 }
+
+#[test]
+fn data_postgresql_refuses_is_a_permanent_error_and_a_missing_table_is_not() {
+    let env = TestEnv::new("pgperm");
+    let mut conn = env.pg.get().unwrap();
+    let nul = conn
+        .query_one("SELECT $1::text::jsonb", &[&r#"{"a": "x\u0000y"}"#])
+        .unwrap_err();
+    let nul = flowcraft_rabbitmq::StoreError::from(nul);
+    assert!(nul.is_permanent(), "{nul}");
+    let missing = conn
+        .query_one("SELECT * FROM flowcraft_never_made_either", &[])
+        .unwrap_err();
+    let missing = flowcraft_rabbitmq::StoreError::from(missing);
+    assert!(!missing.is_permanent(), "{missing}");
+}

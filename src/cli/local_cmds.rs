@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use crate::engine::blueprint::{self, Blueprint};
-use crate::engine::nodes::BUILTINS;
+use crate::engine::nodes::{param_problems, BUILTINS};
+use crate::vocabulary::limits::cut_reason;
 use crate::{LocalRuntime, NodeRegistry, RunStatus};
 
 use super::{fail, parse_context, BlueprintDir, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
@@ -79,6 +80,14 @@ pub fn check(dir: &BlueprintDir) -> i32 {
     for bp in found.values() {
         warnings.extend(bp.warnings().iter().cloned());
         for node in &bp.def().nodes {
+            for problem in param_problems(&node.uses, &node.params) {
+                problems.push(format!(
+                    "blueprint '{}': node '{}': {}",
+                    bp.id(),
+                    node.id,
+                    cut_reason(&problem)
+                ));
+            }
             if node.uses == "subflow" {
                 match node.params.get("blueprintId").and_then(|v| v.as_str()) {
                     Some(child) if found.contains_key(child) => {}

@@ -154,6 +154,10 @@ enum Command {
         /// Initial context (a JSON object).
         #[arg(long, value_name = "JSON")]
         context: Option<String>,
+        /// The run's id (default: a new UUID). With it a start can be retried safely: a run
+        /// that exists already is not started twice, its start jobs are only queued again.
+        #[arg(long, value_name = "ID")]
+        run_id: Option<String>,
         /// Wait until the run leaves `running`; exit 0 completed, 1 failed, 3 timed out, 4 awaiting.
         #[arg(long)]
         wait: bool,
@@ -228,6 +232,7 @@ pub fn main() -> i32 {
             services,
             blueprint_id,
             context,
+            run_id,
             wait,
             timeout,
         } => ops::start(
@@ -235,6 +240,7 @@ pub fn main() -> i32 {
             &services,
             &blueprint_id,
             context.as_deref(),
+            run_id.as_deref(),
             wait.then_some(timeout),
         ),
         Command::Status { services, run_id } => ops::status(&services, &run_id),

@@ -203,6 +203,7 @@ pub fn start(
     services: &ServiceArgs,
     id: &str,
     context: Option<&str>,
+    run_id: Option<&str>,
     wait: Option<f64>,
 ) -> i32 {
     let (initial, blueprints, _) = match run_inputs(dir, id, context) {
@@ -213,8 +214,15 @@ pub fn start(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let run = match client.start_workflow(id, initial) {
+    let started = match run_id {
+        Some(run) => client
+            .start_workflow_with_id(id, run, initial)
+            .map(|()| run.to_string()),
+        None => client.start_workflow(id, initial),
+    };
+    let run = match started {
         Ok(run) => run,
+        Err(e) if e.is_refusal() => return fail(EXIT_USAGE, format!("cannot start the run: {e}")),
         Err(e) => return fail(EXIT_FAILED, format!("cannot start the run: {e}")),
     };
     let Some(timeout) = wait else {

@@ -22,6 +22,7 @@ use crate::engine::node::{
     NodeResult,
 };
 use crate::vocabulary::keys::{INPUTS_PREFIX, OUTPUTS_PREFIX};
+use crate::vocabulary::limits::check_storable;
 
 /// Fallbacks may themselves have fallbacks; this bounds the chain.
 const MAX_FALLBACK_DEPTH: usize = 8;
@@ -206,12 +207,17 @@ fn run_attempts(
         };
         match run_attempt(implementation.clone(), ctx, timeout) {
             Ok((result, deltas)) => {
+                // What cannot be stored fails the node for good: another attempt would
+                // produce it again, and a retry of the commit would fail the same way.
+                if let Err(problem) = check_result(&result, &deltas) {
+                    return Err(fail(problem, true, attempt));
+                }
                 return Ok(NodeSuccess {
                     result,
                     deltas,
                     fallback: None,
                     attempts: attempt,
-                })
+                });
             }
             Err(e) if e.is_fatal() => return Err(fail(e.message().to_string(), true, attempt)),
             Err(e) => {
@@ -230,6 +236,29 @@ fn run_attempts(
         }
     }
     Err(fail(last_error.message().to_string(), false, max_attempts))
+}
+
+/// Whether a node's result and writes can be stored and read back (see
+/// [`limits`](crate::vocabulary::limits)): the reason when not.
+fn check_result(result: &NodeResult, deltas: &ContextDeltas) -> Result<(), String> {
+    let mut spent = check_storable("its output", &result.output, 0)?;
+    if let Some(action) = &result.action {
+        spent = check_storable("its action", &Value::String(action.clone()), spent)?;
+    }
+    if let Some(details) = &result.awaiting {
+        spent = check_storable("its pause", details, spent)?;
+    }
+    for (key, value) in deltas.iter() {
+        spent = check_storable(
+            "a context key it wrote",
+            &Value::String(key.to_string()),
+            spent,
+        )?;
+        if let Some(value) = value {
+            spent = check_storable(&format!("context key '{key}'"), value, spent)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs one attempt: inline without a timeout, else on a thread that is abandoned (with its

@@ -20,6 +20,7 @@ use crate::runtime::worker::DEFAULT_QUEUE;
 use crate::services::postgres::store::{PgPool, RunStore, StatusRow, Tables};
 use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, Declare, JobSink, KeptPublisher};
 use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
+use crate::vocabulary::limits::{check_id, check_storable};
 use crate::vocabulary::RunStatus;
 
 /// Starts and steers runs. Opens its RabbitMQ connection on first use and keeps it.
@@ -112,22 +113,90 @@ impl Client {
         blueprint_id: &str,
         initial_context: ContextMap,
     ) -> Result<String, Error> {
+        let run_id = uuid::Uuid::new_v4().to_string();
+        self.start(blueprint_id, &run_id, initial_context, false)?;
+        Ok(run_id)
+    }
+
+    /// Starts a run with the caller's run id, so that the caller may retry safely: if the
+    /// run exists already (of this blueprint), its start jobs are queued again — harmless
+    /// copies if they ran — and nothing else changes. A run id of another blueprint's run is
+    /// refused ([`Error::RunExists`]).
+    pub fn start_workflow_with_id(
+        &self,
+        blueprint_id: &str,
+        run_id: &str,
+        initial_context: ContextMap,
+    ) -> Result<(), Error> {
+        check_id("the run id", run_id).map_err(|reason| Error::InvalidRunId { reason })?;
+        self.start(blueprint_id, run_id, initial_context, true)
+    }
+
+    /// Creates the run's rows (or, with `retry`, finds them), then publishes its start jobs.
+    /// If publishing fails after the rows were written, the run is marked stalled — the
+    /// reconciler's next pass starts it — and the error says so.
+    fn start(
+        &self,
+        blueprint_id: &str,
+        run_id: &str,
+        initial_context: ContextMap,
+        retry: bool,
+    ) -> Result<(), Error> {
         let bp = self
             .blueprints
             .get(blueprint_id)
             .ok_or_else(|| Error::UnknownBlueprint(blueprint_id.to_string()))?;
-        let run_id = uuid::Uuid::new_v4().to_string();
         let mut context = initial_context;
+        check_storable("the context", &Value::Object(context.clone()), 0)
+            .map_err(|reason| Error::InvalidContext { reason })?;
         bp.stamp(&mut context);
-        self.store.create_run(&run_id, &context)?;
+        let created = if retry {
+            self.store.create_run_if_absent(run_id, &context)?
+        } else {
+            self.store.create_run(run_id, &context)?;
+            true
+        };
+        if !created {
+            let Some(existing) = self.store.load(run_id)? else {
+                return Err(Error::UnknownRun(run_id.into()));
+            };
+            let theirs = Blueprint::stamped_id(&existing.context);
+            if theirs != bp.id() {
+                return Err(Error::RunExists {
+                    run: run_id.into(),
+                    blueprint: theirs.to_string(),
+                });
+            }
+            if existing.status != Some(RunStatus::Running) {
+                // Started before, and it has moved on.
+                return Ok(());
+            }
+        }
         let bodies: Vec<Vec<u8>> = bp
             .start_node_ids()
             .iter()
-            .map(|n| JobPayload::new(&run_id, bp.id(), n, 0).to_body())
+            .map(|n| {
+                let mut job = JobPayload::new(run_id, bp.id(), n, 0);
+                // A start job queued again is a copy, like the reconciler's.
+                job.recovered = !created;
+                job.to_body()
+            })
             .collect();
-        self.with_publisher(|p| Ok(p.publish_jobs("", &self.queue, &bodies)?))?;
-        log::info!("run {run_id}: started ({blueprint_id})");
-        Ok(run_id)
+        if let Err(e) = self.with_publisher(|p| Ok(p.publish_jobs("", &self.queue, &bodies)?)) {
+            if let Err(mark) = self.store.mark_stalled(run_id) {
+                log::warn!("run {run_id}: cannot mark it for the reconciler: {mark}");
+            }
+            return Err(Error::StartNotQueued {
+                run: run_id.into(),
+                reason: e.to_string(),
+            });
+        }
+        if created {
+            log::info!("run {run_id}: started ({blueprint_id})");
+        } else {
+            log::info!("run {run_id}: start jobs queued again ({blueprint_id})");
+        }
+        Ok(())
     }
 
     /// A run's status row (`None` if unknown).

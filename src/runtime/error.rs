@@ -63,6 +63,35 @@ pub enum Error {
     /// A resume that another resume beat.
     #[error("run '{0}' was resumed by someone else first")]
     AlreadyResumed(String),
+    /// A run id that cannot be used (see [`limits`](crate::vocabulary::limits)).
+    #[error("invalid run id: {reason}")]
+    InvalidRunId {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A start context that cannot be stored (see [`limits`](crate::vocabulary::limits)).
+    #[error("invalid context: {reason}")]
+    InvalidContext {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A start with a run id that a run of another blueprint has.
+    #[error("run '{run}' exists already, of blueprint '{blueprint}'")]
+    RunExists {
+        /// The run id asked for.
+        run: String,
+        /// The blueprint of the run that has it.
+        blueprint: String,
+    },
+    /// A run was created but its start jobs may not be queued; the next reconciler pass
+    /// starts it (its status row looks stalled), or a start with the same run id does.
+    #[error("run '{run}' was created but its start jobs may not be queued ({reason}); the reconciler's next pass starts it, or start it again with the same run id")]
+    StartNotQueued {
+        /// The run that was created.
+        run: String,
+        /// Why its start jobs could not be published.
+        reason: String,
+    },
     /// A cancel of a run that has ended.
     #[error("run '{run}' cannot be cancelled: it is {status}")]
     NotCancellable {
@@ -113,6 +142,9 @@ impl Error {
                 | Error::NodeNotAwaited { .. }
                 | Error::AlreadyResumed(_)
                 | Error::NotCancellable { .. }
+                | Error::InvalidRunId { .. }
+                | Error::InvalidContext { .. }
+                | Error::RunExists { .. }
         )
     }
 

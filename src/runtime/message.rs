@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::vocabulary::limits::{check_id, check_storable, MAX_MESSAGE_BYTES};
+
 /// A job payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -92,6 +94,18 @@ impl EventMessage {
     pub fn to_body(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// Checks what a worker relies on: a webhook event names a usable run and node, and
+    /// carries a payload PostgreSQL can store.
+    fn validated(self) -> Result<EventMessage, String> {
+        let malformed = |problem: String| format!("malformed event message: {problem}");
+        if let Some((run, node)) = self.webhook_target() {
+            check_id("its run id", &run).map_err(malformed)?;
+            check_id("its node id", &node).map_err(malformed)?;
+        }
+        check_storable("its payload", &self.payload, 0).map_err(malformed)?;
+        Ok(self)
+    }
 }
 
 /// `webhook:<run>:<node>`.
@@ -107,8 +121,15 @@ pub enum Message {
 }
 
 impl Message {
-    /// Parses a message body; the error says what is wrong with it.
+    /// Parses a message body; the error says what is wrong with it. A body over
+    /// [`MAX_MESSAGE_BYTES`] is refused unread.
     pub fn parse(body: &[u8]) -> Result<Message, String> {
+        if body.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "the message is {} bytes long (at most {MAX_MESSAGE_BYTES})",
+                body.len()
+            ));
+        }
         // Jobs are nearly every message: read one straight from the bytes, and look closer
         // only at what is not a job.
         let not_a_job = match JobPayload::parse(body) {
@@ -120,7 +141,7 @@ impl Message {
         if value.get("event").is_some() && value.get("blueprintId").is_none() {
             let event: EventMessage = serde_json::from_value(value)
                 .map_err(|e| format!("malformed event message: {e}"))?;
-            return Ok(Message::Event(event));
+            return event.validated().map(Message::Event);
         }
         Err(not_a_job)
     }
@@ -168,9 +189,8 @@ impl JobPayload {
             ("blueprintId", &job.blueprint_id),
             ("nodeId", &job.node_id),
         ] {
-            if value.trim().is_empty() {
-                return Err(format!("malformed job message: \"{field}\" is empty"));
-            }
+            check_id(&format!("\"{field}\""), value)
+                .map_err(|problem| format!("malformed job message: {problem}"))?;
         }
         Ok(job)
     }

@@ -370,12 +370,17 @@ enum Refusal {
     Gone,
 }
 
-/// Reads what has arrived on a connection; returns the request once it is whole.
+/// Reads what has arrived on a connection; returns the request once it is whole. A client
+/// that closed its side after sending is still answered, if what it sent is whole.
 fn read_available(pending: &mut Pending, limits: &HttpLimits) -> Result<Option<Request>, Refusal> {
     let mut chunk = [0u8; 8192];
+    let mut closed = false;
     loop {
         match pending.stream.read(&mut chunk) {
-            Ok(0) => return Err(Refusal::Gone),
+            Ok(0) => {
+                closed = true;
+                break;
+            }
             Ok(n) => pending.buffer.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -390,6 +395,16 @@ fn read_available(pending: &mut Pending, limits: &HttpLimits) -> Result<Option<R
             }
         }
     }
+    match parse_available(pending, limits)? {
+        Some(request) => Ok(Some(request)),
+        None if closed => Err(Refusal::Gone),
+        None => Ok(None),
+    }
+}
+
+/// Parses the head once it is whole, then waits for the body; returns the request once it
+/// is whole.
+fn parse_available(pending: &mut Pending, limits: &HttpLimits) -> Result<Option<Request>, Refusal> {
     if pending.head.is_none() {
         let Some(end) = find_head_end(&pending.buffer) else {
             if pending.buffer.len() > limits.max_head {

@@ -15,6 +15,7 @@ use amiquip::{
 use crossbeam_channel::Receiver;
 
 use crate::services::url::{mask_url, percent_decode};
+use crate::vocabulary::limits::cut_reason;
 
 /// Errors talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
@@ -175,14 +176,21 @@ pub fn declare_job_queue(channel: &Channel, queue: &str) -> Result<(), AmqpError
 /// Header of a dead-lettered message that says why it was dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-flowcraft-reason";
 
-/// Properties of a dead letter: persistent, with the reason in a header.
-pub fn dead_letter_properties(reason: &str) -> AmqpProperties {
-    let mut headers = FieldTable::new();
+/// The properties of a dead letter: those the message came with (its headers,
+/// `message_id`, …), persistent, with `reason` — cut to
+/// [`MAX_REASON_BYTES`](crate::vocabulary::limits::MAX_REASON_BYTES) — in the header
+/// [`DEAD_LETTER_REASON_HEADER`].
+pub fn dead_letter_properties(original: &AmqpProperties, reason: &str) -> AmqpProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
     headers.insert(
         DEAD_LETTER_REASON_HEADER.into(),
-        AmqpValue::LongString(reason.to_string()),
+        AmqpValue::LongString(cut_reason(reason)),
     );
-    persistent_json().with_headers(headers)
+    let mut properties = original.clone().with_delivery_mode(2).with_headers(headers);
+    if properties.content_type().is_none() {
+        properties = properties.with_content_type("application/json".into());
+    }
+    properties
 }
 
 /// Declares the durable fanout exchange of events and binds the job queue to it, so events

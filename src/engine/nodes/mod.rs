@@ -79,6 +79,22 @@ fn sleep(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
     })))
 }
 
+/// What is wrong with the params of a built-in node that takes expressions (`transform`,
+/// `loop-controller`), found without running it: each problem fails the node at run time.
+pub fn param_problems(uses: &str, params: &Value) -> Vec<String> {
+    match uses {
+        "transform" => transform::param_problems(params),
+        "loop-controller" => match params.get("condition") {
+            Some(Value::String(source)) => match Expression::parse(source) {
+                Ok(_) => Vec::new(),
+                Err(e) => vec![format!("loop-controller condition '{source}': {e}")],
+            },
+            _ => vec!["loop-controller needs params.condition (a string)".to_string()],
+        },
+        _ => Vec::new(),
+    }
+}
+
 /// `loop-controller`: evaluates `params.condition` over the context; action `continue` while
 /// it holds, `break` once it does not.
 fn loop_controller(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {

@@ -37,6 +37,20 @@ fn compile(params: &Value, key: &str) -> Result<Option<Expression>, NodeError> {
     }
 }
 
+/// What is wrong with a `transform` node's params, found without running it (for `check`).
+pub fn param_problems(params: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    match compile(params, "expression") {
+        Ok(Some(_)) => {}
+        Ok(None) => problems.push("transform needs params.expression (a string)".to_string()),
+        Err(e) => problems.push(e.message().to_string()),
+    }
+    if let Err(e) = compile(params, "action") {
+        problems.push(e.message().to_string());
+    }
+    problems
+}
+
 /// The `transform` node.
 pub fn transform(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
     let expression = compile(&ctx.params, "expression")?

@@ -191,7 +191,7 @@ impl<'c, 'a> Settler<'c, 'a> {
             Outcome::DeadLetter(reason) => reason,
         };
         log::warn!("dead-lettering a message to {}: {reason}", self.dead_queue);
-        let properties = amqp::dead_letter_properties(&reason);
+        let properties = amqp::dead_letter_properties(&delivery.properties, &reason);
         match self.dead_letters.publish(
             "",
             &self.dead_queue,

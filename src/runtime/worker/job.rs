@@ -155,16 +155,23 @@ fn guard<'a>(
     publisher: &mut dyn JobSink,
 ) -> Result<Guarded<'a>, Error> {
     use Guarded::{Coordinate, Settle};
-    // The blueprint, the run, its version, the node.
+    // The run, its blueprint, its version, the node. A message that cannot belong to any run
+    // is dead-lettered: nothing is written for it.
+    let Some(snapshot) = shared.store.load(&job.run_id)? else {
+        let reason = format!("run '{}' does not exist (no context row)", job.run_id);
+        return Ok(Settle(Outcome::DeadLetter(reason)));
+    };
     let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
         let reason = format!("unknown blueprint '{}'", job.blueprint_id);
         log::warn!("run {}: {reason}; marking it failed", job.run_id);
-        pause::fail_run(shared, &job.run_id, None, &reason, publisher)?;
+        pause::fail_run(
+            shared,
+            &job.run_id,
+            Some(&snapshot.context),
+            &reason,
+            publisher,
+        )?;
         return Ok(Settle(Outcome::Ack));
-    };
-    let Some(snapshot) = shared.store.load(&job.run_id)? else {
-        let reason = format!("run '{}' has no context row", job.run_id);
-        return Ok(Settle(Outcome::DeadLetter(reason)));
     };
     if let Some(status) = snapshot.status.filter(|s| s.is_finished()) {
         if ParentLink::of(&snapshot.context).is_some() {
@@ -192,8 +199,7 @@ fn guard<'a>(
             }
         }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
-        pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
-        return Ok(Settle(Outcome::Ack));
+        return Ok(Settle(Outcome::DeadLetter(reason)));
     };
     // Idempotency: a paused node.
     let paused = awaited_details(&context, &job.node_id).cloned();

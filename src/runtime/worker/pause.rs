@@ -222,7 +222,10 @@ pub(crate) fn on_timer(
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, Error> {
     let Some(snapshot) = shared.store.load(&job.run_id)? else {
-        return Ok(Outcome::Ack);
+        return Ok(Outcome::DeadLetter(format!(
+            "timer for unknown run '{}'",
+            job.run_id
+        )));
     };
     let Some(details) = awaited_details(&snapshot.context, &job.node_id).cloned() else {
         return Ok(Outcome::Ack);

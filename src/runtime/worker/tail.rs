@@ -34,6 +34,7 @@ use crate::services::redis::SuccessorReport;
 use super::backoff::Backoff;
 use super::consumer::Finished;
 use super::consumer::Outcome;
+use super::pause;
 use super::shared::Shared;
 use crate::runtime::error::Error;
 
@@ -153,6 +154,21 @@ impl Leader<'_> {
                     );
                     succeeded = true;
                     self.settle_slot(&mut pending[i], Outcome::Ack, None);
+                }
+                Err(e) if e.is_permanent() => {
+                    // PostgreSQL refuses this data: the run fails with the reason (the node's
+                    // own checks make this rare; see `limits`).
+                    let reason = format!("node '{}' wrote what cannot be stored: {e}", t.node_id);
+                    let run = t.job.run_id.clone();
+                    let before = self.publisher.published();
+                    match pause::fail_run(shared, &run, None, &reason, self.publisher) {
+                        Ok(()) => {
+                            succeeded = true;
+                            let tags = Tags::default().with(before, self.publisher.published());
+                            self.settle_slot(&mut pending[i], Outcome::Ack, tags.range());
+                        }
+                        Err(e) => retries.push((i, format!("{run}: {e}"))),
+                    }
                 }
                 Err(e) => retries.push((i, format!("{}: {e}", t.job.describe()))),
             }

@@ -454,6 +454,21 @@ struct Groups {
 /// Most requests one grouped statement carries.
 const MAX_BATCH: usize = 64;
 
+impl StoreError {
+    /// Whether PostgreSQL refused the data itself — a data exception (SQLSTATE class `22`,
+    /// e.g. `\u0000` in `jsonb`) or a program limit (class `54`, e.g. a value too large):
+    /// the same write fails every time, so retrying it is pointless.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Query(e) => e
+                .as_db_error()
+                .is_some_and(|db| matches!(&db.code().code()[..2], "22" | "54")),
+            StoreError::Malformed { .. } | StoreError::InvalidTableName(_) => true,
+            _ => false,
+        }
+    }
+}
+
 impl GroupError for StoreError {
     /// No connection, or a broken one: no request of the batch would fare better alone.
     fn fails_every_request(&self) -> bool {
@@ -515,6 +530,7 @@ struct Statements {
     stalled: String,
     awaiting_page: String,
     touch: String,
+    mark_stalled: String,
     touch_many: String,
     insert_context: String,
     insert_status: String,
@@ -644,6 +660,9 @@ impl RunStore {
                  ORDER BY p.updated_at, p.run_id"
             ),
             touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
+            mark_stalled: format!(
+                "UPDATE {s} SET updated_at = 'epoch' WHERE run_id = $1 AND status = 'running'"
+            ),
             touch_many: format!(
                 "UPDATE {s} SET updated_at = NOW() WHERE run_id = ANY($1) AND status = 'running'"
             ),
@@ -997,6 +1016,12 @@ impl RunStore {
         self.execute(&self.sql.touch, &[&run_id]).map(drop)
     }
 
+    /// Makes a running run look stalled since long ago, so the next reconciler pass resumes
+    /// it (a run whose start jobs may not have been queued).
+    pub fn mark_stalled(&self, run_id: &str) -> Result<(), StoreError> {
+        self.execute(&self.sql.mark_stalled, &[&run_id]).map(drop)
+    }
+
     /// Resumes awaited nodes: applies `commit` (their outputs, `_resume.*`, their context
     /// writes and their successors' inputs; its `awaiting` is ignored) and removes them from
     /// the awaiting keys — only while every node of `nodes` is still awaited — and moves the
@@ -1037,15 +1062,17 @@ impl RunStore {
             &self.sql.insert_context,
             &self.sql.insert_status,
         )
+        .map(drop)
     }
 
     /// Like [`create_run`](RunStore::create_run), doing nothing if the run exists (a child
-    /// run started again after a redelivery).
+    /// run started again after a redelivery, a start retried with its run id); returns
+    /// whether it created the run.
     pub fn create_run_if_absent(
         &self,
         run_id: &str,
         context: &ContextMap,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.insert_run(
             run_id,
             context,
@@ -1097,16 +1124,16 @@ impl RunStore {
         context: &ContextMap,
         context_sql: &str,
         status_sql: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get()?;
         let insert_context = conn.statement(context_sql)?;
         let insert_status = conn.statement(status_sql)?;
         let mut tx = conn.transaction()?;
         let context = Value::Object(context.clone());
-        tx.execute(&insert_context, &[&run_id, &context])?;
+        let inserted = tx.execute(&insert_context, &[&run_id, &context])? > 0;
         tx.execute(&insert_status, &[&run_id, &"running"])?;
         tx.commit()?;
-        Ok(())
+        Ok(inserted)
     }
 }
 
