@@ -167,7 +167,43 @@ fn operator_commands_answer_bad_input_clearly() {
     )
     .unwrap();
     let bad_dir = bad.to_str().unwrap().to_string();
+    let bad_expr = std::env::temp_dir().join(format!("flowcraft-badexpr-{}", env.tag));
+    std::fs::create_dir_all(&bad_expr).unwrap();
+    std::fs::write(
+        bad_expr.join("t.json"),
+        r#"{"id":"t","nodes":[{"id":"a","uses":"transform","params":{"expression":"(input + 1"}}]}"#,
+    )
+    .unwrap();
+    let bad_expr_dir = bad_expr.to_str().unwrap().to_string();
+    let deep = format!("{{\"k\": {}1{}}}", "[".repeat(100), "]".repeat(100));
     let cases: Vec<BadInput> = vec![
+        (
+            vec!["start", "--blueprints", &dir, "e2e", "--context", &deep],
+            None,
+            2,
+            "cannot be stored: it is nested deeper than 64 levels",
+        ),
+        (
+            vec!["start", "--blueprints", &dir, "e2e", "--run-id", "a\u{1}b"],
+            None,
+            2,
+            "invalid run id: the run id contains a control character",
+        ),
+        (
+            vec![
+                "resume",
+                "--blueprints",
+                &dir,
+                "some-run",
+                "--action",
+                "go",
+                "--output",
+                r#""a\u0000b""#,
+            ],
+            None,
+            2,
+            "the output cannot be stored",
+        ),
         (vec!["frobnicate"], None, 2, "unrecognized subcommand"),
         (
             vec!["worker", "--blueprints", &bad_dir],
@@ -245,7 +281,16 @@ fn operator_commands_answer_bad_input_clearly() {
             assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         }
     }
+    // `check` parses the expressions of transform nodes.
+    let out = run(flowcraft(&env).args(["check", "--blueprints", &bad_expr_dir]));
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("node 'a': transform params.expression '(input + 1'"),
+        "{report}"
+    );
     std::fs::remove_dir_all(bad).unwrap();
+    std::fs::remove_dir_all(bad_expr).unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
 

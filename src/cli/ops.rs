@@ -291,6 +291,7 @@ pub fn resume(
             );
             EXIT_OK
         }
+        Err(e @ crate::Error::Unstorable { .. }) => fail(EXIT_USAGE, e),
         Err(e) => fail(EXIT_FAILED, e),
     }
 }

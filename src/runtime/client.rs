@@ -148,7 +148,7 @@ impl Client {
             .ok_or_else(|| Error::UnknownBlueprint(blueprint_id.to_string()))?;
         let mut context = initial_context;
         check_storable("the context", &Value::Object(context.clone()), 0)
-            .map_err(|reason| Error::InvalidContext { reason })?;
+            .map_err(|reason| Error::Unstorable { reason })?;
         bp.stamp(&mut context);
         let created = if retry {
             self.store.create_run_if_absent(run_id, &context)?
@@ -240,6 +240,11 @@ impl Client {
         action: Option<&str>,
         output: Value,
     ) -> Result<Vec<String>, Error> {
+        check_storable("the output", &output, 0).map_err(|reason| Error::Unstorable { reason })?;
+        if let Some(action) = action {
+            check_storable("the action", &Value::String(action.into()), 0)
+                .map_err(|reason| Error::Unstorable { reason })?;
+        }
         let Some(snapshot) = self.store.load(run_id)? else {
             return Err(Error::UnknownRun(run_id.into()));
         };

@@ -69,10 +69,11 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// A start context that cannot be stored (see [`limits`](crate::vocabulary::limits)).
-    #[error("invalid context: {reason}")]
-    InvalidContext {
-        /// What is wrong with it.
+    /// A start context or a resume's output that PostgreSQL cannot store (see
+    /// [`limits`](crate::vocabulary::limits)); nothing was written.
+    #[error("{reason}")]
+    Unstorable {
+        /// What cannot be stored, and why.
         reason: String,
     },
     /// A start with a run id that a run of another blueprint has.
@@ -143,7 +144,7 @@ impl Error {
                 | Error::AlreadyResumed(_)
                 | Error::NotCancellable { .. }
                 | Error::InvalidRunId { .. }
-                | Error::InvalidContext { .. }
+                | Error::Unstorable { .. }
                 | Error::RunExists { .. }
         )
     }
