@@ -540,3 +540,47 @@ fn reason_phrase(status: u16) -> &'static str {
         _ => "",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[test]
+    fn a_panicking_handler_answers_500_and_the_server_goes_on() {
+        let handler: Arc<Handler> = Arc::new(|request: &Request| {
+            if request.path == "/panic" {
+                panic!("boom");
+            }
+            Response::json(200, &serde_json::json!({"body": request.body.len()}))
+        });
+        let limits = HttpLimits {
+            threads: 1,
+            ..HttpLimits::default()
+        };
+        let server = HttpServer::start("127.0.0.1:0", "test-http", limits, handler).unwrap();
+        let addr = server.local_addr();
+        // More panics than threads: the one thread survives each.
+        for _ in 0..3 {
+            let answer = ask(addr, b"GET /panic HTTP/1.1\r\n\r\n");
+            assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        }
+        let answer = ask(
+            addr,
+            b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+        );
+        assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(r#"{"body":3}"#), "{answer}");
+        server.stop();
+    }
+}
