@@ -10,10 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::webhook::{sign, WebhookOptions, WebhookServer};
-use flowcraft_rabbitmq::{
-    NodeError, NodeRegistry, NodeResult, RedisCoordinationStore, WorkerHandle,
-};
+use flowcraft_rabbitmq::webhook::sign;
+use flowcraft_rabbitmq::{NodeError, NodeRegistry, NodeResult, WorkerHandle};
 use serde_json::json;
 
 type Counts = Arc<Mutex<HashMap<String, usize>>>;
@@ -327,18 +325,7 @@ fn webhooks_resume_runs_once_and_the_receiver_rejects_bad_calls() {
     let env = TestEnv::new("webhook");
     let counts: Counts = Default::default();
     let bps = examples();
-    let server = WebhookServer::start(
-        "127.0.0.1:0",
-        WebhookOptions {
-            store: env.store(),
-            coord: RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone()),
-            amqp_url: amqp_url(),
-            exchange: env.events_exchange(),
-            secret: Some("s3cret".into()),
-            max_body: 1024,
-        },
-    )
-    .unwrap();
+    let server = env.webhook_receiver(Some("s3cret"), 1024);
     let addr = server.local_addr();
     let (w1, w2) = two_workers(&env, &counting(&counts), &bps, &format!("http://{addr}"));
     let client = env.client(bps);

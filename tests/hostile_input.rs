@@ -10,23 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use flowcraft_rabbitmq::testing::amqp;
-use flowcraft_rabbitmq::{ContextMap, RedisCoordinationStore, WebhookOptions, WebhookServer};
+use flowcraft_rabbitmq::{ContextMap, WebhookServer};
 use serde_json::json;
 
 /// A receiver over this test's services (unsigned calls, 1 KiB bodies).
 fn receiver(env: &TestEnv) -> WebhookServer {
-    WebhookServer::start(
-        "127.0.0.1:0",
-        WebhookOptions {
-            store: env.store(),
-            coord: RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone()),
-            amqp_url: amqp_url(),
-            exchange: env.events_exchange(),
-            secret: None,
-            max_body: 1024,
-        },
-    )
-    .unwrap()
+    env.webhook_receiver(None, 1024)
 }
 
 /// Sends raw bytes and returns the status code of the answer (0: none before `within`).
@@ -394,16 +383,7 @@ fn a_start_context_that_cannot_be_stored_is_refused_and_nothing_is_written() {
         assert!(err.is_refusal(), "{err}");
         assert!(err.to_string().contains("cannot be stored"), "{err}");
     }
-    let runs: i64 = env
-        .pg
-        .get()
-        .unwrap()
-        .query_one(
-            &format!("SELECT count(*) FROM {}", env.tables.contexts),
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let runs = env.count_rows(&env.tables.contexts);
     assert_eq!(runs, 0);
     // A run id that cannot be used.
     for bad in ["", "a\u{0}b", &"r".repeat(300)] {
@@ -523,16 +503,7 @@ fn random_messages_never_invent_runs_or_stop_the_worker() {
     });
     let run = env.start_run(&chain, ContextMap::new());
     env.wait_for_status(&run, "completed", WAIT);
-    let statuses: i64 = env
-        .pg
-        .get()
-        .unwrap()
-        .query_one(
-            &format!("SELECT count(*) FROM {}", env.tables.statuses),
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let statuses = env.count_rows(&env.tables.statuses);
     assert_eq!(statuses, 1, "only the normal run has a status row");
     worker.stop().unwrap();
 }

@@ -36,16 +36,7 @@ fn postgres_context_round_trips_any_key_as_a_parameter() {
     ctx.delete("k").unwrap();
     assert_eq!(ctx.to_json().unwrap(), json!({"_outputs.n1": null}));
     // The table still exists and holds exactly this row.
-    let rows: i64 = env
-        .pg
-        .get()
-        .unwrap()
-        .query_one(
-            &format!("SELECT count(*) FROM {}", env.tables.contexts),
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let rows = env.count_rows(&env.tables.contexts);
     assert_eq!(rows, 1);
 }
 

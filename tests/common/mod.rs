@@ -13,7 +13,8 @@ use flowcraft_rabbitmq::store::{
 use flowcraft_rabbitmq::testing::amqp;
 use flowcraft_rabbitmq::testing::amqp::JobSink;
 use flowcraft_rabbitmq::{
-    Blueprint, Client, NodeRegistry, NodeResult, RabbitMqAdapter, Reconciler, WorkerHandle,
+    Blueprint, Client, NodeRegistry, NodeResult, RabbitMqAdapter, Reconciler,
+    RedisCoordinationStore, WebhookOptions, WebhookServer, WorkerHandle,
 };
 use serde_json::{json, Value};
 
@@ -316,6 +317,32 @@ impl TestEnv {
             ("FLOWCRAFT_REDIS_PREFIX".into(), self.prefix.clone()),
             ("FLOWCRAFT_EVENTS_EXCHANGE".into(), self.events_exchange()),
         ]
+    }
+
+    /// The rows of one of this test's tables.
+    pub fn count_rows(&self, table: &str) -> i64 {
+        self.pg
+            .get()
+            .unwrap()
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .unwrap()
+            .get(0)
+    }
+
+    /// A webhook receiver over this test's services, on a free port.
+    pub fn webhook_receiver(&self, secret: Option<&str>, max_body: usize) -> WebhookServer {
+        WebhookServer::start(
+            "127.0.0.1:0",
+            WebhookOptions {
+                store: self.store(),
+                coord: RedisCoordinationStore::new(self.redis.clone(), self.prefix.clone()),
+                amqp_url: amqp_url(),
+                exchange: self.events_exchange(),
+                secret: secret.map(String::from),
+                max_body,
+            },
+        )
+        .unwrap()
     }
 
     pub fn dead_queue(&self) -> String {
