@@ -1,5 +1,8 @@
-//! Engine micro-benchmarks (no services): condition evaluation, successor choice, and the
-//! in-process runner's overhead per node. Run with `cargo bench --bench engine`.
+//! Engine micro-benchmarks (no services): condition evaluation, successor choice, the
+//! in-process runner's overhead per node, and how its cost per node or item grows with the
+//! size of the run (chains of `transform` nodes, batches of `transform` workers). Run with
+//! `cargo bench --bench engine` (`-- --quick` for short budgets, `-- --scale-max N` to stop
+//! the growing runs at N nodes or items; default 100 000).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -142,4 +145,77 @@ fn main() {
         per_run / 201,
         20.0,
     );
+
+    // 5. Cost per node or item as runs grow: flat if nothing per node is proportional to the
+    //    run's size.
+    let scale_max: usize = std::env::args()
+        .skip_while(|a| a != "--scale-max")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let builtins = LocalRuntime::new(NodeRegistry::with_builtins());
+    for n in [100usize, 1_000, 10_000, 100_000] {
+        if n > scale_max {
+            break;
+        }
+        let chain = transform_chain(n);
+        let started = Instant::now();
+        let result = builtins.run(&chain, ContextMap::new());
+        let took = started.elapsed();
+        assert_eq!(result.context[&format!("_outputs.n{}", n - 1)], json!(n));
+        println!(
+            "{:<48} {:>9.3} µs   ({n} nodes in {:.2} s)",
+            format!("local transform chain per node ({n} nodes)"),
+            took.as_secs_f64() * 1e6 / n as f64,
+            took.as_secs_f64()
+        );
+    }
+    for n in [1_000usize, 10_000, 100_000] {
+        if n > scale_max {
+            break;
+        }
+        let batch = transform_batch();
+        let items: Vec<Value> = (0..n).map(|i| json!(i)).collect();
+        let mut context = ContextMap::new();
+        context.insert("items".into(), Value::Array(items));
+        let started = Instant::now();
+        let result = builtins.run(&batch, context);
+        let took = started.elapsed();
+        let gathered = result.context["_outputs.gather"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(gathered, n);
+        println!(
+            "{:<48} {:>9.3} µs   ({n} items in {:.2} s)",
+            format!("local batch per item ({n} items)"),
+            took.as_secs_f64() * 1e6 / n as f64,
+            took.as_secs_f64()
+        );
+    }
+}
+
+/// `n` `transform` nodes in a chain, each adding one to its input.
+fn transform_chain(n: usize) -> Blueprint {
+    let nodes: Vec<Value> = (0..n)
+        .map(|i| json!({"id": format!("n{i}"), "uses": "transform", "params": {"expression": "(input ?? 0) + 1"}}))
+        .collect();
+    let edges: Vec<Value> = (1..n)
+        .map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")}))
+        .collect();
+    Blueprint::from_json(&json!({"id": "tchain", "nodes": nodes, "edges": edges}).to_string())
+        .unwrap()
+}
+
+/// A batch over the context's `items`: one `transform` worker (`input * 2`) per item.
+fn transform_batch() -> Blueprint {
+    Blueprint::from_json(
+        &json!({"id": "tbatch", "nodes": [
+            {"id": "items", "uses": "transform", "params": {"expression": "context.items"}},
+            {"id": "scatter", "uses": "batch-scatter", "params": {"workerUsesKey": "transform",
+                "workerParams": {"expression": "input * 2"}, "gatherNodeId": "gather"}},
+            {"id": "gather", "uses": "batch-gather"}],
+          "edges": [{"source": "items", "target": "scatter"}, {"source": "scatter", "target": "gather"}]})
+        .to_string(),
+    )
+    .unwrap()
 }

@@ -44,6 +44,13 @@ const MAX_TREE_DEPTH: usize = 256;
 pub trait Scope {
     /// The value of a top-level name.
     fn lookup(&self, key: &str) -> Option<&Value>;
+
+    /// Whether the name `key` is costly to look up whole (a run's context): a path under it
+    /// then tries the flat keys `key.a`, `key.a.b`, … first, and the name itself last.
+    /// Both orders give the same value when `lookup("key.a")` is `lookup("key")["a"]`.
+    fn defers(&self, _key: &str) -> bool {
+        false
+    }
 }
 
 impl Scope for Map<String, Value> {
@@ -194,7 +201,6 @@ impl Expression {
 }
 
 /// Parses and evaluates in one step; a parse error logs a warning and yields `null`.
-#[cfg(test)]
 pub fn evaluate(source: &str, scope: &dyn Scope) -> Value {
     match Expression::parse(source) {
         Ok(e) => e.evaluate(scope),
@@ -765,17 +771,23 @@ fn lookup_root<'a>(
     segments: &[Segment],
     scope: &'a dyn Scope,
 ) -> Option<(&'a Value, usize)> {
-    if let Some(v) = scope.lookup(root) {
-        return Some((v, 0));
+    let deferred = scope.defers(root);
+    if !deferred {
+        if let Some(v) = scope.lookup(root) {
+            return Some((v, 0));
+        }
     }
     let mut key = root.to_string();
     for (i, s) in segments.iter().enumerate() {
-        let Segment::Key(k) = s else { return None };
+        let Segment::Key(k) = s else { break };
         key.push('.');
         key.push_str(k);
         if let Some(v) = scope.lookup(&key) {
             return Some((v, i + 1));
         }
+    }
+    if deferred {
+        return scope.lookup(root).map(|v| (v, 0));
     }
     None
 }

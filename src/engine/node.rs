@@ -153,10 +153,13 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for NodeError {
 }
 
 /// Context writes of one node: key → new value, or `None` for a deletion. Ordered, so the
-/// last write of a key wins and application is deterministic.
+/// last write of a key wins and application is deterministic; indexed, so a node that writes
+/// many keys (a batch's scatter) pays the same per key.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ContextDeltas {
     entries: Vec<(String, Option<Value>)>,
+    /// The position of each key in `entries`.
+    index: HashMap<String, usize>,
 }
 
 impl ContextDeltas {
@@ -171,19 +174,18 @@ impl ContextDeltas {
     }
 
     fn put(&mut self, key: String, value: Option<Value>) {
-        if let Some(slot) = self.entries.iter_mut().find(|(k, _)| *k == key) {
-            slot.1 = value;
-        } else {
-            self.entries.push((key, value));
+        match self.index.get(&key) {
+            Some(&at) => self.entries[at].1 = value,
+            None => {
+                self.index.insert(key.clone(), self.entries.len());
+                self.entries.push((key, value));
+            }
         }
     }
 
     /// The latest write of a key: `Some(Some(v))` set, `Some(None)` deleted, `None` untouched.
     pub fn get(&self, key: &str) -> Option<Option<&Value>> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_ref())
+        self.index.get(key).map(|&at| self.entries[at].1.as_ref())
     }
 
     /// Iterates over the writes in order.

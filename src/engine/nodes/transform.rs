@@ -3,25 +3,44 @@
 //! `params.expression` is evaluated over `{input, context, params}`; the optional
 //! `params.action` expression, when it yields a string, becomes the result's action.
 
+use std::sync::OnceLock;
+
 use serde_json::Value;
 
 use crate::engine::expr::{Expression, Scope};
-use crate::engine::node::{NodeContext, NodeError, NodeResult};
+use crate::engine::node::{ContextView, NodeContext, NodeError, NodeResult};
 
+/// `{input, context, params}`. `context` is read key by key from the node's view —
+/// `context.items` and `context._outputs.n1`-style flat lookups go straight to the key — and
+/// built whole only for an expression that needs it whole (`context`, `context[expr]`, a
+/// missing key), so a transform costs what it reads, not the size of the run.
 struct TransformScope<'a> {
     input: &'a Value,
-    context: &'a Value,
+    context: &'a ContextView,
     params: &'a Value,
+    whole_context: OnceLock<Value>,
 }
 
 impl Scope for TransformScope<'_> {
     fn lookup(&self, key: &str) -> Option<&Value> {
         match key {
             "input" => Some(self.input),
-            "context" => Some(self.context),
             "params" => Some(self.params),
-            _ => None,
+            "context" => Some(self.whole_context.get_or_init(|| self.context.to_json())),
+            _ => {
+                // `context.<key>` as the evaluator asks for a flat key under a name: one
+                // segment (no further dot) is exactly `context[key]`.
+                let member = key.strip_prefix("context.")?;
+                if member.contains('.') {
+                    return None;
+                }
+                self.context.get(member)
+            }
         }
+    }
+
+    fn defers(&self, key: &str) -> bool {
+        key == "context"
     }
 }
 
@@ -56,11 +75,11 @@ pub fn transform(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
     let expression = compile(&ctx.params, "expression")?
         .ok_or_else(|| NodeError::fatal("transform needs params.expression (a string)"))?;
     let action = compile(&ctx.params, "action")?;
-    let context = ctx.context.to_json();
     let scope = TransformScope {
         input: &ctx.input,
-        context: &context,
+        context: &ctx.context,
         params: &ctx.params,
+        whole_context: OnceLock::new(),
     };
     let output = expression.evaluate(&scope);
     let action = action.and_then(|a| match a.evaluate(&scope) {
