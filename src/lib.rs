@@ -71,7 +71,8 @@ pub use vocabulary::keys;
 pub use vocabulary::RunStatus;
 
 // The module paths of earlier versions, kept so that code written against them still
-// builds. New code imports from the crate root.
+// builds (the error types are one `Error` now: `WorkerError`, `ClientError` and
+// `ResumeError` name it, with its own variants). New code imports from the crate root.
 #[doc(hidden)]
 pub mod blueprint {
     pub use crate::engine::blueprint::*;
@@ -126,6 +127,46 @@ pub mod reconciler {
 #[doc(hidden)]
 pub mod webhook {
     pub use crate::runtime::webhook::*;
+}
+#[doc(hidden)]
+pub mod amqp {
+    pub use crate::services::rabbitmq::*;
+    pub use crate::services::url::mask_url;
+}
+#[doc(hidden)]
+pub mod protocol {
+    pub use crate::runtime::message::*;
+}
+#[doc(hidden)]
+pub mod executor {
+    pub use crate::engine::executor::*;
+    pub use crate::vocabulary::keys::{INPUTS_PREFIX, OUTPUTS_PREFIX};
+}
+#[doc(hidden)]
+pub mod flow {
+    pub use crate::engine::flow::*;
+    pub use crate::vocabulary::keys::{input_key, output_key};
+}
+#[doc(hidden)]
+pub mod nodes {
+    pub use crate::engine::nodes::*;
+    pub use crate::vocabulary::keys::{batch_key, BATCH_PREFIX};
+}
+#[doc(hidden)]
+pub mod scheduling {
+    pub use crate::runtime::scheduling::*;
+    pub use crate::vocabulary::keys::{meta_key, NODE_META_PREFIX};
+}
+#[doc(hidden)]
+pub mod resume {
+    pub use crate::runtime::resumer::*;
+    pub use crate::vocabulary::keys::PARENT_KEY;
+    /// The runtime's error, under its earlier name.
+    pub type ResumeError = crate::Error;
+}
+#[doc(hidden)]
+pub mod failpoint {
+    pub use crate::runtime::failpoint::*;
 }
 
 /// Internals for this crate's integration tests and benches (feature `testing`); not a

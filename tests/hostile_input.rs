@@ -222,6 +222,7 @@ fn publish_with_properties(env: &TestEnv, body: &[u8], message_id: &str) {
     headers.insert("x-origin".into(), AmqpValue::LongString("test".into()));
     let properties = AmqpProperties::default()
         .with_message_id(message_id.into())
+        .with_expiration("600000".into())
         .with_headers(headers);
     channel
         .basic_publish(
@@ -232,7 +233,8 @@ fn publish_with_properties(env: &TestEnv, body: &[u8], message_id: &str) {
     let _ = conn.close();
 }
 
-/// Takes every dead letter: (body, message id, `x-origin`, reason).
+/// Takes every dead letter: (body, message id, `x-origin`, reason). A dead letter never
+/// expires.
 fn dead_letters(env: &TestEnv) -> Vec<(String, Option<String>, Option<String>, String)> {
     use amiquip::AmqpValue;
     let mut conn = amqp::connect(&amqp_url()).unwrap();
@@ -240,6 +242,7 @@ fn dead_letters(env: &TestEnv) -> Vec<(String, Option<String>, Option<String>, S
     let mut out = Vec::new();
     while let Ok(Some(got)) = channel.basic_get(env.dead_queue(), true) {
         let delivery = got.delivery;
+        assert_eq!(delivery.properties.expiration(), &None);
         let headers = delivery.properties.headers().clone().unwrap_or_default();
         let text = |key: &str| match headers.get(key) {
             Some(AmqpValue::LongString(s)) => Some(s.clone()),
@@ -264,22 +267,25 @@ fn job(run: &str, blueprint: &str, node: &str) -> Vec<u8> {
 fn stray_messages_invent_no_state_and_keep_their_properties_when_dead_lettered() {
     let env = TestEnv::new("hostile_stray");
     let (chain, _) = workload("chain5");
-    let worker = env.start_worker(inc_registry(), vec![chain.clone()], 2);
+    let other = bp(r#"{"id":"other","nodes":[{"id":"a","uses":"inc"}]}"#);
+    let worker = env.start_worker(inc_registry(), vec![chain.clone(), other.clone()], 2);
     // A job of a run that never existed, of a blueprint nobody has.
     publish_with_properties(&env, &job("nope", "ghost", "n1"), "m-ghost");
     // A timer of a run that never existed.
     let mut timer = json!({"runId": "nope-too", "blueprintId": chain.id(), "nodeId": "n1"});
     timer["timer"] = json!(true);
     publish_with_properties(&env, &serde_json::to_vec(&timer).unwrap(), "m-timer");
-    // A job naming a node that is not in the blueprint of a live run.
+    // A job naming a node that is not in the blueprint of a live run, and a job of another
+    // blueprint this worker knows, for the same run.
     let run = env.start_run(&chain, ContextMap::new());
     publish_with_properties(&env, &job(&run, chain.id(), "no-such-node"), "m-node");
-    env.eventually("three dead letters", WAIT, || {
-        env.queue_depth(&env.dead_queue()) == 3
+    publish_with_properties(&env, &job(&run, other.id(), "a"), "m-other");
+    env.eventually("four dead letters", WAIT, || {
+        env.queue_depth(&env.dead_queue()) == 4
     });
     let dead = dead_letters(&env);
     let ids: Vec<Option<String>> = dead.iter().map(|d| d.1.clone()).collect();
-    for id in ["m-ghost", "m-timer", "m-node"] {
+    for id in ["m-ghost", "m-timer", "m-node", "m-other"] {
         assert!(ids.contains(&Some(id.to_string())), "{dead:?}");
     }
     for (_, _, origin, reason) in &dead {
@@ -545,4 +551,25 @@ fn random_bytes_at_the_receiver_never_stop_it() {
     }
     assert!(answers_normally(addr, Duration::from_secs(5)));
     server.stop();
+}
+
+#[test]
+fn a_node_the_run_s_own_records_name_but_the_blueprint_lacks_fails_the_run() {
+    let env = TestEnv::new("hostile_recovered");
+    let waits = bp(r#"{"id":"waits","nodes":[{"id":"w","uses":"wait"}]}"#);
+    let worker = env.start_worker(inc_registry(), vec![waits.clone()], 2);
+    let run = env.start_run(&waits, ContextMap::new());
+    env.wait_for_status(&run, "awaiting", WAIT);
+    // The reconciler's copy names a node the blueprint lacks: the run cannot go on.
+    let mut recovered = json!({"runId": run, "blueprintId": "waits", "nodeId": "gone"});
+    recovered["recovered"] = json!(true);
+    env.publish_raw(&serde_json::to_vec(&recovered).unwrap());
+    let row = env.wait_for_status(&run, "failed", WAIT);
+    let reason = row.result.unwrap()["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("node 'gone' is not in blueprint 'waits'"),
+        "{reason}"
+    );
+    assert_eq!(env.queue_depth(&env.dead_queue()), 0);
+    worker.stop().unwrap();
 }

@@ -352,3 +352,38 @@ fn unknown_blueprint_by_id_is_an_error() {
     let err = runtime.run_by_id("ghost", ContextMap::new()).unwrap_err();
     assert_eq!(err.to_string(), "unknown blueprint 'ghost'");
 }
+
+#[test]
+fn an_output_that_cannot_be_stored_fails_its_attempts_and_the_fallback_stands_in() {
+    // The same rule as the distributed worker's, so a blueprint means the same in both.
+    let mut registry = inc_registry();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    registry.register_fn("nul", move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        Ok(NodeResult::output(json!("a\u{0}b")))
+    });
+    let b = bp(r#"{"id":"nul","nodes":[
+        {"id":"bad","uses":"nul","config":{"maxRetries":2,"fallback":"safe"}},
+        {"id":"safe","uses":"inc"},
+        {"id":"after","uses":"inc"}],
+        "edges":[{"source":"bad","target":"after"}]}"#);
+    let result = LocalRuntime::new(registry.clone()).run(&b, ContextMap::new());
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "both attempts ran");
+    assert_eq!(result.context["_outputs.bad"], json!(1));
+    let message = result.context["_catch_error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("\\u0000"), "{message}");
+    // Without a fallback the run fails with the reason.
+    let b = bp(r#"{"id":"nul2","nodes":[{"id":"bad","uses":"nul"}]}"#);
+    let result = LocalRuntime::new(registry).run(&b, ContextMap::new());
+    assert_eq!(result.status, RunStatus::Failed);
+    assert!(
+        result.errors[0].message.contains("cannot be stored"),
+        "{:?}",
+        result.errors
+    );
+}

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::engine::expr::Expression;
+use crate::vocabulary::limits::{check_id, cut_reason, MAX_ID_BYTES};
 
 /// Errors found while loading or validating a blueprint. Each names what is at fault.
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +220,11 @@ impl Blueprint {
         if id.trim().is_empty() {
             return Err(BlueprintError::invalid("", "blueprint id is empty"));
         }
+        // Ids travel in job messages, with room for what the runtime appends to them (a
+        // batch worker's `#<index>`).
+        check_id("the blueprint id", &id)
+            .and_then(|()| bounded(&id))
+            .map_err(|problem| BlueprintError::invalid("", problem))?;
         let mut index = HashMap::with_capacity(def.nodes.len());
         for (i, node) in def.nodes.iter().enumerate() {
             if node.id.is_empty() {
@@ -227,6 +233,9 @@ impl Blueprint {
                     format!("node #{i} has an empty id"),
                 ));
             }
+            check_id(&format!("node id '{}'", cut_reason(&node.id)), &node.id)
+                .and_then(|()| bounded(&node.id))
+                .map_err(|problem| BlueprintError::invalid(&id, problem))?;
             if index.insert(node.id.clone(), i).is_some() {
                 return Err(BlueprintError::invalid(
                     &id,
@@ -757,6 +766,21 @@ pub fn add_blueprints(set: &mut BlueprintSet, blueprints: impl IntoIterator<Item
     }
 }
 
+/// Blueprint and node ids leave room for a batch worker's `#<index>` within
+/// [`MAX_ID_BYTES`].
+pub const MAX_BLUEPRINT_ID_BYTES: usize = MAX_ID_BYTES - 24;
+
+fn bounded(id: &str) -> Result<(), String> {
+    if id.len() > MAX_BLUEPRINT_ID_BYTES {
+        return Err(format!(
+            "the id '{}' is {} bytes long (at most {MAX_BLUEPRINT_ID_BYTES})",
+            cut_reason(id),
+            id.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Loads every `*.json` blueprint in a directory, keyed by blueprint id. Problems are
 /// returned per file, so a caller can list them all (`flowcraft check`).
 pub fn load_dir(dir: impl AsRef<Path>) -> (BTreeMap<String, Blueprint>, Vec<String>) {
@@ -997,6 +1021,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(b, (1, true, true));
+    }
+
+    #[test]
+    fn ids_are_bounded_to_fit_job_messages() {
+        let long = "n".repeat(MAX_BLUEPRINT_ID_BYTES + 1);
+        let node = format!(r#"{{"id":"x","nodes":[{{"id":"{long}","uses":"u"}}]}}"#);
+        assert!(bp(&node).unwrap_err().to_string().contains("bytes long"));
+        let id = format!(r#"{{"id":"{long}","nodes":[{{"id":"a","uses":"u"}}]}}"#);
+        assert!(bp(&id).is_err());
+        let control = r#"{"id":"x","nodes":[{"id":"a","uses":"u"}]}"#;
+        assert!(bp(control).unwrap_err().to_string().contains("control"));
     }
 
     #[test]

@@ -30,6 +30,7 @@ const MAX_FALLBACK_DEPTH: usize = 8;
 /// A node executed successfully (possibly through its fallback).
 #[derive(Debug, Clone)]
 pub struct NodeSuccess {
+    /// The node's output and action (the fallback's, when `fallback` is set).
     pub result: NodeResult,
     /// The node's own context writes (plus `_catch_error` when the fallback ran).
     pub deltas: ContextDeltas,
@@ -54,9 +55,13 @@ impl NodeSuccess {
 /// A node failed for good.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeFailure {
+    /// Id of the node that failed (the fallback's, when the fallback failed too).
     pub node_id: String,
+    /// The last attempt's error message (or why no attempt could run).
     pub message: String,
+    /// Whether the error was fatal, so retries and the fallback were skipped.
     pub fatal: bool,
+    /// Attempts made (0 when no implementation is registered for the node's `uses`).
     pub attempts: u32,
 }
 
@@ -73,9 +78,11 @@ impl std::fmt::Display for NodeFailure {
 /// What to execute.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeJob<'a> {
+    /// The run's blueprint (fallback nodes are looked up in it).
     pub blueprint: &'a Blueprint,
     /// The node definition (a blueprint node, or a dynamic node built at run time).
     pub node: &'a NodeDef,
+    /// Id of the run the node executes in.
     pub run_id: &'a str,
 }
 
@@ -206,19 +213,27 @@ fn run_attempts(
             cancel: CancelFlag::new(),
         };
         match run_attempt(implementation.clone(), ctx, timeout) {
-            Ok((result, deltas)) => {
-                // What cannot be stored fails the node for good: another attempt would
-                // produce it again, and a retry of the commit would fail the same way.
-                if let Err(problem) = check_result(&result, &deltas) {
-                    return Err(fail(problem, true, attempt));
+            // A result that cannot be stored fails the attempt, in both runtimes alike (so a
+            // blueprint means the same in process as distributed): retries and the fallback
+            // apply as to any failure.
+            Ok((result, deltas)) => match check_result(&result, &deltas) {
+                Ok(()) => {
+                    return Ok(NodeSuccess {
+                        result,
+                        deltas,
+                        fallback: None,
+                        attempts: attempt,
+                    })
                 }
-                return Ok(NodeSuccess {
-                    result,
-                    deltas,
-                    fallback: None,
-                    attempts: attempt,
-                });
-            }
+                Err(problem) => {
+                    log::debug!(
+                        "run {}: node '{}' attempt {attempt}/{max_attempts}: {problem}",
+                        job.run_id,
+                        node.id
+                    );
+                    last_error = NodeError::new(problem);
+                }
+            },
             Err(e) if e.is_fatal() => return Err(fail(e.message().to_string(), true, attempt)),
             Err(e) => {
                 log::debug!(

@@ -23,7 +23,9 @@ pub const BATCH_SCATTER: &str = "batch-scatter";
 /// An edge chosen after a node finished.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TakenEdge {
+    /// Index of the edge in the blueprint.
     pub edge: usize,
+    /// Index of the edge's target node in the blueprint.
     pub target: usize,
     /// The target's input (`transform` result, or the source's output).
     pub input: Value,
@@ -32,7 +34,9 @@ pub struct TakenEdge {
 /// A node of a run: one of the blueprint, or a batch worker made at run time.
 #[derive(Debug, Clone)]
 pub enum RunNode {
+    /// A blueprint node, by its index.
     Static(usize),
+    /// A batch worker created at run time, with its definition.
     Dynamic(Arc<NodeDef>),
 }
 
@@ -79,7 +83,9 @@ pub enum Readiness {
 
 /// The scope conditions are evaluated in: `{...context, result}`.
 pub struct ConditionScope<'a> {
+    /// The run's context (with the node's writes); looked up by key.
     pub context: &'a ContextMap,
+    /// The finished node's `{"output", "action"}`, looked up as `result`.
     pub result: &'a Value,
 }
 

@@ -147,8 +147,7 @@ impl Client {
             .get(blueprint_id)
             .ok_or_else(|| Error::UnknownBlueprint(blueprint_id.to_string()))?;
         let mut context = initial_context;
-        check_storable("the context", &Value::Object(context.clone()), 0)
-            .map_err(|reason| Error::Unstorable { reason })?;
+        storable("the context", &Value::Object(context.clone()))?;
         bp.stamp(&mut context);
         let created = if retry {
             self.store.create_run_if_absent(run_id, &context)?
@@ -188,7 +187,7 @@ impl Client {
             }
             return Err(Error::StartNotQueued {
                 run: run_id.into(),
-                reason: e.to_string(),
+                source: Box::new(e),
             });
         }
         if created {
@@ -240,10 +239,9 @@ impl Client {
         action: Option<&str>,
         output: Value,
     ) -> Result<Vec<String>, Error> {
-        check_storable("the output", &output, 0).map_err(|reason| Error::Unstorable { reason })?;
+        storable("the output", &output)?;
         if let Some(action) = action {
-            check_storable("the action", &Value::String(action.into()), 0)
-                .map_err(|reason| Error::Unstorable { reason })?;
+            storable("the action", &Value::String(action.into()))?;
         }
         let Some(snapshot) = self.store.load(run_id)? else {
             return Err(Error::UnknownRun(run_id.into()));
@@ -255,12 +253,7 @@ impl Client {
             });
         }
         self.with_publisher(|publisher| {
-            let resumer = Resumer {
-                store: &self.store,
-                coord: &self.coord,
-                blueprints: &self.blueprints,
-                queue: &self.queue,
-            };
+            let resumer = Resumer::new(&self.store, &self.coord, &self.blueprints, &self.queue);
             let result = NodeResult {
                 output,
                 action: action.map(String::from),
@@ -292,4 +285,11 @@ impl Client {
             }),
         }
     }
+}
+
+/// Refuses a value PostgreSQL cannot store, before anything is written.
+fn storable(what: &str, value: &Value) -> Result<(), Error> {
+    check_storable(what, value, 0)
+        .map(drop)
+        .map_err(|reason| Error::Unstorable { reason })
 }

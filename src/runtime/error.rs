@@ -86,12 +86,13 @@ pub enum Error {
     },
     /// A run was created but its start jobs may not be queued; the next reconciler pass
     /// starts it (its status row looks stalled), or a start with the same run id does.
-    #[error("run '{run}' was created but its start jobs may not be queued ({reason}); the reconciler's next pass starts it, or start it again with the same run id")]
+    #[error("run '{run}' was created but its start jobs may not be queued ({source}); the reconciler's next pass starts it, or start it again with the same run id")]
     StartNotQueued {
         /// The run that was created.
         run: String,
         /// Why its start jobs could not be published.
-        reason: String,
+        #[source]
+        source: Box<Error>,
     },
     /// A cancel of a run that has ended.
     #[error("run '{run}' cannot be cancelled: it is {status}")]
@@ -105,14 +106,15 @@ pub enum Error {
     #[error("invalid worker options: {0}")]
     InvalidOption(&'static str),
     /// An address that could not be listened on.
-    #[error("cannot listen for {what} on {addr}: {reason}")]
+    #[error("cannot listen for {what} on {addr}: {source}")]
     Listen {
-        /// What was to be served there, e.g. `webhooks`.
+        /// What would have been served (`webhooks`).
         what: &'static str,
-        /// The address, as given.
+        /// The address asked for.
         addr: String,
-        /// Why binding failed.
-        reason: String,
+        /// Why it could not be bound.
+        #[source]
+        source: std::io::Error,
     },
     /// A thread the runtime needs could not be started.
     #[error("cannot start the {name} thread: {source}")]
@@ -147,6 +149,12 @@ impl Error {
                 | Error::Unstorable { .. }
                 | Error::RunExists { .. }
         )
+    }
+
+    /// Whether PostgreSQL refused the data itself (see [`StoreError::is_permanent`]): the
+    /// same write fails every time.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Error::Postgres(e) if e.is_permanent())
     }
 
     /// A [`Thread`](Error::Thread) error for the thread `name`.

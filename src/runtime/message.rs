@@ -13,13 +13,19 @@ use crate::vocabulary::limits::{check_id, check_storable, MAX_MESSAGE_BYTES};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobPayload {
+    /// Id of the run.
     pub run_id: String,
+    /// Id of the run's blueprint.
     pub blueprint_id: String,
+    /// Id of the node to execute (a blueprint node or a batch worker).
     pub node_id: String,
+    /// The seed format's attempt number: sent as 1, never read (retries run within one job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// The seed format's last-attempt flag: never sent or read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_last_attempt: Option<bool>,
+    /// The loop iteration this job is for (our extension; 0 outside loops and when absent).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub iteration: u32,
     /// A `sleep` node's wake-up (our extension): resume the node instead of executing it.
@@ -51,11 +57,15 @@ fn is_false(b: &bool) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EventMessage {
+    /// The event name: `webhook:<run>:<node>` for a webhook call.
     pub event: String,
+    /// The webhook call's JSON body, which becomes the node's output (`null` when absent).
     #[serde(default)]
     pub payload: serde_json::Value,
+    /// The run the event is for (our extension); when `None`, parsed from `event`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// The node the event is for (our extension); when `None`, parsed from `event`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     /// The loop iteration of the pause the call is for (our extension).
@@ -116,7 +126,9 @@ pub fn webhook_event_name(run_id: &str, node_id: &str) -> String {
 /// A message on the job queue: a job, or an event routed there from the events exchange.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
+    /// A job: execute (or, for a timer or wake job, resume) one node of a run.
     Job(JobPayload),
+    /// An event from the events exchange: a webhook call.
     Event(EventMessage),
 }
 

@@ -36,7 +36,6 @@ use crate::services::postgres::store::{AwaitingCursor, AwaitingRun, RunStore};
 use crate::services::rabbitmq::AmqpError;
 use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, JobSink};
 use crate::services::redis::RedisCoordinationStore;
-use crate::services::url::mask_url;
 
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,12 +105,12 @@ impl Reconciler {
     }
 
     fn resumer(&self) -> crate::runtime::resumer::Resumer<'_> {
-        crate::runtime::resumer::Resumer {
-            store: &self.store,
-            coord: &self.coord,
-            blueprints: &self.blueprints,
-            queue: &self.queue,
-        }
+        crate::runtime::resumer::Resumer::new(
+            &self.store,
+            &self.coord,
+            &self.blueprints,
+            &self.queue,
+        )
     }
 
     /// One pass.
@@ -193,7 +192,10 @@ impl Reconciler {
         let run_id = run.cursor.run_id.as_str();
         let blueprint_id = run.blueprint_id.as_deref().unwrap_or_default();
         if !self.blueprints.contains_key(blueprint_id) {
-            return Err(Error::UnknownBlueprint(blueprint_id.to_string()));
+            return Err(Error::RunBlueprintNotLoaded {
+                run: run_id.to_string(),
+                blueprint: blueprint_id.to_string(),
+            });
         }
         let claimed = self
             .resumer()
@@ -289,11 +291,7 @@ impl LazyPublisher<'_> {
         }
         match &mut self.state {
             PublisherState::Open(open) => Ok(&mut open.1),
-            PublisherState::Failed(reason) => Err(AmqpError::Connect {
-                url: mask_url(self.url),
-                reason: reason.clone(),
-            }
-            .into()),
+            PublisherState::Failed(reason) => Err(AmqpError::Unavailable(reason.clone()).into()),
             PublisherState::Closed => Err(AmqpError::Closed.into()),
         }
     }

@@ -50,13 +50,32 @@ pub enum RunProgress {
 
 /// Everything a resume needs.
 pub struct Resumer<'a> {
+    /// The PostgreSQL store of run contexts and statuses.
     pub store: &'a RunStore,
+    /// The Redis coordination store (job ledger and joins).
     pub coord: &'a RedisCoordinationStore,
+    /// The loaded blueprints, by id.
     pub blueprints: &'a std::collections::HashMap<String, std::sync::Arc<Blueprint>>,
+    /// Name of the job queue successors are published to.
     pub queue: &'a str,
 }
 
-impl Resumer<'_> {
+impl<'a> Resumer<'a> {
+    /// A run driver over these stores, blueprints and job queue.
+    pub fn new(
+        store: &'a RunStore,
+        coord: &'a RedisCoordinationStore,
+        blueprints: &'a std::collections::HashMap<String, std::sync::Arc<Blueprint>>,
+        queue: &'a str,
+    ) -> Resumer<'a> {
+        Resumer {
+            store,
+            coord,
+            blueprints,
+            queue,
+        }
+    }
+
     /// Resumes `nodes` (all awaited nodes when `None`) of a run read as `snapshot`, as if
     /// each had finished with `success`: its output and action (`_resume.*` too), its context
     /// writes, and the fallback that stood in for it, if any. One statement applies it all,
@@ -409,7 +428,9 @@ impl Resumer<'_> {
 /// Where a child run reports: `_parent` = `{runId, nodeId, blueprintId}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParentLink {
+    /// Id of the parent run.
     pub run_id: String,
+    /// Id of the parent's `subflow` node that awaits the child.
     pub node_id: String,
 }
 

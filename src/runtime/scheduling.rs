@@ -185,6 +185,7 @@ pub fn stored_successors(context: &ContextMap, node_id: &str) -> Option<Vec<Succ
 /// A job a finished node makes ready (subject to its join).
 #[derive(Debug, Clone)]
 pub struct NextJob {
+    /// The successor job, its iteration and join rule, as reported to Redis.
     pub report: SuccessorReport,
     /// `_inputs.<target>` to write with the finishing node's commit.
     pub input: Option<Value>,

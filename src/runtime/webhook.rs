@@ -158,10 +158,10 @@ impl WebhookServer {
             limits,
             Arc::new(move |request: &Request| receiver.answer(request)),
         )
-        .map_err(|e| Error::Listen {
+        .map_err(|source| Error::Listen {
             what: "webhooks",
             addr: addr.to_string(),
-            reason: e.to_string(),
+            source,
         })?;
         log::info!(
             "webhook receiver listening on http://{}",
@@ -181,10 +181,6 @@ impl WebhookServer {
     }
 }
 
-fn error(status: u16, message: &str) -> Response {
-    Response::error(status, message)
-}
-
 impl Receiver {
     fn answer(&self, request: &Request) -> Response {
         let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
@@ -192,17 +188,25 @@ impl Receiver {
             ["webhooks", run, node] if !run.is_empty() && !node.is_empty() => {
                 (percent_decode(run), percent_decode(node))
             }
-            _ => return error(404, "not found: use POST /webhooks/<runId>/<nodeId>"),
+            _ => return Response::error(404, "not found: use POST /webhooks/<runId>/<nodeId>"),
         };
         if request.method != "POST" {
-            return error(405, "use POST");
+            return Response::error(405, "use POST");
         }
         if let Err(reason) =
             check_id("the run id", &run).and_then(|()| check_id("the node id", &node))
         {
-            return error(400, &reason);
+            return Response::error(400, &reason);
         }
         let body = &request.body;
+        // The signature first: an unsigned caller learns nothing, not even which webhooks exist.
+        if let Some(secret) = &self.options.secret {
+            match request.header(SIGNATURE_HEADER) {
+                Some(sig) if signature_matches(secret, body, sig) => {}
+                Some(_) => return Response::error(401, "the signature does not match the body"),
+                None => return Response::error(401, &format!("missing {SIGNATURE_HEADER} header")),
+            }
+        }
         // A webhook fires once per pause: once its node is no longer awaited (resumed, or the
         // run ended), every call is a replay. The marker (per loop iteration) stops two calls
         // racing within the same pause; it expires, so a receiver that crashed between
@@ -220,7 +224,7 @@ impl Receiver {
             Ok(None) => (None, false),
             Err(e) => {
                 log::warn!("webhook lookup failed: {e}");
-                return error(503, "the database is unavailable; retry later");
+                return Response::error(503, "the database is unavailable; retry later");
             }
         };
         if awaited.is_none() {
@@ -230,36 +234,29 @@ impl Receiver {
             let webhook_id = format!("{run}:{node}");
             match self.options.store.webhook(&webhook_id) {
                 Ok(Some(_)) => {}
-                Ok(None) => return error(404, "unknown webhook"),
+                Ok(None) => return Response::error(404, "unknown webhook"),
                 Err(e) => {
                     log::warn!("webhook lookup failed: {e}");
-                    return error(503, "the database is unavailable; retry later");
+                    return Response::error(503, "the database is unavailable; retry later");
                 }
-            }
-        }
-        if let Some(secret) = &self.options.secret {
-            match request.header(SIGNATURE_HEADER) {
-                Some(sig) if signature_matches(secret, body, sig) => {}
-                Some(_) => return error(401, "the signature does not match the body"),
-                None => return error(401, &format!("missing {SIGNATURE_HEADER} header")),
             }
         }
         let payload: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
-            Err(e) => return error(400, &format!("the body is not JSON: {e}")),
+            Err(e) => return Response::error(400, &format!("the body is not JSON: {e}")),
         };
         if let Err(reason) = check_storable("the body", &payload, 0) {
-            return error(400, &reason);
+            return Response::error(400, &reason);
         }
         let Some(iteration) = awaited else {
             if fired_before {
-                return error(
+                return Response::error(
                     409,
                     "this webhook already fired (its node is not awaiting a call)",
                 );
             }
             // Registered, but the pause is not committed yet: the caller should retry.
-            return error(
+            return Response::error(
                 503,
                 "the run is not waiting for this call yet; retry shortly",
             );
@@ -274,17 +271,20 @@ impl Receiver {
             .set_if_not_exist(&fired_key, "1", Duration::from_secs(3600))
         {
             Ok(true) => {}
-            Ok(false) => return error(409, "this webhook already fired"),
+            Ok(false) => return Response::error(409, "this webhook already fired"),
             Err(e) => {
                 log::warn!("webhook marker failed: {e}");
-                return error(503, "Redis is unavailable; retry later");
+                return Response::error(503, "Redis is unavailable; retry later");
             }
         }
-        let event = EventMessage::webhook(&run, &node, iteration as u32, payload);
+        let Ok(iteration) = u32::try_from(iteration) else {
+            return Response::error(400, "the awaited iteration is out of range");
+        };
+        let event = EventMessage::webhook(&run, &node, iteration, payload);
         if let Err(e) = self.publish(&event) {
             log::warn!("cannot publish webhook event {}: {e}", event.event);
             let _ = self.options.coord.delete(&[fired_key]);
-            return error(503, "RabbitMQ is unavailable; retry later");
+            return Response::error(503, "RabbitMQ is unavailable; retry later");
         }
         log::info!("run {run}: webhook '{node}' accepted");
         Response::json(202, &json!({"accepted": true, "event": event.event}))

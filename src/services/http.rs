@@ -38,7 +38,7 @@ pub struct HttpLimits {
     pub max_body: usize,
     /// How long a client may take to send its whole request.
     pub read_timeout: Duration,
-    /// Connections served or waiting for a thread at once.
+    /// Connections being read at once; as many read requests may wait for a handler thread.
     pub max_connections: usize,
     /// Threads that serve requests.
     pub threads: usize,
@@ -61,6 +61,8 @@ impl Default for HttpLimits {
 pub struct Request {
     /// `GET`, `POST`, … as sent.
     pub method: String,
+    /// `HTTP/1.1` or `HTTP/1.0`.
+    pub version: String,
     /// The path of the target, without the query, still percent-encoded.
     pub path: String,
     /// Header names (lowercase) and values, in order.
@@ -166,8 +168,8 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops accepting, drops the requests still being read, lets the handler threads finish
-    /// the ones they hold, and waits for them.
+    /// Stops accepting, drops the requests still being read, lets the handler threads answer
+    /// the requests already read (the queue drains), and waits for them.
     pub fn stop(self) {
         self.stopping.store(true, Ordering::SeqCst);
         for t in self.threads {
@@ -187,6 +189,8 @@ struct Pending {
     /// The same socket, registered for readiness.
     watched: mio::net::TcpStream,
     buffer: Vec<u8>,
+    /// How far `buffer` was searched for the end of the head.
+    scanned: usize,
     /// The request line and headers, once read; the body is read after them.
     head: Option<(Request, usize)>,
     deadline: Instant,
@@ -252,17 +256,24 @@ impl Reader {
     }
 
     fn accept(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept_std() {
+        // At most one bound's worth per wake-up, so a flood cannot starve the reads.
+        for _ in 0..self.limits.max_connections.max(1) {
+            let stream = match self.listener.accept_std() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // Out of file descriptors, most likely: the backlog stays readable, so
+                    // pause rather than spin.
+                    log::warn!("webhook receiver cannot accept: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    return;
+                }
+            };
             if self.pending.len() >= self.limits.max_connections {
                 refuse_busy(stream);
                 continue;
             }
-            let token = self.next_token;
-            self.next_token = if token >= usize::MAX - 2 {
-                1
-            } else {
-                token + 1
-            };
+            let token = self.free_token();
             let watched = stream
                 .set_nonblocking(true)
                 .and_then(|()| stream.try_clone())
@@ -283,10 +294,26 @@ impl Reader {
                     stream,
                     watched,
                     buffer: Vec::new(),
+                    scanned: 0,
                     head: None,
                     deadline: Instant::now() + self.limits.read_timeout,
                 },
             );
+        }
+    }
+
+    /// A token no connection holds (mio reserves `usize::MAX`; the listener has 0).
+    fn free_token(&mut self) -> usize {
+        loop {
+            let token = self.next_token;
+            self.next_token = if token >= usize::MAX - 2 {
+                1
+            } else {
+                token + 1
+            };
+            if !self.pending.contains_key(&token) {
+                return token;
+            }
         }
     }
 
@@ -338,10 +365,9 @@ impl Reader {
     }
 }
 
-/// Every slot is taken: say so at once and close.
+/// Every slot is taken: say so at once (without waiting on the client) and close.
 fn refuse_busy(mut stream: TcpStream) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.set_nonblocking(true);
     let _ = write_response(
         &mut stream,
         &Response::error(503, "too many connections; retry later"),
@@ -358,9 +384,31 @@ fn handle_requests(rx: &Receiver<(TcpStream, Work)>, limits: &HttpLimits, handle
         };
         let _ = stream.set_write_timeout(Some(limits.read_timeout));
         let _ = write_response(&mut stream, &response);
-        let _ = stream.shutdown(Shutdown::Both);
+        close_lingering(stream);
     }
 }
+
+/// Closes after the answer so that the client reads it: closing a socket with unread input
+/// resets the connection, and a client still sending (a refused upload) would see the reset
+/// instead of the answer. So: end our side, then read and drop what still comes, briefly.
+fn close_lingering(mut stream: TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let _ = stream.set_read_timeout(Some(LINGER));
+    let mut sink = [0u8; 8192];
+    let mut drained = 0usize;
+    while Instant::now() < deadline && drained < MAX_LINGER_BYTES {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+/// How long a closing connection's input is drained.
+const LINGER: Duration = Duration::from_millis(500);
+/// How much of a closing connection's input is drained at most.
+const MAX_LINGER_BYTES: usize = 1024 * 1024;
 
 /// Why a request was not read.
 enum Refusal {
@@ -406,7 +454,10 @@ fn read_available(pending: &mut Pending, limits: &HttpLimits) -> Result<Option<R
 /// is whole.
 fn parse_available(pending: &mut Pending, limits: &HttpLimits) -> Result<Option<Request>, Refusal> {
     if pending.head.is_none() {
-        let Some(end) = find_head_end(&pending.buffer) else {
+        let from = pending.scanned.saturating_sub(3);
+        let found = find_head_end(&pending.buffer[from..]).map(|end| end + from);
+        pending.scanned = pending.buffer.len();
+        let Some(end) = found else {
             if pending.buffer.len() > limits.max_head {
                 return Err(Refusal::Answer(Response::error(
                     431,
@@ -422,7 +473,9 @@ fn parse_available(pending: &mut Pending, limits: &HttpLimits) -> Result<Option<
             )));
         }
         let (request, length) = parse_head(&pending.buffer[..end], limits)?;
-        if length > 0
+        let body_arrived = pending.buffer.len() - (end + 4);
+        if length > body_arrived
+            && request.version == "HTTP/1.1"
             && request
                 .header("expect")
                 .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
@@ -470,6 +523,7 @@ fn parse_head(head: &[u8], limits: &HttpLimits) -> Result<(Request, usize), Refu
     let path = target.split('?').next().unwrap_or_default().to_string();
     let request = Request {
         method: method.to_string(),
+        version: version.to_string(),
         path,
         headers,
         body: Vec::new(),

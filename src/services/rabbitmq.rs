@@ -45,6 +45,9 @@ pub enum AmqpError {
     /// The broker nacked a published message.
     #[error("RabbitMQ refused (nacked) a publish")]
     Nacked,
+    /// Publishing is unavailable: opening a connection or channel failed earlier.
+    #[error("RabbitMQ is unavailable: {0}")]
+    Unavailable(String),
     /// The connection or channel closed before the confirms arrived.
     #[error("the RabbitMQ connection is closed")]
     Closed,
@@ -59,10 +62,15 @@ impl From<amiquip::Error> for AmqpError {
 /// The parts of an `amqp://user:pass@host:port/vhost` URL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AmqpUrl {
+    /// User name, percent-decoded (`guest` when the URL has no user info).
     pub username: String,
+    /// Password, percent-decoded (`guest` without user info; empty when only a user is given).
     pub password: String,
+    /// Host name or IP address.
     pub host: String,
+    /// TCP port (5672 when absent).
     pub port: u16,
+    /// Virtual host, percent-decoded (`/` when the path is absent or empty).
     pub vhost: String,
 }
 
@@ -176,22 +184,53 @@ pub fn declare_job_queue(channel: &Channel, queue: &str) -> Result<(), AmqpError
 /// Header of a dead-lettered message that says why it was dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-flowcraft-reason";
 
-/// The properties of a dead letter: those the message came with (its headers,
-/// `message_id`, …), persistent, with `reason` — cut to
-/// [`MAX_REASON_BYTES`](crate::vocabulary::limits::MAX_REASON_BYTES) — in the header
-/// [`DEAD_LETTER_REASON_HEADER`].
+/// The properties of a dead letter: persistent, the identifying properties the message came
+/// with (`message_id`, `correlation_id`, `timestamp`, `type`, `app_id`, content type and
+/// encoding) and its headers unless they are large (over [`MAX_KEPT_HEADERS`] as text), with
+/// `reason` — cut to [`MAX_REASON_BYTES`](crate::vocabulary::limits::MAX_REASON_BYTES) — in
+/// the header [`DEAD_LETTER_REASON_HEADER`]. `user_id` and `expiration` are not kept: the
+/// broker would refuse another user's id, and a dead letter must not expire.
 pub fn dead_letter_properties(original: &AmqpProperties, reason: &str) -> AmqpProperties {
-    let mut headers = original.headers().clone().unwrap_or_default();
+    let mut headers = match original.headers() {
+        Some(h) if format!("{h:?}").len() <= MAX_KEPT_HEADERS => h.clone(),
+        _ => FieldTable::new(),
+    };
     headers.insert(
         DEAD_LETTER_REASON_HEADER.into(),
         AmqpValue::LongString(cut_reason(reason)),
     );
-    let mut properties = original.clone().with_delivery_mode(2).with_headers(headers);
-    if properties.content_type().is_none() {
-        properties = properties.with_content_type("application/json".into());
+    let content_type = original
+        .content_type()
+        .clone()
+        .unwrap_or_else(|| "application/json".into());
+    let mut properties = AmqpProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(content_type)
+        .with_headers(headers);
+    if let Some(v) = original.content_encoding() {
+        properties = properties.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
+    if let Some(v) = original.type_() {
+        properties = properties.with_type_(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        properties = properties.with_app_id(v.clone());
     }
     properties
 }
+
+/// Largest original headers (as text) a dead letter keeps, so the dead letter's header frame
+/// stays far below the broker's frame size.
+pub const MAX_KEPT_HEADERS: usize = 16 * 1024;
 
 /// Declares the durable fanout exchange of events and binds the job queue to it, so events
 /// (webhook calls) reach the workers with the jobs.

@@ -21,6 +21,14 @@ pub(super) enum Outcome {
     Retry(String),
 }
 
+/// A digest of a message body, to count its failures without keeping the body.
+fn digest(body: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// How a session ended.
 pub(super) enum SessionEnd {
     /// A stop was asked for, and every delivery in flight is settled.
@@ -51,7 +59,8 @@ pub(super) struct Settler<'c, 'a> {
     dead_queue: String,
     trackers: Vec<ConfirmTracker>,
     waiting: Vec<VecDeque<Finished>>,
-    failures: HashMap<Vec<u8>, u32>,
+    /// Failures so far of each message being retried, by a digest of its body.
+    failures: HashMap<u64, u32>,
     /// Deliveries not yet acked or nacked: acks are coalesced ([`acks`]).
     book: acks::AckBook<Delivery>,
     /// Set when the session must end (its dead-letter channel failed).
@@ -171,12 +180,12 @@ impl<'c, 'a> Settler<'c, 'a> {
         let reason = match outcome {
             Outcome::Ack => {
                 if !self.failures.is_empty() {
-                    self.failures.remove(&delivery.body);
+                    self.failures.remove(&digest(&delivery.body));
                 }
                 return self.ack(delivery);
             }
             Outcome::Retry(reason) => {
-                let count = self.failures.entry(delivery.body.clone()).or_insert(0);
+                let count = self.failures.entry(digest(&delivery.body)).or_insert(0);
                 *count += 1;
                 if *count < MAX_DELIVERY_FAILURES {
                     log::warn!("requeueing a message (failure {count}): {reason}");
@@ -185,7 +194,7 @@ impl<'c, 'a> Settler<'c, 'a> {
                     }
                     return self.nack(delivery);
                 }
-                self.failures.remove(&delivery.body);
+                self.failures.remove(&digest(&delivery.body));
                 format!("failed {MAX_DELIVERY_FAILURES} times: {reason}")
             }
             Outcome::DeadLetter(reason) => reason,

@@ -99,7 +99,21 @@ pub(super) fn handle(
         job.iteration
     );
     process(shared, &job, redelivered, publisher)
-        .unwrap_or_else(|e| retry(&job.describe(), e).into())
+        .unwrap_or_else(|e| failed(shared, &job, e, publisher).into())
+}
+
+/// A step failed. A service failure is retried; data PostgreSQL refuses fails the run with
+/// PostgreSQL's reason (retrying would fail the same way).
+fn failed(shared: &Shared, job: &JobPayload, e: Error, publisher: &mut dyn JobSink) -> Outcome {
+    if !e.is_permanent() {
+        return retry(&job.describe(), e);
+    }
+    let reason = format!("{}: {e}", job.describe());
+    log::warn!("{reason}; failing the run");
+    match pause::fail_run(shared, &job.run_id, None, &reason, publisher) {
+        Ok(()) => Outcome::Ack,
+        Err(e) => retry(&job.describe(), e),
+    }
 }
 
 /// Steps 2–4 of a job; its tail does the rest.
@@ -161,6 +175,14 @@ fn guard<'a>(
         let reason = format!("run '{}' does not exist (no context row)", job.run_id);
         return Ok(Settle(Outcome::DeadLetter(reason)));
     };
+    let stamped = Blueprint::stamped_id(&snapshot.context);
+    if !stamped.is_empty() && stamped != job.blueprint_id {
+        let reason = format!(
+            "a job of blueprint '{}' for run '{}', which is a run of blueprint '{stamped}'",
+            job.blueprint_id, job.run_id
+        );
+        return Ok(Settle(Outcome::DeadLetter(reason)));
+    }
     let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
         let reason = format!("unknown blueprint '{}'", job.blueprint_id);
         log::warn!("run {}: {reason}; marking it failed", job.run_id);
@@ -199,6 +221,12 @@ fn guard<'a>(
             }
         }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
+        if job.recovered {
+            // The run's own records name it (the reconciler sent it): the run cannot go on.
+            pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
+            return Ok(Settle(Outcome::Ack));
+        }
+        // A stray message: it changes nothing.
         return Ok(Settle(Outcome::DeadLetter(reason)));
     };
     // Idempotency: a paused node.
@@ -277,13 +305,7 @@ fn execute(
 /// A tail that only closes the job in the run's ledger (nothing to commit, no successors)
 /// and completes the run if that was its last outstanding job.
 fn close_only(job: &JobPayload) -> Box<TailJob> {
-    Box::new(TailJob {
-        job: job.clone(),
-        node_id: job.node_id.clone(),
-        commit: None,
-        also_register: Vec::new(),
-        successors: Vec::new(),
-    })
+    TailJob::coordinate_only(job, &job.node_id, Vec::new(), Vec::new())
 }
 
 /// Puts a job back for a second, through the 1 s delay queue, and acks this delivery.
@@ -472,13 +494,7 @@ fn rederive(
         .map(|n| n.report)
         .collect()
     });
-    Box::new(TailJob {
-        job: job.clone(),
-        node_id: def.id.clone(),
-        commit: None,
-        also_register: ledger_jobs(bp, job, node),
-        successors: reports,
-    })
+    TailJob::coordinate_only(job, &def.id, ledger_jobs(bp, job, node), reports)
 }
 
 /// Whether `job` is one of the run's first jobs (a start node, before any loop).

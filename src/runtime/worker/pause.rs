@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::engine::blueprint::{Blueprint, NodeDef};
 use crate::engine::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
@@ -30,6 +31,7 @@ use crate::runtime::scheduling::{awaited_details, paused_iteration};
 use crate::services::postgres::store::RunSnapshot;
 use crate::services::rabbitmq::JobSink;
 use crate::vocabulary::keys::{input_key, output_key, PARENT_KEY};
+use crate::vocabulary::limits::MAX_ID_BYTES;
 use crate::vocabulary::RunStatus;
 
 use super::consumer::Outcome;
@@ -89,7 +91,14 @@ pub(crate) fn prepare(
 }
 
 fn child_run_id(parent: &str, node: &str, iteration: u32, attempt: u32) -> String {
-    format!("{parent}.{node}.{iteration}.{attempt}")
+    let id = format!("{parent}.{node}.{iteration}.{attempt}");
+    if id.len() <= MAX_ID_BYTES {
+        return id;
+    }
+    // Too long for a job message (nested subflows, long ids): the same id, as a digest.
+    let digest = Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("child-{hex}")
 }
 
 /// Runs after a pausing node's commit (and again when its job is redelivered).
@@ -450,5 +459,22 @@ fn child_failed(
             "{failure} (fallback of '{}' after: {message})",
             node.id
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_run_id;
+    use crate::vocabulary::limits::{check_id, MAX_ID_BYTES};
+
+    #[test]
+    fn a_child_run_id_fits_a_job_message_however_deep_the_nesting() {
+        assert_eq!(child_run_id("r", "sub", 0, 1), "r.sub.0.1");
+        let long_parent = "p".repeat(MAX_ID_BYTES);
+        let id = child_run_id(&long_parent, "sub", 3, 2);
+        assert!(check_id("the child run id", &id).is_ok(), "{id}");
+        // Deterministic (the child is created idempotently), and distinct per attempt.
+        assert_eq!(id, child_run_id(&long_parent, "sub", 3, 2));
+        assert_ne!(id, child_run_id(&long_parent, "sub", 3, 3));
     }
 }

@@ -28,12 +28,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// The run driver over this worker's services and blueprints.
     pub(crate) fn resumer(&self) -> Resumer<'_> {
-        Resumer {
-            store: &self.store,
-            coord: &self.coord,
-            blueprints: &self.blueprints,
-            queue: &self.queue,
-        }
+        Resumer::new(&self.store, &self.coord, &self.blueprints, &self.queue)
     }
 
     /// Marks a run as executing a node until the returned guard drops.

@@ -1,5 +1,8 @@
-//! The tail of a job whose node executed — commit → coordinate → publish → ack, in that
-//! order (see [`job`](super::job) for its crash windows) — run for a batch of jobs at once.
+//! The tail of a job — commit → coordinate → publish → complete, then settle, in that order
+//! (see [`job`](super::job) for its crash windows) — run for a batch of jobs at once. A job
+//! whose node executed commits first; one whose execution was committed before (a
+//! redelivery, the reconciler's copy, a late or overtaken job) has nothing to commit and
+//! starts at coordination.
 //!
 //! A worker thread does not wait for its job's tail: it hands the tail off
 //! ([`Combiner`](crate::services::group::Combiner)) and takes its next delivery. Whichever thread finds
@@ -54,6 +57,24 @@ pub(super) struct TailJob {
     pub(super) also_register: Vec<String>,
     /// The successors chosen, reported to their joins.
     pub(super) successors: Vec<SuccessorReport>,
+}
+
+impl TailJob {
+    /// The tail of a job whose execution was committed before: coordination only.
+    pub(super) fn coordinate_only(
+        job: &JobPayload,
+        node_id: &str,
+        also_register: Vec<String>,
+        successors: Vec<SuccessorReport>,
+    ) -> Box<TailJob> {
+        Box::new(TailJob {
+            job: job.clone(),
+            node_id: node_id.to_string(),
+            commit: None,
+            also_register,
+            successors,
+        })
+    }
 }
 
 /// A tail waiting to be run, with the delivery it settles.
@@ -167,10 +188,10 @@ impl Leader<'_> {
                             let tags = Tags::default().with(before, self.publisher.published());
                             self.settle_slot(&mut pending[i], Outcome::Ack, tags.range());
                         }
-                        Err(e) => retries.push((i, format!("{run}: {e}"))),
+                        Err(e) => retries.push((i, failure(&t.job, e))),
                     }
                 }
-                Err(e) => retries.push((i, format!("{}: {e}", t.job.describe()))),
+                Err(e) => retries.push((i, failure(&t.job, e))),
             }
         }
         // Coordinate: one Redis pipeline.
@@ -210,7 +231,7 @@ impl Leader<'_> {
             let tags = Tags::default().with(before, self.publisher.published());
             match progress {
                 Ok(progress) => published.push((i, progress, tags)),
-                Err(e) => retries.push((i, format!("{}: {e}", t.job.describe()))),
+                Err(e) => retries.push((i, failure(&t.job, e))),
             }
         }
         // Final status: the runs now idle complete in one statement.
@@ -244,7 +265,7 @@ impl Leader<'_> {
             let tags = tags.with(before, self.publisher.published());
             match result {
                 Ok(()) => acked.push((i, tags)),
-                Err(e) => retries.push((i, format!("{}: {e}", t.job.describe()))),
+                Err(e) => retries.push((i, failure(&t.job, e))),
             }
         }
         // Settled in the order of their first tags, so that the consumer thread sees each
@@ -291,6 +312,11 @@ impl Leader<'_> {
             tags,
         });
     }
+}
+
+/// Why a job's tail is to be retried.
+fn failure(job: &JobPayload, e: impl std::fmt::Display) -> String {
+    format!("{}: {e}", job.describe())
 }
 
 /// The tail in slot `i`, unless its delivery was handed on.

@@ -460,9 +460,10 @@ impl StoreError {
     /// the same write fails every time, so retrying it is pointless.
     pub fn is_permanent(&self) -> bool {
         match self {
-            StoreError::Query(e) => e
-                .as_db_error()
-                .is_some_and(|db| matches!(&db.code().code()[..2], "22" | "54")),
+            StoreError::Query(e) => e.as_db_error().is_some_and(|db| {
+                let code = db.code().code();
+                code.starts_with("22") || code.starts_with("54")
+            }),
             StoreError::Malformed { .. } | StoreError::InvalidTableName(_) => true,
             _ => false,
         }
@@ -1131,7 +1132,7 @@ impl RunStore {
         let mut tx = conn.transaction()?;
         let context = Value::Object(context.clone());
         let inserted = tx.execute(&insert_context, &[&run_id, &context])? > 0;
-        tx.execute(&insert_status, &[&run_id, &"running"])?;
+        tx.execute(&insert_status, &[&run_id, &RunStatus::Running.as_str()])?;
         tx.commit()?;
         Ok(inserted)
     }
