@@ -2,8 +2,9 @@
 //! with TCP_NODELAY, queues, publisher confirms), [`postgres`] (each run's context and
 //! status rows, migrations), [`redis`] (joins, locks and the run's job ledger), and
 //! [`group`], which lets concurrent callers of one statement or pipeline share a round
-//! trip. Each adapter has its own error type; the runtime's [`Error`](crate::Error) wraps
-//! them.
+//! trip; [`http`] serves HTTP (the webhook receiver) to hostile clients, and [`url`] masks
+//! and decodes URLs. Each adapter has its own error type; the runtime's
+//! [`Error`](crate::Error) wraps them.
 
 pub mod group;
 pub mod http;

@@ -19,8 +19,9 @@ use serde_json::Value;
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Longest run, blueprint or node id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
-/// Deepest nesting of a stored JSON value (PostgreSQL reads back 128 levels at most, as the
-/// JSON parser does; this leaves room for the keys that hold values).
+/// Deepest nesting of a stored JSON value (a value PostgreSQL stores must also be read back:
+/// the JSON parser on this side refuses more than 128 levels, and a context nests each value
+/// under its key; this leaves room).
 pub const MAX_VALUE_DEPTH: usize = 64;
 /// Largest JSON of one node's output and writes, or of a start context, in bytes.
 pub const MAX_VALUE_BYTES: usize = 16 * 1024 * 1024;
