@@ -12,7 +12,10 @@
 //! `cargo bench --bench distributed -- --runs 500 --threads 1,2,4,8 --workload chain5`
 //! (`--prefetch N` overrides the default of 8 × threads; `--inflight N` keeps at most N runs
 //! in flight instead of queueing them all first, so the latency is a hop's, not the queue's). `--timers` measures instead how
-//! late a 2 s `sleep` resumes its run after `wakeUpAt`.
+//! late a 2 s `sleep` resumes its run after `wakeUpAt`. `--scale 1000,10000` measures how a
+//! run's cost grows with its size instead: one batch of N `transform` workers and one chain
+//! of N/10 `transform` nodes per size, 8 threads, with the cost per item and the run tables'
+//! size on disk afterwards.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -248,6 +251,67 @@ fn timers(runs: usize) {
     drop(env);
 }
 
+/// One run of `bp` from `context` on a fresh worker with 8 threads: its wall time, and the
+/// run tables' size on disk afterwards.
+fn one_run(name: &str, bp: &flowcraft_rabbitmq::Blueprint, context: ContextMap) -> (Duration, i64) {
+    let env = TestEnv::new(name);
+    let worker = env.start_worker(NodeRegistry::with_builtins(), vec![bp.clone()], 8);
+    let started = Instant::now();
+    let run = env.start_run(bp, context);
+    env.wait_for_status(&run, "completed", Duration::from_secs(3600));
+    let took = started.elapsed();
+    worker.stop().unwrap();
+    let bytes: i64 = env
+        .pg
+        .get()
+        .unwrap()
+        .query_one(
+            "SELECT pg_total_relation_size($1::text::regclass) + pg_total_relation_size($2::text::regclass)",
+            &[&env.tables.contexts, &env.tables.statuses],
+        )
+        .unwrap()
+        .get(0);
+    (took, bytes)
+}
+
+/// How a run's cost grows with its size: a batch of N `transform` workers and a chain of
+/// N/10 `transform` nodes, per size.
+fn scale(sizes: &[usize]) {
+    for &n in sizes {
+        let batch = bp(&json!({"id": "sbatch", "nodes": [
+            {"id": "items", "uses": "transform", "params": {"expression": "context.items"}},
+            {"id": "scatter", "uses": "batch-scatter", "params": {"workerUsesKey": "transform",
+                "workerParams": {"expression": "input * 2"}, "gatherNodeId": "gather"}},
+            {"id": "gather", "uses": "batch-gather"}],
+          "edges": [{"source": "items", "target": "scatter"}, {"source": "scatter", "target": "gather"}]})
+        .to_string());
+        let mut context = ContextMap::new();
+        context.insert("items".into(), json!((0..n).collect::<Vec<_>>()));
+        let (took, bytes) = one_run("bench_scale_batch", &batch, context);
+        println!(
+            "batch     items={n:<7} {:>8.2} s   {:>8.3} ms/item   tables {:>8.1} MB",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e3 / n as f64,
+            bytes as f64 / 1e6
+        );
+        let m = (n / 10).max(2);
+        let nodes: Vec<serde_json::Value> = (0..m)
+            .map(|i| json!({"id": format!("n{i}"), "uses": "transform", "params": {"expression": "(input ?? 0) + 1"}}))
+            .collect();
+        let edges: Vec<serde_json::Value> = (1..m)
+            .map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")}))
+            .collect();
+        let chain = bp(&json!({"id": "schain", "nodes": nodes, "edges": edges}).to_string());
+        let (took, bytes) = one_run("bench_scale_chain", &chain, ContextMap::new());
+        println!(
+            "chain     nodes={m:<7} {:>8.2} s   {:>8.3} ms/node   tables {:>8.1} MB",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e3 / m as f64,
+            bytes as f64 / 1e6
+        );
+    }
+}
+
 fn main() {
     // The worker's warnings (retries, reconnections) show with RUST_LOG=warn.
     let _ = env_logger::try_init();
@@ -257,6 +321,19 @@ fn main() {
     }
     if std::env::args().any(|x| x == "--timers") {
         timers(a.runs.min(200));
+        return;
+    }
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(sizes) = argv.iter().position(|x| x == "--scale").map(|i| {
+        argv.get(i + 1)
+            .map(|s| {
+                s.split(',')
+                    .map(|n| n.parse().expect("--scale 1000,10000"))
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![1_000, 10_000])
+    }) {
+        scale(&sizes);
         return;
     }
     for w in &a.workloads {
