@@ -289,3 +289,28 @@ fn loops_joins_and_batches_run_each_node_as_in_process_and_leave_no_frontier() {
     }
     worker.stop().unwrap();
 }
+
+#[test]
+fn the_worker_stores_outputs_under_the_bare_node_id_too() {
+    let env = TestEnv::new("bareid");
+    let b = bp(r#"{"id":"bare","nodes":[
+        {"id":"fetch","uses":"transform","params":{"expression":"{total: 150}"}},
+        {"id":"big","uses":"transform","params":{"expression":"'big'"}},
+        {"id":"small","uses":"transform","params":{"expression":"'small'"}},
+        {"id":"nap","uses":"wait"}],
+        "edges":[{"source":"fetch","target":"big","condition":"fetch.total > 100"},
+                 {"source":"fetch","target":"small","condition":"fetch.total <= 100"},
+                 {"source":"big","target":"nap"}]}"#);
+    let worker = env.start_worker(inc_registry(), vec![b.clone()], 2);
+    let run = env.start_run(&b, ContextMap::new());
+    env.wait_for_status(&run, "awaiting", WAIT);
+    let context = env.context(&run);
+    assert_eq!(context["fetch"], json!({"total": 150}));
+    assert_eq!(context.get("_outputs.big"), Some(&json!("big")));
+    assert_eq!(context.get("_outputs.small"), None, "the wrong branch ran");
+    assert_eq!(
+        context["_awaitingDetails"]["nap"]["reason"],
+        json!("external_event")
+    );
+    worker.stop().unwrap();
+}

@@ -7,6 +7,7 @@ mod common;
 
 use common::{bp, ctx, inc_registry, workload};
 use flowcraft_rabbitmq::node::ContextMap;
+
 use flowcraft_rabbitmq::{LocalRuntime, NodeError, NodeResult, RunStatus};
 use serde_json::{json, Value};
 
@@ -386,4 +387,45 @@ fn an_output_that_cannot_be_stored_fails_its_attempts_and_the_fallback_stands_in
         "{:?}",
         result.errors
     );
+}
+
+/// Flowcraft stores a node's output under its bare id too, so conditions read
+/// `fetch.total`; hyphenated ids read as keys (`get-user.age`).
+fn bare_id_blueprint() -> flowcraft_rabbitmq::Blueprint {
+    bp(r#"{"id":"bare","nodes":[
+        {"id":"fetch","uses":"transform","params":{"expression":"{total: 150}"}},
+        {"id":"get-user","uses":"transform","params":{"expression":"{age: 20}"}},
+        {"id":"big","uses":"transform","params":{"expression":"'big'"}},
+        {"id":"small","uses":"transform","params":{"expression":"'small'"}},
+        {"id":"adult","uses":"transform","params":{"expression":"'adult'"}}],
+        "edges":[{"source":"fetch","target":"big","condition":"fetch.total > 100"},
+                 {"source":"fetch","target":"small","condition":"fetch.total <= 100"},
+                 {"source":"get-user","target":"adult","condition":"get-user.age >= 18"}]}"#)
+}
+
+#[test]
+fn outputs_are_stored_under_the_bare_node_id_too_as_flowcraft_does() {
+    let result = LocalRuntime::new(inc_registry()).run(&bare_id_blueprint(), ContextMap::new());
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    assert_eq!(result.context["fetch"], json!({"total": 150}));
+    assert_eq!(result.context["_outputs.fetch"], json!({"total": 150}));
+    assert_eq!(result.context.get("_outputs.big"), Some(&json!("big")));
+    assert_eq!(
+        result.context.get("_outputs.small"),
+        None,
+        "the wrong branch ran"
+    );
+    assert_eq!(result.context.get("_outputs.adult"), Some(&json!("adult")));
+}
+
+#[test]
+fn awaiting_details_carry_flowcraft_s_reason() {
+    let b = bp(r#"{"id":"pauses","nodes":[{"id":"w","uses":"wait"},
+        {"id":"s","uses":"sleep","params":{"duration":"1h"}}]}"#);
+    let result = LocalRuntime::new(inc_registry()).run(&b, ContextMap::new());
+    assert_eq!(result.status, RunStatus::Awaiting);
+    let details = &result.context["_awaitingDetails"];
+    assert_eq!(details["w"]["reason"], json!("external_event"));
+    assert_eq!(details["s"]["reason"], json!("timer"));
+    assert!(details["s"]["wakeUpAt"].is_string(), "{details}");
 }

@@ -13,7 +13,7 @@ use crate::engine::blueprint::{Blueprint, JoinStrategy, NodeDef};
 use crate::engine::expr::Scope;
 use crate::engine::node::{ContextDeltas, ContextMap, NodeResult};
 use crate::engine::nodes::batch;
-use crate::vocabulary::keys::{batch_key, output_key};
+use crate::vocabulary::keys::{batch_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION};
 
 /// `uses` of the loop controller built-in.
 pub const LOOP_CONTROLLER: &str = "loop-controller";
@@ -247,17 +247,28 @@ pub fn readiness(bp: &Blueprint, edge: usize) -> Readiness {
     }
 }
 
-/// Records a finished node's output (under the fallback's id too, when one stood in).
+/// Records a finished node's output under `_outputs.<id>` and, as Flowcraft does since
+/// 2.9.3, under the bare `<id>` — so conditions read `fetch.total` — and the same under the
+/// fallback's id when one stood in. A bare id that names a key the runtime keeps for itself
+/// (`blueprintId`, `blueprintVersion`, anything starting with `_`) is not written.
 pub fn record_output(
     deltas: &mut ContextDeltas,
     node_id: &str,
     fallback: Option<&str>,
     output: &Value,
 ) {
-    deltas.set(output_key(node_id), output.clone());
-    if let Some(f) = fallback {
-        deltas.set(output_key(f), output.clone());
+    for id in std::iter::once(node_id).chain(fallback) {
+        record_worker_output(deltas, id, output);
+        if !id.starts_with('_') && id != BLUEPRINT_ID && id != BLUEPRINT_VERSION {
+            deltas.set(id, output.clone());
+        }
     }
+}
+
+/// Records a batch worker's output, under `_outputs.<id>` only: a batch's items are
+/// gathered from there, and a bare key per item would only grow the run's context.
+pub fn record_worker_output(deltas: &mut ContextDeltas, node_id: &str, output: &Value) {
+    deltas.set(output_key(node_id), output.clone());
 }
 
 #[cfg(test)]

@@ -455,7 +455,12 @@ impl<'a> RunState<'a> {
             self.awaiting_details.insert(id, details);
             return;
         }
-        flow::record_output(&mut deltas, &id, fallback.as_deref(), &result.output);
+        match node {
+            RunNode::Static(_) => {
+                flow::record_output(&mut deltas, &id, fallback.as_deref(), &result.output)
+            }
+            RunNode::Dynamic(_) => flow::record_worker_output(&mut deltas, &id, &result.output),
+        }
         let ctx = Arc::make_mut(&mut self.context);
         deltas.apply_to(ctx);
         match node {

@@ -54,13 +54,17 @@ pub fn register_builtins(registry: &mut NodeRegistry) {
 
 /// `wait`: pauses the run until it is resumed.
 fn wait(_ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
-    Ok(NodeResult::awaiting(json!({"type": "wait"})))
+    Ok(NodeResult::awaiting(
+        json!({"type": "wait", "reason": "external_event"}),
+    ))
 }
 
 /// `webhook`: pauses the run until its webhook is called; the runtime registers the endpoint
 /// and adds `url` and `event` to the details.
 fn webhook(_ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
-    Ok(NodeResult::awaiting(json!({"type": "webhook"})))
+    Ok(NodeResult::awaiting(
+        json!({"type": "webhook", "reason": "external_event"}),
+    ))
 }
 
 /// `sleep`: pauses the run for `params.duration` (ms number, or "10s", "5m", "1h", "2d").
@@ -73,6 +77,7 @@ fn sleep(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
     let wake_up_ms = now_ms().saturating_add(ms);
     Ok(NodeResult::awaiting(json!({
         "type": "sleep",
+        "reason": "timer",
         "durationMs": ms,
         "wakeUpAtMs": wake_up_ms,
         "wakeUpAt": rfc3339_from_ms(wake_up_ms),

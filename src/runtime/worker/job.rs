@@ -389,7 +389,12 @@ fn build_commit(
     let mut merged = Arc::unwrap_or_clone(snapshot);
     deltas.apply_to(&mut merged);
     let mut outputs = ContextDeltas::default();
-    flow::record_output(&mut outputs, &def.id, fallback.as_deref(), &result.output);
+    match node {
+        RunNode::Static(_) => {
+            flow::record_output(&mut outputs, &def.id, fallback.as_deref(), &result.output)
+        }
+        RunNode::Dynamic(_) => flow::record_worker_output(&mut outputs, &def.id, &result.output),
+    }
     outputs.apply_to(&mut merged);
     for (k, v) in outputs.iter() {
         commit
