@@ -172,6 +172,48 @@ fn check_lists_every_problem() {
 }
 
 #[test]
+fn check_lints_what_would_fail_at_run_time() {
+    let dir = tempdir("lint");
+    std::fs::write(
+        dir.join("l.json"),
+        r#"{"id":"l","nodes":[{"id":"a","uses":"mystery"},
+            {"id":"loop","uses":"loop-controller","params":{"condition":"1 < 2"}},
+            {"id":"lonely","uses":"transform","params":{"expression":"1"}}],
+            "edges":[{"source":"a","target":"loop"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("e.json"),
+        r#"{"id":"e","nodes":[{"id":"a","uses":"transform","params":{"expression":"1"}},
+            {"id":"b","uses":"transform","params":{"expression":"2"}}],
+            "edges":[{"source":"a","target":"b","condition":"a ==="}]}"#,
+    )
+    .unwrap();
+    let out = flowcraft(&["check", "--blueprints", dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("error: blueprint 'l': node 'a': uses 'mystery', which is not registered"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "node 'loop': a loop-controller needs an outgoing edge with action 'continue'"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: blueprint 'l': node 'lonely': has no edges"),
+        "{text}"
+    );
+    assert!(
+        text.contains("edge #0 condition 'a ===' does not parse"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn graph_prints_mermaid_and_env_stands_for_the_flag() {
     let out = Command::new(env!("CARGO_BIN_EXE_flowcraft"))
         .args(["graph", "diamond"])

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::engine::blueprint::{self, Blueprint};
-use crate::engine::nodes::{param_problems, BUILTINS};
+use crate::engine::lint::{lint, Severity};
 use crate::vocabulary::limits::cut_reason;
 use crate::{LocalRuntime, NodeRegistry, RunStatus};
 
@@ -77,38 +77,18 @@ pub fn run(dir: &BlueprintDir, id: &str, context: Option<&str>, threads: usize) 
 pub fn check(dir: &BlueprintDir) -> i32 {
     let (found, mut problems) = blueprint::load_dir(&dir.blueprints);
     let mut warnings = Vec::new();
+    let registry = NodeRegistry::with_builtins();
     for bp in found.values() {
         warnings.extend(bp.warnings().iter().cloned());
-        for node in &bp.def().nodes {
-            for problem in param_problems(&node.uses, &node.params) {
-                problems.push(format!(
-                    "blueprint '{}': node '{}': {}",
-                    bp.id(),
-                    node.id,
-                    cut_reason(&problem)
-                ));
-            }
-            if node.uses == "subflow" {
-                match node.params.get("blueprintId").and_then(|v| v.as_str()) {
-                    Some(child) if found.contains_key(child) => {}
-                    Some(child) => problems.push(format!(
-                        "blueprint '{}': subflow node '{}' names unknown blueprint '{child}'",
-                        bp.id(),
-                        node.id
-                    )),
-                    None => problems.push(format!(
-                        "blueprint '{}': subflow node '{}' has no params.blueprintId",
-                        bp.id(),
-                        node.id
-                    )),
-                }
-            } else if !BUILTINS.contains(&node.uses.as_str()) {
-                warnings.push(format!(
-                    "blueprint '{}': node '{}' uses '{}', which is not a built-in of this binary (a library user must register it)",
-                    bp.id(),
-                    node.id,
-                    node.uses
-                ));
+        for finding in lint(bp, &registry, &|id| found.contains_key(id)) {
+            let line = format!(
+                "blueprint '{}': {}",
+                bp.id(),
+                cut_reason(&finding.to_string())
+            );
+            match finding.severity {
+                Severity::Error => problems.push(line),
+                Severity::Warning => warnings.push(line),
             }
         }
     }

@@ -345,23 +345,25 @@ impl Blueprint {
             &edge_ends,
             &back_edge,
         );
-        let mut warnings = Vec::new();
-        let mut compile = |text: &Option<String>, what: &str, e: usize| {
-            text.as_ref().and_then(|src| match Expression::parse(src) {
-                Ok(expr) => Some(expr),
-                Err(err) => {
-                    warnings.push(format!(
-                        "blueprint '{id}': edge #{e} {what} '{src}' does not parse ({err}); it evaluates to null"
-                    ));
-                    None
-                }
-            })
+        let warnings = Vec::new();
+        // An expression that does not parse is an error of the blueprint, found at load.
+        let compile = |text: &Option<String>, what: &str, e: usize| match text {
+            None => Ok(None),
+            Some(src) => Expression::parse(src).map(Some).map_err(|err| {
+                BlueprintError::invalid(
+                    &id,
+                    format!(
+                        "edge #{e} {what} '{}' does not parse: {err}",
+                        cut_reason(src)
+                    ),
+                )
+            }),
         };
         let mut conditions = Vec::with_capacity(def.edges.len());
         let mut transforms = Vec::with_capacity(def.edges.len());
         for (e, edge) in def.edges.iter().enumerate() {
-            conditions.push(compile(&edge.condition, "condition", e));
-            transforms.push(compile(&edge.transform, "transform", e));
+            conditions.push(compile(&edge.condition, "condition", e)?);
+            transforms.push(compile(&edge.transform, "transform", e)?);
         }
         for w in &warnings {
             log::warn!("{w}");
@@ -1035,14 +1037,17 @@ mod tests {
     }
 
     #[test]
-    fn unparsable_condition_is_a_warning_not_an_error() {
-        let b = bp(
+    fn an_unparsable_condition_is_an_error_of_the_blueprint() {
+        let err = bp(
             r#"{"id":"x","nodes":[{"id":"a","uses":"u"},{"id":"b","uses":"u"}],
             "edges":[{"source":"a","target":"b","condition":"a ==="}]}"#,
         )
-        .unwrap();
-        assert_eq!(b.warnings().len(), 1);
-        assert!(b.condition(0).is_none() && b.has_condition(0));
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("edge #0 condition 'a ===' does not parse"),
+            "{err}"
+        );
     }
 
     #[test]

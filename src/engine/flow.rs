@@ -329,15 +329,6 @@ mod tests {
     }
 
     #[test]
-    fn unparsable_condition_is_false() {
-        let b = bp(
-            r#"{"id":"c","nodes":[{"id":"s","uses":"u"},{"id":"t","uses":"u"}],
-            "edges":[{"source":"s","target":"t","condition":"(("}]}"#,
-        );
-        assert!(choose(&b, "s", NodeResult::output(json!(1)), json!({})).is_empty());
-    }
-
-    #[test]
     fn transforms_compute_the_target_input() {
         let b = bp(
             r#"{"id":"t","nodes":[{"id":"s","uses":"u"},{"id":"t","uses":"u"},{"id":"p","uses":"u"}],

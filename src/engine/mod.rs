@@ -12,6 +12,7 @@ pub mod blueprint;
 pub mod executor;
 pub mod expr;
 pub mod flow;
+pub mod lint;
 pub mod local;
 pub mod node;
 pub mod nodes;
