@@ -2,12 +2,20 @@
 //! `transform` node: a small, safe subset of JavaScript over JSON values.
 //!
 //! - Property paths: `a.b.c`, `a["x-y"]`, `a['k']`, `a[0]`, `a[i + 1]`; `.length` of arrays
-//!   and strings. A bare path behaves exactly like Flowcraft's property evaluator: it walks
-//!   the segments and yields `null` when any step is missing.
+//!   and strings. A missing member is `undefined`; reading a member *of* `undefined` or
+//!   `null` is what JavaScript throws on, and Flowcraft's evaluator catches as `undefined`:
+//!   the whole expression is then `undefined` (false as a condition, `null` as a value).
+//!   `undefined` compares false with everything (`missing <= 100` is false), where `null`
+//!   compares as 0.
 //! - Literals: numbers, `'…'`/`"…"` strings, `true`, `false`, `null`, `undefined`, arrays
 //!   `[1, x]` and objects `{total: a + b, "k-2": c}`.
 //! - Operators, by JavaScript precedence: `! - +` (unary); `* / %`; `+ -`; `< <= > >=`;
-//!   `== != === !==`; `&&`; `|| ??`; parentheses. `&&`/`||` yield an operand as JS does.
+//!   `== != === !==`; `&&`; `|| ??`; `? :`; parentheses. `&&`/`||` yield an operand as JS
+//!   does.
+//! - A fixed table of pure methods and functions: `includes`, `startsWith`, `endsWith`,
+//!   `indexOf`, `toLowerCase`, `toUpperCase`, `trim`, `slice` (of strings; `includes`,
+//!   `indexOf`, `slice` of arrays too), `Math.min/max/round/floor/ceil/abs`,
+//!   `Array.isArray`. Nothing else can be called.
 //! - JavaScript semantics: loose and strict equality, string concatenation with `+`, numeric
 //!   comparison after conversion (strings compare lexicographically), truthiness.
 //! - Flat context keys: the run context stores `_outputs.n1` as *one* key. When a path's root
@@ -16,7 +24,8 @@
 //! - Hyphenated keys: `fetch-user.name` (no spaces around `-`) reads the key `fetch-user` when
 //!   it exists and is the subtraction `fetch - user.name` otherwise.
 //!
-//! There are no calls, assignments or loops: evaluation is linear in the expression size.
+//! There are no other calls, no assignments and no loops: evaluation is linear in the size
+//! of the expression and of the values its methods read.
 //! Sources are limited to [`MAX_SOURCE_LEN`] characters and [`MAX_DEPTH`] levels of nesting.
 //! A problem never panics: parse errors are [`ExprError`]s, and evaluation problems yield
 //! `null` (which is falsy).
@@ -140,6 +149,74 @@ enum Expr {
     Object(Vec<(String, Expr)>),
     Unary(UnOp, Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// `cond ? then : otherwise`.
+    Conditional(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// `undefined`.
+    Undefined,
+    /// A method of the fixed table on a value: `s.includes(x)`, `a.slice(1)`, ….
+    Method {
+        target: Box<Expr>,
+        method: Method,
+        args: Vec<Expr>,
+    },
+    /// A function of the fixed table: `Math.max(a, b)`, `Array.isArray(x)`.
+    Function(Function, Vec<Expr>),
+}
+
+/// The methods an expression may call: pure, and linear in their input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Method {
+    Includes,
+    StartsWith,
+    EndsWith,
+    IndexOf,
+    ToLowerCase,
+    ToUpperCase,
+    Trim,
+    Slice,
+}
+
+impl Method {
+    fn named(name: &str) -> Option<Method> {
+        Some(match name {
+            "includes" => Method::Includes,
+            "startsWith" => Method::StartsWith,
+            "endsWith" => Method::EndsWith,
+            "indexOf" => Method::IndexOf,
+            "toLowerCase" => Method::ToLowerCase,
+            "toUpperCase" => Method::ToUpperCase,
+            "trim" => Method::Trim,
+            "slice" => Method::Slice,
+            _ => return None,
+        })
+    }
+}
+
+/// The functions an expression may call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Function {
+    Min,
+    Max,
+    Round,
+    Floor,
+    Ceil,
+    Abs,
+    IsArray,
+}
+
+impl Function {
+    fn named(object: &str, name: &str) -> Option<Function> {
+        Some(match (object, name) {
+            ("Math", "min") => Function::Min,
+            ("Math", "max") => Function::Max,
+            ("Math", "round") => Function::Round,
+            ("Math", "floor") => Function::Floor,
+            ("Math", "ceil") => Function::Ceil,
+            ("Math", "abs") => Function::Abs,
+            ("Array", "isArray") => Function::IsArray,
+            _ => return None,
+        })
+    }
 }
 
 /// A compiled expression. Parse once, evaluate many times.
@@ -189,14 +266,16 @@ impl Expression {
         &self.source
     }
 
-    /// Evaluates over a scope. Never panics; problems yield `null`.
+    /// Evaluates over a scope. Never panics; problems yield `null`. A member access on a
+    /// missing or `null` value (a `TypeError` in JavaScript, which Flowcraft catches) makes
+    /// the whole expression `undefined`, which is `null` here and false as a condition.
     pub fn evaluate(&self, scope: &dyn Scope) -> Value {
-        eval(&self.ast, scope).into_owned()
+        guarded(|| eval(&self.ast, scope).into_owned()).unwrap_or(Value::Null)
     }
 
-    /// Evaluates and applies JavaScript truthiness.
+    /// Evaluates and applies JavaScript truthiness (see [`evaluate`](Self::evaluate)).
     pub fn evaluate_bool(&self, scope: &dyn Scope) -> bool {
-        truthy(&eval(&self.ast, scope))
+        guarded(|| truthy(&eval(&self.ast, scope))).unwrap_or(false)
     }
 }
 
@@ -252,7 +331,7 @@ struct Token {
 
 const PUNCTS: &[&str] = &[
     "===", "!==", "==", "!=", "<=", ">=", "&&", "||", "??", "<", ">", "!", "+", "-", "*", "/", "%",
-    "(", ")", "[", "]", "{", "}", ",", ":", ".",
+    "(", ")", "[", "]", "{", "}", ",", ":", ".", "?",
 ];
 
 fn is_ident_start(c: char) -> bool {
@@ -459,9 +538,81 @@ impl Parser {
 
     fn expression(&mut self) -> Result<Expr, ExprError> {
         self.enter()?;
-        let e = self.binary(0);
+        let e = self.conditional();
         self.depth -= 1;
         e
+    }
+
+    /// `cond ? then : otherwise`, right-associative, below every binary operator.
+    fn conditional(&mut self) -> Result<Expr, ExprError> {
+        let condition = self.binary(0)?;
+        if self.peek_punct() != Some("?") {
+            return Ok(condition);
+        }
+        self.pos += 1;
+        let then = self.expression()?;
+        self.expect(":")?;
+        let otherwise = self.expression()?;
+        Ok(Expr::Conditional(
+            Box::new(condition),
+            Box::new(then),
+            Box::new(otherwise),
+        ))
+    }
+
+    /// `(a, b, …)` after a callee; the `(` is next.
+    fn arguments(&mut self) -> Result<Vec<Expr>, ExprError> {
+        self.expect("(")?;
+        self.enter()?;
+        let mut args = Vec::new();
+        while self.peek_punct() != Some(")") {
+            args.push(self.expression()?);
+            if self.peek_punct() != Some(")") {
+                self.expect(",")?;
+            }
+        }
+        self.expect(")")?;
+        self.depth -= 1;
+        Ok(args)
+    }
+
+    /// A call of what `callee` names: a function of the table (`Math.max`) or a method of
+    /// the table on the value before its last segment (`a.b.includes`).
+    fn call(&mut self, callee: Expr) -> Result<Expr, ExprError> {
+        let (base, mut segments) = match callee {
+            Expr::Path { root, segments } => (None, (root, segments)),
+            Expr::Member { base, segments } => (Some(base), (String::new(), segments)),
+            _ => return self.error("only the methods and functions of the table can be called"),
+        };
+        let Some(Segment::Key(name)) = segments.1.pop() else {
+            return self.error("only the methods and functions of the table can be called");
+        };
+        if base.is_none() && segments.1.is_empty() {
+            if let Some(function) = Function::named(&segments.0, &name) {
+                let args = self.arguments()?;
+                return Ok(Expr::Function(function, args));
+            }
+        }
+        let Some(method) = Method::named(&name) else {
+            return self.error(format!(
+                "'{name}' is not a method or function expressions can call"
+            ));
+        };
+        let target = match base {
+            Some(base) if segments.1.is_empty() => *base,
+            Some(base) => Expr::Member {
+                base,
+                segments: segments.1,
+            },
+            None if segments.0.is_empty() => return self.unexpected(),
+            None => path_expr(segments.0, segments.1),
+        };
+        let args = self.arguments()?;
+        Ok(Expr::Method {
+            target: Box::new(target),
+            method,
+            args,
+        })
     }
 
     /// Precedence climbing over the binary operator levels.
@@ -563,13 +714,19 @@ impl Parser {
                 match name.as_str() {
                     "true" => Expr::Literal(Value::Bool(true)),
                     "false" => Expr::Literal(Value::Bool(false)),
-                    "null" | "undefined" => Expr::Literal(Value::Null),
+                    "null" => Expr::Literal(Value::Null),
+                    "undefined" => Expr::Undefined,
                     _ => {
                         let segments = self.segments()?;
-                        if self.peek_punct() == Some("(") {
-                            return self.error("function calls are not supported");
-                        }
-                        return Ok(path_expr(name, segments));
+                        let path = if self.peek_punct() == Some("(") {
+                            self.call(Expr::Path {
+                                root: name,
+                                segments,
+                            })?
+                        } else {
+                            path_expr(name, segments)
+                        };
+                        return self.calls_after(path);
                     }
                 }
             }
@@ -616,14 +773,26 @@ impl Parser {
             }
             _ => return self.unexpected(),
         };
-        let segments = self.segments()?;
-        if segments.is_empty() {
-            Ok(primary)
-        } else {
-            Ok(Expr::Member {
-                base: Box::new(primary),
-                segments,
-            })
+        self.calls_after(primary)
+    }
+
+    /// Member accesses and calls after `expr`: `x.a[0].trim().length`.
+    fn calls_after(&mut self, mut expr: Expr) -> Result<Expr, ExprError> {
+        loop {
+            let segments = self.segments()?;
+            if !segments.is_empty() {
+                expr = Expr::Member {
+                    base: Box::new(expr),
+                    segments,
+                };
+            }
+            if self.peek_punct() != Some("(") {
+                return Ok(expr);
+            }
+            if !matches!(expr, Expr::Member { .. }) {
+                return self.error("only the methods and functions of the table can be called");
+            }
+            expr = self.call(expr)?;
         }
     }
 }
@@ -704,6 +873,17 @@ fn tree_depth(root: &Expr) -> usize {
                 stack.push((l, d + 1));
                 stack.push((r, d + 1));
             }
+            Expr::Conditional(c, t, o) => {
+                stack.push((c, d + 1));
+                stack.push((t, d + 1));
+                stack.push((o, d + 1));
+            }
+            Expr::Undefined => {}
+            Expr::Method { target, args, .. } => {
+                stack.push((target, d + 1));
+                stack.extend(args.iter().map(|x| (x, d + 1)));
+            }
+            Expr::Function(_, args) => stack.extend(args.iter().map(|x| (x, d + 1))),
         }
     }
     deepest
@@ -714,34 +894,112 @@ fn tree_depth(root: &Expr) -> usize {
 
 type Val<'a> = Cow<'a, Value>;
 
-const NULL: Value = Value::Null;
+/// JavaScript's `undefined`: `null` in JSON, told apart by its address (it compares false
+/// with everything, where `null` compares as 0).
+static UNDEFINED: Value = Value::Null;
+/// JavaScript's `NaN`, likewise: `null` in JSON, never equal, never ordered.
+static NAN: Value = Value::Null;
+
+fn undefined<'a>() -> Val<'a> {
+    Cow::Borrowed(&UNDEFINED)
+}
+
+fn is_undefined(v: &Value) -> bool {
+    std::ptr::eq(v, &UNDEFINED)
+}
+
+fn is_nan(v: &Value) -> bool {
+    std::ptr::eq(v, &NAN) || v.as_f64().is_some_and(f64::is_nan)
+}
+
+/// `f` as a value: `NaN` stays recognisable, so that it compares false.
+fn numeric<'a>(f: f64) -> Val<'a> {
+    if f.is_nan() {
+        Cow::Borrowed(&NAN)
+    } else {
+        Cow::Owned(number(f))
+    }
+}
+
+thread_local! {
+    /// Set when the evaluation hit what JavaScript throws on (a member of `undefined` or
+    /// `null`): the whole expression is then `undefined`.
+    static THREW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn throw() {
+    THREW.with(|t| t.set(true));
+}
+
+/// Runs an evaluation; `None` if it threw.
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let outer = THREW.with(|t| t.replace(false));
+    let value = f();
+    let threw = THREW.with(|t| t.replace(outer));
+    (!threw).then_some(value)
+}
+
+/// Evaluates without letting a throw escape (the path of a hyphenated name, whose other
+/// reading is a subtraction).
+fn quietly<T>(f: impl FnOnce() -> T) -> T {
+    let outer = THREW.with(|t| t.get());
+    let value = f();
+    THREW.with(|t| t.set(outer));
+    value
+}
 
 fn eval<'a>(e: &'a Expr, scope: &'a dyn Scope) -> Val<'a> {
     match e {
         Expr::Literal(v) => Cow::Borrowed(v),
+        Expr::Undefined => undefined(),
         Expr::Path { root, segments } => {
-            resolve_path(root, segments, scope).unwrap_or(Cow::Borrowed(&NULL))
+            resolve_path(root, segments, scope).unwrap_or_else(undefined)
         }
         Expr::Hyphenated { path, fallback } => {
             if let Expr::Path { root, segments } = path.as_ref() {
-                if let Some(v) = resolve_path(root, segments, scope) {
-                    return v;
-                }
                 if lookup_root(root, segments, scope).is_some() {
-                    return Cow::Borrowed(&NULL);
+                    return resolve_path(root, segments, scope).unwrap_or_else(undefined);
+                }
+                if let Some(v) = quietly(|| resolve_path(root, segments, scope)) {
+                    return v;
                 }
             }
             eval(fallback, scope)
         }
         Expr::Member { base, segments } => {
             let mut current = eval(base, scope);
-            for s in segments {
+            for (i, s) in segments.iter().enumerate() {
                 current = match step_value(current, s, scope) {
                     Some(v) => v,
-                    None => return Cow::Borrowed(&NULL),
+                    None => {
+                        if i + 1 < segments.len() {
+                            throw();
+                        }
+                        return undefined();
+                    }
                 };
             }
             current
+        }
+        Expr::Conditional(c, t, o) => {
+            if truthy(&eval(c, scope)) {
+                eval(t, scope)
+            } else {
+                eval(o, scope)
+            }
+        }
+        Expr::Method {
+            target,
+            method,
+            args,
+        } => {
+            let target = eval(target, scope);
+            let args: Vec<Val> = args.iter().map(|a| eval(a, scope)).collect();
+            call_method(&target, *method, &args)
+        }
+        Expr::Function(function, args) => {
+            let args: Vec<Val> = args.iter().map(|a| eval(a, scope)).collect();
+            call_function(*function, &args)
         }
         Expr::Array(items) => Cow::Owned(Value::Array(
             items.iter().map(|x| eval(x, scope).into_owned()).collect(),
@@ -754,11 +1012,11 @@ fn eval<'a>(e: &'a Expr, scope: &'a dyn Scope) -> Val<'a> {
         )),
         Expr::Unary(op, x) => {
             let v = eval(x, scope);
-            Cow::Owned(match op {
-                UnOp::Not => Value::Bool(!truthy(&v)),
-                UnOp::Neg => number(-to_number(&v)),
-                UnOp::Plus => number(to_number(&v)),
-            })
+            match op {
+                UnOp::Not => Cow::Owned(Value::Bool(!truthy(&v))),
+                UnOp::Neg => numeric(-to_number(&v)),
+                UnOp::Plus => numeric(to_number(&v)),
+            }
         }
         Expr::Binary(op, l, r) => eval_binary(*op, l, r, scope),
     }
@@ -793,10 +1051,22 @@ fn lookup_root<'a>(
 }
 
 fn resolve_path<'a>(root: &str, segments: &'a [Segment], scope: &'a dyn Scope) -> Option<Val<'a>> {
-    let (mut current, used) = lookup_root(root, segments, scope)?;
+    let Some((mut current, used)) = lookup_root(root, segments, scope) else {
+        if !segments.is_empty() {
+            // A member of a name that is not defined.
+            throw();
+        }
+        return None;
+    };
     let rest = &segments[used..];
     for (i, s) in rest.iter().enumerate() {
-        current = match s {
+        if current.is_null() {
+            // A member of `null`.
+            throw();
+            return None;
+        }
+        let last = i + 1 == rest.len();
+        let step = match s {
             Segment::Key(k) if k == "length" && (current.is_array() || current.is_string()) => {
                 // A length is a number: nothing can follow it.
                 return if i + 1 == rest.len() {
@@ -805,10 +1075,20 @@ fn resolve_path<'a>(root: &str, segments: &'a [Segment], scope: &'a dyn Scope) -
                     None
                 };
             }
-            Segment::Key(k) => step_key(current, k)?,
+            Segment::Key(k) => step_key(current, k),
             Segment::Computed(x) => {
                 let index = eval(x, scope);
-                step_index(current, &index)?
+                step_index(current, &index)
+            }
+        };
+        current = match step {
+            Some(v) => v,
+            None => {
+                if !last {
+                    // The next member would be read from `undefined`.
+                    throw();
+                }
+                return None;
             }
         };
     }
@@ -861,6 +1141,11 @@ fn step_value<'a>(current: Val<'a>, segment: &'a Segment, scope: &'a dyn Scope) 
             &key_owned
         }
     };
+    if current.is_null() {
+        // A member of `undefined` or `null`.
+        throw();
+        return None;
+    }
     if key.as_str() == Some("length") && !current.is_object() {
         return length_of(&current).map(Cow::Owned);
     }
@@ -889,18 +1174,19 @@ fn eval_binary<'a>(op: BinOp, l: &'a Expr, r: &'a Expr, scope: &'a dyn Scope) ->
     let a = eval(l, scope);
     let b = eval(r, scope);
     let (a, b) = (a.as_ref(), b.as_ref());
-    Cow::Owned(match op {
-        BinOp::Add => {
-            if is_stringish(a) || is_stringish(b) {
-                Value::String(to_js_string(a) + &to_js_string(b))
-            } else {
-                number(to_number(a) + to_number(b))
-            }
+    match op {
+        BinOp::Add if !(is_stringish(a) || is_stringish(b)) => {
+            return numeric(to_number(a) + to_number(b))
         }
-        BinOp::Sub => number(to_number(a) - to_number(b)),
-        BinOp::Mul => number(to_number(a) * to_number(b)),
-        BinOp::Div => number(to_number(a) / to_number(b)),
-        BinOp::Rem => number(to_number(a) % to_number(b)),
+        BinOp::Sub => return numeric(to_number(a) - to_number(b)),
+        BinOp::Mul => return numeric(to_number(a) * to_number(b)),
+        BinOp::Div => return numeric(to_number(a) / to_number(b)),
+        BinOp::Rem => return numeric(to_number(a) % to_number(b)),
+        _ => {}
+    }
+    Cow::Owned(match op {
+        BinOp::Add => Value::String(to_js_string(a) + &to_js_string(b)),
+        BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => Value::Null,
         BinOp::Lt => Value::Bool(compare(a, b).is_some_and(|o| o.is_lt())),
         BinOp::Le => Value::Bool(compare(a, b).is_some_and(|o| o.is_le())),
         BinOp::Gt => Value::Bool(compare(a, b).is_some_and(|o| o.is_gt())),
@@ -938,6 +1224,9 @@ fn format_number(f: f64) -> String {
 
 /// JavaScript `Number(v)`.
 fn to_number(v: &Value) -> f64 {
+    if is_undefined(v) || is_nan(v) {
+        return f64::NAN;
+    }
     match v {
         Value::Null => 0.0,
         Value::Bool(b) => f64::from(u8::from(*b)),
@@ -958,6 +1247,12 @@ fn to_number(v: &Value) -> f64 {
 
 /// JavaScript `String(v)`.
 fn to_js_string(v: &Value) -> String {
+    if is_undefined(v) {
+        return "undefined".into();
+    }
+    if is_nan(v) {
+        return "NaN".into();
+    }
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
@@ -986,6 +1281,12 @@ fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
 }
 
 fn strict_eq(a: &Value, b: &Value) -> bool {
+    if is_nan(a) || is_nan(b) {
+        return false;
+    }
+    if is_undefined(a) != is_undefined(b) {
+        return false;
+    }
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         _ => a == b,
@@ -993,6 +1294,9 @@ fn strict_eq(a: &Value, b: &Value) -> bool {
 }
 
 fn loose_eq(a: &Value, b: &Value) -> bool {
+    if is_nan(a) || is_nan(b) {
+        return false;
+    }
     match (a, b) {
         (Value::Null, Value::Null) => true,
         (Value::Null, _) | (_, Value::Null) => false,
@@ -1002,6 +1306,116 @@ fn loose_eq(a: &Value, b: &Value) -> bool {
         (Value::Bool(_), _) => loose_eq(&number(to_number(a)), b),
         (_, Value::Bool(_)) => loose_eq(a, &number(to_number(b))),
         _ => strict_eq(a, b),
+    }
+}
+
+/// A method of the table on `target`. On `undefined` or `null` it throws, as in JavaScript;
+/// on a value of another type it yields `undefined`.
+fn call_method<'a>(target: &Value, method: Method, args: &[Val<'a>]) -> Val<'a> {
+    if target.is_null() {
+        throw();
+        return undefined();
+    }
+    let arg = |i: usize| args.get(i).map(|a| a.as_ref());
+    let text = |i: usize| {
+        arg(i)
+            .map(to_js_string)
+            .unwrap_or_else(|| "undefined".into())
+    };
+    match (target, method) {
+        (Value::String(s), Method::Includes) => Cow::Owned(Value::Bool(s.contains(&text(0)))),
+        (Value::String(s), Method::StartsWith) => Cow::Owned(Value::Bool(s.starts_with(&text(0)))),
+        (Value::String(s), Method::EndsWith) => Cow::Owned(Value::Bool(s.ends_with(&text(0)))),
+        (Value::String(s), Method::IndexOf) => {
+            let at = s
+                .find(&text(0))
+                .map_or(-1.0, |byte| s[..byte].encode_utf16().count() as f64);
+            numeric(at)
+        }
+        (Value::String(s), Method::ToLowerCase) => Cow::Owned(Value::String(s.to_lowercase())),
+        (Value::String(s), Method::ToUpperCase) => Cow::Owned(Value::String(s.to_uppercase())),
+        (Value::String(s), Method::Trim) => Cow::Owned(Value::String(s.trim().to_string())),
+        (Value::String(s), Method::Slice) => {
+            let units: Vec<u16> = s.encode_utf16().collect();
+            let (from, to) = slice_bounds(units.len(), arg(0), arg(1));
+            Cow::Owned(Value::String(String::from_utf16_lossy(&units[from..to])))
+        }
+        (Value::Array(items), Method::Includes) => {
+            let x = arg(0).unwrap_or(&UNDEFINED);
+            Cow::Owned(Value::Bool(items.iter().any(|i| same_value_zero(i, x))))
+        }
+        (Value::Array(items), Method::IndexOf) => {
+            let x = arg(0).unwrap_or(&UNDEFINED);
+            numeric(
+                items
+                    .iter()
+                    .position(|i| strict_eq(i, x))
+                    .map_or(-1.0, |i| i as f64),
+            )
+        }
+        (Value::Array(items), Method::Slice) => {
+            let (from, to) = slice_bounds(items.len(), arg(0), arg(1));
+            Cow::Owned(Value::Array(items[from..to].to_vec()))
+        }
+        _ => undefined(),
+    }
+}
+
+/// `includes` equality: strict, but `NaN` equals `NaN`.
+fn same_value_zero(a: &Value, b: &Value) -> bool {
+    (is_nan(a) && is_nan(b)) || strict_eq(a, b)
+}
+
+/// `slice(start, end)` bounds over `len` items: negative counts from the end, missing end
+/// is the end, and the result is never reversed.
+fn slice_bounds(len: usize, start: Option<&Value>, end: Option<&Value>) -> (usize, usize) {
+    let bound = |v: Option<&Value>, default: usize| -> usize {
+        let Some(v) = v.filter(|v| !is_undefined(v)) else {
+            return default;
+        };
+        let f = to_number(v);
+        let f = if f.is_nan() { 0.0 } else { f.trunc() };
+        if f < 0.0 {
+            len.saturating_sub((-f).min(len as f64) as usize)
+        } else {
+            (f.min(len as f64)) as usize
+        }
+    };
+    let from = bound(start, 0);
+    let to = bound(end, len).max(from);
+    (from, to)
+}
+
+/// A function of the table.
+fn call_function<'a>(function: Function, args: &[Val<'a>]) -> Val<'a> {
+    let first = || args.first().map_or(f64::NAN, |a| to_number(a));
+    match function {
+        Function::Min => numeric(
+            args.iter()
+                .map(|a| to_number(a))
+                .fold(f64::INFINITY, |m, x| {
+                    if x.is_nan() || m.is_nan() {
+                        f64::NAN
+                    } else {
+                        m.min(x)
+                    }
+                }),
+        ),
+        Function::Max => numeric(args.iter().map(|a| to_number(a)).fold(
+            f64::NEG_INFINITY,
+            |m, x| {
+                if x.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(x)
+                }
+            },
+        )),
+        Function::Round => numeric((first() + 0.5).floor()),
+        Function::Floor => numeric(first().floor()),
+        Function::Ceil => numeric(first().ceil()),
+        Function::Abs => numeric(first().abs()),
+        Function::IsArray => Cow::Owned(Value::Bool(args.first().is_some_and(|a| a.is_array()))),
     }
 }
 
@@ -1121,9 +1535,93 @@ mod tests {
     }
 
     #[test]
+    fn ternaries_choose_lazily_and_nest_to_the_right() {
+        let s = json!({"n": 5, "tier": "gold"});
+        assert_eq!(ev("n > 3 ? 'big' : 'small'", s.clone()), json!("big"));
+        assert_eq!(
+            ev("n > 9 ? 'big' : n > 3 ? 'mid' : 'small'", s.clone()),
+            json!("mid")
+        );
+        assert_eq!(ev("tier == 'gold' ? n * 2 : n", s.clone()), json!(10));
+        assert_eq!(ev("(n ?? 0) ? {a: 1} : [1]", s), json!({"a": 1}));
+    }
+
+    #[test]
+    fn the_table_of_methods_and_functions() {
+        let s = json!({"name": "  Ada Lovelace ", "tags": ["x", "y"], "n": -2.5, "e": "é€"});
+        assert_eq!(
+            ev("name.trim().toLowerCase()", s.clone()),
+            json!("ada lovelace")
+        );
+        assert_eq!(ev("name.includes('Love')", s.clone()), json!(true));
+        assert_eq!(ev("name.trim().startsWith('Ada')", s.clone()), json!(true));
+        assert_eq!(ev("name.endsWith('x')", s.clone()), json!(false));
+        assert_eq!(ev("name.indexOf('Ada')", s.clone()), json!(2));
+        assert_eq!(ev("name.toUpperCase().length", s.clone()), json!(15));
+        assert_eq!(ev("name.trim().slice(0, 3)", s.clone()), json!("Ada"));
+        assert_eq!(ev("name.trim().slice(-8)", s.clone()), json!("Lovelace"));
+        assert_eq!(ev("e.slice(1)", s.clone()), json!("€"));
+        assert_eq!(ev("tags.includes('y')", s.clone()), json!(true));
+        assert_eq!(ev("tags.indexOf('z')", s.clone()), json!(-1));
+        assert_eq!(ev("tags.slice(1)", s.clone()), json!(["y"]));
+        assert_eq!(ev("Math.max(1, n, 3)", s.clone()), json!(3));
+        assert_eq!(ev("Math.min(1, n, 3)", s.clone()), json!(-2.5));
+        assert_eq!(ev("Math.round(n)", s.clone()), json!(-2));
+        assert_eq!(ev("Math.floor(n)", s.clone()), json!(-3));
+        assert_eq!(ev("Math.ceil(n)", s.clone()), json!(-2));
+        assert_eq!(ev("Math.abs(n)", s.clone()), json!(2.5));
+        assert_eq!(
+            ev("Array.isArray(tags) && !Array.isArray(name)", s.clone()),
+            json!(true)
+        );
+        // A method of another type's value is undefined; of nothing, it throws.
+        assert_eq!(ev("n.includes(1)", s.clone()), Value::Null);
+        assert!(!Expression::parse("missing.includes('a') || true")
+            .unwrap()
+            .evaluate_bool(&s));
+    }
+
+    #[test]
+    fn undefined_compares_false_and_a_member_of_it_makes_the_whole_expression_false() {
+        let s = json!({"fetch": {"total": 150}, "nothing": null});
+        let holds = |src: &str| Expression::parse(src).unwrap().evaluate_bool(&s);
+        // A missing member is undefined: neither side of a comparison holds.
+        assert!(!holds("fetch.count > 100"));
+        assert!(!holds("fetch.count <= 100"));
+        assert!(!holds("missing <= 100"));
+        assert!(holds("fetch.count === undefined && fetch.count == null"));
+        assert!(!holds("fetch.count === null"));
+        // null compares as 0, as in JavaScript.
+        assert!(holds("nothing <= 100"));
+        // A member of undefined or null throws: the whole condition is false.
+        assert!(!holds("!missing.total"));
+        assert!(!holds("!fetch.count.value"));
+        assert!(!holds("!nothing.value"));
+        assert!(!holds("fetch.count.value > 1 || true"));
+        // NaN is never equal nor ordered.
+        assert!(!holds("(fetch.count + 1) >= 0"));
+        assert!(!holds("(fetch.count * 1) == (fetch.count * 1)"));
+        assert_eq!(ev("'a' + missing", s.clone()), json!("aundefined"));
+        assert_eq!(ev("missing ?? 5", s), json!(5));
+    }
+
+    #[test]
     fn parse_errors() {
         for bad in [
-            "a(", "1 +", "a = 1", "a;", "f(1)", "(1", "a.", "'open", "#", "a[1",
+            "a(",
+            "1 +",
+            "a = 1",
+            "a;",
+            "f(1)",
+            "(1",
+            "a.",
+            "'open",
+            "#",
+            "a[1",
+            "a.push(1)",
+            "Math.random()",
+            "x ? 1",
+            "constructor.constructor('x')()",
         ] {
             assert!(Expression::parse(bad).is_err(), "{bad} should not parse");
         }
