@@ -258,17 +258,49 @@ fn wait_pauses_and_resume_follows_the_action() {
 }
 
 #[test]
-fn sleep_and_webhook_pause_the_run() {
-    let b = bp(
-        r#"{"id":"s","nodes":[{"id":"nap","uses":"sleep","params":{"duration":"5m"}},
-        {"id":"hook","uses":"webhook"}]}"#,
-    );
+fn sleep_wakes_in_process_and_webhook_pauses() {
+    let b = bp(r#"{"id":"s","nodes":[{"id":"start","uses":"inc"},
+        {"id":"nap","uses":"sleep","params":{"duration":"50ms"}},
+        {"id":"after","uses":"inc"},
+        {"id":"hook","uses":"webhook"}],
+        "edges":[{"source":"start","target":"nap"},{"source":"nap","target":"after"}]}"#);
+    let started = std::time::Instant::now();
     let result = LocalRuntime::new(inc_registry()).run(&b, ContextMap::new());
+    assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+    // The sleep woke in this process and passed its input on; the webhook still waits.
     assert_eq!(result.status, RunStatus::Awaiting);
+    assert_eq!(result.context["_outputs.nap"], json!(1));
+    assert_eq!(result.context["_outputs.after"], json!(2));
+    assert_eq!(result.context["_awaitingNodeIds"], json!(["hook"]));
     let details = &result.context["_awaitingDetails"];
-    assert_eq!(details["nap"]["durationMs"], json!(300_000));
-    assert!(details["nap"]["wakeUpAt"].as_str().unwrap().ends_with('Z'));
     assert_eq!(details["hook"]["type"], json!("webhook"));
+}
+
+#[test]
+fn resume_can_name_one_awaited_node() {
+    let b = bp(
+        r#"{"id":"two","nodes":[{"id":"a","uses":"wait"},{"id":"b","uses":"wait"},
+        {"id":"after-a","uses":"inc"},{"id":"after-b","uses":"inc"}],
+        "edges":[{"source":"a","target":"after-a"},{"source":"b","target":"after-b"}]}"#,
+    );
+    let runtime = LocalRuntime::new(inc_registry());
+    let paused = runtime.run(&b, ContextMap::new());
+    assert_eq!(paused.context["_awaitingNodeIds"], json!(["a", "b"]));
+    let half = runtime.resume_nodes(
+        &b,
+        paused.context,
+        Some(&["b".to_string()]),
+        None,
+        json!(10),
+    );
+    assert_eq!(half.status, RunStatus::Awaiting);
+    assert_eq!(half.context["_awaitingNodeIds"], json!(["a"]));
+    assert!(half.context["_awaitingDetails"].get("a").is_some());
+    assert_eq!(half.context["_outputs.after-b"], json!(11));
+    let done = runtime.resume_nodes(&b, half.context, None, None, json!(20));
+    assert_eq!(done.status, RunStatus::Completed, "{:?}", done.errors);
+    assert_eq!(done.context["_outputs.after-a"], json!(21));
+    assert!(!done.context.contains_key("_awaitingNodeIds"));
 }
 
 #[test]
@@ -420,12 +452,10 @@ fn outputs_are_stored_under_the_bare_node_id_too_as_flowcraft_does() {
 
 #[test]
 fn awaiting_details_carry_flowcraft_s_reason() {
-    let b = bp(r#"{"id":"pauses","nodes":[{"id":"w","uses":"wait"},
-        {"id":"s","uses":"sleep","params":{"duration":"1h"}}]}"#);
+    let b = bp(r#"{"id":"pauses","nodes":[{"id":"w","uses":"wait"},{"id":"h","uses":"webhook"}]}"#);
     let result = LocalRuntime::new(inc_registry()).run(&b, ContextMap::new());
     assert_eq!(result.status, RunStatus::Awaiting);
     let details = &result.context["_awaitingDetails"];
     assert_eq!(details["w"]["reason"], json!("external_event"));
-    assert_eq!(details["s"]["reason"], json!("timer"));
-    assert!(details["s"]["wakeUpAt"].is_string(), "{details}");
+    assert_eq!(details["h"]["reason"], json!("external_event"));
 }

@@ -4,7 +4,8 @@
 //! ready nodes run concurrently on a bounded pool of scoped threads (a lone ready node runs
 //! inline, so a chain pays no thread hop), joins are counted in memory, and the run ends
 //! `completed` (nothing left to do), `failed` (a node failed without fallback) or `awaiting`
-//! (a `wait`/`sleep`/`webhook` node paused it; [`LocalRuntime::resume`] continues it).
+//! (a `wait`/`webhook` node paused it; [`LocalRuntime::resume`] continues it). A `sleep` is
+//! a timer of the run: the runner waits for it, then goes on from the node.
 //!
 //! ```
 //! use flowcraft_rabbitmq::{Blueprint, LocalRuntime, NodeRegistry, NodeResult, RunStatus};
@@ -19,6 +20,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -187,7 +189,20 @@ impl LocalRuntime {
     pub fn resume(
         &self,
         bp: &Blueprint,
+        context: ContextMap,
+        action: Option<String>,
+        output: Value,
+    ) -> WorkflowResult {
+        self.resume_nodes(bp, context, None, action, output)
+    }
+
+    /// Like [`resume`](Self::resume), for the awaited nodes named in `nodes` only (all when
+    /// `None`); the others stay awaited. A name that is not awaited is ignored.
+    pub fn resume_nodes(
+        &self,
+        bp: &Blueprint,
         mut context: ContextMap,
+        nodes: Option<&[String]>,
         action: Option<String>,
         output: Value,
     ) -> WorkflowResult {
@@ -195,14 +210,26 @@ impl LocalRuntime {
             .remove(AWAITING_NODE_IDS)
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
-        context.remove(AWAITING_DETAILS);
+        let mut details = match context.remove(AWAITING_DETAILS) {
+            Some(Value::Object(d)) => d,
+            _ => serde_json::Map::new(),
+        };
+        let (resumed, still): (Vec<String>, Vec<String>) = awaiting
+            .into_iter()
+            .partition(|id| nodes.is_none_or(|n| n.contains(id)));
         context.insert(
             "_resume.action".into(),
             action.clone().map(Value::String).unwrap_or(Value::Null),
         );
         context.insert("_resume.output".into(), output.clone());
         let mut state = RunState::new(self, bp, context, uuid::Uuid::new_v4().to_string());
-        for id in awaiting {
+        for id in still {
+            if let Some(d) = details.remove(&id) {
+                state.awaiting_details.insert(id.clone(), d);
+            }
+            state.awaiting.push(id);
+        }
+        for id in resumed {
             let node = match bp.node_index(&id) {
                 Some(i) => RunNode::Static(i),
                 None => continue,
@@ -310,6 +337,8 @@ struct RunState<'a> {
     any_fired: HashSet<(usize, u32)>,
     awaiting: Vec<String>,
     awaiting_details: serde_json::Map<String, Value>,
+    /// Sleeping nodes and when they wake.
+    timers: Vec<(Instant, RunNode)>,
     errors: Vec<WorkflowError>,
 }
 
@@ -331,6 +360,7 @@ impl<'a> RunState<'a> {
             any_fired: HashSet::new(),
             awaiting: Vec::new(),
             awaiting_details: serde_json::Map::new(),
+            timers: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -378,20 +408,51 @@ impl<'a> RunState<'a> {
                     }
                     executing += 1;
                 }
+                let next_wake = self.timers.iter().map(|(at, _)| *at).min();
                 if executing == 0 {
-                    break;
+                    let Some(at) = next_wake.filter(|_| self.errors.is_empty()) else {
+                        break;
+                    };
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                    self.wake_due();
+                    continue;
                 }
-                match done_rx.recv() {
+                let received = match next_wake {
+                    Some(at) => done_rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                    None => done_rx
+                        .recv()
+                        .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+                };
+                match received {
                     Ok((node, outcome)) => {
                         executing -= 1;
                         self.complete(node, outcome);
                     }
-                    Err(_) => break,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.wake_due(),
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
             }
             drop(job_tx);
         });
         self.finish()
+    }
+
+    /// Wakes the sleeping nodes whose time has come: a sleep passes its input through.
+    fn wake_due(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.timers)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.timers = later;
+        for (_, node) in due {
+            let id = node.def(self.bp).id.clone();
+            let input = self
+                .context
+                .get(&input_key(&id))
+                .cloned()
+                .unwrap_or(Value::Null);
+            self.apply(node, NodeSuccess::of(NodeResult::output(input)));
+        }
     }
 
     fn finish(mut self) -> WorkflowResult {
@@ -443,6 +504,13 @@ impl<'a> RunState<'a> {
                 format!("node '{id}' exceeded the iteration limit ({limit} executions in one run)"),
             );
         }
+        self.apply(node, success);
+    }
+
+    /// Applies a node's success: its pause, or its writes, output and successors.
+    fn apply(&mut self, node: RunNode, success: NodeSuccess) {
+        let bp = self.bp;
+        let id = node.def(bp).id.clone();
         let NodeSuccess {
             result,
             mut deltas,
@@ -451,6 +519,13 @@ impl<'a> RunState<'a> {
         } = success;
         if let Some(details) = result.awaiting {
             deltas.apply_to(Arc::make_mut(&mut self.context));
+            if details.get("type").and_then(Value::as_str) == Some("sleep") {
+                // In process a sleep is a timer of this run: it wakes where it paused.
+                let ms = details["durationMs"].as_u64().unwrap_or(0);
+                self.timers
+                    .push((Instant::now() + Duration::from_millis(ms), node));
+                return;
+            }
             self.awaiting.push(id.clone());
             self.awaiting_details.insert(id, details);
             return;

@@ -190,6 +190,33 @@ pub fn rfc3339_from_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::node::ContextView;
+    use std::sync::Arc;
+
+    #[test]
+    fn pauses_carry_flowcraft_s_reason() {
+        let mut ctx = NodeContext {
+            input: Value::Null,
+            params: json!({"duration": "1h"}),
+            context: ContextView::new(Arc::new(Default::default())),
+            run_id: "r".into(),
+            node_id: "n".into(),
+            blueprint_id: "b".into(),
+            attempt: 1,
+            cancel: Default::default(),
+        };
+        let slept = sleep(&mut ctx).unwrap().awaiting.unwrap();
+        assert_eq!(slept["reason"], json!("timer"));
+        assert!(slept["wakeUpAt"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(
+            wait(&mut ctx).unwrap().awaiting.unwrap()["reason"],
+            json!("external_event")
+        );
+        assert_eq!(
+            webhook(&mut ctx).unwrap().awaiting.unwrap()["reason"],
+            json!("external_event")
+        );
+    }
 
     #[test]
     fn durations_parse() {
