@@ -51,6 +51,7 @@ mod vocabulary;
 pub mod cli;
 
 pub use engine::blueprint::{Blueprint, BlueprintError};
+pub use engine::builder::Flow;
 pub use engine::lint::{lint, Finding, Severity};
 pub use engine::local::{LocalError, LocalRuntime, LocalRuntimeBuilder, WorkflowResult};
 pub use engine::node::{ContextMap, Node, NodeContext, NodeError, NodeRegistry, NodeResult};

@@ -4,7 +4,9 @@
 //! - Property paths: `a.b.c`, `a["x-y"]`, `a['k']`, `a[0]`, `a[i + 1]`; `.length` of arrays
 //!   and strings. A missing member is `undefined`; reading a member *of* `undefined` or
 //!   `null` is what JavaScript throws on, and Flowcraft's evaluator catches as `undefined`:
-//!   the whole expression is then `undefined` (false as a condition, `null` as a value).
+//!   the whole expression is then `undefined` (false as a condition, `null` as a value). A
+//!   name not in scope at all is `undefined` with its members, without throwing: context
+//!   keys are flat names (`_outputs.n1.total ?? 0` reads 0 before `_outputs.n1` exists).
 //!   `undefined` compares false with everything (`missing <= 100` is false), where `null`
 //!   compares as 0.
 //! - Literals: numbers, `'…'`/`"…"` strings, `true`, `false`, `null`, `undefined`, arrays
@@ -1051,13 +1053,10 @@ fn lookup_root<'a>(
 }
 
 fn resolve_path<'a>(root: &str, segments: &'a [Segment], scope: &'a dyn Scope) -> Option<Val<'a>> {
-    let Some((mut current, used)) = lookup_root(root, segments, scope) else {
-        if !segments.is_empty() {
-            // A member of a name that is not defined.
-            throw();
-        }
-        return None;
-    };
+    // A name that is not in scope at all is undefined, members and all: a run's context
+    // keys are flat (`_outputs.n1` is one name), so `_outputs.n1.total ?? 0` must not throw
+    // before `_outputs.n1` exists.
+    let (mut current, used) = lookup_root(root, segments, scope)?;
     let rest = &segments[used..];
     for (i, s) in rest.iter().enumerate() {
         if current.is_null() {
@@ -1593,8 +1592,10 @@ mod tests {
         assert!(!holds("fetch.count === null"));
         // null compares as 0, as in JavaScript.
         assert!(holds("nothing <= 100"));
-        // A member of undefined or null throws: the whole condition is false.
-        assert!(!holds("!missing.total"));
+        // A member of undefined or null throws: the whole condition is false. (A name not in
+        // scope at all is undefined with its members: context keys are flat names.)
+        assert!(holds("!missing.total"));
+        assert!(holds("(_outputs.n1.total ?? 0) < 3"));
         assert!(!holds("!fetch.count.value"));
         assert!(!holds("!nothing.value"));
         assert!(!holds("fetch.count.value > 1 || true"));

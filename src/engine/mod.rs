@@ -9,6 +9,7 @@
 //! service adapters or the runtime.
 
 pub mod blueprint;
+pub mod builder;
 pub mod executor;
 pub mod expr;
 pub mod flow;
