@@ -861,3 +861,61 @@ fn a_late_worker_of_an_earlier_larger_round_changes_nothing() {
     );
     worker.stop().unwrap();
 }
+
+#[test]
+fn cancel_stops_the_running_node_and_cascades_to_subflow_children() {
+    let env = TestEnv::new("cancel");
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(4);
+    let (stopped_tx, stopped_rx) = crossbeam_channel::bounded::<bool>(4);
+    let mut registry = inc_registry();
+    registry.register_fn("spin", move |ctx| {
+        let _ = entered_tx.send(());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ctx.cancel.is_cancelled() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = stopped_tx.send(ctx.cancel.is_cancelled());
+        Ok(NodeResult::output(json!("spun")))
+    });
+    let spin = bp(
+        r#"{"id":"spin","nodes":[{"id":"s","uses":"spin"},{"id":"after","uses":"inc"}],
+        "edges":[{"source":"s","target":"after"}]}"#,
+    );
+    let child = bp(r#"{"id":"child","nodes":[{"id":"w","uses":"wait"}]}"#);
+    let parent = bp(
+        r#"{"id":"parent","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child"}}]}"#,
+    );
+    let blueprints = vec![spin.clone(), child, parent];
+    let worker = env.start_worker(registry, blueprints.clone(), 1);
+    let client = env.client(blueprints);
+
+    // A running node sees its flag raised, and the run ends cancelled.
+    let run = client.start_workflow("spin", ContextMap::new()).unwrap();
+    entered_rx.recv_timeout(WAIT).expect("the node started");
+    client.cancel(&run).unwrap();
+    assert_eq!(
+        stopped_rx.recv_timeout(Duration::from_secs(5)),
+        Ok(true),
+        "the node saw the cancel"
+    );
+    assert_eq!(
+        env.store().status(&run).unwrap().unwrap().status,
+        "cancelled"
+    );
+    assert!(!env.context(&run).contains_key("_outputs.after"));
+
+    // A parent's cancel reaches its subflow child.
+    let run = client.start_workflow("parent", ContextMap::new()).unwrap();
+    env.wait_for_status(&run, "awaiting", WAIT);
+    let child_run = env.context(&run)["_awaitingDetails"]["sub"]["childRunId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.wait_for_status(&child_run, "awaiting", WAIT);
+    client.cancel(&run).unwrap();
+    assert_eq!(
+        env.store().status(&child_run).unwrap().unwrap().status,
+        "cancelled"
+    );
+    worker.stop().unwrap();
+}

@@ -459,3 +459,35 @@ fn awaiting_details_carry_flowcraft_s_reason() {
     assert_eq!(details["w"]["reason"], json!("external_event"));
     assert_eq!(details["h"]["reason"], json!("external_event"));
 }
+
+#[test]
+fn a_local_run_can_be_cancelled_while_a_node_runs() {
+    let mut registry = inc_registry();
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    registry.register_fn("spin", move |ctx| {
+        let _ = entered_tx.try_send(());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !ctx.cancel.is_cancelled() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(NodeResult::output(json!(null)))
+    });
+    let b = bp(
+        r#"{"id":"c","nodes":[{"id":"s","uses":"spin"},{"id":"after","uses":"inc"}],
+        "edges":[{"source":"s","target":"after"}]}"#,
+    );
+    let runtime = LocalRuntime::new(registry);
+    let cancel = flowcraft_rabbitmq::node::CancelFlag::new();
+    let started = std::time::Instant::now();
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Once the node runs.
+            let _ = entered_rx.recv_timeout(std::time::Duration::from_secs(30));
+            cancel.cancel();
+        });
+        runtime.run_cancellable(&b, ContextMap::new(), &cancel)
+    });
+    assert_eq!(result.status, RunStatus::Cancelled);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert!(!result.context.contains_key("_outputs.after"));
+}

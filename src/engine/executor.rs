@@ -84,7 +84,19 @@ pub struct NodeJob<'a> {
     pub node: &'a NodeDef,
     /// Id of the run the node executes in.
     pub run_id: &'a str,
+    /// The run's cancellation: raised, it raises the running attempt's flag, and no further
+    /// attempt or fallback starts. `None`: the run is not cancelled from outside.
+    pub run_cancel: Option<&'a CancelFlag>,
 }
+
+impl NodeJob<'_> {
+    fn cancelled(&self) -> bool {
+        self.run_cancel.is_some_and(CancelFlag::is_cancelled)
+    }
+}
+
+/// The failure message of a node whose run was cancelled while it ran.
+pub const CANCELLED: &str = "the run was cancelled";
 
 /// Executes a node against a context snapshot.
 pub fn execute_node(
@@ -137,7 +149,7 @@ fn fallback_after(
     failure: NodeFailure,
 ) -> Result<NodeSuccess, NodeFailure> {
     let fallback_id = match &job.node.config.fallback {
-        Some(f) if !failure.fatal => f,
+        Some(f) if !failure.fatal && !job.cancelled() => f,
         _ => return Err(failure),
     };
     let fallback = match job.blueprint.node_by_id(fallback_id) {
@@ -195,6 +207,9 @@ fn run_attempts(
     let timeout = node.config.timeout.map(Duration::from_millis);
     let mut last_error = NodeError::new("not attempted");
     for attempt in 1..=max_attempts {
+        if job.cancelled() {
+            return Err(fail(CANCELLED.into(), true, attempt - 1));
+        }
         let mut view = ContextView::new(snapshot.clone());
         for (k, v) in inherited.iter() {
             match v {
@@ -210,7 +225,9 @@ fn run_attempts(
             node_id: node.id.clone(),
             blueprint_id: job.blueprint.id().to_string(),
             attempt,
-            cancel: CancelFlag::new(),
+            cancel: job
+                .run_cancel
+                .map_or_else(CancelFlag::new, CancelFlag::child),
         };
         match run_attempt(implementation.clone(), ctx, timeout) {
             // A result that cannot be stored fails the attempt, in both runtimes alike (so a
@@ -403,6 +420,7 @@ mod tests {
             blueprint: bp,
             node: bp.node_by_id(node).unwrap(),
             run_id: "r1",
+            run_cancel: None,
         };
         execute_node(job, reg, snapshot)
     }

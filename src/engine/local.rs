@@ -28,10 +28,13 @@ use serde_json::{json, Value};
 use crate::engine::blueprint::{Blueprint, NodeDef};
 use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::flow::{self, choose_successors, readiness, Readiness, RunNode};
-use crate::engine::node::{ContextMap, NodeError, NodeRegistry, NodeResult};
+use crate::engine::node::{CancelFlag, ContextMap, NodeError, NodeRegistry, NodeResult};
 use crate::engine::nodes::{batch, subflow};
 use crate::vocabulary::keys::{batch_key, input_key, AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::vocabulary::RunStatus;
+
+/// The longest a run waiting for a sleep's timer sleeps before looking at its cancel flag.
+const TIMER_STEP: Duration = Duration::from_millis(50);
 
 /// Default bound on how often one node may execute in one run (loops).
 pub const DEFAULT_MAX_ITERATIONS: u32 = 1_000;
@@ -167,7 +170,19 @@ impl LocalRuntime {
 
     /// Runs a blueprint from its start nodes with an initial context.
     pub fn run(&self, bp: &Blueprint, initial: ContextMap) -> WorkflowResult {
-        self.run_with_id(bp, initial, uuid::Uuid::new_v4().to_string())
+        self.run_cancellable(bp, initial, &CancelFlag::new())
+    }
+
+    /// Like [`run`](Self::run), until `cancel` is raised (from another thread): then the
+    /// executing nodes see their flag raised (an `exec` node kills its program), nothing new
+    /// starts, and the run ends `cancelled`.
+    pub fn run_cancellable(
+        &self,
+        bp: &Blueprint,
+        initial: ContextMap,
+        cancel: &CancelFlag,
+    ) -> WorkflowResult {
+        self.run_with_id(bp, initial, uuid::Uuid::new_v4().to_string(), cancel)
     }
 
     fn run_with_id(
@@ -175,9 +190,11 @@ impl LocalRuntime {
         bp: &Blueprint,
         mut initial: ContextMap,
         run_id: String,
+        cancel: &CancelFlag,
     ) -> WorkflowResult {
         bp.stamp(&mut initial);
         let mut state = RunState::new(self, bp, initial, run_id);
+        state.cancel = cancel.clone();
         for &s in bp.start_nodes() {
             state.ready.push_back(RunNode::Static(s));
         }
@@ -258,11 +275,13 @@ impl LocalRuntime {
         node: &NodeDef,
         run_id: &str,
         snapshot: Arc<ContextMap>,
+        cancel: &CancelFlag,
     ) -> Result<NodeSuccess, NodeFailure> {
         let job = NodeJob {
             blueprint: bp,
             node,
             run_id,
+            run_cancel: Some(cancel),
         };
         execute_node(job, &self.inner.registry, snapshot)
     }
@@ -293,7 +312,7 @@ impl LocalRuntime {
             })?;
         let initial = subflow::child_initial_context(&details, &child);
         let child_run = format!("{}/{}", ctx.run_id, ctx.node_id);
-        let outcome = self.run_with_id(&child, initial, child_run);
+        let outcome = self.run_with_id(&child, initial, child_run, &ctx.cancel);
         match outcome.status {
             RunStatus::Completed => {
                 let (result, deltas) = subflow::subflow_result(&details, &child, &outcome.context);
@@ -339,6 +358,8 @@ struct RunState<'a> {
     awaiting_details: serde_json::Map<String, Value>,
     /// Sleeping nodes and when they wake.
     timers: Vec<(Instant, RunNode)>,
+    /// Raised to cancel the run.
+    cancel: CancelFlag,
     errors: Vec<WorkflowError>,
 }
 
@@ -361,6 +382,7 @@ impl<'a> RunState<'a> {
             awaiting: Vec::new(),
             awaiting_details: serde_json::Map::new(),
             timers: Vec::new(),
+            cancel: CancelFlag::new(),
             errors: Vec::new(),
         }
     }
@@ -374,19 +396,21 @@ impl<'a> RunState<'a> {
         let runtime = self.runtime;
         let bp = self.bp;
         let run_id = self.run_id.clone();
+        let cancel = self.cancel.clone();
+        let cancel = &cancel;
         std::thread::scope(|scope| {
             let mut workers = 0usize;
             let mut executing = 0usize;
             loop {
                 // Everything ready is handed out at once with one shared snapshot; the pool
                 // of `threads` workers bounds how many run at a time.
-                while self.errors.is_empty() {
+                while self.errors.is_empty() && !cancel.is_cancelled() {
                     let Some(node) = self.ready.pop_front() else {
                         break;
                     };
                     let snapshot = self.context.clone();
                     if executing == 0 && self.ready.is_empty() {
-                        let outcome = runtime.execute(bp, node.def(bp), &run_id, snapshot);
+                        let outcome = runtime.execute(bp, node.def(bp), &run_id, snapshot, cancel);
                         self.complete(node, outcome);
                         continue;
                     }
@@ -396,7 +420,8 @@ impl<'a> RunState<'a> {
                             (job_rx.clone(), done_tx.clone(), run_id.clone());
                         scope.spawn(move || {
                             for (node, snapshot) in job_rx.iter() {
-                                let outcome = runtime.execute(bp, node.def(bp), &run_id, snapshot);
+                                let outcome =
+                                    runtime.execute(bp, node.def(bp), &run_id, snapshot, cancel);
                                 if done_tx.send((node, outcome)).is_err() {
                                     break;
                                 }
@@ -410,10 +435,13 @@ impl<'a> RunState<'a> {
                 }
                 let next_wake = self.timers.iter().map(|(at, _)| *at).min();
                 if executing == 0 {
-                    let Some(at) = next_wake.filter(|_| self.errors.is_empty()) else {
+                    let live = self.errors.is_empty() && !cancel.is_cancelled();
+                    let Some(at) = next_wake.filter(|_| live) else {
                         break;
                     };
-                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                    // In steps, so that a cancel ends the wait.
+                    let step = at.saturating_duration_since(Instant::now()).min(TIMER_STEP);
+                    std::thread::sleep(step);
                     self.wake_due();
                     continue;
                 }
@@ -456,7 +484,9 @@ impl<'a> RunState<'a> {
     }
 
     fn finish(mut self) -> WorkflowResult {
-        let status = if !self.errors.is_empty() {
+        let status = if self.cancel.is_cancelled() {
+            RunStatus::Cancelled
+        } else if !self.errors.is_empty() {
             RunStatus::Failed
         } else if !self.awaiting.is_empty() {
             RunStatus::Awaiting

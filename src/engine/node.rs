@@ -298,9 +298,13 @@ impl Scope for ContextView {
     }
 }
 
-/// A cancellation signal an attempt can poll; raised when the attempt timed out.
+/// A cancellation signal an attempt can poll; raised when the attempt timed out, or when
+/// its run was cancelled (an attempt's flag is a [`child`](CancelFlag::child) of its run's).
 #[derive(Debug, Clone, Default)]
-pub struct CancelFlag(Arc<AtomicBool>);
+pub struct CancelFlag {
+    own: Arc<AtomicBool>,
+    parent: Option<Arc<AtomicBool>>,
+}
 
 impl CancelFlag {
     /// A flag that is not raised.
@@ -308,14 +312,26 @@ impl CancelFlag {
         CancelFlag::default()
     }
 
-    /// Raises the flag.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+    /// A flag raised with this one, or on its own.
+    pub fn child(&self) -> CancelFlag {
+        CancelFlag {
+            own: Arc::new(AtomicBool::new(false)),
+            parent: Some(self.own.clone()),
+        }
     }
 
-    /// Whether the flag is raised.
+    /// Raises the flag (and its children's).
+    pub fn cancel(&self) {
+        self.own.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the flag, or the one it is a child of, is raised.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.own.load(Ordering::SeqCst)
+            || self
+                .parent
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::SeqCst))
     }
 }
 

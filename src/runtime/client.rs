@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::engine::blueprint::Blueprint;
 use crate::engine::executor::NodeSuccess;
+use crate::engine::local::MAX_SUBFLOW_DEPTH;
 use crate::engine::node::{ContextMap, NodeResult};
 use crate::runtime::error::Error;
 use crate::runtime::message::JobPayload;
@@ -20,6 +21,7 @@ use crate::runtime::worker::DEFAULT_QUEUE;
 use crate::services::postgres::store::{PgPool, RunStore, StatusRow, Tables};
 use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, Declare, JobSink, KeptPublisher};
 use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
+use crate::vocabulary::keys::AWAITING_DETAILS;
 use crate::vocabulary::limits::{check_id, check_storable};
 use crate::vocabulary::RunStatus;
 
@@ -266,6 +268,10 @@ impl Client {
     }
 
     /// Cancels a running or awaiting run: status `cancelled`; its queued jobs are dropped.
+    ///
+    /// Workers raise the cancellation flag of the run's executing node within half a second
+    /// (an `exec` node's program is killed), and the run's subflow children that are still
+    /// running or awaiting are cancelled too.
     pub fn cancel(&self, run_id: &str) -> Result<(), Error> {
         let result = serde_json::json!({"status": "cancelled"});
         if self.store.set_status(
@@ -275,6 +281,7 @@ impl Client {
             &[RunStatus::Running, RunStatus::Awaiting],
         )? {
             log::info!("run {run_id}: cancelled");
+            self.cancel_children(run_id, 0)?;
             return Ok(());
         }
         match self.store.status(run_id)? {
@@ -284,6 +291,41 @@ impl Client {
                 status: row.status.to_string(),
             }),
         }
+    }
+}
+
+impl Client {
+    /// Cancels the subflow children a cancelled run awaits, and theirs.
+    fn cancel_children(&self, run_id: &str, depth: usize) -> Result<(), Error> {
+        if depth >= MAX_SUBFLOW_DEPTH {
+            return Ok(());
+        }
+        let Some(snapshot) = self.store.load(run_id)? else {
+            return Ok(());
+        };
+        let children: Vec<String> = snapshot
+            .context
+            .get(AWAITING_DETAILS)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|details| details.values())
+            .filter_map(|d| d.get("childRunId").and_then(Value::as_str))
+            .map(String::from)
+            .collect();
+        let result = serde_json::json!({"status": "cancelled"});
+        for child in children {
+            let cancelled = self.store.set_status(
+                &child,
+                RunStatus::Cancelled,
+                Some(&result),
+                &[RunStatus::Running, RunStatus::Awaiting],
+            )?;
+            if cancelled {
+                log::info!("run {child}: cancelled with its parent {run_id}");
+                self.cancel_children(&child, depth + 1)?;
+            }
+        }
+        Ok(())
     }
 }
 

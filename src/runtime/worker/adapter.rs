@@ -53,6 +53,7 @@ impl RabbitMqAdapter {
         };
         let heartbeat =
             timers::start_heartbeat(self.shared.clone(), self.stalled_after, stop_rx.clone())?;
+        let cancel_watcher = timers::start_cancel_watcher(self.shared.clone(), stop_rx.clone())?;
         let supervisor = Supervisor {
             shared: self.shared.clone(),
             amqp_url: self.amqp_url.clone(),
@@ -67,7 +68,10 @@ impl RabbitMqAdapter {
         Ok(WorkerHandle {
             stop: std::sync::Mutex::new(Some(stop_tx)),
             supervisor: Some(supervisor),
-            timers: reconciler.into_iter().chain([heartbeat]).collect(),
+            timers: reconciler
+                .into_iter()
+                .chain([heartbeat, cancel_watcher])
+                .collect(),
         })
     }
 }

@@ -292,12 +292,13 @@ fn execute(
         log::info!("run {}: started ({})", job.run_id, bp.id());
     }
     let snapshot = Arc::new(context);
+    let executing = shared.executing(&job.run_id);
     let node_job = NodeJob {
         blueprint: bp,
         node: node.def(bp),
         run_id: &job.run_id,
+        run_cancel: Some(executing.cancel()),
     };
-    let _executing = shared.executing(&job.run_id);
     let executed = execute_node(node_job, &shared.registry, snapshot.clone());
     (snapshot, executed)
 }

@@ -439,6 +439,7 @@ fn child_failed(
         blueprint: bp,
         node,
         run_id: &link.run_id,
+        run_cancel: None,
     };
     let RunSnapshot { context, status } = parent;
     let context = Arc::new(context);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::blueprint::Blueprint;
-use crate::engine::node::NodeRegistry;
+use crate::engine::node::{CancelFlag, NodeRegistry};
 use crate::runtime::resumer::Resumer;
 use crate::services::postgres::store::RunStore;
 use crate::services::redis::RedisCoordinationStore;
@@ -21,8 +21,10 @@ pub(crate) struct Shared {
     /// Base of webhook URLs (`<public_url>/webhooks/<run>/<node>`).
     pub public_url: String,
     pub events_exchange: String,
-    /// Runs with a node executing right now, and how many (the heartbeat touches them).
-    pub executing: Mutex<HashMap<String, usize>>,
+    /// Runs with a node executing right now: how many, and the run's cancellation flag
+    /// (the heartbeat touches these runs; the cancel watcher raises the flag of a run that
+    /// was cancelled).
+    pub executing: Mutex<HashMap<String, (usize, CancelFlag)>>,
 }
 
 impl Shared {
@@ -31,13 +33,35 @@ impl Shared {
         Resumer::new(&self.store, &self.coord, &self.blueprints, &self.queue)
     }
 
-    /// Marks a run as executing a node until the returned guard drops.
+    /// Marks a run as executing a node until the returned guard drops; the guard holds the
+    /// run's cancellation flag.
     pub(crate) fn executing(&self, run_id: &str) -> ExecutingGuard<'_> {
         let mut map = self.executing.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry(run_id.to_string()).or_insert(0) += 1;
+        let entry = map
+            .entry(run_id.to_string())
+            .or_insert_with(|| (0, CancelFlag::new()));
+        entry.0 += 1;
         ExecutingGuard {
             shared: self,
             run_id: run_id.to_string(),
+            cancel: entry.1.clone(),
+        }
+    }
+
+    /// The runs with a node executing right now.
+    pub(crate) fn executing_runs(&self) -> Vec<String> {
+        let map = self.executing.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
+    }
+
+    /// Raises the cancellation flags of these runs' executing nodes.
+    pub(crate) fn cancel_executing(&self, runs: &[String]) {
+        let map = self.executing.lock().unwrap_or_else(|p| p.into_inner());
+        for run in runs {
+            if let Some((_, flag)) = map.get(run) {
+                log::info!("run {run}: cancelled; stopping its executing nodes");
+                flag.cancel();
+            }
         }
     }
 }
@@ -46,6 +70,14 @@ impl Shared {
 pub(crate) struct ExecutingGuard<'a> {
     shared: &'a Shared,
     run_id: String,
+    cancel: CancelFlag,
+}
+
+impl ExecutingGuard<'_> {
+    /// The run's cancellation flag.
+    pub(crate) fn cancel(&self) -> &CancelFlag {
+        &self.cancel
+    }
 }
 
 impl Drop for ExecutingGuard<'_> {
@@ -55,7 +87,7 @@ impl Drop for ExecutingGuard<'_> {
             .executing
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.run_id) {
+        if let Some((n, _)) = map.get_mut(&self.run_id) {
             *n -= 1;
             if *n == 0 {
                 map.remove(&self.run_id);

@@ -26,6 +26,30 @@ pub(super) fn start_heartbeat(
         .map_err(Error::thread("heartbeat"))
 }
 
+/// How often the cancel watcher looks for cancelled runs among those executing a node.
+const CANCEL_WATCH: Duration = Duration::from_millis(500);
+
+/// Starts the cancel watcher: while nodes execute, it looks every half second for their
+/// runs among the cancelled ones, and raises those nodes' cancellation flags (an `exec`
+/// node kills its program; a Rust node sees `ctx.cancel.is_cancelled()`).
+pub(super) fn start_cancel_watcher(
+    shared: Arc<Shared>,
+    stop: Receiver<()>,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("flowcraft-cancel-watch".into())
+        .spawn(move || {
+            while !wait_or_stop(&stop, CANCEL_WATCH) {
+                let runs = shared.executing_runs();
+                match shared.store.cancelled_among(&runs) {
+                    Ok(cancelled) => shared.cancel_executing(&cancelled),
+                    Err(e) => log::warn!("cannot look for cancelled runs: {e}"),
+                }
+            }
+        })
+        .map_err(Error::thread("cancel watcher"))
+}
+
 /// Starts the reconciler's timer thread: a pass every `every`.
 pub(super) fn start_reconciler(
     reconciler: Reconciler,
@@ -48,10 +72,7 @@ pub(super) fn wait_or_stop(stop: &Receiver<()>, timeout: Duration) -> bool {
 
 fn heartbeat(shared: &Shared, every: Duration, stop: &Receiver<()>) {
     while !wait_or_stop(stop, every) {
-        let runs: Vec<String> = {
-            let map = shared.executing.lock().unwrap_or_else(|p| p.into_inner());
-            map.keys().cloned().collect()
-        };
+        let runs = shared.executing_runs();
         if let Err(e) = shared.store.touch_many(&runs) {
             log::warn!("heartbeat failed: {e}");
         }

@@ -533,6 +533,7 @@ struct Statements {
     touch: String,
     mark_stalled: String,
     touch_many: String,
+    cancelled_among: String,
     insert_context: String,
     insert_status: String,
     insert_context_if_absent: String,
@@ -666,6 +667,9 @@ impl RunStore {
             ),
             touch_many: format!(
                 "UPDATE {s} SET updated_at = NOW() WHERE run_id = ANY($1) AND status = 'running'"
+            ),
+            cancelled_among: format!(
+                "SELECT run_id FROM {s} WHERE run_id = ANY($1) AND status = 'cancelled'"
             ),
             insert_context: format!("INSERT INTO {c} (run_id, context_data) VALUES ($1, $2)"),
             insert_status: format!("INSERT INTO {s} (run_id, status) VALUES ($1, $2)"),
@@ -1053,6 +1057,18 @@ impl RunStore {
             self.execute(&self.sql.touch_many, &[&run_ids])?;
         }
         Ok(())
+    }
+
+    /// Which of these runs are cancelled.
+    pub fn cancelled_among(&self, runs: &[String]) -> Result<Vec<String>, StoreError> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .pool
+            .get()?
+            .query_prepared(&self.sql.cancelled_among, &[&runs])?;
+        run_ids(&rows)
     }
 
     /// Inserts a new run's context row and `running` status row in one transaction.
