@@ -491,3 +491,32 @@ fn a_local_run_can_be_cancelled_while_a_node_runs() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert!(!result.context.contains_key("_outputs.after"));
 }
+
+#[test]
+fn a_batch_s_chunk_size_bounds_its_workers_in_flight() {
+    let mut registry = inc_registry();
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, m) = (now.clone(), most.clone());
+    registry.register_fn("slow", move |ctx| {
+        let inside = n.fetch_add(1, Ordering::SeqCst) + 1;
+        m.fetch_max(inside, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        n.fetch_sub(1, Ordering::SeqCst);
+        Ok(NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) * 2
+        )))
+    });
+    let b = bp(r#"{"id":"chunked","nodes":[
+        {"id":"s","uses":"batch-scatter","params":{"workerUsesKey":"slow","gatherNodeId":"g","chunkSize":2}},
+        {"id":"g","uses":"batch-gather"}],"edges":[{"source":"s","target":"g"}]}"#);
+    let items: Vec<i64> = (0..20).collect();
+    let result = LocalRuntime::builder(registry)
+        .threads(8)
+        .build()
+        .run(&b, ctx(json!({"_inputs.s": items})));
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    let expected: Vec<i64> = (0..20).map(|i| i * 2).collect();
+    assert_eq!(result.context["_outputs.g"], json!(expected));
+    let most = most.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&most), "{most} workers ran at once");
+}

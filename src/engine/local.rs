@@ -360,6 +360,8 @@ struct RunState<'a> {
     timers: Vec<(Instant, RunNode)>,
     /// Raised to cancel the run.
     cancel: CancelFlag,
+    /// Batch workers past their batch's `chunkSize`, by gather node, in item order.
+    waiting_workers: HashMap<String, VecDeque<RunNode>>,
     errors: Vec<WorkflowError>,
 }
 
@@ -383,6 +385,7 @@ impl<'a> RunState<'a> {
             awaiting_details: serde_json::Map::new(),
             timers: Vec::new(),
             cancel: CancelFlag::new(),
+            waiting_workers: HashMap::new(),
             errors: Vec::new(),
         }
     }
@@ -587,9 +590,23 @@ impl<'a> RunState<'a> {
                         self.ready.push_back(RunNode::Static(g));
                     }
                 }
-                for d in &result.dynamic_nodes {
-                    self.ready
-                        .push_back(RunNode::Dynamic(Arc::new(batch::def_from_dynamic(d))));
+                // A batch's `chunkSize` bounds its workers in flight; the rest wait their turn.
+                let chunk = def
+                    .params
+                    .get("chunkSize")
+                    .and_then(Value::as_u64)
+                    .filter(|&c| c > 0)
+                    .map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
+                for (i, d) in result.dynamic_nodes.iter().enumerate() {
+                    let worker = RunNode::Dynamic(Arc::new(batch::def_from_dynamic(d)));
+                    if i < chunk {
+                        self.ready.push_back(worker);
+                    } else if let Some(gather) = batch::gather_of(&d.id) {
+                        self.waiting_workers
+                            .entry(gather.to_string())
+                            .or_default()
+                            .push_back(worker);
+                    }
                 }
             }
             RunNode::Dynamic(_) => self.worker_done(&id),
@@ -609,6 +626,13 @@ impl<'a> RunState<'a> {
             .get(&batch_key(gather_id))
             .map(batch::worker_count)
             .unwrap_or(0);
+        if let Some(next) = self
+            .waiting_workers
+            .get_mut(gather_id)
+            .and_then(VecDeque::pop_front)
+        {
+            self.ready.push_back(next);
+        }
         let generation = self.generation(gather);
         let done = self.joins.entry((gather, generation)).or_default();
         done.insert(worker.to_string());
