@@ -106,12 +106,18 @@ impl Flow {
         self
     }
 
-    fn push_edge(mut self, source: String, target: String) -> Flow {
+    fn push_edge(
+        mut self,
+        source: String,
+        target: String,
+        action: Option<String>,
+        condition: Option<String>,
+    ) -> Flow {
         self.def.edges.push(EdgeDef {
             source,
             target,
-            action: None,
-            condition: None,
+            action,
+            condition,
             transform: None,
         });
         self
@@ -119,7 +125,7 @@ impl Flow {
 
     /// An edge, always taken.
     pub fn edge(self, source: impl Into<String>, target: impl Into<String>) -> Flow {
-        self.push_edge(source.into(), target.into())
+        self.push_edge(source.into(), target.into(), None, None)
     }
 
     /// An edge taken when `condition` holds.
@@ -129,11 +135,7 @@ impl Flow {
         target: impl Into<String>,
         condition: impl Into<String>,
     ) -> Flow {
-        let mut flow = self.push_edge(source.into(), target.into());
-        if let Some(edge) = flow.def.edges.last_mut() {
-            edge.condition = Some(condition.into());
-        }
-        flow
+        self.push_edge(source.into(), target.into(), None, Some(condition.into()))
     }
 
     /// An edge taken when the source's result has `action`.
@@ -143,11 +145,7 @@ impl Flow {
         target: impl Into<String>,
         action: impl Into<String>,
     ) -> Flow {
-        let mut flow = self.push_edge(source.into(), target.into());
-        if let Some(edge) = flow.def.edges.last_mut() {
-            edge.action = Some(action.into());
-        }
-        flow
+        self.push_edge(source.into(), target.into(), Some(action.into()), None)
     }
 
     /// The last edge's `transform`: an expression whose value becomes the target's input.
