@@ -520,3 +520,14 @@ fn a_batch_s_chunk_size_bounds_its_workers_in_flight() {
     let most = most.load(Ordering::SeqCst);
     assert!((1..=2).contains(&most), "{most} workers ran at once");
 }
+
+#[test]
+fn a_transform_reads_flat_context_keys_without_copying_the_context() {
+    let b = bp(r#"{"id":"flat","nodes":[
+        {"id":"a","uses":"transform","params":{"expression":"{total: 7}"}},
+        {"id":"b","uses":"transform","params":{"expression":"[context._outputs.a.total, context['_outputs.a'].total, context.missing ?? 'none', context.items.length]"}}],
+        "edges":[{"source":"a","target":"b"}]}"#);
+    let result = LocalRuntime::new(inc_registry()).run(&b, ctx(json!({"items": [1, 2, 3]})));
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    assert_eq!(result.context["_outputs.b"], json!([7, 7, "none", 3]));
+}

@@ -263,7 +263,15 @@ fn run_attempts(
         }
         if attempt < max_attempts {
             if let Some(delay) = node.config.retry_delay.filter(|&d| d > 0) {
-                std::thread::sleep(Duration::from_millis(delay));
+                // In steps, so that a cancelled run does not wait out the delay.
+                let until = std::time::Instant::now() + Duration::from_millis(delay);
+                while !job.cancelled() {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(50)));
+                }
             }
         }
     }

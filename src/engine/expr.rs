@@ -26,8 +26,9 @@
 //! - Hyphenated keys: `fetch-user.name` (no spaces around `-`) reads the key `fetch-user` when
 //!   it exists and is the subtraction `fetch - user.name` otherwise.
 //!
-//! There are no other calls, no assignments and no loops: evaluation is linear in the size
-//! of the expression and of the values its methods read.
+//! There are no other calls, no assignments and no loops: evaluation does work linear in
+//! the size of the expression and of the values it reads and builds (an expression that
+//! builds large values, such as a long chain of string concatenations, builds them).
 //! Sources are limited to [`MAX_SOURCE_LEN`] characters and [`MAX_DEPTH`] levels of nesting.
 //! A problem never panics: parse errors are [`ExprError`]s, and evaluation problems yield
 //! `null` (which is falsy).
@@ -179,6 +180,16 @@ enum Method {
 }
 
 impl Method {
+    /// How many arguments the table's version takes (position arguments are not
+    /// supported: refused at parse time rather than ignored).
+    fn arity(self) -> std::ops::RangeInclusive<usize> {
+        match self {
+            Method::Includes | Method::StartsWith | Method::EndsWith | Method::IndexOf => 1..=1,
+            Method::ToLowerCase | Method::ToUpperCase | Method::Trim => 0..=0,
+            Method::Slice => 0..=2,
+        }
+    }
+
     fn named(name: &str) -> Option<Method> {
         Some(match name {
             "includes" => Method::Includes,
@@ -207,6 +218,13 @@ enum Function {
 }
 
 impl Function {
+    fn arity(self) -> std::ops::RangeInclusive<usize> {
+        match self {
+            Function::Min | Function::Max => 0..=usize::MAX,
+            _ => 1..=1,
+        }
+    }
+
     fn named(object: &str, name: &str) -> Option<Function> {
         Some(match (object, name) {
             ("Math", "min") => Function::Min,
@@ -592,6 +610,9 @@ impl Parser {
         if base.is_none() && segments.1.is_empty() {
             if let Some(function) = Function::named(&segments.0, &name) {
                 let args = self.arguments()?;
+                if !function.arity().contains(&args.len()) {
+                    return self.arity_error(&name, function.arity());
+                }
                 return Ok(Expr::Function(function, args));
             }
         }
@@ -610,11 +631,26 @@ impl Parser {
             None => path_expr(segments.0, segments.1),
         };
         let args = self.arguments()?;
+        if !method.arity().contains(&args.len()) {
+            return self.arity_error(&name, method.arity());
+        }
         Ok(Expr::Method {
             target: Box::new(target),
             method,
             args,
         })
+    }
+
+    fn arity_error<T>(
+        &self,
+        name: &str,
+        arity: std::ops::RangeInclusive<usize>,
+    ) -> Result<T, ExprError> {
+        let takes = match (arity.start(), arity.end()) {
+            (a, b) if a == b => format!("{a} argument(s)"),
+            (a, b) => format!("{a} to {b} arguments"),
+        };
+        self.error(format!("'{name}' takes {takes} here"))
     }
 
     /// Precedence climbing over the binary operator levels.
@@ -941,15 +977,6 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
     (!threw).then_some(value)
 }
 
-/// Evaluates without letting a throw escape (the path of a hyphenated name, whose other
-/// reading is a subtraction).
-fn quietly<T>(f: impl FnOnce() -> T) -> T {
-    let outer = THREW.with(|t| t.get());
-    let value = f();
-    THREW.with(|t| t.set(outer));
-    value
-}
-
 fn eval<'a>(e: &'a Expr, scope: &'a dyn Scope) -> Val<'a> {
     match e {
         Expr::Literal(v) => Cow::Borrowed(v),
@@ -961,9 +988,6 @@ fn eval<'a>(e: &'a Expr, scope: &'a dyn Scope) -> Val<'a> {
             if let Expr::Path { root, segments } = path.as_ref() {
                 if lookup_root(root, segments, scope).is_some() {
                     return resolve_path(root, segments, scope).unwrap_or_else(undefined);
-                }
-                if let Some(v) = quietly(|| resolve_path(root, segments, scope)) {
-                    return v;
                 }
             }
             eval(fallback, scope)
@@ -1006,10 +1030,15 @@ fn eval<'a>(e: &'a Expr, scope: &'a dyn Scope) -> Val<'a> {
         Expr::Array(items) => Cow::Owned(Value::Array(
             items.iter().map(|x| eval(x, scope).into_owned()).collect(),
         )),
+        // A member whose value is undefined is left out, as JSON.stringify does, so a
+        // stored object does not turn undefined into null.
         Expr::Object(fields) => Cow::Owned(Value::Object(
             fields
                 .iter()
-                .map(|(k, x)| (k.clone(), eval(x, scope).into_owned()))
+                .filter_map(|(k, x)| {
+                    let v = eval(x, scope);
+                    (!is_undefined(&v)).then(|| (k.clone(), v.into_owned()))
+                })
                 .collect(),
         )),
         Expr::Unary(op, x) => {
@@ -1046,7 +1075,8 @@ fn lookup_root<'a>(
             return Some((v, i + 1));
         }
     }
-    if deferred {
+    if deferred && segments.is_empty() {
+        // The name itself, whole: only when nothing narrower was asked for.
         return scope.lookup(root).map(|v| (v, 0));
     }
     None
@@ -1056,7 +1086,15 @@ fn resolve_path<'a>(root: &str, segments: &'a [Segment], scope: &'a dyn Scope) -
     // A name that is not in scope at all is undefined, members and all: a run's context
     // keys are flat (`_outputs.n1` is one name), so `_outputs.n1.total ?? 0` must not throw
     // before `_outputs.n1` exists.
-    let (mut current, used) = lookup_root(root, segments, scope)?;
+    let (mut current, used) = match segments.first() {
+        // `context['_outputs.n1']` on a deferred name reads that key alone.
+        Some(Segment::Computed(x)) if scope.defers(root) => {
+            let key = eval(x, scope);
+            let key = key.as_str()?;
+            (scope.lookup(&format!("{root}.{key}"))?, 1)
+        }
+        _ => lookup_root(root, segments, scope)?,
+    };
     let rest = &segments[used..];
     for (i, s) in rest.iter().enumerate() {
         if current.is_null() {
@@ -1356,7 +1394,11 @@ fn call_method<'a>(target: &Value, method: Method, args: &[Val<'a>]) -> Val<'a> 
             let (from, to) = slice_bounds(items.len(), arg(0), arg(1));
             Cow::Owned(Value::Array(items[from..to].to_vec()))
         }
-        _ => undefined(),
+        // Not a function of that value: a TypeError in JavaScript.
+        _ => {
+            throw();
+            undefined()
+        }
     }
 }
 
@@ -1573,8 +1615,14 @@ mod tests {
             ev("Array.isArray(tags) && !Array.isArray(name)", s.clone()),
             json!(true)
         );
-        // A method of another type's value is undefined; of nothing, it throws.
+        // A method of another type's value, or of nothing, throws: the whole expression
+        // is undefined.
         assert_eq!(ev("n.includes(1)", s.clone()), Value::Null);
+        assert!(!Expression::parse("n.includes(1) || true")
+            .unwrap()
+            .evaluate_bool(&s));
+        // An object drops its undefined members, as JSON.stringify does.
+        assert_eq!(ev("{a: missing, b: 1}", s.clone()), json!({"b": 1}));
         assert!(!Expression::parse("missing.includes('a') || true")
             .unwrap()
             .evaluate_bool(&s));
@@ -1623,6 +1671,10 @@ mod tests {
             "Math.random()",
             "x ? 1",
             "constructor.constructor('x')()",
+            "s.startsWith('b', 1)",
+            "Math.abs()",
+            "s.trim(1)",
+            "s.slice(1, 2, 3)",
         ] {
             assert!(Expression::parse(bad).is_err(), "{bad} should not parse");
         }

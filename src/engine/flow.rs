@@ -151,7 +151,7 @@ fn condition_holds(bp: &Blueprint, edge: usize, scope: &ConditionScope<'_>) -> b
     if !bp.has_condition(edge) {
         return true;
     }
-    // A condition that did not parse is null, hence false.
+    // (Every condition parsed when the blueprint loaded.)
     bp.condition(edge).is_some_and(|c| c.evaluate_bool(scope))
 }
 

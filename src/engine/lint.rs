@@ -53,6 +53,16 @@ pub fn lint(
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
     let def = bp.def();
+    let connected: std::collections::HashSet<&str> = def
+        .edges
+        .iter()
+        .flat_map(|e| [e.source.as_str(), e.target.as_str()])
+        .chain(
+            def.nodes
+                .iter()
+                .filter_map(|n| n.config.fallback.as_deref()),
+        )
+        .collect();
     for (i, node) in def.nodes.iter().enumerate() {
         let mut found = |severity, message: String| {
             findings.push(Finding {
@@ -104,11 +114,7 @@ pub fn lint(
             },
             _ => {}
         }
-        let connected = def
-            .edges
-            .iter()
-            .any(|e| e.source == node.id || e.target == node.id);
-        if def.nodes.len() > 1 && !connected {
+        if def.nodes.len() > 1 && !connected.contains(node.id.as_str()) {
             found(
                 Severity::Warning,
                 "has no edges: it runs as a start node of its own".into(),

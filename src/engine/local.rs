@@ -470,6 +470,11 @@ impl<'a> RunState<'a> {
 
     /// Wakes the sleeping nodes whose time has come: a sleep passes its input through.
     fn wake_due(&mut self) {
+        if self.cancel.is_cancelled() || !self.errors.is_empty() {
+            // The run is over: a timer wakes nothing.
+            self.timers.clear();
+            return;
+        }
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.timers)
             .into_iter()

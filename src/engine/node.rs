@@ -198,7 +198,8 @@ impl ContextDeltas {
         self.entries.is_empty()
     }
 
-    /// Appends all writes of `other` after this one's.
+    /// Applies the writes of `other` on top of this one's: a key written in both takes
+    /// `other`'s value, at its first position.
     pub fn extend(&mut self, other: ContextDeltas) {
         for (k, v) in other.entries {
             self.put(k, v);
@@ -303,7 +304,8 @@ impl Scope for ContextView {
 #[derive(Debug, Clone, Default)]
 pub struct CancelFlag {
     own: Arc<AtomicBool>,
-    parent: Option<Arc<AtomicBool>>,
+    /// The flags it is a child of, nearest first (raising any raises this one).
+    ancestors: Vec<Arc<AtomicBool>>,
 }
 
 impl CancelFlag {
@@ -312,11 +314,13 @@ impl CancelFlag {
         CancelFlag::default()
     }
 
-    /// A flag raised with this one, or on its own.
+    /// A flag raised with this one (or any it is a child of), or on its own.
     pub fn child(&self) -> CancelFlag {
         CancelFlag {
             own: Arc::new(AtomicBool::new(false)),
-            parent: Some(self.own.clone()),
+            ancestors: std::iter::once(self.own.clone())
+                .chain(self.ancestors.iter().cloned())
+                .collect(),
         }
     }
 
@@ -325,13 +329,9 @@ impl CancelFlag {
         self.own.store(true, Ordering::SeqCst);
     }
 
-    /// Whether the flag, or the one it is a child of, is raised.
+    /// Whether the flag, or one it is a child of, is raised.
     pub fn is_cancelled(&self) -> bool {
-        self.own.load(Ordering::SeqCst)
-            || self
-                .parent
-                .as_ref()
-                .is_some_and(|p| p.load(Ordering::SeqCst))
+        self.own.load(Ordering::SeqCst) || self.ancestors.iter().any(|a| a.load(Ordering::SeqCst))
     }
 }
 
@@ -419,6 +419,19 @@ impl NodeRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_is_raised_with_any_it_descends_from() {
+        let run = CancelFlag::new();
+        let attempt = run.child();
+        let nested = attempt.child();
+        assert!(!nested.is_cancelled());
+        run.cancel();
+        assert!(attempt.is_cancelled() && nested.is_cancelled());
+        let own = CancelFlag::new().child();
+        own.cancel();
+        assert!(own.is_cancelled());
+    }
     use serde_json::json;
 
     #[test]

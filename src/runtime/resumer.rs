@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::engine::blueprint::Blueprint;
 use crate::engine::executor::NodeSuccess;
-use crate::engine::flow::record_output;
+use crate::engine::flow::{record_output, record_worker_output};
 use crate::engine::node::{ContextDeltas, ContextMap};
 use crate::runtime::error::Error;
 use crate::runtime::message::job_id;
@@ -169,7 +169,12 @@ impl<'a> Resumer<'a> {
         };
         for n in &targets {
             let mut outputs = ContextDeltas::default();
-            record_output(&mut outputs, n, fallback.as_deref(), output);
+            if bp.node_index(n).is_some() {
+                record_output(&mut outputs, n, fallback.as_deref(), output);
+            } else {
+                // A batch worker (a dynamic node): its output is gathered from `_outputs.*`.
+                record_worker_output(&mut outputs, n, output);
+            }
             for (k, v) in outputs.iter() {
                 commit
                     .set

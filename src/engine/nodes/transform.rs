@@ -11,9 +11,10 @@ use crate::engine::expr::{Expression, Scope};
 use crate::engine::node::{ContextView, NodeContext, NodeError, NodeResult};
 
 /// `{input, context, params}`. `context` is read key by key from the node's view —
-/// `context.items` and `context._outputs.n1`-style flat lookups go straight to the key — and
-/// built whole only for an expression that needs it whole (`context`, `context[expr]`, a
-/// missing key), so a transform costs what it reads, not the size of the run.
+/// `context.items`, `context._outputs.n1.total` (the flat key `_outputs.n1`) and
+/// `context['_outputs.n1']` go straight to the key — and is built whole only for an
+/// expression that names `context` itself, so a transform costs what it reads, not the size
+/// of the run.
 struct TransformScope<'a> {
     input: &'a Value,
     context: &'a ContextView,
@@ -28,12 +29,9 @@ impl Scope for TransformScope<'_> {
             "params" => Some(self.params),
             "context" => Some(self.whole_context.get_or_init(|| self.context.to_json())),
             _ => {
-                // `context.<key>` as the evaluator asks for a flat key under a name: one
-                // segment (no further dot) is exactly `context[key]`.
+                // `context.<key>` as the evaluator asks for a flat key under a name
+                // (`context._outputs.n1` reads the key `_outputs.n1`, as at the top level).
                 let member = key.strip_prefix("context.")?;
-                if member.contains('.') {
-                    return None;
-                }
                 self.context.get(member)
             }
         }

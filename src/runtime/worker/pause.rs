@@ -186,6 +186,18 @@ fn start_child(
         json!({"runId": job.run_id, "nodeId": node.id, "blueprintId": job.blueprint_id}),
     );
     shared.store.create_run_if_absent(child_run, &context)?;
+    // The parent may have been cancelled between its pause and now: then so is the child.
+    let parent = shared.store.status(&job.run_id)?;
+    if parent.is_some_and(|p| p.status == RunStatus::Cancelled) {
+        let result = json!({"status": "cancelled"});
+        shared.store.set_status(
+            child_run,
+            RunStatus::Cancelled,
+            Some(&result),
+            &[RunStatus::Running],
+        )?;
+        return Ok(());
+    }
     let bodies: Vec<Vec<u8>> = child
         .start_node_ids()
         .iter()

@@ -1,5 +1,6 @@
 //! The worker's timer threads: the heartbeat, which keeps a run whose node runs long from
-//! looking stalled, and the reconciler's passes.
+//! looking stalled; the cancel watcher, which raises the flags of nodes whose run was
+//! cancelled; and the reconciler's passes.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
