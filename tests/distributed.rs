@@ -92,7 +92,9 @@ fn many_threads_and_runs_each_node_runs_once_and_every_delivery_is_acked() {
 
 #[test]
 fn same_final_context_as_the_in_process_runner() {
-    let env = TestEnv::new("parity");
+    let mut env = TestEnv::new("parity");
+    // retry-fallback.json retries after 10 ms through a delay queue.
+    env.extra_queues.push(format!("{}.delay.10", env.queue));
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/blueprints");
     let (blueprints, problems) = flowcraft_rabbitmq::blueprint::load_dir(dir);
     assert!(problems.is_empty(), "{problems:?}");
@@ -226,7 +228,9 @@ fn loops_joins_and_batches_run_each_node_as_in_process_and_leave_no_frontier() {
         r#"{"id":"empty-batch","nodes":[{"id":"scatter","uses":"batch-scatter","params":{"workerUsesKey":"inc","gatherNodeId":"gather"}},
         {"id":"gather","uses":"batch-gather"}],"edges":[{"source":"scatter","target":"gather"}]}"#,
     ];
-    let env = TestEnv::new("shapes");
+    let mut env = TestEnv::new("shapes");
+    // retry-fallback.json retries after 10 ms through a delay queue.
+    env.extra_queues.push(format!("{}.delay.10", env.queue));
     let mut blueprints: Vec<_> = shapes.iter().map(|s| bp(s)).collect();
     blueprints.extend(
         [
@@ -312,5 +316,46 @@ fn the_worker_stores_outputs_under_the_bare_node_id_too() {
         context["_awaitingDetails"]["nap"]["reason"],
         json!("external_event")
     );
+    worker.stop().unwrap();
+}
+
+#[test]
+fn retries_are_queued_with_their_delay_and_hold_no_thread() {
+    let mut env = TestEnv::new("retries");
+    env.extra_queues.push(format!("{}.delay.1500", env.queue));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let mut registry = inc_registry();
+    let attempts = seen.clone();
+    registry.register_fn("flaky", move |ctx| {
+        attempts.lock().unwrap().push(ctx.attempt);
+        if ctx.attempt < 3 {
+            return Err(flowcraft_rabbitmq::NodeError::new("not yet"));
+        }
+        Ok(flowcraft_rabbitmq::NodeResult::output(json!(ctx.attempt)))
+    });
+    let flaky = bp(r#"{"id":"flaky","nodes":[
+        {"id":"f","uses":"flaky","config":{"maxRetries":3,"retryDelay":1500}},
+        {"id":"after","uses":"inc"}],"edges":[{"source":"f","target":"after"}]}"#);
+    let (chain, _) = workload("chain5");
+    // One thread: if it waited out the retry delays, nothing else could run meanwhile.
+    let worker = env.start_worker(registry, vec![flaky.clone(), chain.clone()], 1);
+    let run = env.start_run(&flaky, ContextMap::new());
+    env.eventually("the first attempt failed", WAIT, || {
+        !seen.lock().unwrap().is_empty()
+    });
+    let other = env.start_run(&chain, ContextMap::new());
+    env.wait_for_status(&other, "completed", WAIT);
+    assert!(
+        seen.lock().unwrap().len() < 3,
+        "another run went through while the retries waited: {:?}",
+        seen.lock().unwrap()
+    );
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![1, 2, 3],
+        "attempts counted across deliveries"
+    );
+    assert_eq!(row.result.unwrap()["context"]["_outputs.f"], json!(3));
     worker.stop().unwrap();
 }

@@ -63,6 +63,10 @@ pub struct NodeFailure {
     pub fatal: bool,
     /// Attempts made (0 when no implementation is registered for the node's `uses`).
     pub attempts: u32,
+    /// Set when the job ran one queued attempt ([`NodeJob::queued_attempt`]) that failed
+    /// and attempts are left: the caller queues the next one after this many milliseconds
+    /// (the node's `retryDelay`); no fallback ran.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl std::fmt::Display for NodeFailure {
@@ -87,6 +91,11 @@ pub struct NodeJob<'a> {
     /// The run's cancellation: raised, it raises the running attempt's flag, and no further
     /// attempt or fallback starts. `None`: the run is not cancelled from outside.
     pub run_cancel: Option<&'a CancelFlag>,
+    /// Queue-native retries (the distributed worker): run only this attempt (1-based); if it
+    /// fails with attempts left, the failure says when to queue the next
+    /// ([`NodeFailure::retry_after_ms`]) instead of waiting here. `None`: every attempt
+    /// runs here, with `retryDelay` between them (the in-process runner).
+    pub queued_attempt: Option<u32>,
 }
 
 impl NodeJob<'_> {
@@ -149,7 +158,7 @@ fn fallback_after(
     failure: NodeFailure,
 ) -> Result<NodeSuccess, NodeFailure> {
     let fallback_id = match &job.node.config.fallback {
-        Some(f) if !failure.fatal && !job.cancelled() => f,
+        Some(f) if !failure.fatal && !job.cancelled() && failure.retry_after_ms.is_none() => f,
         _ => return Err(failure),
     };
     let fallback = match job.blueprint.node_by_id(fallback_id) {
@@ -168,8 +177,10 @@ fn fallback_after(
         "_catch_error",
         json!({"message": failure.message, "nodeId": job.node.id, "blueprintId": job.blueprint.id()}),
     );
+    // A fallback runs its own attempts here, whatever the failed node's retries were.
     let fallback_job = NodeJob {
         node: fallback,
+        queued_attempt: None,
         ..job
     };
     let mut success = execute_with_fallback(fallback_job, registry, snapshot, deltas, depth + 1)?;
@@ -195,6 +206,7 @@ fn run_attempts(
         message,
         fatal,
         attempts,
+        retry_after_ms: None,
     };
     let implementation = registry.get(&node.uses).ok_or_else(|| {
         fail(
@@ -206,7 +218,11 @@ fn run_attempts(
     let max_attempts = node.config.max_retries.unwrap_or(1).max(1);
     let timeout = node.config.timeout.map(Duration::from_millis);
     let mut last_error = NodeError::new("not attempted");
-    for attempt in 1..=max_attempts {
+    let attempts = match job.queued_attempt {
+        Some(k) => k.clamp(1, max_attempts)..=k.clamp(1, max_attempts),
+        None => 1..=max_attempts,
+    };
+    for attempt in attempts.clone() {
         if job.cancelled() {
             return Err(fail(CANCELLED.into(), true, attempt - 1));
         }
@@ -261,6 +277,12 @@ fn run_attempts(
                 last_error = e;
             }
         }
+        if job.queued_attempt.is_some() && attempt < max_attempts {
+            // The caller queues the next attempt.
+            let mut failure = fail(last_error.message().to_string(), false, attempt);
+            failure.retry_after_ms = Some(node.config.retry_delay.unwrap_or(0));
+            return Err(failure);
+        }
         if attempt < max_attempts {
             if let Some(delay) = node.config.retry_delay.filter(|&d| d > 0) {
                 // In steps, so that a cancelled run does not wait out the delay.
@@ -275,7 +297,11 @@ fn run_attempts(
             }
         }
     }
-    Err(fail(last_error.message().to_string(), false, max_attempts))
+    Err(fail(
+        last_error.message().to_string(),
+        false,
+        *attempts.end(),
+    ))
 }
 
 /// Whether a node's result and writes can be stored and read back (see
@@ -429,6 +455,7 @@ mod tests {
             node: bp.node_by_id(node).unwrap(),
             run_id: "r1",
             run_cancel: None,
+            queued_attempt: None,
         };
         execute_node(job, reg, snapshot)
     }

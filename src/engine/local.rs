@@ -282,6 +282,7 @@ impl LocalRuntime {
             node,
             run_id,
             run_cancel: Some(cancel),
+            queued_attempt: None,
         };
         execute_node(job, &self.inner.registry, snapshot)
     }

@@ -133,6 +133,12 @@ fn process(
     let (snapshot, executed) = execute(shared, bp, job, &node, context);
     let success = match executed {
         Ok(success) => success,
+        Err(NodeFailure {
+            retry_after_ms: Some(delay),
+            attempts,
+            message,
+            ..
+        }) => return queue_retry(shared, job, attempts, delay, &message, publisher),
         Err(failure) => {
             return fail_node(shared, bp, job, &node, failure, publisher).map(Handled::from)
         }
@@ -298,6 +304,8 @@ fn execute(
         node: node.def(bp),
         run_id: &job.run_id,
         run_cancel: Some(executing.cancel()),
+        // Retries are queued, not waited for on this thread.
+        queued_attempt: Some(job.attempt.unwrap_or(1).max(1)),
     };
     let executed = execute_node(node_job, &shared.registry, snapshot.clone());
     (snapshot, executed)
@@ -307,6 +315,40 @@ fn execute(
 /// and completes the run if that was its last outstanding job.
 fn close_only(job: &JobPayload) -> Box<TailJob> {
     TailJob::coordinate_only(job, &job.node_id, Vec::new(), Vec::new())
+}
+
+/// Queues the next attempt of a job whose attempt `attempt` failed, after `delay_ms` (its
+/// node's `retryDelay`), and acks this delivery: no thread waits out the delay, and the
+/// attempts are counted across deliveries (`attempt`, `isLastAttempt`, as Flowcraft 2.10's
+/// queue-native retries).
+fn queue_retry(
+    shared: &Shared,
+    job: &JobPayload,
+    attempt: u32,
+    delay_ms: u64,
+    reason: &str,
+    publisher: &mut dyn JobSink,
+) -> Result<Handled, Error> {
+    let max = shared
+        .blueprints
+        .get(&job.blueprint_id)
+        .and_then(|bp| bp.node_by_id(&job.node_id))
+        .map_or(1, |n| n.config.max_retries.unwrap_or(1).max(1));
+    let mut next = job.clone();
+    next.attempt = Some(attempt + 1);
+    next.is_last_attempt = Some(attempt + 1 >= max);
+    log::info!(
+        "run {}: '{}' attempt {attempt} failed ({reason}); attempt {} in {delay_ms} ms",
+        job.run_id,
+        job.node_id,
+        attempt + 1
+    );
+    if delay_ms == 0 {
+        publisher.publish_jobs("", &shared.queue, &[next.to_body()])?;
+    } else {
+        publisher.publish_delayed(&shared.queue, delay_ms, next.to_body(), delay_ms)?;
+    }
+    Ok(Outcome::Ack.into())
 }
 
 /// Puts a job back for a second, through the 1 s delay queue, and acks this delivery.

@@ -446,12 +446,14 @@ fn child_failed(
         message: message.clone(),
         fatal: false,
         attempts: attempt,
+        retry_after_ms: None,
     };
     let job = NodeJob {
         blueprint: bp,
         node,
         run_id: &link.run_id,
         run_cancel: None,
+        queued_attempt: None,
     };
     let RunSnapshot { context, status } = parent;
     let context = Arc::new(context);
