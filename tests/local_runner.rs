@@ -531,3 +531,30 @@ fn a_transform_reads_flat_context_keys_without_copying_the_context() {
     assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
     assert_eq!(result.context["_outputs.b"], json!([7, 7, "none", 3]));
 }
+
+#[test]
+fn a_subflow_whose_child_pauses_pauses_its_parent_until_resumed() {
+    let child = bp(r#"{"id":"approval","nodes":[{"id":"ask","uses":"wait"},
+        {"id":"decided","uses":"transform","params":{"expression":"'approved by ' + input"}}],
+        "edges":[{"source":"ask","target":"decided"}]}"#);
+    let parent = bp(r#"{"id":"order","nodes":[
+        {"id":"sub","uses":"subflow","params":{"blueprintId":"approval"}},
+        {"id":"ship","uses":"transform","params":{"expression":"'shipped: ' + input"}}],
+        "edges":[{"source":"sub","target":"ship"}]}"#);
+    let runtime = LocalRuntime::builder(inc_registry())
+        .blueprints([child, parent.clone()])
+        .build();
+    let paused = runtime.run(&parent, ContextMap::new());
+    assert_eq!(paused.status, RunStatus::Awaiting, "{:?}", paused.errors);
+    assert_eq!(paused.context["_awaitingNodeIds"], json!(["sub"]));
+    // The resume reaches the child's wait; the child completes, and so does the parent.
+    let done = runtime.resume(&parent, paused.context, None, json!("ada"));
+    assert_eq!(done.status, RunStatus::Completed, "{:?}", done.errors);
+    assert!(
+        done.context["_outputs.ship"]
+            .to_string()
+            .contains("approved by ada"),
+        "{:?}",
+        done.context
+    );
+}

@@ -251,22 +251,73 @@ impl LocalRuntime {
                 Some(i) => RunNode::Static(i),
                 None => continue,
             };
-            let result = NodeResult {
-                output: output.clone(),
-                action: action.clone(),
-                ..NodeResult::default()
+            let paused = details.remove(&id).unwrap_or(Value::Null);
+            let outcome = if paused.get("childContext").is_some() {
+                // A subflow whose child paused: the resume is the child's.
+                match self.resume_child(&id, paused, action.clone(), output.clone()) {
+                    ChildResumed::Done(outcome) => outcome,
+                    ChildResumed::StillAwaiting(paused) => {
+                        state.awaiting.push(id.clone());
+                        state.awaiting_details.insert(id, paused);
+                        continue;
+                    }
+                }
+            } else {
+                Ok(NodeSuccess::of(NodeResult {
+                    output: output.clone(),
+                    action: action.clone(),
+                    ..NodeResult::default()
+                }))
             };
-            state.complete(
-                node,
-                Ok(NodeSuccess {
-                    result,
-                    deltas: Default::default(),
-                    fallback: None,
-                    attempts: 0,
-                }),
-            );
+            state.complete(node, outcome);
         }
         state.drive()
+    }
+
+    /// Resumes the paused child of a subflow node (its details hold the child's context):
+    /// the node's result once the child completes, or its new details while it still waits.
+    fn resume_child(
+        &self,
+        node_id: &str,
+        mut paused: Value,
+        action: Option<String>,
+        output: Value,
+    ) -> ChildResumed {
+        let child_id = paused["blueprintId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let fail = |message: String| {
+            ChildResumed::Done(Err(NodeFailure {
+                node_id: node_id.to_string(),
+                message,
+                fatal: false,
+                attempts: 1,
+                retry_after_ms: None,
+            }))
+        };
+        let Some(child) = self.inner.blueprints.get(&child_id).cloned() else {
+            return fail(format!("subflow names unknown blueprint '{child_id}'"));
+        };
+        let context = match paused.get_mut("childContext").map(Value::take) {
+            Some(Value::Object(context)) => context,
+            _ => ContextMap::new(),
+        };
+        let outcome = self.resume_nodes(&child, context, None, action, output);
+        match outcome.status {
+            RunStatus::Completed => {
+                let (result, deltas) = subflow::subflow_result(&paused, &child, &outcome.context);
+                ChildResumed::Done(Ok(NodeSuccess {
+                    deltas,
+                    ..NodeSuccess::of(result)
+                }))
+            }
+            RunStatus::Awaiting => {
+                paused["childContext"] = Value::Object(outcome.context);
+                ChildResumed::StillAwaiting(paused)
+            }
+            other => fail(format!("subflow '{child_id}' ended {other}")),
+        }
     }
 
     fn execute(
@@ -287,7 +338,8 @@ impl LocalRuntime {
         execute_node(job, &self.inner.registry, snapshot)
     }
 
-    /// The in-process `subflow`: runs the child to its end inside the parent's attempt.
+    /// The in-process `subflow`: runs the child inside the parent's attempt; a child that
+    /// pauses pauses the node, which carries the child's context in its details.
     fn run_subflow(
         &self,
         ctx: &mut crate::engine::node::NodeContext,
@@ -325,6 +377,14 @@ impl LocalRuntime {
                 }
                 Ok(result)
             }
+            RunStatus::Awaiting => {
+                // The child paused: so does the parent's subflow node, carrying the child's
+                // state; resuming the parent resumes the child (see `resume_nodes`).
+                let mut paused = details;
+                paused["childRunId"] = Value::String(format!("{}/{}", ctx.run_id, ctx.node_id));
+                paused["childContext"] = Value::Object(outcome.context);
+                Ok(NodeResult::awaiting(paused))
+            }
             other => {
                 let reasons: Vec<String> = outcome
                     .errors
@@ -345,6 +405,14 @@ impl LocalRuntime {
 }
 
 type Completion = (RunNode, Result<NodeSuccess, NodeFailure>);
+
+/// What resuming a subflow's paused child came to.
+enum ChildResumed {
+    /// The child ended: the subflow node's outcome.
+    Done(Result<NodeSuccess, NodeFailure>),
+    /// The child paused again: the node's new details.
+    StillAwaiting(Value),
+}
 
 struct RunState<'a> {
     runtime: &'a LocalRuntime,
