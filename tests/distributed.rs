@@ -359,3 +359,41 @@ fn retries_are_queued_with_their_delay_and_hold_no_thread() {
     assert_eq!(row.result.unwrap()["context"]["_outputs.f"], json!(3));
     worker.stop().unwrap();
 }
+
+#[test]
+fn a_batch_s_chunk_size_bounds_its_workers_in_flight_across_the_worker_pool() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = TestEnv::new("chunks");
+    let (now, most) = (
+        std::sync::Arc::new(AtomicUsize::new(0)),
+        std::sync::Arc::new(AtomicUsize::new(0)),
+    );
+    let (n, m) = (now.clone(), most.clone());
+    let mut registry = inc_registry();
+    registry.register_fn("slow", move |ctx| {
+        let inside = n.fetch_add(1, Ordering::SeqCst) + 1;
+        m.fetch_max(inside, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        n.fetch_sub(1, Ordering::SeqCst);
+        Ok(flowcraft_rabbitmq::NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) * 2
+        )))
+    });
+    let b = bp(r#"{"id":"chunked","nodes":[
+        {"id":"items","uses":"transform","params":{"expression":"context.items"}},
+        {"id":"s","uses":"batch-scatter","params":{"workerUsesKey":"slow","gatherNodeId":"g","chunkSize":3}},
+        {"id":"g","uses":"batch-gather"}],
+        "edges":[{"source":"items","target":"s"},{"source":"s","target":"g"}]}"#);
+    let worker = env.start_worker(registry, vec![b.clone()], 8);
+    let items: Vec<i64> = (0..15).collect();
+    let run = env.start_run(&b, ctx(json!({"items": items})));
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let expected: Vec<i64> = (0..15).map(|i| i * 2).collect();
+    assert_eq!(
+        row.result.unwrap()["context"]["_outputs.g"],
+        json!(expected)
+    );
+    let most = most.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&most), "{most} workers ran at once");
+    worker.stop().unwrap();
+}

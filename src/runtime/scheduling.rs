@@ -237,7 +237,7 @@ pub fn next_jobs(
             } else {
                 0
             };
-            vec![NextJob {
+            let mut jobs = vec![NextJob {
                 report: SuccessorReport {
                     job: job_id(gather_id, iteration),
                     node: gather_id.to_string(),
@@ -246,7 +246,35 @@ pub fn next_jobs(
                     rule: JoinRule::All(workers.max(1)),
                 },
                 input: None,
-            }]
+            }];
+            // Under a `chunkSize` of c, worker i releases worker i + c when it finishes, so
+            // at most c run at once (the scatter released the first c).
+            let chunk = context
+                .get(&batch_key(gather_id))
+                .and_then(|b| b.get("scatter"))
+                .and_then(Value::as_str)
+                .and_then(|s| bp.node_by_id(s))
+                .and_then(|scatter| chunk_size(&scatter.params));
+            let index = def
+                .id
+                .rsplit_once('#')
+                .and_then(|(_, i)| i.parse::<usize>().ok());
+            if let (Some(chunk), Some(index)) = (chunk, index) {
+                if index + chunk < workers {
+                    let next = batch::worker_id(gather_id, index + chunk);
+                    jobs.push(NextJob {
+                        report: SuccessorReport {
+                            job: job_id(&next, iteration),
+                            node: next,
+                            iteration,
+                            predecessor: def.id.clone(),
+                            rule: JoinRule::Immediate,
+                        },
+                        input: None,
+                    });
+                }
+            }
+            jobs
         }
         RunNode::Static(index) => {
             let fallback_index = fallback.and_then(|f| bp.node_index(f));
@@ -291,7 +319,10 @@ pub fn next_jobs(
                 // its gather share the scatter's iteration.
                 let repeats = gather.is_some_and(|g| batch::rounds_repeat(bp, g));
                 let worker_iteration = if repeats { iteration } else { 0 };
-                for d in &result.dynamic_nodes {
+                // Under a `chunkSize`, only the first chunk now; each worker releases the
+                // next one when it finishes.
+                let released = chunk_size(&def.params).unwrap_or(usize::MAX);
+                for d in result.dynamic_nodes.iter().take(released) {
                     jobs.push(NextJob {
                         report: SuccessorReport {
                             job: job_id(&d.id, worker_iteration),
@@ -320,6 +351,15 @@ pub fn next_jobs(
             jobs
         }
     }
+}
+
+/// A `batch-scatter`'s `chunkSize`: how many of its workers run at once (`None`: all).
+fn chunk_size(params: &Value) -> Option<usize> {
+    params
+        .get("chunkSize")
+        .and_then(Value::as_u64)
+        .filter(|&c| c > 0)
+        .and_then(|c| usize::try_from(c).ok())
 }
 
 /// The start jobs of a run (registered in the ledger when a start job finishes).
