@@ -397,3 +397,16 @@ fn a_batch_s_chunk_size_bounds_its_workers_in_flight_across_the_worker_pool() {
     assert!((1..=3).contains(&most), "{most} workers ran at once");
     worker.stop().unwrap();
 }
+
+#[test]
+fn flowcraft_s_counter_loop_counts_to_five_on_the_worker() {
+    let env = TestEnv::new("counter");
+    let (b, registry) = flowcraft_counter_loop();
+    let worker = env.start_worker(registry, vec![b.clone()], 2);
+    let run = env.start_run(&b, ContextMap::new());
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["count"], json!(5));
+    assert_eq!(context["increment"], json!(5));
+    worker.stop().unwrap();
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 mod common;
 
-use common::{bp, ctx, inc_registry, workload};
+use common::{bp, ctx, flowcraft_counter_loop, inc_registry, workload};
 use flowcraft_rabbitmq::node::ContextMap;
 
 use flowcraft_rabbitmq::{LocalRuntime, NodeError, NodeResult, RunStatus};
@@ -557,4 +557,14 @@ fn a_subflow_whose_child_pauses_pauses_its_parent_until_resumed() {
         "{:?}",
         done.context
     );
+}
+
+#[test]
+fn flowcraft_s_counter_loop_counts_to_five() {
+    let (b, registry) = flowcraft_counter_loop();
+    let result = LocalRuntime::new(registry).run(&b, ContextMap::new());
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    assert_eq!(result.context["count"], json!(5));
+    assert_eq!(result.context["_outputs.increment"], json!(5));
+    assert_eq!(result.context["increment"], json!(5));
 }

@@ -485,3 +485,35 @@ pub fn http_post(
         .unwrap_or_default();
     (status, body)
 }
+
+/// The counter loop of Flowcraft's loops guide: `initialize` sets `count` to 0, `increment`
+/// adds one, and the controller continues while `context.count < 5`.
+pub fn flowcraft_counter_loop() -> (
+    flowcraft_rabbitmq::Blueprint,
+    flowcraft_rabbitmq::NodeRegistry,
+) {
+    let mut registry = inc_registry();
+    registry.register_fn("initialize", |ctx| {
+        ctx.context.set("count", json!(0));
+        Ok(NodeResult::output(json!("Initialized")))
+    });
+    registry.register_fn("increment", |ctx| {
+        let count = ctx
+            .context
+            .get("count")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            + 1;
+        ctx.context.set("count", json!(count));
+        Ok(NodeResult::output(json!(count)))
+    });
+    let b = bp(r#"{"id":"loop-workflow","nodes":[
+        {"id":"initialize","uses":"initialize"},
+        {"id":"increment","uses":"increment","config":{"joinStrategy":"any"}},
+        {"id":"counter-loop","uses":"loop-controller","params":{"condition":"context.count < 5"},
+         "config":{"joinStrategy":"any"}}],
+        "edges":[{"source":"initialize","target":"increment"},
+                 {"source":"increment","target":"counter-loop"},
+                 {"source":"counter-loop","target":"increment","action":"continue"}]}"#);
+    (b, registry)
+}

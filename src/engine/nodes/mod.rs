@@ -110,9 +110,37 @@ fn loop_controller(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
         .ok_or_else(|| NodeError::fatal("loop-controller needs params.condition (a string)"))?;
     let condition = Expression::parse(source)
         .map_err(|e| NodeError::fatal(format!("loop-controller condition '{source}': {e}")))?;
-    let go_on = condition.evaluate_bool(&ctx.context);
+    let scope = LoopScope {
+        context: &ctx.context,
+        whole: std::sync::OnceLock::new(),
+    };
+    let go_on = condition.evaluate_bool(&scope);
     let action = if go_on { "continue" } else { "break" };
     Ok(NodeResult::output(Value::Null).with_action(action))
+}
+
+/// A loop condition's scope: the context's keys as names (`_outputs.body < 3`), and the
+/// context itself as `context` (`context.count < 5`, as Flowcraft's docs write loops),
+/// read key by key.
+struct LoopScope<'a> {
+    context: &'a crate::engine::node::ContextView,
+    whole: std::sync::OnceLock<Value>,
+}
+
+impl crate::engine::expr::Scope for LoopScope<'_> {
+    fn lookup(&self, key: &str) -> Option<&Value> {
+        if key == "context" {
+            return Some(self.whole.get_or_init(|| self.context.to_json()));
+        }
+        match key.strip_prefix("context.") {
+            Some(member) => self.context.get(member),
+            None => self.context.get(key),
+        }
+    }
+
+    fn defers(&self, key: &str) -> bool {
+        key == "context"
+    }
 }
 
 /// Parses a duration: a number of milliseconds, or a string `<n>ms|s|m|h|d` (a bare number
