@@ -410,3 +410,26 @@ fn flowcraft_s_counter_loop_counts_to_five_on_the_worker() {
     assert_eq!(context["increment"], json!(5));
     worker.stop().unwrap();
 }
+
+#[test]
+fn flowcraft_s_guides_give_the_same_results_on_the_worker() {
+    let env = TestEnv::new("guides");
+    let (batch, batch_registry) = flowcraft_batch_guide();
+    let worker = env.start_worker(batch_registry, vec![batch.clone()], 4);
+    let run = env.start_run(&batch, ContextMap::new());
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    let context = &row.result.unwrap()["context"];
+    assert_eq!(context["doubled"], json!([20, 40, 60]));
+    assert_eq!(context["_outputs.sum-results"], json!(120));
+    worker.stop().unwrap();
+
+    let (fallback, fallback_registry) = flowcraft_fallback_guide();
+    let worker = env.start_worker(fallback_registry, vec![fallback.clone()], 4);
+    let run = env.start_run(&fallback, ContextMap::new());
+    let row = env.wait_for_status(&run, "completed", WAIT);
+    assert_eq!(
+        row.result.unwrap()["context"]["_outputs.process-data"],
+        json!("Processed: Data from secondary API")
+    );
+    worker.stop().unwrap();
+}

@@ -568,3 +568,23 @@ fn flowcraft_s_counter_loop_counts_to_five() {
     assert_eq!(result.context["_outputs.increment"], json!(5));
     assert_eq!(result.context["increment"], json!(5));
 }
+
+#[test]
+fn flowcraft_s_batch_guide_sums_the_doubled_items() {
+    let (b, registry) = common::flowcraft_batch_guide();
+    let result = LocalRuntime::new(registry).run(&b, ContextMap::new());
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    assert_eq!(result.context["doubled"], json!([20, 40, 60]));
+    assert_eq!(result.context["_outputs.sum-results"], json!(120));
+}
+
+#[test]
+fn flowcraft_s_fallback_guide_processes_the_secondary_data() {
+    let (b, registry) = common::flowcraft_fallback_guide();
+    let result = LocalRuntime::new(registry).run(&b, ContextMap::new());
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.errors);
+    assert_eq!(
+        result.context["_outputs.process-data"],
+        json!("Processed: Data from secondary API")
+    );
+}

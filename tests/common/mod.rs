@@ -517,3 +517,58 @@ pub fn flowcraft_counter_loop() -> (
                  {"source":"counter-loop","target":"increment","action":"continue"}]}"#);
     (b, registry)
 }
+
+/// The batch of Flowcraft's batch-processing guide: `start` yields [10, 20, 30], each item
+/// is doubled by a worker, the gather stores the results under `doubled`, and `sum-results`
+/// (inputs: "doubled") sums them: 120.
+pub fn flowcraft_batch_guide() -> (Blueprint, NodeRegistry) {
+    let mut registry = inc_registry();
+    registry.register_fn("start", |_| Ok(NodeResult::output(json!([10, 20, 30]))));
+    registry.register_fn("double", |ctx| {
+        Ok(NodeResult::output(json!(
+            ctx.input.as_i64().unwrap_or(0) * 2
+        )))
+    });
+    registry.register_fn("sum", |ctx| {
+        let sum: i64 = ctx
+            .input
+            .as_array()
+            .map_or(0, |items| items.iter().filter_map(Value::as_i64).sum());
+        Ok(NodeResult::output(json!(sum)))
+    });
+    let b = bp(r#"{"id":"batch-workflow","nodes":[
+        {"id":"start","uses":"start"},
+        {"id":"double-items_scatter","uses":"batch-scatter",
+         "params":{"workerUsesKey":"double","gatherNodeId":"double-items_gather"}},
+        {"id":"double-items_gather","uses":"batch-gather","params":{"outputKey":"doubled"}},
+        {"id":"sum-results","uses":"sum","inputs":"doubled"}],
+        "edges":[{"source":"start","target":"double-items_scatter"},
+                 {"source":"double-items_scatter","target":"double-items_gather"},
+                 {"source":"double-items_gather","target":"sum-results"}]}"#);
+    (b, registry)
+}
+
+/// The fallback of Flowcraft's error-handling guide: `primary-api` always fails (two
+/// attempts), `secondary-api` stands in, and `process-data` gets its output.
+pub fn flowcraft_fallback_guide() -> (Blueprint, NodeRegistry) {
+    let mut registry = inc_registry();
+    registry.register_fn("primary", |_| {
+        Err(flowcraft_rabbitmq::NodeError::new("Primary API is down"))
+    });
+    registry.register_fn("secondary", |_| {
+        Ok(NodeResult::output(json!("Data from secondary API")))
+    });
+    registry.register_fn("process", |ctx| {
+        Ok(NodeResult::output(json!(format!(
+            "Processed: {}",
+            ctx.input.as_str().unwrap_or_default()
+        ))))
+    });
+    let b = bp(r#"{"id":"fallback-workflow","nodes":[
+        {"id":"primary-api","uses":"primary","config":{"maxRetries":2,"fallback":"secondary-api"}},
+        {"id":"secondary-api","uses":"secondary"},
+        {"id":"process-data","uses":"process"}],
+        "edges":[{"source":"primary-api","target":"process-data"},
+                 {"source":"secondary-api","target":"process-data"}]}"#);
+    (b, registry)
+}
