@@ -433,3 +433,50 @@ fn flowcraft_s_guides_give_the_same_results_on_the_worker() {
     );
     worker.stop().unwrap();
 }
+
+#[test]
+fn the_worker_serves_metrics_and_health() {
+    let env = TestEnv::new("metrics");
+    let (chain, _) = workload("chain5");
+    let worker = env
+        .worker(inc_registry(), vec![chain.clone()])
+        .threads(2)
+        .metrics_listen("127.0.0.1:0")
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let addr = worker.metrics_addr().expect("metrics are served");
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+    env.eventually("the worker is ready", WAIT, || {
+        get("/readyz").starts_with("HTTP/1.1 200")
+    });
+    let run = env.start_run(&chain, ContextMap::new());
+    env.wait_for_status(&run, "completed", WAIT);
+    env.eventually("five acked jobs are counted", WAIT, || {
+        get("/metrics").contains("flowcraft_jobs_total{outcome=\"ack\"} 5")
+    });
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("flowcraft_node_duration_seconds_count{uses=\"inc\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("flowcraft_deliveries_in_flight"),
+        "{metrics}"
+    );
+    worker.stop().unwrap();
+}

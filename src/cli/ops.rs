@@ -40,6 +40,9 @@ pub struct WorkerArgs {
     /// Serve webhook calls (POST /webhooks/<runId>/<nodeId>) on this address, e.g. 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR")]
     webhook_listen: Option<String>,
+    /// Serve GET /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Base URL of webhook endpoints as callers reach them.
     #[arg(
         long,
@@ -165,6 +168,9 @@ pub fn worker(args: &WorkerArgs) -> i32 {
     if let Some(p) = args.prefetch {
         builder = builder.prefetch(p);
     }
+    if let Some(addr) = &args.metrics_listen {
+        builder = builder.metrics_listen(addr);
+    }
     let handle = match builder.build().and_then(|w| w.start()) {
         Ok(h) => h,
         Err(e) => return fail(EXIT_USAGE, e),
@@ -178,6 +184,9 @@ pub fn worker(args: &WorkerArgs) -> i32 {
         "flowcraft: worker consuming '{}' with {} threads (Ctrl-C to stop)",
         s.queue, args.threads
     );
+    if let Some(addr) = handle.metrics_addr() {
+        eprintln!("flowcraft: metrics and health on http://{addr} (/metrics, /healthz, /readyz)");
+    }
     let _ = signal_rx.recv();
     eprintln!("flowcraft: stopping: finishing the jobs in flight (a second signal exits at once)");
     handle.shutdown();

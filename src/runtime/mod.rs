@@ -12,6 +12,7 @@ pub mod client;
 pub mod error;
 pub mod failpoint;
 pub mod message;
+pub mod metrics;
 pub mod reconciler;
 pub mod resumer;
 pub mod scheduling;

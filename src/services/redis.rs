@@ -296,6 +296,12 @@ impl RedisCoordinationStore {
         Ok(())
     }
 
+    /// Whether Redis answers (`PING`).
+    pub fn ping(&self) -> Result<(), CoordinationError> {
+        let _: String = redis::cmd("PING").query(&mut *self.conn()?)?;
+        Ok(())
+    }
+
     /// GET.
     pub fn get(&self, key: &str) -> Result<Option<String>, CoordinationError> {
         Ok(redis::cmd("GET").arg(key).query(&mut *self.conn()?)?)

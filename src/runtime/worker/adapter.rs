@@ -7,7 +7,9 @@ use std::time::Duration;
 use crossbeam_channel::{unbounded, Sender};
 
 use crate::runtime::error::{Error, Result};
+use crate::runtime::metrics;
 use crate::runtime::reconciler::Reconciler;
+use crate::services::http::HttpServer;
 use crate::services::rabbitmq as amqp;
 
 use super::shared::Shared;
@@ -23,6 +25,7 @@ pub struct RabbitMqAdapter {
     pub(super) reconcile_every: Option<Duration>,
     pub(super) stalled_after: Duration,
     pub(super) connection_name: Option<String>,
+    pub(super) metrics_listen: Option<String>,
 }
 
 impl RabbitMqAdapter {
@@ -42,6 +45,15 @@ impl RabbitMqAdapter {
     /// threads until [`WorkerHandle::shutdown`].
     pub fn start(self) -> Result<WorkerHandle, Error> {
         let connection = amqp::connect_named(&self.amqp_url, self.connection_name.as_deref())?;
+        let metrics = match &self.metrics_listen {
+            Some(addr) => Some(metrics::serve(
+                addr,
+                self.shared.metrics.clone(),
+                self.shared.store.clone(),
+                self.shared.coord.clone(),
+            )?),
+            None => None,
+        };
         let (stop_tx, stop_rx) = unbounded::<()>();
         let reconciler = match self.reconcile_every {
             Some(every) => Some(timers::start_reconciler(
@@ -72,6 +84,7 @@ impl RabbitMqAdapter {
                 .into_iter()
                 .chain([heartbeat, cancel_watcher])
                 .collect(),
+            metrics,
         })
     }
 }
@@ -83,6 +96,8 @@ pub struct WorkerHandle {
     supervisor: Option<JoinHandle<Result<()>>>,
     /// The reconciler and heartbeat threads.
     timers: Vec<JoinHandle<()>>,
+    /// The metrics and health endpoints, when served.
+    metrics: Option<HttpServer>,
 }
 
 impl WorkerHandle {
@@ -94,8 +109,16 @@ impl WorkerHandle {
         }
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if they are.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(HttpServer::local_addr)
+    }
+
     /// Waits for the worker to end (after [`shutdown`](WorkerHandle::shutdown)).
     pub fn join(mut self) -> Result<()> {
+        if let Some(server) = self.metrics.take() {
+            server.stop();
+        }
         for t in self.timers.drain(..) {
             let _ = t.join();
         }

@@ -8,6 +8,7 @@ use crate::engine::blueprint::Blueprint;
 use crate::engine::local::DEFAULT_MAX_ITERATIONS;
 use crate::engine::node::NodeRegistry;
 use crate::runtime::error::{Error, Result};
+use crate::runtime::metrics::Metrics;
 use crate::services::postgres::store::{PgPool, RunStore, Tables};
 use crate::services::rabbitmq as amqp;
 use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
@@ -46,6 +47,7 @@ impl RabbitMqAdapter {
             connection_name: None,
             public_url: DEFAULT_PUBLIC_URL.into(),
             events_exchange: DEFAULT_EVENTS_EXCHANGE.into(),
+            metrics_listen: None,
         }
     }
 }
@@ -68,6 +70,7 @@ pub struct RabbitMqAdapterBuilder {
     connection_name: Option<String>,
     public_url: String,
     events_exchange: String,
+    metrics_listen: Option<String>,
 }
 
 impl RabbitMqAdapterBuilder {
@@ -160,6 +163,13 @@ impl RabbitMqAdapterBuilder {
         self
     }
 
+    /// Serve `GET /metrics` (Prometheus), `/healthz` and `/readyz` on `addr` (default: not
+    /// served); [`WorkerHandle::metrics_addr`](super::WorkerHandle::metrics_addr) says where.
+    pub fn metrics_listen(mut self, addr: impl Into<String>) -> Self {
+        self.metrics_listen = Some(addr.into());
+        self
+    }
+
     /// Validates the options.
     pub fn build(self) -> Result<RabbitMqAdapter> {
         if self.queue.trim().is_empty() {
@@ -182,7 +192,9 @@ impl RabbitMqAdapterBuilder {
                 public_url: self.public_url,
                 events_exchange: self.events_exchange,
                 executing: Mutex::new(HashMap::new()),
+                metrics: Arc::new(Metrics::new()),
             }),
+            metrics_listen: self.metrics_listen,
             amqp_url: self.amqp_url,
             threads: self.threads,
             prefetch,

@@ -3,10 +3,12 @@
 //! broker confirmed its publishes ([`Settler`]); acks are coalesced ([`acks`](super::acks)).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use amiquip::{ConsumerMessage, Delivery};
 use crossbeam_channel::{Receiver, Select, Sender};
 
+use crate::runtime::metrics::Metrics;
 use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, ConfirmTracker, JobSink};
 
 use super::acks;
@@ -53,6 +55,8 @@ pub(super) struct Finished {
 /// Settles deliveries on the consuming channel: at once when they published nothing,
 /// otherwise when their publishes are confirmed (and requeued if one was refused).
 pub(super) struct Settler<'c, 'a> {
+    /// What the worker counts: settled deliveries by outcome, deliveries in flight.
+    metrics: Arc<Metrics>,
     consumer: &'c amiquip::Consumer<'a>,
     /// Publishes dead letters to `<queue>.dead` (rare: waits for its confirm).
     dead_letters: ConfirmPublisher,
@@ -74,8 +78,10 @@ impl<'c, 'a> Settler<'c, 'a> {
         dead_queue: String,
         publishers: usize,
         prefetch: u16,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Settler {
+            metrics,
             consumer,
             dead_letters,
             dead_queue,
@@ -92,6 +98,7 @@ impl<'c, 'a> Settler<'c, 'a> {
     /// A delivery goes to the workers.
     fn delivered(&mut self, delivery: &Delivery) {
         self.book.delivered(delivery.delivery_tag());
+        self.metrics.in_flight.set(self.book.in_flight() as i64);
     }
 
     /// Acks a delivery (possibly later, with others: see [`acks`]).
@@ -173,6 +180,22 @@ impl<'c, 'a> Settler<'c, 'a> {
 
     /// Acks, dead-letters or requeues a finished delivery on the consuming channel.
     fn settle_outcome(
+        &mut self,
+        delivery: Delivery,
+        outcome: Outcome,
+    ) -> Result<(), amiquip::Error> {
+        let label = match &outcome {
+            Outcome::Ack => "ack",
+            Outcome::Retry(_) => "retry",
+            Outcome::DeadLetter(_) => "dead_letter",
+        };
+        self.metrics.jobs.with_label_values(&[label]).inc();
+        let settled = self.settle_counted(delivery, outcome);
+        self.metrics.in_flight.set(self.book.in_flight() as i64);
+        settled
+    }
+
+    fn settle_counted(
         &mut self,
         delivery: Delivery,
         outcome: Outcome,

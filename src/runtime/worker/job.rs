@@ -307,7 +307,13 @@ fn execute(
         // Retries are queued, not waited for on this thread.
         queued_attempt: Some(job.attempt.unwrap_or(1).max(1)),
     };
+    let started = std::time::Instant::now();
     let executed = execute_node(node_job, &shared.registry, snapshot.clone());
+    shared
+        .metrics
+        .node_seconds
+        .with_label_values(&[&node.def(bp).uses])
+        .observe(started.elapsed().as_secs_f64());
     (snapshot, executed)
 }
 

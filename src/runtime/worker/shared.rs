@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::engine::blueprint::Blueprint;
 use crate::engine::node::{CancelFlag, NodeRegistry};
+use crate::runtime::metrics::Metrics;
 use crate::runtime::resumer::Resumer;
 use crate::services::postgres::store::RunStore;
 use crate::services::redis::RedisCoordinationStore;
@@ -25,6 +26,8 @@ pub(crate) struct Shared {
     /// (the heartbeat touches these runs; the cancel watcher raises the flag of a run that
     /// was cancelled).
     pub executing: Mutex<HashMap<String, (usize, CancelFlag)>>,
+    /// What the worker counts (`--metrics-listen` serves it).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {

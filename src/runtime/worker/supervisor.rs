@@ -45,6 +45,7 @@ impl Supervisor {
                     match amqp::connect_named(&self.amqp_url, self.connection_name.as_deref()) {
                         Ok(c) => {
                             log::info!("reconnected to RabbitMQ");
+                            self.shared.metrics.reconnects.inc();
                             backoff = Duration::from_millis(200);
                             c
                         }
@@ -123,8 +124,11 @@ impl Supervisor {
                 amqp::dead_letter_queue(&self.shared.queue),
                 self.threads,
                 self.prefetch,
+                self.shared.metrics.clone(),
             );
+            self.shared.metrics.consuming.store(true, Ordering::SeqCst);
             let end = consume(&consumer, &job_tx, &done_rx, &confirms, stop, &mut settler);
+            self.shared.metrics.consuming.store(false, Ordering::SeqCst);
             closed.store(true, Ordering::SeqCst);
             drop(job_tx);
             // Workers finish their current job; a lost connection makes their publishes fail

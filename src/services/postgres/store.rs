@@ -1016,6 +1016,12 @@ impl RunStore {
             .collect()
     }
 
+    /// Whether PostgreSQL answers (`SELECT 1` on a pooled connection).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.pool.get()?.simple_query("SELECT 1")?;
+        Ok(())
+    }
+
     /// Moves a run's `updated_at` to now.
     pub fn touch(&self, run_id: &str) -> Result<(), StoreError> {
         self.execute(&self.sql.touch, &[&run_id]).map(drop)

@@ -1,0 +1,149 @@
+//! [`Metrics`]: what a worker counts, in Prometheus' text format, and the HTTP endpoints an
+//! operator and a load balancer read: `GET /metrics`, `GET /healthz` (the process serves)
+//! and `GET /readyz` (it consumes, and PostgreSQL and Redis answer; 503 with the reason
+//! otherwise). Labels are bounded: outcomes and node types, never a run id.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::runtime::error::{Error, Result};
+use crate::services::http::{HttpLimits, HttpServer, Request, Response};
+use crate::services::postgres::store::RunStore;
+use crate::services::redis::RedisCoordinationStore;
+
+/// A worker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Deliveries settled, by outcome: `ack`, `retry`, `dead_letter`.
+    pub jobs: IntCounterVec,
+    /// Node execution time in seconds, by `uses`.
+    pub node_seconds: HistogramVec,
+    /// Deliveries received and not yet settled.
+    pub in_flight: IntGauge,
+    /// Connections to RabbitMQ opened again after a loss.
+    pub reconnects: IntCounter,
+    /// Whether a session is consuming right now.
+    pub consuming: AtomicBool,
+}
+
+impl Metrics {
+    /// Fresh metrics, registered under the `flowcraft_` names.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let jobs = IntCounterVec::new(
+            Opts::new("flowcraft_jobs_total", "Deliveries settled, by outcome"),
+            &["outcome"],
+        )
+        .expect("a valid metric");
+        let node_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "flowcraft_node_duration_seconds",
+                "Node execution time, by node type",
+            ),
+            &["uses"],
+        )
+        .expect("a valid metric");
+        let in_flight = IntGauge::new(
+            "flowcraft_deliveries_in_flight",
+            "Deliveries received and not yet settled",
+        )
+        .expect("a valid metric");
+        let reconnects = IntCounter::new(
+            "flowcraft_reconnects_total",
+            "RabbitMQ connections opened again after a loss",
+        )
+        .expect("a valid metric");
+        for m in [
+            Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(node_seconds.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(reconnects.clone()),
+        ] {
+            registry.register(m).expect("metric names are distinct");
+        }
+        Metrics {
+            registry,
+            jobs,
+            node_seconds,
+            in_flight,
+            reconnects,
+            consuming: AtomicBool::new(false),
+        }
+    }
+
+    /// The metrics in Prometheus' text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`.
+pub(crate) fn serve(
+    addr: &str,
+    metrics: Arc<Metrics>,
+    store: RunStore,
+    coord: RedisCoordinationStore,
+) -> Result<HttpServer> {
+    let handler = move |request: &Request| -> Response {
+        if request.method != "GET" {
+            return Response::error(405, "use GET");
+        }
+        match request.path.as_str() {
+            "/metrics" => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4".into(),
+                body: metrics.render().into_bytes(),
+            },
+            "/healthz" => Response::json(200, &serde_json::json!({"status": "ok"})),
+            "/readyz" => {
+                let mut problems = Vec::new();
+                if !metrics.consuming.load(Ordering::SeqCst) {
+                    problems.push("not consuming from RabbitMQ".to_string());
+                }
+                if let Err(e) = store.ping() {
+                    problems.push(format!("PostgreSQL: {e}"));
+                }
+                if let Err(e) = coord.ping() {
+                    problems.push(format!("Redis: {e}"));
+                }
+                if problems.is_empty() {
+                    Response::json(200, &serde_json::json!({"status": "ready"}))
+                } else {
+                    Response::json(
+                        503,
+                        &serde_json::json!({"status": "not ready", "problems": problems}),
+                    )
+                }
+            }
+            _ => Response::error(404, "use /metrics, /healthz or /readyz"),
+        }
+    };
+    HttpServer::start(
+        addr,
+        "flowcraft-metrics",
+        HttpLimits {
+            max_body: 0,
+            threads: 2,
+            ..HttpLimits::default()
+        },
+        Arc::new(handler),
+    )
+    .map_err(|source| Error::Listen {
+        what: "metrics",
+        addr: addr.to_string(),
+        source,
+    })
+}
