@@ -299,6 +299,38 @@ impl Scope for ContextView {
     }
 }
 
+/// A node's context as the name `context` of an expression's scope: `context.items`,
+/// `context._outputs.n1.total` (the flat key `_outputs.n1`) and `context['_outputs.n1']` read
+/// that key from the view; the whole context is built (once) only for an expression that
+/// names `context` itself — so evaluating costs what it reads, not the size of the run.
+pub struct ContextScope<'a> {
+    view: &'a ContextView,
+    whole: std::sync::OnceLock<Value>,
+}
+
+impl<'a> ContextScope<'a> {
+    /// `view` as the name `context`.
+    pub fn new(view: &'a ContextView) -> ContextScope<'a> {
+        ContextScope {
+            view,
+            whole: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `context` and `context.<key>`; `None` for any other name.
+    pub fn lookup_context(&self, key: &str) -> Option<&Value> {
+        if key == "context" {
+            return Some(self.whole.get_or_init(|| self.view.to_json()));
+        }
+        self.view.get(key.strip_prefix("context.")?)
+    }
+
+    /// The context's own keys, as names (`_outputs.body < 3` in a loop condition).
+    pub fn view(&self) -> &'a ContextView {
+        self.view
+    }
+}
+
 /// A cancellation signal an attempt can poll; raised when the attempt timed out, or when
 /// its run was cancelled (an attempt's flag is a [`child`](CancelFlag::child) of its run's).
 #[derive(Debug, Clone, Default)]

@@ -13,8 +13,8 @@ pub mod transform;
 
 use serde_json::{json, Value};
 
-use crate::engine::expr::Expression;
-use crate::engine::node::{NodeContext, NodeError, NodeRegistry, NodeResult};
+use crate::engine::expr::{Expression, Scope};
+use crate::engine::node::{ContextScope, NodeContext, NodeError, NodeRegistry, NodeResult};
 
 /// `uses` of every built-in.
 pub const BUILTINS: &[&str] = &[
@@ -110,32 +110,21 @@ fn loop_controller(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
         .ok_or_else(|| NodeError::fatal("loop-controller needs params.condition (a string)"))?;
     let condition = Expression::parse(source)
         .map_err(|e| NodeError::fatal(format!("loop-controller condition '{source}': {e}")))?;
-    let scope = LoopScope {
-        context: &ctx.context,
-        whole: std::sync::OnceLock::new(),
-    };
+    let scope = LoopScope(ContextScope::new(&ctx.context));
     let go_on = condition.evaluate_bool(&scope);
     let action = if go_on { "continue" } else { "break" };
     Ok(NodeResult::output(Value::Null).with_action(action))
 }
 
 /// A loop condition's scope: the context's keys as names (`_outputs.body < 3`), and the
-/// context itself as `context` (`context.count < 5`, as Flowcraft's docs write loops),
-/// read key by key.
-struct LoopScope<'a> {
-    context: &'a crate::engine::node::ContextView,
-    whole: std::sync::OnceLock<Value>,
-}
+/// context itself as `context` (`context.count < 5`, as Flowcraft's docs write loops).
+struct LoopScope<'a>(ContextScope<'a>);
 
-impl crate::engine::expr::Scope for LoopScope<'_> {
+impl Scope for LoopScope<'_> {
     fn lookup(&self, key: &str) -> Option<&Value> {
-        if key == "context" {
-            return Some(self.whole.get_or_init(|| self.context.to_json()));
-        }
-        match key.strip_prefix("context.") {
-            Some(member) => self.context.get(member),
-            None => self.context.get(key),
-        }
+        self.0
+            .lookup_context(key)
+            .or_else(|| self.0.view().get(key))
     }
 
     fn defers(&self, key: &str) -> bool {

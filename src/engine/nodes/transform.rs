@@ -3,23 +3,16 @@
 //! `params.expression` is evaluated over `{input, context, params}`; the optional
 //! `params.action` expression, when it yields a string, becomes the result's action.
 
-use std::sync::OnceLock;
-
 use serde_json::Value;
 
 use crate::engine::expr::{Expression, Scope};
-use crate::engine::node::{ContextView, NodeContext, NodeError, NodeResult};
+use crate::engine::node::{ContextScope, NodeContext, NodeError, NodeResult};
 
-/// `{input, context, params}`. `context` is read key by key from the node's view —
-/// `context.items`, `context._outputs.n1.total` (the flat key `_outputs.n1`) and
-/// `context['_outputs.n1']` go straight to the key — and is built whole only for an
-/// expression that names `context` itself, so a transform costs what it reads, not the size
-/// of the run.
+/// `{input, context, params}`, `context` read key by key ([`ContextScope`]).
 struct TransformScope<'a> {
     input: &'a Value,
-    context: &'a ContextView,
+    context: ContextScope<'a>,
     params: &'a Value,
-    whole_context: OnceLock<Value>,
 }
 
 impl Scope for TransformScope<'_> {
@@ -27,13 +20,7 @@ impl Scope for TransformScope<'_> {
         match key {
             "input" => Some(self.input),
             "params" => Some(self.params),
-            "context" => Some(self.whole_context.get_or_init(|| self.context.to_json())),
-            _ => {
-                // `context.<key>` as the evaluator asks for a flat key under a name
-                // (`context._outputs.n1` reads the key `_outputs.n1`, as at the top level).
-                let member = key.strip_prefix("context.")?;
-                self.context.get(member)
-            }
+            _ => self.context.lookup_context(key),
         }
     }
 
@@ -75,9 +62,8 @@ pub fn transform(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
     let action = compile(&ctx.params, "action")?;
     let scope = TransformScope {
         input: &ctx.input,
-        context: &ctx.context,
+        context: ContextScope::new(&ctx.context),
         params: &ctx.params,
-        whole_context: OnceLock::new(),
     };
     let output = expression.evaluate(&scope);
     let action = action.and_then(|a| match a.evaluate(&scope) {
