@@ -665,12 +665,7 @@ impl<'a> RunState<'a> {
                     }
                 }
                 // A batch's `chunkSize` bounds its workers in flight; the rest wait their turn.
-                let chunk = def
-                    .params
-                    .get("chunkSize")
-                    .and_then(Value::as_u64)
-                    .filter(|&c| c > 0)
-                    .map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
+                let chunk = batch::chunk_size(&def.params).unwrap_or(usize::MAX);
                 for (i, d) in result.dynamic_nodes.iter().enumerate() {
                     let worker = RunNode::Dynamic(Arc::new(batch::def_from_dynamic(d)));
                     if i < chunk {

@@ -273,13 +273,7 @@ impl Client {
     /// (an `exec` node's program is killed), and the run's subflow children that are still
     /// running or awaiting are cancelled too.
     pub fn cancel(&self, run_id: &str) -> Result<(), Error> {
-        let result = serde_json::json!({"status": "cancelled"});
-        if self.store.set_status(
-            run_id,
-            RunStatus::Cancelled,
-            Some(&result),
-            &[RunStatus::Running, RunStatus::Awaiting],
-        )? {
+        if self.store.cancel_run(run_id)? {
             log::info!("run {run_id}: cancelled");
             self.cancel_children(run_id, 0)?;
             return Ok(());
@@ -312,15 +306,8 @@ impl Client {
             .filter_map(|d| d.get("childRunId").and_then(Value::as_str))
             .map(String::from)
             .collect();
-        let result = serde_json::json!({"status": "cancelled"});
         for child in children {
-            let cancelled = self.store.set_status(
-                &child,
-                RunStatus::Cancelled,
-                Some(&result),
-                &[RunStatus::Running, RunStatus::Awaiting],
-            )?;
-            if cancelled {
+            if self.store.cancel_run(&child)? {
                 log::info!("run {child}: cancelled with its parent {run_id}");
                 self.cancel_children(&child, depth + 1)?;
             }

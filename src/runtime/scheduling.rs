@@ -254,7 +254,7 @@ pub fn next_jobs(
                 .and_then(|b| b.get("scatter"))
                 .and_then(Value::as_str)
                 .and_then(|s| bp.node_by_id(s))
-                .and_then(|scatter| chunk_size(&scatter.params));
+                .and_then(|scatter| batch::chunk_size(&scatter.params));
             let index = def
                 .id
                 .rsplit_once('#')
@@ -321,7 +321,7 @@ pub fn next_jobs(
                 let worker_iteration = if repeats { iteration } else { 0 };
                 // Under a `chunkSize`, only the first chunk now; each worker releases the
                 // next one when it finishes.
-                let released = chunk_size(&def.params).unwrap_or(usize::MAX);
+                let released = batch::chunk_size(&def.params).unwrap_or(usize::MAX);
                 for d in result.dynamic_nodes.iter().take(released) {
                     jobs.push(NextJob {
                         report: SuccessorReport {
@@ -351,15 +351,6 @@ pub fn next_jobs(
             jobs
         }
     }
-}
-
-/// A `batch-scatter`'s `chunkSize`: how many of its workers run at once (`None`: all).
-fn chunk_size(params: &Value) -> Option<usize> {
-    params
-        .get("chunkSize")
-        .and_then(Value::as_u64)
-        .filter(|&c| c > 0)
-        .and_then(|c| usize::try_from(c).ok())
 }
 
 /// The start jobs of a run (registered in the ledger when a start job finishes).

@@ -13,6 +13,15 @@ use crate::engine::blueprint::{Blueprint, NodeConfig, NodeDef};
 use crate::engine::node::{DynamicNode, NodeContext, NodeError, NodeResult};
 use crate::vocabulary::keys::{batch_key, input_key, output_key};
 
+/// A `batch-scatter`'s `chunkSize`: how many of its workers run at once (`None`: all).
+pub fn chunk_size(params: &Value) -> Option<usize> {
+    params
+        .get("chunkSize")
+        .and_then(Value::as_u64)
+        .filter(|&c| c > 0)
+        .and_then(|c| usize::try_from(c).ok())
+}
+
 /// The id of worker `index` of a gather node's batch.
 pub fn worker_id(gather_id: &str, index: usize) -> String {
     format!("{gather_id}#{index}")

@@ -189,13 +189,7 @@ fn start_child(
     // The parent may have been cancelled between its pause and now: then so is the child.
     let parent = shared.store.status(&job.run_id)?;
     if parent.is_some_and(|p| p.status == RunStatus::Cancelled) {
-        let result = json!({"status": "cancelled"});
-        shared.store.set_status(
-            child_run,
-            RunStatus::Cancelled,
-            Some(&result),
-            &[RunStatus::Running],
-        )?;
+        shared.store.cancel_run(child_run)?;
         return Ok(());
     }
     let bodies: Vec<Vec<u8>> = child

@@ -938,6 +938,18 @@ impl RunStore {
         Ok(self.execute(&self.sql.set_status, &[&run_id, &status, &result, &from])? > 0)
     }
 
+    /// Cancels a running or awaiting run (status `cancelled`, result
+    /// `{"status": "cancelled"}`); returns whether it was running or awaiting.
+    pub fn cancel_run(&self, run_id: &str) -> Result<bool, StoreError> {
+        let result = serde_json::json!({"status": "cancelled"});
+        self.set_status(
+            run_id,
+            RunStatus::Cancelled,
+            Some(&result),
+            &[RunStatus::Running, RunStatus::Awaiting],
+        )
+    }
+
     /// A run's status row.
     pub fn status(&self, run_id: &str) -> Result<Option<StatusRow>, StoreError> {
         let row = self
