@@ -79,7 +79,6 @@ pub fn check(dir: &BlueprintDir) -> i32 {
     let mut warnings = Vec::new();
     let registry = NodeRegistry::with_builtins();
     for bp in found.values() {
-        warnings.extend(bp.warnings().iter().cloned());
         for finding in lint(bp, &registry, &|id| found.contains_key(id)) {
             let line = format!(
                 "blueprint '{}': {}",

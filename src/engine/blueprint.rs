@@ -178,7 +178,6 @@ pub struct Blueprint {
     ends: Vec<(usize, usize)>,
     conditions: Vec<Option<Expression>>,
     transforms: Vec<Option<Expression>>,
-    warnings: Vec<String>,
 }
 
 impl Blueprint {
@@ -345,7 +344,6 @@ impl Blueprint {
             &edge_ends,
             &back_edge,
         );
-        let warnings = Vec::new();
         // An expression that does not parse is an error of the blueprint, found at load.
         let compile = |text: &Option<String>, what: &str, e: usize| match text {
             None => Ok(None),
@@ -365,9 +363,6 @@ impl Blueprint {
             conditions.push(compile(&edge.condition, "condition", e)?);
             transforms.push(compile(&edge.transform, "transform", e)?);
         }
-        for w in &warnings {
-            log::warn!("{w}");
-        }
         Ok(Blueprint {
             def,
             index,
@@ -383,7 +378,6 @@ impl Blueprint {
             ends: edge_ends,
             conditions,
             transforms,
-            warnings,
         })
     }
 
@@ -424,9 +418,11 @@ impl Blueprint {
             .unwrap_or_default()
     }
 
-    /// Problems that do not reject the blueprint (for example an unparsable condition).
+    /// Problems that do not reject the blueprint: none since an unparsable expression is an
+    /// error at load; [`lint`](crate::lint) reports what is probably a mistake. Kept for
+    /// code written against earlier versions.
     pub fn warnings(&self) -> &[String] {
-        &self.warnings
+        &[]
     }
 
     /// Index of a node by id.

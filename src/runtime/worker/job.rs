@@ -108,9 +108,7 @@ fn failed(shared: &Shared, job: &JobPayload, e: Error, publisher: &mut dyn JobSi
     if !e.is_permanent() {
         return retry(&job.describe(), e);
     }
-    let reason = format!("{}: {e}", job.describe());
-    log::warn!("{reason}; failing the run");
-    match pause::fail_run(shared, &job.run_id, None, &reason, publisher) {
+    match pause::fail_on_refused_data(shared, job, &e, publisher) {
         Ok(()) => Outcome::Ack,
         Err(e) => retry(&job.describe(), e),
     }
@@ -138,7 +136,10 @@ fn process(
             attempts,
             message,
             ..
-        }) => return queue_retry(shared, job, attempts, delay, &message, publisher),
+        }) => {
+            let max = node.def(bp).config.max_retries.unwrap_or(1).max(1);
+            return queue_retry(shared, job, attempts, max, delay, &message, publisher);
+        }
         Err(failure) => {
             return fail_node(shared, bp, job, &node, failure, publisher).map(Handled::from)
         }
@@ -331,15 +332,11 @@ fn queue_retry(
     shared: &Shared,
     job: &JobPayload,
     attempt: u32,
+    max: u32,
     delay_ms: u64,
     reason: &str,
     publisher: &mut dyn JobSink,
 ) -> Result<Handled, Error> {
-    let max = shared
-        .blueprints
-        .get(&job.blueprint_id)
-        .and_then(|bp| bp.node_by_id(&job.node_id))
-        .map_or(1, |n| n.config.max_retries.unwrap_or(1).max(1));
     let mut next = job.clone();
     next.attempt = Some(attempt + 1);
     next.is_last_attempt = Some(attempt + 1 >= max);

@@ -318,6 +318,19 @@ pub(crate) fn on_event(
     resume_node(shared, &run, snapshot, &node, success, publisher)
 }
 
+/// A step of `job` failed on data PostgreSQL refuses ([`Error::is_permanent`]): retrying
+/// would fail the same way, so the run fails with PostgreSQL's reason.
+pub(crate) fn fail_on_refused_data(
+    shared: &Shared,
+    job: &JobPayload,
+    e: &Error,
+    publisher: &mut dyn JobSink,
+) -> Result<(), Error> {
+    let reason = format!("{}: {e}", job.describe());
+    log::warn!("{reason}; failing the run");
+    fail_run(shared, &job.run_id, None, &reason, publisher)
+}
+
 /// Marks a run failed; if it is a subflow's child, the parent node retries it (a new child
 /// run, while `maxRetries` allows), runs its fallback, or fails too.
 ///

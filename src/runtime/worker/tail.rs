@@ -177,12 +177,11 @@ impl Leader<'_> {
                     self.settle_slot(&mut pending[i], Outcome::Ack, None);
                 }
                 Err(e) if e.is_permanent() => {
-                    // PostgreSQL refuses this data: the run fails with the reason (the node's
-                    // own checks make this rare; see `limits`).
-                    let reason = format!("node '{}' wrote what cannot be stored: {e}", t.node_id);
-                    let run = t.job.run_id.clone();
+                    // PostgreSQL refuses this data (the node's own checks make this rare; see
+                    // `limits`).
+                    let e = Error::from(e);
                     let before = self.publisher.published();
-                    match pause::fail_run(shared, &run, None, &reason, self.publisher) {
+                    match pause::fail_on_refused_data(shared, &t.job, &e, self.publisher) {
                         Ok(()) => {
                             succeeded = true;
                             let tags = Tags::default().with(before, self.publisher.published());
