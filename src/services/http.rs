@@ -457,21 +457,17 @@ fn parse_available(pending: &mut Pending, limits: &HttpLimits) -> Result<Option<
         let from = pending.scanned.saturating_sub(3);
         let found = find_head_end(&pending.buffer[from..]).map(|end| end + from);
         pending.scanned = pending.buffer.len();
-        let Some(end) = found else {
-            if pending.buffer.len() > limits.max_head {
-                return Err(Refusal::Answer(Response::error(
-                    431,
-                    &format!("the request head is over {} bytes", limits.max_head),
-                )));
-            }
-            return Ok(None);
-        };
-        if end > limits.max_head {
+        // The head is too long once its end is past the limit, or not found within it.
+        let seen = found.unwrap_or(pending.buffer.len());
+        if seen > limits.max_head {
             return Err(Refusal::Answer(Response::error(
                 431,
                 &format!("the request head is over {} bytes", limits.max_head),
             )));
         }
+        let Some(end) = found else {
+            return Ok(None);
+        };
         let (request, length) = parse_head(&pending.buffer[..end], limits)?;
         let body_arrived = pending.buffer.len() - (end + 4);
         if length > body_arrived
