@@ -266,8 +266,9 @@ fn one_run(name: &str, bp: &flowcraft_rabbitmq::Blueprint, context: ContextMap) 
         .get()
         .unwrap()
         .query_one(
-            "SELECT pg_total_relation_size($1::text::regclass) + pg_total_relation_size($2::text::regclass)",
-            &[&env.tables.contexts, &env.tables.statuses],
+            "SELECT pg_total_relation_size($1::text::regclass) + pg_total_relation_size($2::text::regclass)
+                    + pg_total_relation_size($3::text::regclass)",
+            &[&env.tables.contexts, &env.tables.statuses, &env.tables.entries()],
         )
         .unwrap()
         .get(0);

@@ -264,9 +264,8 @@ fn the_reconciler_renotifies_or_restarts_the_child_of_an_awaiting_subflow() {
     let child = child_of(&finished);
     conn.execute(
         &format!(
-            "UPDATE {} SET context_data = context_data - '_awaitingNodeIds' - '_awaitingDetails'
-             WHERE run_id = $1",
-            env.tables.contexts
+            "DELETE FROM {} WHERE run_id = $1 AND key IN ('_awaitingNodeIds', '_awaitingDetails')",
+            env.tables.entries()
         ),
         &[&child],
     )
@@ -281,7 +280,11 @@ fn the_reconciler_renotifies_or_restarts_the_child_of_an_awaiting_subflow() {
     .unwrap();
     // `lost`: its child run was never created.
     let lost_child = child_of(&lost);
-    for table in [&env.tables.contexts, &env.tables.statuses] {
+    for table in [
+        &env.tables.contexts,
+        &env.tables.entries(),
+        &env.tables.statuses,
+    ] {
         conn.execute(
             &format!("DELETE FROM {table} WHERE run_id = $1"),
             &[&lost_child],

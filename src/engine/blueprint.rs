@@ -411,7 +411,7 @@ impl Blueprint {
 
     /// The blueprint id a run's context was stamped with ([`stamp`](Blueprint::stamp)); empty
     /// when it has none.
-    pub fn stamped_id(context: &serde_json::Map<String, Value>) -> &str {
+    pub fn stamped_id(context: &dyn crate::engine::node::ContextRead) -> &str {
         context
             .get("blueprintId")
             .and_then(Value::as_str)

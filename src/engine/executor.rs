@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 
 use crate::engine::blueprint::{Blueprint, NodeDef, NodeInputs};
 use crate::engine::node::{
-    CancelFlag, ContextDeltas, ContextMap, ContextView, Node, NodeContext, NodeError, NodeRegistry,
-    NodeResult,
+    CancelFlag, ContextDeltas, ContextMap, ContextView, LazyKeys, Node, NodeContext, NodeError,
+    NodeRegistry, NodeResult,
 };
 use crate::vocabulary::keys::{INPUTS_PREFIX, OUTPUTS_PREFIX};
 use crate::vocabulary::limits::check_storable;
@@ -96,6 +96,10 @@ pub struct NodeJob<'a> {
     /// ([`NodeFailure::retry_after_ms`]) instead of waiting here. `None`: every attempt
     /// runs here, with `retryDelay` between them (the in-process runner).
     pub queued_attempt: Option<u32>,
+    /// The keys the snapshot lacks, fetched on first read (the distributed worker, whose
+    /// snapshot holds only what the job was expected to read). `None`: the snapshot is the
+    /// whole context.
+    pub lazy: Option<&'a Arc<LazyKeys>>,
 }
 
 impl NodeJob<'_> {
@@ -226,7 +230,7 @@ fn run_attempts(
         if job.cancelled() {
             return Err(fail(CANCELLED.into(), true, attempt - 1));
         }
-        let mut view = ContextView::new(snapshot.clone());
+        let mut view = ContextView::with_lazy(snapshot.clone(), job.lazy.cloned());
         for (k, v) in inherited.iter() {
             match v {
                 Some(v) => view.set(k, v.clone()),
@@ -456,6 +460,7 @@ mod tests {
             run_id: "r1",
             run_cancel: None,
             queued_attempt: None,
+            lazy: None,
         };
         execute_node(job, reg, snapshot)
     }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::engine::blueprint::{Blueprint, JoinStrategy, NodeDef};
 use crate::engine::expr::Scope;
-use crate::engine::node::{ContextDeltas, ContextMap, NodeResult};
+use crate::engine::node::{ContextDeltas, ContextRead, ContextScope, NodeResult};
 use crate::engine::nodes::batch;
 use crate::vocabulary::keys::{batch_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION};
 
@@ -42,7 +42,7 @@ pub enum RunNode {
 
 impl RunNode {
     /// Finds a node by id: in the blueprint, else as a batch worker recorded in the context.
-    pub fn resolve(bp: &Blueprint, context: &ContextMap, node_id: &str) -> Option<RunNode> {
+    pub fn resolve(bp: &Blueprint, context: &dyn ContextRead, node_id: &str) -> Option<RunNode> {
         if let Some(i) = bp.node_index(node_id) {
             return Some(RunNode::Static(i));
         }
@@ -84,7 +84,7 @@ pub enum Readiness {
 /// The scope conditions are evaluated in: `{...context, result}`.
 pub struct ConditionScope<'a> {
     /// The run's context (with the node's writes); looked up by key.
-    pub context: &'a ContextMap,
+    pub context: &'a dyn ContextRead,
     /// The finished node's `{"output", "action"}`, looked up as `result`.
     pub result: &'a Value,
 }
@@ -99,19 +99,23 @@ impl Scope for ConditionScope<'_> {
     }
 }
 
-/// The scope transforms are evaluated in: `{input, context}`.
+/// The scope edge transforms are evaluated in: `{input, context}`, `context` read key by
+/// key ([`ContextScope`]).
 struct TransformScope<'a> {
     input: &'a Value,
-    context: &'a Value,
+    context: &'a ContextScope<'a>,
 }
 
 impl Scope for TransformScope<'_> {
     fn lookup(&self, key: &str) -> Option<&Value> {
         match key {
             "input" => Some(self.input),
-            "context" => Some(self.context),
-            _ => None,
+            _ => self.context.lookup_context(key),
         }
+    }
+
+    fn defers(&self, key: &str) -> bool {
+        key == "context"
     }
 }
 
@@ -164,7 +168,7 @@ pub fn choose_successors(
     source: usize,
     fallback: Option<usize>,
     result: &NodeResult,
-    context: &ContextMap,
+    context: &dyn ContextRead,
 ) -> Vec<TakenEdge> {
     let candidates = candidate_edges(bp, source, fallback);
     if candidates.is_empty() {
@@ -206,19 +210,16 @@ pub fn choose_successors(
             .filter(|&e| bp.edge(e).action.is_none() && condition_holds(bp, e, &scope))
             .collect();
     }
-    let mut context_value: Option<Value> = None;
+    let context_scope = ContextScope::new(context);
     taken
         .into_iter()
         .filter(|&e| Some(bp.edge(e).target.as_str()) != suppressed_target)
         .map(|e| {
             let input = match bp.transform(e) {
-                Some(t) => {
-                    let ctx = context_value.get_or_insert_with(|| Value::Object(context.clone()));
-                    t.evaluate(&TransformScope {
-                        input: &result.output,
-                        context: ctx,
-                    })
-                }
+                Some(t) => t.evaluate(&TransformScope {
+                    input: &result.output,
+                    context: &context_scope,
+                }),
                 None if bp.edge(e).transform.is_some() => Value::Null,
                 None => result.output.clone(),
             };
@@ -274,6 +275,7 @@ pub fn record_worker_output(deltas: &mut ContextDeltas, node_id: &str, output: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::node::ContextMap;
     use serde_json::json;
 
     fn bp(json: &str) -> Blueprint {

@@ -334,6 +334,7 @@ impl LocalRuntime {
             run_id,
             run_cancel: Some(cancel),
             queued_attempt: None,
+            lazy: None,
         };
         execute_node(job, &self.inner.registry, snapshot)
     }

@@ -231,10 +231,129 @@ impl ContextDeltas {
     }
 }
 
-/// A node's view of its run's context: the snapshot it was started with plus its own writes.
+/// Read access to a run's context, key by key: a whole map, or a view that fetches the keys
+/// it reads (see [`LazyKeys`]).
+pub trait ContextRead {
+    /// A key's value (`None` if absent).
+    fn get(&self, key: &str) -> Option<&Value>;
+
+    /// Whether a key is present.
+    fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// The whole context as one JSON object (costly: expressions that name `context` itself).
+    fn to_value(&self) -> Value;
+}
+
+impl ContextRead for ContextMap {
+    fn get(&self, key: &str) -> Option<&Value> {
+        Map::get(self, key)
+    }
+
+    fn to_value(&self) -> Value {
+        Value::Object(self.clone())
+    }
+}
+
+/// Where a [`LazyKeys`] fetches the keys of a run that its snapshot lacks (the distributed
+/// worker's is the run's rows in PostgreSQL).
+pub trait KeyLoader: Send + Sync {
+    /// The values of `keys`, in order (`None`: absent).
+    fn load(&self, keys: &[String]) -> Result<Vec<Option<Value>>, String>;
+
+    /// The whole context.
+    fn load_all(&self) -> Result<ContextMap, String>;
+}
+
+/// The keys of a run that a job reads beyond the snapshot it was given, fetched on first
+/// read and kept for the rest of the job: so a job reads what it uses, not the whole run.
+///
+/// A failed fetch reads as absent and is remembered ([`error`](LazyKeys::error)); the
+/// job must check it before it commits anything decided from those reads.
+pub struct LazyKeys {
+    loader: Box<dyn KeyLoader>,
+    fetched: elsa::sync::FrozenMap<String, Box<Option<Value>>>,
+    error: std::sync::OnceLock<String>,
+}
+
+impl fmt::Debug for LazyKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LazyKeys")
+            .field("error", &self.error.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyKeys {
+    /// Keys fetched from `loader`.
+    pub fn new(loader: impl KeyLoader + 'static) -> LazyKeys {
+        LazyKeys {
+            loader: Box::new(loader),
+            fetched: elsa::sync::FrozenMap::new(),
+            error: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A key's value, fetched on the first read.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        if let Some(value) = self.fetched.get(key) {
+            return value.as_ref();
+        }
+        self.prefetch(&[key]);
+        self.fetched.get(key).and_then(Option::as_ref)
+    }
+
+    /// Fetches the keys not fetched yet, in one request.
+    pub fn prefetch<K: AsRef<str>>(&self, keys: &[K]) {
+        let mut missing: Vec<String> = keys
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|k| self.fetched.get(*k).is_none())
+            .map(String::from)
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return;
+        }
+        match self.loader.load(&missing) {
+            Ok(values) => {
+                for (key, value) in missing.into_iter().zip(values) {
+                    self.fetched.insert(key, Box::new(value));
+                }
+            }
+            Err(e) => {
+                let _ = self.error.set(e);
+                // Read as absent from now on (the job fails before it commits).
+                for key in missing {
+                    self.fetched.insert(key, Box::new(None));
+                }
+            }
+        }
+    }
+
+    /// The whole context, read now.
+    pub fn whole(&self) -> ContextMap {
+        self.loader.load_all().unwrap_or_else(|e| {
+            let _ = self.error.set(e);
+            ContextMap::new()
+        })
+    }
+
+    /// The first fetch that failed, if one did.
+    pub fn error(&self) -> Option<&str> {
+        self.error.get().map(String::as_str)
+    }
+}
+
+/// A node's view of its run's context: the snapshot it was started with plus its own writes;
+/// in the distributed worker, the snapshot holds the keys the job was expected to read and
+/// the rest are fetched on first read ([`LazyKeys`]).
 #[derive(Debug, Clone)]
 pub struct ContextView {
     snapshot: Arc<ContextMap>,
+    lazy: Option<Arc<LazyKeys>>,
     deltas: ContextDeltas,
 }
 
@@ -243,6 +362,16 @@ impl ContextView {
     pub fn new(snapshot: Arc<ContextMap>) -> ContextView {
         ContextView {
             snapshot,
+            lazy: None,
+            deltas: ContextDeltas::default(),
+        }
+    }
+
+    /// A view over part of a run's context: `snapshot`, and what `lazy` fetches on demand.
+    pub fn with_lazy(snapshot: Arc<ContextMap>, lazy: Option<Arc<LazyKeys>>) -> ContextView {
+        ContextView {
+            snapshot,
+            lazy,
             deltas: ContextDeltas::default(),
         }
     }
@@ -251,8 +380,40 @@ impl ContextView {
     pub fn get(&self, key: &str) -> Option<&Value> {
         match self.deltas.get(key) {
             Some(v) => v,
-            None => self.snapshot.get(key),
+            None => match (self.snapshot.get(key), &self.lazy) {
+                (Some(v), _) => Some(v),
+                (None, Some(lazy)) => lazy.get(key),
+                (None, None) => None,
+            },
         }
+    }
+
+    /// Records several writes (in order).
+    pub fn apply(&mut self, deltas: &ContextDeltas) {
+        for (k, v) in deltas.iter() {
+            match v {
+                Some(v) => self.set(k, v.clone()),
+                None => self.delete(k),
+            }
+        }
+    }
+
+    /// Fetches, in one request, the keys about to be read that the view lacks (a gather's
+    /// worker outputs); nothing to do for a view over a whole context.
+    pub fn prefetch<K: AsRef<str>>(&self, keys: &[K]) {
+        if let Some(lazy) = &self.lazy {
+            let missing: Vec<&str> = keys
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|k| self.deltas.get(k).is_none() && !self.snapshot.contains_key(*k))
+                .collect();
+            lazy.prefetch(&missing);
+        }
+    }
+
+    /// The keys fetched on demand, if the view fetches any.
+    pub fn lazy(&self) -> Option<&Arc<LazyKeys>> {
+        self.lazy.as_ref()
     }
 
     /// Writes a key.
@@ -287,9 +448,28 @@ impl ContextView {
 
     /// The whole context as one JSON object (snapshot with writes applied).
     pub fn to_json(&self) -> Value {
-        let mut map = (*self.snapshot).clone();
+        let mut map = match &self.lazy {
+            Some(lazy) => {
+                let mut whole = lazy.whole();
+                for (k, v) in self.snapshot.iter() {
+                    whole.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                whole
+            }
+            None => (*self.snapshot).clone(),
+        };
         self.deltas.apply_to(&mut map);
         Value::Object(map)
+    }
+}
+
+impl ContextRead for ContextView {
+    fn get(&self, key: &str) -> Option<&Value> {
+        ContextView::get(self, key)
+    }
+
+    fn to_value(&self) -> Value {
+        self.to_json()
     }
 }
 
@@ -304,15 +484,15 @@ impl Scope for ContextView {
 /// that key from the view; the whole context is built (once) only for an expression that
 /// names `context` itself — so evaluating costs what it reads, not the size of the run.
 pub struct ContextScope<'a> {
-    view: &'a ContextView,
+    context: &'a dyn ContextRead,
     whole: std::sync::OnceLock<Value>,
 }
 
 impl<'a> ContextScope<'a> {
-    /// `view` as the name `context`.
-    pub fn new(view: &'a ContextView) -> ContextScope<'a> {
+    /// `context` as the name `context`.
+    pub fn new(context: &'a dyn ContextRead) -> ContextScope<'a> {
         ContextScope {
-            view,
+            context,
             whole: std::sync::OnceLock::new(),
         }
     }
@@ -320,14 +500,14 @@ impl<'a> ContextScope<'a> {
     /// `context` and `context.<key>`; `None` for any other name.
     pub fn lookup_context(&self, key: &str) -> Option<&Value> {
         if key == "context" {
-            return Some(self.whole.get_or_init(|| self.view.to_json()));
+            return Some(self.whole.get_or_init(|| self.context.to_value()));
         }
-        self.view.get(key.strip_prefix("context.")?)
+        self.context.get(key.strip_prefix("context.")?)
     }
 
     /// The context's own keys, as names (`_outputs.body < 3` in a loop condition).
-    pub fn view(&self) -> &'a ContextView {
-        self.view
+    pub fn view(&self) -> &'a dyn ContextRead {
+        self.context
     }
 }
 

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::engine::blueprint::Blueprint;
 use crate::engine::executor::NodeSuccess;
 use crate::engine::flow::{record_output, record_worker_output};
-use crate::engine::node::{ContextDeltas, ContextMap};
+use crate::engine::node::{ContextDeltas, ContextMap, ContextRead};
 use crate::runtime::error::Error;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
@@ -441,7 +441,7 @@ pub struct ParentLink {
 
 impl ParentLink {
     /// The link stored in a child's context.
-    pub fn of(context: &ContextMap) -> Option<ParentLink> {
+    pub fn of(context: &dyn ContextRead) -> Option<ParentLink> {
         let p = context.get(PARENT_KEY)?;
         Some(ParentLink {
             run_id: p.get("runId")?.as_str()?.to_string(),

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::engine::blueprint::Blueprint;
 use crate::engine::flow::{self, choose_successors, readiness};
-use crate::engine::node::{ContextMap, NodeResult};
+use crate::engine::node::{ContextMap, ContextRead, NodeResult};
 use crate::engine::nodes::batch;
 use crate::runtime::message::job_id;
 use crate::services::redis::{JoinRule, SuccessorReport};
@@ -22,7 +22,7 @@ pub use crate::engine::flow::RunNode;
 
 /// The highest committed iteration of a node plus one (0 when none): for nodes that may
 /// repeat, from their committed `iters`; otherwise whether their output exists.
-pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
+pub fn executions(bp: &Blueprint, node: &RunNode, context: &dyn ContextRead) -> u32 {
     let id = &node.def(bp).id;
     if node.may_repeat(bp) {
         committed_iterations(context, id)
@@ -36,13 +36,23 @@ pub fn executions(bp: &Blueprint, node: &RunNode, context: &ContextMap) -> u32 {
 
 /// Whether a given iteration of a node is committed: for repeating nodes, listed in its
 /// `iters`; otherwise, its output exists.
-pub fn is_committed(bp: &Blueprint, node: &RunNode, context: &ContextMap, iteration: u32) -> bool {
+pub fn is_committed(
+    bp: &Blueprint,
+    node: &RunNode,
+    context: &dyn ContextRead,
+    iteration: u32,
+) -> bool {
     committed(context, &node.def(bp).id, node.may_repeat(bp), iteration)
 }
 
 /// Whether a batch worker's execution at `iteration` is committed (without rebuilding its
 /// definition: batches may hold thousands of workers).
-fn worker_committed(bp: &Blueprint, context: &ContextMap, worker: &str, iteration: u32) -> bool {
+fn worker_committed(
+    bp: &Blueprint,
+    context: &dyn ContextRead,
+    worker: &str,
+    iteration: u32,
+) -> bool {
     committed(
         context,
         worker,
@@ -51,7 +61,7 @@ fn worker_committed(bp: &Blueprint, context: &ContextMap, worker: &str, iteratio
     )
 }
 
-fn committed(context: &ContextMap, id: &str, repeats: bool, iteration: u32) -> bool {
+fn committed(context: &dyn ContextRead, id: &str, repeats: bool, iteration: u32) -> bool {
     if repeats {
         committed_iterations(context, id).any(|i| i.as_u64() == Some(u64::from(iteration)))
     } else {
@@ -61,7 +71,7 @@ fn committed(context: &ContextMap, id: &str, repeats: bool, iteration: u32) -> b
 
 /// The committed iterations of a repeating node (`_node.<id>.iters`).
 fn committed_iterations<'c>(
-    context: &'c ContextMap,
+    context: &'c dyn ContextRead,
     node_id: &str,
 ) -> impl Iterator<Item = &'c Value> {
     context
@@ -73,7 +83,7 @@ fn committed_iterations<'c>(
 }
 
 /// How many times a repeating node has executed in the run (its committed iterations).
-pub fn execution_count(context: &ContextMap, node_id: &str) -> usize {
+pub fn execution_count(context: &dyn ContextRead, node_id: &str) -> usize {
     committed_iterations(context, node_id).count()
 }
 
@@ -100,7 +110,7 @@ pub fn with_iteration(meta: Value, previous: Option<&Value>, iteration: u32) -> 
 
 /// The details of a node that is awaited now (listed in `_awaitingNodeIds`, with
 /// `_awaitingDetails.<node>`).
-pub fn awaited_details<'a>(context: &'a ContextMap, node_id: &str) -> Option<&'a Value> {
+pub fn awaited_details<'a>(context: &'a dyn ContextRead, node_id: &str) -> Option<&'a Value> {
     if !is_awaiting(context, node_id) {
         return None;
     }
@@ -116,7 +126,7 @@ pub fn paused_iteration(details: &Value) -> u64 {
 }
 
 /// Whether the run currently awaits this node.
-pub fn is_awaiting(context: &ContextMap, node_id: &str) -> bool {
+pub fn is_awaiting(context: &dyn ContextRead, node_id: &str) -> bool {
     context
         .get(AWAITING_NODE_IDS)
         .and_then(Value::as_array)
@@ -125,7 +135,10 @@ pub fn is_awaiting(context: &ContextMap, node_id: &str) -> bool {
 
 /// A finished node's stored result (output plus the action/fallback bookkeeping), used to
 /// re-derive successors after a redelivery or by the reconciler.
-pub fn stored_result(context: &ContextMap, node_id: &str) -> Option<(NodeResult, Option<String>)> {
+pub fn stored_result(
+    context: &dyn ContextRead,
+    node_id: &str,
+) -> Option<(NodeResult, Option<String>)> {
     let output = context.get(&output_key(node_id))?.clone();
     let meta = context.get(&meta_key(node_id));
     let text = |k: &str| {
@@ -163,7 +176,7 @@ pub fn node_meta(action: Option<&str>, fallback: Option<&str>, next: &[Successor
 }
 
 /// The successors a node chose when it was committed, if recorded.
-pub fn stored_successors(context: &ContextMap, node_id: &str) -> Option<Vec<SuccessorReport>> {
+pub fn stored_successors(context: &dyn ContextRead, node_id: &str) -> Option<Vec<SuccessorReport>> {
     let next = context.get(&meta_key(node_id))?.get("next")?.as_array()?;
     next.iter()
         .map(|entry| {
@@ -216,7 +229,7 @@ pub fn next_jobs(
     node: &RunNode,
     result: &NodeResult,
     fallback: Option<&str>,
-    context: &ContextMap,
+    context: &dyn ContextRead,
     iteration: u32,
 ) -> Vec<NextJob> {
     match node {
@@ -448,15 +461,9 @@ pub fn frontier(bp: &Blueprint, context: &ContextMap) -> Vec<(String, u32)> {
         } else {
             0
         };
-        let workers_done = record
-            .get("workers")
-            .and_then(Value::as_array)
-            .is_none_or(|workers| {
-                workers.iter().all(|w| {
-                    w.as_str()
-                        .is_none_or(|w| worker_committed(bp, context, w, iteration))
-                })
-            });
+        let workers_done = batch::workers_of(record, gather)
+            .iter()
+            .all(|w| worker_committed(bp, context, w, iteration));
         if workers_done && !is_committed(bp, &gather_node, context, iteration) {
             push(gather, iteration, &mut out);
         }

@@ -57,3 +57,23 @@ pub fn meta_key(node_id: &str) -> String {
 pub fn batch_key(gather_id: &str) -> String {
     format!("{BATCH_PREFIX}{gather_id}")
 }
+
+/// Keys every job of a run reads (its blueprint, its version, its parent run): kept beside
+/// the starting context in PostgreSQL, so reading them never decompresses it.
+/// (The order is the `header` column's, see `migrations/0002_entries.sql`.)
+pub const HEADER_KEYS: [&str; 3] = [BLUEPRINT_ID, BLUEPRINT_VERSION, PARENT_KEY];
+
+/// Whether only a run itself writes `key` — node outputs, inputs and bookkeeping, batch
+/// records, the awaiting keys — so that it is never part of the context a run starts with.
+pub fn is_run_record(key: &str) -> bool {
+    [
+        OUTPUTS_PREFIX,
+        INPUTS_PREFIX,
+        NODE_META_PREFIX,
+        BATCH_PREFIX,
+    ]
+    .iter()
+    .any(|p| key.starts_with(p))
+        || key == AWAITING_NODE_IDS
+        || key == AWAITING_DETAILS
+}

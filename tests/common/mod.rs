@@ -354,8 +354,12 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         if let Ok(mut c) = self.pg.get() {
             let _ = c.batch_execute(&format!(
-                "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
-                self.tables.contexts, self.tables.statuses, self.tables.webhooks
+                "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; \
+                 DROP TABLE IF EXISTS {};",
+                self.tables.contexts,
+                self.tables.entries(),
+                self.tables.statuses,
+                self.tables.webhooks
             ));
             let scope = migrate::scope(&self.tables);
             let _ = c.execute(

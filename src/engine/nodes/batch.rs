@@ -1,7 +1,8 @@
 //! `batch-scatter` and `batch-gather`: one dynamic worker node per item, gathered in order.
 //!
 //! The scatter records its batch under the context key `_batch.<gatherNodeId>`
-//! (`{scatter, uses, params, workers}`) and each item under `_inputs.<workerId>`, and returns
+//! (`{scatter, uses, params, count}`: a record of constant size, which every worker job
+//! reads) and each item under `_inputs.<workerId>`, and returns
 //! the worker nodes as dynamic nodes. Worker ids are `<gatherNodeId>#<index>`, so any worker
 //! process can rebuild a worker's definition from the context alone
 //! ([`dynamic_node_def`]). The gather runs once every worker has finished and outputs the
@@ -33,12 +34,29 @@ pub fn gather_of(worker_id: &str) -> Option<&str> {
     index.parse::<usize>().ok().map(|_| gather)
 }
 
-/// How many workers a batch record holds.
+/// How many workers a batch record holds (`count`; records written before it was
+/// introduced list their `workers`).
 pub fn worker_count(batch: &Value) -> usize {
-    batch
-        .get("workers")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len)
+    match batch.get("count").and_then(Value::as_u64) {
+        Some(count) => usize::try_from(count).unwrap_or(usize::MAX),
+        None => batch
+            .get("workers")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len),
+    }
+}
+
+/// Whether `worker` is one of the batch's workers.
+fn is_worker_of(batch: &Value, worker: &str) -> bool {
+    match batch.get("workers").and_then(Value::as_array) {
+        Some(workers) => workers.iter().any(|w| w.as_str() == Some(worker)),
+        // Only the canonical spelling of an index below the count (`g#01` is no worker).
+        None => worker.rsplit_once('#').is_some_and(|(_, index)| {
+            index
+                .parse::<usize>()
+                .is_ok_and(|i| i < worker_count(batch) && i.to_string() == index)
+        }),
+    }
 }
 
 /// Whether a gather's batch runs again in later loop iterations (the gather may repeat):
@@ -54,24 +72,23 @@ pub fn worker_repeats(bp: &Blueprint, worker: &str) -> bool {
         .is_some_and(|g| rounds_repeat(bp, g))
 }
 
-/// The worker ids recorded for a gather node.
-pub fn workers_of(batch: &Value) -> Vec<String> {
-    batch
-        .get("workers")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+/// The worker ids of a gather node's batch, in item order.
+pub fn workers_of(batch: &Value, gather_id: &str) -> Vec<String> {
+    match batch.get("workers").and_then(Value::as_array) {
+        Some(workers) => workers
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        None => (0..worker_count(batch))
+            .map(|i| worker_id(gather_id, i))
+            .collect(),
+    }
 }
 
 /// Rebuilds a dynamic worker's definition from the batch record in the context.
 pub fn dynamic_node_def(batch: &Value, worker: &str) -> Option<NodeDef> {
     let uses = batch.get("uses")?.as_str()?.to_string();
-    let workers = batch.get("workers")?.as_array()?;
-    if !workers.iter().any(|w| w.as_str() == Some(worker)) {
+    if !is_worker_of(batch, worker) {
         return None;
     }
     Some(NodeDef {
@@ -122,12 +139,11 @@ pub fn scatter(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
         .get("workerParams")
         .cloned()
         .unwrap_or(Value::Null);
-    let mut workers = Vec::with_capacity(items.len());
-    let mut dynamic = Vec::with_capacity(items.len());
+    let count = items.len();
+    let mut dynamic = Vec::with_capacity(count);
     for (i, item) in items.into_iter().enumerate() {
         let id = worker_id(&gather, i);
         ctx.context.set(input_key(&id), item.clone());
-        workers.push(Value::String(id.clone()));
         dynamic.push(DynamicNode {
             id,
             uses: uses.clone(),
@@ -135,10 +151,9 @@ pub fn scatter(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
             input: item,
         });
     }
-    let count = workers.len();
     ctx.context.set(
         batch_key(&gather),
-        json!({"scatter": ctx.node_id, "uses": uses, "params": params, "workers": workers}),
+        json!({"scatter": ctx.node_id, "uses": uses, "params": params, "count": count}),
     );
     Ok(NodeResult {
         output: json!({"gatherNodeId": gather, "count": count}),
@@ -160,14 +175,16 @@ pub fn gather(ctx: &mut NodeContext) -> Result<NodeResult, NodeError> {
                 ctx.node_id
             ))
         })?;
-    let outputs: Vec<Value> = workers_of(&batch)
+    // One read of every worker's output (a view that fetches keys would fetch them one by
+    // one otherwise).
+    let outputs: Vec<String> = workers_of(&batch, &ctx.node_id)
         .iter()
-        .map(|w| {
-            ctx.context
-                .get(&output_key(w))
-                .cloned()
-                .unwrap_or(Value::Null)
-        })
+        .map(|w| output_key(w))
+        .collect();
+    ctx.context.prefetch(&outputs);
+    let outputs: Vec<Value> = outputs
+        .iter()
+        .map(|key| ctx.context.get(key).cloned().unwrap_or(Value::Null))
         .collect();
     let output = Value::Array(outputs);
     if let Some(key) = ctx.params.get("outputKey").and_then(Value::as_str) {
@@ -209,5 +226,20 @@ mod tests {
             ("inc", json!({"k": 1}))
         );
         assert!(dynamic_node_def(&batch, "g#7").is_none());
+    }
+
+    #[test]
+    fn a_batch_record_counts_its_workers_instead_of_listing_them() {
+        let batch = json!({"uses": "inc", "params": null, "count": 3});
+        assert_eq!(worker_count(&batch), 3);
+        assert_eq!(workers_of(&batch, "g"), ["g#0", "g#1", "g#2"]);
+        assert!(dynamic_node_def(&batch, "g#2").is_some());
+        for not_one in ["g#3", "g#01", "g#+1", "g#-1", "g"] {
+            assert!(dynamic_node_def(&batch, not_one).is_none(), "{not_one}");
+        }
+        // Records written before `count` list their workers.
+        let listed = json!({"uses": "inc", "workers": ["g#0", "g#1"]});
+        assert_eq!(worker_count(&listed), 2);
+        assert_eq!(workers_of(&listed, "g"), ["g#0", "g#1"]);
     }
 }

@@ -35,10 +35,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::engine::blueprint::{Blueprint, JoinStrategy};
+use crate::engine::blueprint::{Blueprint, JoinStrategy, NodeInputs};
 use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::flow;
-use crate::engine::node::{ContextDeltas, ContextMap, NodeResult};
+use crate::engine::node::{ContextDeltas, ContextRead, ContextView, LazyKeys, NodeResult};
 use crate::engine::nodes::batch;
 use crate::runtime::error::Error;
 use crate::runtime::message::{job_id, JobPayload, Message};
@@ -46,10 +46,13 @@ use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{
     self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
 };
-use crate::services::postgres::store::{CommitGuard, NodeCommit};
+use crate::services::postgres::store::{CommitGuard, NodeCommit, RunKeys, StoreError};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::SuccessorReport;
-use crate::vocabulary::keys::{input_key, meta_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION};
+use crate::vocabulary::keys::{
+    batch_key, input_key, meta_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, BLUEPRINT_ID,
+    BLUEPRINT_VERSION, HEADER_KEYS,
+};
 
 use super::consumer::Outcome;
 use super::pause::{self, Prepared};
@@ -125,8 +128,12 @@ fn process(
     let (bp, node, context) = match guard(shared, job, redelivered, publisher)? {
         Guarded::Execute { bp, node, context } => (bp, node, context),
         Guarded::Settle(outcome) => return Ok(outcome.into()),
-        Guarded::Coordinate(tail) => return Ok(Handled::Tail(tail)),
+        Guarded::Coordinate(tail, context) => {
+            check_reads(&context)?;
+            return Ok(Handled::Tail(tail));
+        }
     };
+    check_reads(&context)?;
     // 3. Execute.
     let (snapshot, executed) = execute(shared, bp, job, &node, context);
     let success = match executed {
@@ -148,6 +155,60 @@ fn process(
     build_commit(shared, bp, job, &node, snapshot, success, publisher)
 }
 
+/// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,
+/// the node's own records, its input's sources, its successors' bookkeeping, a worker's batch
+/// record — loaded with the run's status in one query shared with concurrent jobs. Any other
+/// key is fetched when read.
+fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
+    let mut keys: Vec<String> = HEADER_KEYS.iter().map(|k| k.to_string()).collect();
+    keys.extend([AWAITING_NODE_IDS.to_string(), AWAITING_DETAILS.to_string()]);
+    keys.extend([output_key(node_id), meta_key(node_id), input_key(node_id)]);
+    if let Some(gather) = batch::gather_of(node_id) {
+        keys.extend([batch_key(gather), output_key(gather), meta_key(gather)]);
+    }
+    let Some((bp, index)) = bp.and_then(|bp| Some((bp, bp.node_index(node_id)?))) else {
+        return keys;
+    };
+    let def = bp.node(index);
+    let sources: Vec<&str> = match &def.inputs {
+        None => Vec::new(),
+        Some(NodeInputs::Key(source)) => vec![source.as_str()],
+        Some(NodeInputs::Map(sources)) => sources.values().map(String::as_str).collect(),
+    };
+    for source in sources {
+        keys.push(source.to_string());
+        if !source.starts_with('_') {
+            let head = source.split('.').next().unwrap_or_default();
+            keys.extend([output_key(head), head.to_string()]);
+        }
+    }
+    if def.uses == "batch-gather" {
+        keys.push(batch_key(node_id));
+    }
+    // Successors (also through the nodes this one stands in for as a fallback): their
+    // executions decide their iteration, and their inputs are written.
+    let stood_in_for = bp.fallback_of(index).iter().copied();
+    for from in std::iter::once(index).chain(stood_in_for) {
+        for &edge in bp.outgoing(from) {
+            let target = &bp.node(bp.edge_ends(edge).1).id;
+            keys.extend([meta_key(target), input_key(target)]);
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Fails the job (to be retried) if a key it read on demand could not be fetched: what it
+/// decided from that read must not be committed. (The keys a guard decides a settlement
+/// from are loaded up front, in the load that fails the job as a whole.)
+fn check_reads(context: &ContextView) -> Result<(), Error> {
+    match context.lazy().and_then(|lazy| lazy.error()) {
+        Some(e) => Err(StoreError::Fetch(e.to_string()).into()),
+        None => Ok(()),
+    }
+}
+
 /// A service failed: requeue the delivery (dead-lettered after repeated failures).
 fn retry(what: &str, e: Error) -> Outcome {
     Outcome::Retry(format!("{what}: {e}"))
@@ -159,12 +220,13 @@ enum Guarded<'a> {
     Execute {
         bp: &'a Blueprint,
         node: RunNode,
-        context: ContextMap,
+        context: ContextView,
     },
     /// Nothing to execute: settle the delivery.
     Settle(Outcome),
-    /// Committed before: finish its coordination, with nothing to commit.
-    Coordinate(Box<TailJob>),
+    /// Committed before: finish its coordination, with nothing to commit (decided from
+    /// this context).
+    Coordinate(Box<TailJob>, ContextView),
 }
 
 /// Step 2: whether the job is to be executed — its blueprint loaded, its run live and of
@@ -177,12 +239,20 @@ fn guard<'a>(
 ) -> Result<Guarded<'a>, Error> {
     use Guarded::{Coordinate, Settle};
     // The run, its blueprint, its version, the node. A message that cannot belong to any run
-    // is dead-lettered: nothing is written for it.
-    let Some(snapshot) = shared.store.load(&job.run_id)? else {
+    // is dead-lettered: nothing is written for it. Only the keys the job is expected to read
+    // are loaded; any other is fetched when read.
+    let known = shared.blueprints.get(&job.blueprint_id);
+    let keys = expected_reads(known.map(|bp| &**bp), &job.node_id);
+    let Some(snapshot) = shared.store.load_keys(&job.run_id, keys)? else {
         let reason = format!("run '{}' does not exist (no context row)", job.run_id);
         return Ok(Settle(Outcome::DeadLetter(reason)));
     };
-    let stamped = Blueprint::stamped_id(&snapshot.context);
+    let lazy = Arc::new(LazyKeys::new(RunKeys::new(
+        shared.store.clone(),
+        job.run_id.clone(),
+    )));
+    let context = ContextView::with_lazy(Arc::new(snapshot.context), Some(lazy));
+    let stamped = Blueprint::stamped_id(&context);
     if !stamped.is_empty() && stamped != job.blueprint_id {
         let reason = format!(
             "a job of blueprint '{}' for run '{}', which is a run of blueprint '{stamped}'",
@@ -190,21 +260,17 @@ fn guard<'a>(
         );
         return Ok(Settle(Outcome::DeadLetter(reason)));
     }
-    let Some(bp) = shared.blueprints.get(&job.blueprint_id) else {
+    let Some(bp) = known else {
         let reason = format!("unknown blueprint '{}'", job.blueprint_id);
         log::warn!("run {}: {reason}; marking it failed", job.run_id);
-        pause::fail_run(
-            shared,
-            &job.run_id,
-            Some(&snapshot.context),
-            &reason,
-            publisher,
-        )?;
+        pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
         return Ok(Settle(Outcome::Ack));
     };
     if let Some(status) = snapshot.status.filter(|s| s.is_finished()) {
-        if ParentLink::of(&snapshot.context).is_some() {
-            pause::renotify_parent(shared, &job.run_id, &snapshot.context, status, publisher)?;
+        if ParentLink::of(&context).is_some() {
+            if let Some(whole) = shared.store.load(&job.run_id)? {
+                pause::renotify_parent(shared, &job.run_id, &whole.context, status, publisher)?;
+            }
         }
         log::debug!(
             "run {}: dropping job {} of a {status} run",
@@ -213,10 +279,9 @@ fn guard<'a>(
         );
         return Ok(Settle(Outcome::Ack));
     }
-    if let Some(reason) = version_mismatch(bp, &snapshot.context) {
+    if let Some(reason) = version_mismatch(bp, &context) {
         return Ok(Settle(Outcome::DeadLetter(reason)));
     }
-    let context = snapshot.context;
     let Some(node) = RunNode::resolve(bp, &context, &job.node_id) else {
         let gather = batch::gather_of(&job.node_id).and_then(|g| bp.node_index(g));
         if let Some(gather) = gather {
@@ -224,7 +289,7 @@ fn guard<'a>(
             if is_committed(bp, &RunNode::Static(gather), &context, job.iteration) {
                 // A late copy of a batch worker of an earlier, larger round of a loop: that
                 // round is gathered (the batch on record is a later one). Close it.
-                return Ok(Coordinate(close_only(job)));
+                return Ok(Coordinate(close_only(job), context));
             }
         }
         let reason = format!("node '{}' is not in blueprint '{}'", job.node_id, bp.id());
@@ -271,12 +336,13 @@ fn guard<'a>(
             return Ok(Settle(Outcome::Ack));
         }
         if executions(bp, &node, &context) == job.iteration.saturating_add(1) {
-            return Ok(Coordinate(rederive(bp, job, &node, &context)));
+            let tail = rederive(bp, job, &node, &context);
+            return Ok(Coordinate(tail, context));
         }
         // A later iteration of this node committed meanwhile (a side branch of a loop whose
         // jobs overtook each other): the stored successors are that iteration's, so only
         // close this job in the ledger.
-        return Ok(Coordinate(close_only(job)));
+        return Ok(Coordinate(close_only(job), context));
     }
     Ok(Guarded::Execute { bp, node, context })
 }
@@ -288,8 +354,8 @@ fn execute(
     bp: &Blueprint,
     job: &JobPayload,
     node: &RunNode,
-    context: ContextMap,
-) -> (Arc<ContextMap>, Result<NodeSuccess, NodeFailure>) {
+    context: ContextView,
+) -> (ContextView, Result<NodeSuccess, NodeFailure>) {
     if is_start_job(bp, job, node)
         && bp
             .start_node_ids()
@@ -298,7 +364,6 @@ fn execute(
     {
         log::info!("run {}: started ({})", job.run_id, bp.id());
     }
-    let snapshot = Arc::new(context);
     let executing = shared.executing(&job.run_id);
     let node_job = NodeJob {
         blueprint: bp,
@@ -307,15 +372,16 @@ fn execute(
         run_cancel: Some(executing.cancel()),
         // Retries are queued, not waited for on this thread.
         queued_attempt: Some(job.attempt.unwrap_or(1).max(1)),
+        lazy: context.lazy(),
     };
     let started = std::time::Instant::now();
-    let executed = execute_node(node_job, &shared.registry, snapshot.clone());
+    let executed = execute_node(node_job, &shared.registry, context.snapshot().clone());
     shared
         .metrics
         .node_seconds
         .with_label_values(&[&node.def(bp).uses])
         .observe(started.elapsed().as_secs_f64());
-    (snapshot, executed)
+    (context, executed)
 }
 
 /// A tail that only closes the job in the run's ledger (nothing to commit, no successors)
@@ -361,7 +427,7 @@ fn defer(shared: &Shared, job: &JobPayload, publisher: &mut dyn JobSink) -> Resu
     Ok(Outcome::Ack)
 }
 
-fn version_mismatch(bp: &Blueprint, context: &ContextMap) -> Option<String> {
+fn version_mismatch(bp: &Blueprint, context: &dyn ContextRead) -> Option<String> {
     let stored = context.get(BLUEPRINT_VERSION)?;
     let stored = match stored {
         Value::String(s) => s.clone(),
@@ -386,7 +452,7 @@ fn build_commit(
     bp: &Blueprint,
     job: &JobPayload,
     node: &RunNode,
-    snapshot: Arc<ContextMap>,
+    context: ContextView,
     success: NodeSuccess,
     publisher: &mut dyn JobSink,
 ) -> Result<Handled, Error> {
@@ -398,7 +464,7 @@ fn build_commit(
         ..
     } = success;
     let mut commit = NodeCommit::from_deltas(&deltas);
-    if !snapshot.contains_key(BLUEPRINT_ID) {
+    if !context.has(BLUEPRINT_ID) {
         bp.stamp(&mut commit.set);
     }
     let guard = CommitGuard {
@@ -411,11 +477,12 @@ fn build_commit(
         let details = match pause::prepare(shared, job, def, details)? {
             Prepared::Details(d) => d,
             Prepared::Fail(reason) => {
-                pause::fail_run(shared, &job.run_id, Some(&snapshot), &reason, publisher)?;
+                pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
                 return Ok(Outcome::Ack.into());
             }
         };
         commit.awaiting = Some((def.id.clone(), details.clone()));
+        check_reads(&context)?;
         if !shared.store.commit_node(&job.run_id, commit, guard)? {
             // Committed already, or the node is paused at another iteration right now: try
             // again in a second (a copy of a committed pause is then dropped).
@@ -427,13 +494,9 @@ fn build_commit(
         log::info!("run {}: awaiting node '{}'", job.run_id, def.id);
         return Ok(Outcome::Ack.into());
     }
-    let previous_meta = guard
-        .repeats
-        .then(|| snapshot.get(&guard.meta_key).cloned())
-        .flatten();
-    // The node's thread is done with the snapshot: take it over rather than copy it.
-    let mut merged = Arc::unwrap_or_clone(snapshot);
-    deltas.apply_to(&mut merged);
+    // The context as the node left it, with its output recorded.
+    let mut merged = context;
+    merged.apply(&deltas);
     let mut outputs = ContextDeltas::default();
     match node {
         RunNode::Static(_) => {
@@ -441,15 +504,16 @@ fn build_commit(
         }
         RunNode::Dynamic(_) => flow::record_worker_output(&mut outputs, &def.id, &result.output),
     }
-    outputs.apply_to(&mut merged);
+    merged.apply(&outputs);
     for (k, v) in outputs.iter() {
         commit
             .set
             .insert(k.to_string(), v.cloned().unwrap_or(Value::Null));
     }
     if guard.repeats {
+        let previous_meta = merged.get(&guard.meta_key).cloned();
         let meta = scheduling::with_iteration(json!({}), previous_meta.as_ref(), job.iteration);
-        merged.insert(guard.meta_key.clone(), meta);
+        merged.set(guard.meta_key.clone(), meta);
     }
     let next = next_jobs(
         bp,
@@ -507,6 +571,7 @@ fn build_commit(
         pause::fail_run(shared, &job.run_id, Some(&merged), &reason, publisher)?;
         return Ok(Outcome::Ack.into());
     }
+    check_reads(&merged)?;
     Ok(Handled::Tail(Box::new(TailJob {
         job: job.clone(),
         node_id: def.id.clone(),
@@ -522,7 +587,7 @@ fn rederive(
     bp: &Blueprint,
     job: &JobPayload,
     node: &RunNode,
-    context: &ContextMap,
+    context: &dyn ContextRead,
 ) -> Box<TailJob> {
     let def = node.def(bp);
     let (result, fallback) =
@@ -617,7 +682,7 @@ fn fail_node(
         }
         shared.coord.poison(&job.run_id, &poisoned, &cancelled)?;
     }
-    let context = now.as_ref().map(|now| &now.context);
+    let context = now.as_ref().map(|now| &now.context as &dyn ContextRead);
     pause::fail_run(
         shared,
         &job.run_id,

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::blueprint::{Blueprint, NodeDef};
 use crate::engine::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
-use crate::engine::node::{ContextMap, NodeResult};
+use crate::engine::node::{ContextMap, ContextRead, NodeResult};
 use crate::engine::nodes::{now_ms, subflow};
 use crate::runtime::message::{EventMessage, JobPayload};
 use crate::runtime::resumer::ParentLink;
@@ -339,7 +339,7 @@ pub(crate) fn fail_on_refused_data(
 pub(crate) fn fail_run(
     shared: &Shared,
     run: &str,
-    context: Option<&ContextMap>,
+    context: Option<&dyn ContextRead>,
     reason: &str,
     publisher: &mut dyn JobSink,
 ) -> Result<(), Error> {
@@ -355,7 +355,7 @@ pub(crate) fn fail_run(
 fn propagate_failure(
     shared: &Shared,
     run: &str,
-    context: Option<&ContextMap>,
+    context: Option<&dyn ContextRead>,
     reason: &str,
     publisher: &mut dyn JobSink,
 ) -> Result<(), Error> {
@@ -461,6 +461,7 @@ fn child_failed(
         run_id: &link.run_id,
         run_cancel: None,
         queued_attempt: None,
+        lazy: None,
     };
     let RunSnapshot { context, status } = parent;
     let context = Arc::new(context);

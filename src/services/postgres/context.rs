@@ -1,13 +1,15 @@
-//! [`PostgresContext`]: one run's context as a JSONB row, read and written key by key.
+//! [`PostgresContext`]: one run's context, read and written key by key.
 //!
-//! Keys are flat top-level JSONB keys (`_outputs.n1` is one key). Keys and values always
-//! travel as query parameters, so any key — `a'}; DROP TABLE x; --` included — round-trips
-//! as a plain key. The worker does not use this type on its hot path (it reads a snapshot
-//! and writes one patch per job); it is the public, blocking context API.
+//! A run's context is the context it started with overlaid with one row per key written
+//! since (see [`crate::services::postgres::store`]); this type reads and writes those keys
+//! through the same statements as the worker. Keys and values always travel as query
+//! parameters, so any key — `a'}; DROP TABLE x; --` included — round-trips as a plain key.
 
 use serde_json::{Map, Value};
 
-use crate::services::postgres::store::{validate_identifier, PgPool, StoreError};
+use crate::services::postgres::store::{
+    assembled_context, key_source, PgPool, RunStore, StoreError, Tables,
+};
 
 /// One change of a [`PostgresContext::patch`].
 #[derive(Debug, Clone, PartialEq)]
@@ -18,35 +20,42 @@ pub enum PatchOp {
     Delete(String),
 }
 
-/// One run's context over a JSONB row.
+/// One run's context in PostgreSQL.
 #[derive(Clone)]
 pub struct PostgresContext {
-    pool: PgPool,
+    store: RunStore,
     run_id: String,
     get_sql: String,
-    has_sql: String,
     all_sql: String,
-    patch_sql: String,
 }
 
 impl PostgresContext {
-    /// The context of `run_id` in `table` (a validated identifier).
+    /// The context of `run_id` whose starting context is in `table` (a validated
+    /// identifier; the keys written since are in `<table>_entries`).
     pub fn new(
         pool: PgPool,
         table: &str,
         run_id: impl Into<String>,
     ) -> Result<PostgresContext, StoreError> {
-        validate_identifier(table)?;
+        let tables = Tables {
+            contexts: table.to_string(),
+            ..Tables::default()
+        };
+        let (c, e) = (&tables.contexts, tables.entries());
         Ok(PostgresContext {
-            pool,
-            run_id: run_id.into(),
-            get_sql: format!("SELECT context_data -> $2 FROM {table} WHERE run_id = $1"),
-            has_sql: format!("SELECT jsonb_exists(context_data, $2) FROM {table} WHERE run_id = $1"),
-            all_sql: format!("SELECT context_data FROM {table} WHERE run_id = $1"),
-            patch_sql: format!(
-                "INSERT INTO {table} AS t (run_id, context_data) VALUES ($1, $3::jsonb)
-                 ON CONFLICT (run_id) DO UPDATE SET context_data = (t.context_data - $2::text[]) || $3::jsonb"
+            get_sql: format!(
+                "SELECT CASE WHEN x.run_id IS NOT NULL THEN x.value
+                             WHEN $3::int > 0 THEN NULLIF(c.header[$3::int], 'null'::jsonb)
+                             WHEN $3::int < 0 THEN c.context_data -> $2::text END
+                 FROM {c} c LEFT JOIN {e} x ON x.run_id = c.run_id AND x.key = $2::text
+                 WHERE c.run_id = $1"
             ),
+            all_sql: format!(
+                "SELECT {} FROM {c} c WHERE c.run_id = $1",
+                assembled_context(&e)
+            ),
+            store: RunStore::new(pool, tables)?,
+            run_id: run_id.into(),
         })
     }
 
@@ -58,9 +67,10 @@ impl PostgresContext {
     /// A key's value (`None` if absent or the run has no row).
     pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
         let row = self
-            .pool
+            .store
+            .pool()
             .get()?
-            .query_opt_prepared(&self.get_sql, &[&self.run_id, &key])?;
+            .query_opt_prepared(&self.get_sql, &[&self.run_id, &key, &key_source(key)])?;
         Ok(match row {
             Some(row) => row.try_get::<_, Option<Value>>(0)?,
             None => None,
@@ -74,14 +84,7 @@ impl PostgresContext {
 
     /// Whether a key is present.
     pub fn has(&self, key: &str) -> Result<bool, StoreError> {
-        let row = self
-            .pool
-            .get()?
-            .query_opt_prepared(&self.has_sql, &[&self.run_id, &key])?;
-        Ok(match row {
-            Some(row) => row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
-            None => false,
-        })
+        Ok(self.get(key)?.is_some())
     }
 
     /// Deletes a key.
@@ -92,7 +95,8 @@ impl PostgresContext {
     /// The whole context (an empty object if the run has no row).
     pub fn to_json(&self) -> Result<Value, StoreError> {
         let row = self
-            .pool
+            .store
+            .pool()
             .get()?
             .query_opt_prepared(&self.all_sql, &[&self.run_id])?;
         Ok(match row {
@@ -103,24 +107,13 @@ impl PostgresContext {
 
     /// Applies several changes atomically, in order (a later change of a key wins).
     pub fn patch(&self, ops: &[PatchOp]) -> Result<(), StoreError> {
-        let mut set = Map::new();
-        let mut delete: Vec<String> = Vec::new();
-        for op in ops {
-            match op {
-                PatchOp::Set(k, v) => {
-                    delete.retain(|d| d != k);
-                    set.insert(k.clone(), v.clone());
-                }
-                PatchOp::Delete(k) => {
-                    set.remove(k);
-                    delete.push(k.clone());
-                }
-            }
-        }
-        let set = Value::Object(set);
-        self.pool
-            .get()?
-            .execute_prepared(&self.patch_sql, &[&self.run_id, &delete, &set])?;
-        Ok(())
+        let writes = ops
+            .iter()
+            .map(|op| match op {
+                PatchOp::Set(k, v) => (k.clone(), Some(v.clone())),
+                PatchOp::Delete(k) => (k.clone(), None),
+            })
+            .collect();
+        self.store.write_keys(&self.run_id, writes)
     }
 }

@@ -1,7 +1,7 @@
 //! SQL migrations: `migrations/*.sql`, embedded in the crate, applied in order, once per set
 //! of table names, under an advisory lock so several hosts may run them at once.
 //!
-//! The files name tables as `{contexts}`, `{statuses}`, `{webhooks}` (and
+//! The files name tables as `{contexts}`, `{entries}`, `{statuses}`, `{webhooks}` (and
 //! `{statuses_index}`); the configured names — validated identifiers — replace them. What was
 //! applied is recorded in `flowcraft_migrations (version, scope)`, `scope` being the table
 //! names, so migrating again is a no-op.
@@ -9,10 +9,16 @@
 use crate::services::postgres::store::{PgPool, StoreError, Tables};
 
 /// The embedded migrations, in order: (version, SQL template).
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_init",
-    include_str!("../../../migrations/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_init",
+        include_str!("../../../migrations/0001_init.sql"),
+    ),
+    (
+        "0002_entries",
+        include_str!("../../../migrations/0002_entries.sql"),
+    ),
+];
 
 /// Lock id for `pg_advisory_xact_lock` (an arbitrary constant: "flowcraft").
 const LOCK_ID: i64 = 0x666c_6f77_6372_6166;
@@ -22,6 +28,7 @@ pub fn render(template: &str, tables: &Tables) -> Result<String, StoreError> {
     tables.validate()?;
     let index = format!("{}_status_updated_idx", tables.statuses.replace('.', "_"));
     Ok(template
+        .replace("{entries}", &tables.entries())
         .replace("{contexts}", &tables.contexts)
         .replace("{statuses_index}", &index)
         .replace("{statuses}", &tables.statuses)

@@ -1,10 +1,22 @@
-//! PostgreSQL state of runs: one JSONB context row and one status row per run.
+//! PostgreSQL state of runs: a status row per run, the context it started with, and one row
+//! per key it wrote since.
+//!
+//! A run's context is its starting context (`context_data`, as a seed-style client inserts
+//! it) overlaid with its *entries* — `(run_id, key) → value` rows, a NULL value hiding a
+//! starting key — so a job reads only the keys it uses ([`RunStore::load_keys`]) and writes
+//! only its own ([`RunStore::commit_node`]); nothing per job grows with the run. The whole
+//! context is assembled in one pass, only when asked for ([`RunStore::load`], the completed
+//! run's result). Keys only a run writes ([`is_run_record`]) are never looked up in the
+//! starting context, and the keys every job reads come from its `header` column, so a large
+//! starting context is not decompressed per job.
 //!
 //! Every statement takes values as parameters; table names are validated identifiers
-//! ([`Tables::new`]). The per-job write ([`RunStore::commit_node`]) is one statement — a CTE
-//! that patches the context and touches the status row — so it commits atomically in one
-//! round trip, and it carries the idempotency guard: it applies only if the node's execution
-//! has not been committed yet (the first commit wins).
+//! ([`Tables::new`]). The per-job write is one statement — a CTE that upserts the node's
+//! entries and touches the status row — so it commits atomically in one round trip, and it
+//! carries the idempotency guard: it applies only if the node's execution has not been
+//! committed yet (the first commit wins): for a node that runs once, the insert of its
+//! output row; for one that repeats, the iteration added to its bookkeeping row; for a pause,
+//! the node added to the run's `_awaitingNodeIds` row.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
@@ -17,9 +29,10 @@ use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
 use serde_json::{Map, Value};
 
-use crate::engine::node::{ContextDeltas, ContextMap};
+use crate::engine::node::{ContextDeltas, ContextMap, KeyLoader};
 use crate::services::group::{run_batch, Group, GroupError};
 use crate::services::url::mask_url;
+use crate::vocabulary::keys::{is_run_record, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS};
 use crate::vocabulary::RunStatus;
 
 /// A pool of PostgreSQL connections, each with its own prepared-statement cache.
@@ -209,6 +222,9 @@ pub enum StoreError {
     /// or the thread that ran it); the request may be retried.
     #[error("grouped statement: {0}")]
     Grouped(String),
+    /// A key a job read on demand could not be fetched.
+    #[error("reading the run's context: {0}")]
+    Fetch(String),
 }
 
 /// A PostgreSQL error as its message says it: the server's severity, message, SQLSTATE,
@@ -282,7 +298,8 @@ pub fn validate_identifier(name: &str) -> Result<(), StoreError> {
 /// The three table names (validated).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tables {
-    /// Table of run contexts, one JSONB row per run (default `flowcraft_contexts`).
+    /// Table of the contexts runs start with, one JSONB row per run (default
+    /// `flowcraft_contexts`); what runs write goes to [`entries`](Tables::entries).
     pub contexts: String,
     /// Table of run statuses (default `flowcraft_statuses`).
     pub statuses: String,
@@ -310,22 +327,32 @@ impl Default for Tables {
 impl Tables {
     /// Validated table names.
     pub fn new(contexts: &str, statuses: &str, webhooks: &str) -> Result<Tables, StoreError> {
-        for t in [contexts, statuses, webhooks] {
-            validate_identifier(t)?;
-        }
-        Ok(Tables {
+        let tables = Tables {
             contexts: contexts.into(),
             statuses: statuses.into(),
             webhooks: webhooks.into(),
-        })
+        };
+        tables.validate()?;
+        Ok(tables)
     }
 
     /// Checks the names (for values built with struct syntax).
     pub fn validate(&self) -> Result<(), StoreError> {
-        for t in [&self.contexts, &self.statuses, &self.webhooks] {
+        for t in [
+            &self.contexts,
+            &self.statuses,
+            &self.webhooks,
+            &self.entries(),
+        ] {
             validate_identifier(t)?;
         }
         Ok(())
+    }
+
+    /// The table of the runs' entries (one row per key a run wrote): the contexts table's
+    /// name with `_entries` appended.
+    pub fn entries(&self) -> String {
+        format!("{}_entries", self.contexts)
     }
 }
 
@@ -447,7 +474,7 @@ pub struct RunStore {
 
 /// Batches of concurrent requests (see [`crate::services::group`]).
 struct Groups {
-    load: Group<String, Option<RunSnapshot>, StoreError>,
+    load: Group<KeysRequest, Option<RunSnapshot>, StoreError>,
     commit: Group<CommitRequest, bool, StoreError>,
 }
 
@@ -485,6 +512,24 @@ impl GroupError for StoreError {
     }
 }
 
+/// One [`RunStore::load_keys`] call.
+struct KeysRequest {
+    run_id: String,
+    keys: Vec<String>,
+}
+
+/// Where a key is read when the run has no entry for it: nowhere (0, a key only a run
+/// writes), the `header` column (its 1-based position there), or the starting context (-1).
+pub(crate) fn key_source(key: &str) -> i32 {
+    if is_run_record(key) {
+        0
+    } else if let Some(at) = HEADER_KEYS.iter().position(|h| *h == key) {
+        at as i32 + 1
+    } else {
+        -1
+    }
+}
+
 /// One [`RunStore::commit_node`] call, as the commit statement's parameters of one row.
 struct CommitRequest {
     run_id: String,
@@ -497,25 +542,66 @@ struct CommitRequest {
     awaiting_id: Option<String>,
     awaiting_details: Value,
     set_if_absent: Value,
+    /// The value of the guard's own row: the output of a node that runs once, the
+    /// bookkeeping of one that repeats (its `iters` added by the statement).
+    guard_value: Option<Value>,
 }
 
 impl CommitRequest {
     fn new(run_id: &str, commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
-        let (awaiting_id, awaiting_details) = match commit.awaiting {
+        let NodeCommit {
+            mut set,
+            mut set_if_absent,
+            mut delete,
+            awaiting,
+        } = commit;
+        let (awaiting_id, awaiting_details) = match awaiting {
             Some((id, details)) => (Some(id), details),
             None => (None, Value::Null),
         };
+        // The awaiting keys are the statement's own; the guard's row is written apart.
+        for key in [AWAITING_NODE_IDS, AWAITING_DETAILS] {
+            set.remove(key);
+            set_if_absent.remove(key);
+        }
+        let guard_value = match (&awaiting_id, guard.repeats) {
+            (Some(_), _) => None,
+            (None, true) => Some(
+                set.remove(&guard.meta_key)
+                    .unwrap_or_else(|| Value::Object(Map::new())),
+            ),
+            (None, false) => set.remove(&guard.output_key),
+        };
+        // One row per key: a set wins over a deletion, and both over a keep-first input.
+        delete.retain(|k| {
+            !set.contains_key(k)
+                && k != AWAITING_NODE_IDS
+                && k != AWAITING_DETAILS
+                && (awaiting_id.is_some() || (k != &guard.output_key && k != &guard.meta_key))
+        });
+        delete.sort_unstable();
+        delete.dedup();
+        set_if_absent.retain(|k, _| !set.contains_key(k) && !delete.contains(k));
+        if awaiting_id.is_none() {
+            let own = if guard.repeats {
+                &guard.meta_key
+            } else {
+                &guard.output_key
+            };
+            set_if_absent.remove(own);
+        }
         CommitRequest {
             run_id: run_id.to_string(),
-            delete: Value::from(commit.delete),
-            set: Value::Object(commit.set),
+            delete: Value::from(delete),
+            set: Value::Object(set),
             output_key: guard.output_key,
             meta_key: guard.meta_key,
             iteration: i32::try_from(guard.iteration).unwrap_or(i32::MAX),
             repeats: guard.repeats,
             awaiting_id,
             awaiting_details,
-            set_if_absent: Value::Object(commit.set_if_absent),
+            set_if_absent: Value::Object(set_if_absent),
+            guard_value,
         }
     }
 }
@@ -523,6 +609,7 @@ impl CommitRequest {
 #[derive(Clone)]
 struct Statements {
     load: String,
+    load_keys: String,
     commit: String,
     complete: String,
     fail: String,
@@ -538,52 +625,101 @@ struct Statements {
     insert_status: String,
     insert_context_if_absent: String,
     insert_status_if_absent: String,
+    insert_entries: String,
     resume: String,
     register_webhook: String,
     webhook: String,
     awaiting_details: String,
+    ensure_context: String,
+    put_entries: String,
+}
+
+/// The SQL of a run's whole context — its starting context (`c.context_data`) overlaid with
+/// its entries — read in one pass over them.
+pub(crate) fn assembled_context(e: &str) -> String {
+    format!(
+        "CASE WHEN jsonb_typeof(c.context_data) = 'object' THEN
+           (c.context_data - ARRAY(SELECT x.key FROM {e} x WHERE x.run_id = c.run_id AND x.value IS NULL))
+           || COALESCE((SELECT jsonb_object_agg(x.key, x.value) FROM {e} x
+                        WHERE x.run_id = c.run_id AND x.value IS NOT NULL), '{{}}'::jsonb)
+         ELSE c.context_data END"
+    )
 }
 
 impl RunStore {
     /// A store over validated tables.
     pub fn new(pool: PgPool, tables: Tables) -> Result<RunStore, StoreError> {
         tables.validate()?;
-        let (c, s) = (&tables.contexts, &tables.statuses);
-        // One row of `j` per node commit (distinct runs; sorted, so that concurrent
-        // batches lock context rows in one order). Each applies only if its guard holds;
-        // `c` returns the ordinals of those that applied.
+        let (c, s, e) = (&tables.contexts, &tables.statuses, &tables.entries());
+        let whole = assembled_context(e);
+        // One row of `j` per node commit (distinct runs; rows written in (run, key) order,
+        // so that concurrent batches lock entries in one order). Each applies only if its
+        // guard row could be written; `applied` lists those runs.
         let commit_ctes = format!(
             "WITH j AS (
                    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
-                                        $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[])
+                                        $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
+                                        $11::jsonb[])
                      WITH ORDINALITY AS j(run_id, del, sets, output_key, meta_key, iteration, repeats,
-                                          awaiting_id, awaiting_details, set_if_absent, ord)),
-                 c AS (
-                   UPDATE {c} t SET context_data =
-                     ((t.context_data - ARRAY(SELECT jsonb_array_elements_text(j.del))) || j.sets) ||
-                     (SELECT COALESCE(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb)
-                        FROM jsonb_each(j.set_if_absent) e WHERE NOT jsonb_exists(t.context_data, e.key)) ||
-                     CASE WHEN j.awaiting_id IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object(
-                       '_awaitingNodeIds',
-                         CASE WHEN COALESCE(t.context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array(j.awaiting_id)
-                              THEN t.context_data->'_awaitingNodeIds'
-                              ELSE COALESCE(t.context_data->'_awaitingNodeIds', '[]'::jsonb) || jsonb_build_array(j.awaiting_id) END,
-                       '_awaitingDetails',
-                         COALESCE(t.context_data->'_awaitingDetails', '{{}}'::jsonb) || jsonb_build_object(j.awaiting_id, j.awaiting_details)) END ||
-                     -- A repeating node records which iterations are committed (`iters`), from
-                     -- the row itself, so concurrent iterations never lose each other's record.
-                     CASE WHEN j.repeats AND j.awaiting_id IS NULL THEN jsonb_build_object(j.meta_key,
-                       COALESCE(j.sets->j.meta_key, '{{}}'::jsonb) || jsonb_build_object(
-                         'iters', COALESCE(t.context_data->j.meta_key->'iters', '[]'::jsonb) || jsonb_build_array(j.iteration)))
-                     ELSE '{{}}'::jsonb END
-                   FROM j
-                   WHERE t.run_id = j.run_id
-                     AND (j.awaiting_id IS NULL
-                          OR NOT COALESCE(t.context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array(j.awaiting_id))
-                     AND CASE WHEN j.repeats
-                       THEN NOT COALESCE(t.context_data->j.meta_key->'iters', '[]'::jsonb) @> jsonb_build_array(j.iteration)
-                       ELSE NOT jsonb_exists(t.context_data, j.output_key) END
-                   RETURNING j.ord, j.run_id, j.awaiting_id, j.awaiting_details),
+                                          awaiting_id, awaiting_details, set_if_absent, guard_value, ord)),
+                 -- A node that runs once: the row of its output, written while absent.
+                 once AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT run_id, output_key, guard_value FROM j
+                   WHERE awaiting_id IS NULL AND NOT repeats ORDER BY run_id
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
+                   RETURNING t.run_id),
+                 -- A node that may repeat: its bookkeeping row, to whose `iters` the
+                 -- iteration is added unless it is there already.
+                 again AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT run_id, meta_key,
+                          COALESCE(guard_value, '{{}}'::jsonb) || jsonb_build_object('iters', jsonb_build_array(iteration))
+                   FROM j WHERE awaiting_id IS NULL AND repeats ORDER BY run_id
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value || jsonb_build_object('iters',
+                       COALESCE(t.value -> 'iters', '[]'::jsonb) || (EXCLUDED.value -> 'iters'))
+                   WHERE NOT COALESCE(t.value -> 'iters', '[]'::jsonb) @> (EXCLUDED.value -> 'iters')
+                   RETURNING t.run_id),
+                 -- A pause: the node joins the run's awaited nodes, unless it is awaited
+                 -- already or this execution is committed.
+                 paused AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT j.run_id, '{AWAITING_NODE_IDS}', jsonb_build_array(j.awaiting_id) FROM j
+                   WHERE j.awaiting_id IS NOT NULL AND NOT EXISTS (
+                     SELECT 1 FROM {e} x
+                     WHERE x.run_id = j.run_id AND x.value IS NOT NULL
+                       AND x.key = CASE WHEN j.repeats THEN j.meta_key ELSE j.output_key END
+                       AND (NOT j.repeats OR COALESCE(x.value -> 'iters', '[]'::jsonb) @> jsonb_build_array(j.iteration)))
+                   ORDER BY j.run_id
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = COALESCE(t.value, '[]'::jsonb) || EXCLUDED.value
+                   WHERE NOT COALESCE(t.value, '[]'::jsonb) @> EXCLUDED.value
+                   RETURNING t.run_id),
+                 applied AS (
+                   SELECT run_id FROM once UNION ALL SELECT run_id FROM again UNION ALL SELECT run_id FROM paused),
+                 w AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT w.run_id, w.key, w.value FROM (
+                     SELECT j.run_id, x.key, x.value FROM j JOIN applied a ON a.run_id = j.run_id,
+                       jsonb_each(j.sets) x
+                     UNION ALL
+                     SELECT j.run_id, d.key, NULL FROM j JOIN applied a ON a.run_id = j.run_id,
+                       jsonb_array_elements_text(j.del) AS d(key)
+                     UNION ALL
+                     SELECT j.run_id, '{AWAITING_DETAILS}', jsonb_build_object(j.awaiting_id, j.awaiting_details)
+                     FROM j JOIN applied a ON a.run_id = j.run_id WHERE j.awaiting_id IS NOT NULL) w
+                   ORDER BY w.run_id, w.key
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = CASE
+                     WHEN EXCLUDED.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
+                     THEN t.value || EXCLUDED.value ELSE EXCLUDED.value END
+                   RETURNING 1),
+                 -- Inputs of `any` joins: the first one written stays.
+                 first AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT j.run_id, x.key, x.value FROM j JOIN applied a ON a.run_id = j.run_id,
+                     jsonb_each(j.set_if_absent) x
+                   ORDER BY 1, 2
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
+                   RETURNING 1),
                  s AS (
                    UPDATE {s} st SET updated_at = NOW(),
                      status = CASE WHEN c.awaiting_id IS NOT NULL AND st.status = 'running' THEN 'awaiting' ELSE st.status END,
@@ -592,26 +728,47 @@ impl RunStore {
                        ELSE st.result END
                    -- `updated_at` (indexed, so each write is an index insert) moves at most
                    -- once a second; a pause always writes.
-                   FROM c WHERE st.run_id = c.run_id
+                   FROM (SELECT j.run_id, j.awaiting_id, j.awaiting_details
+                         FROM j JOIN applied a ON a.run_id = j.run_id) c
+                   WHERE st.run_id = c.run_id
                      AND (c.awaiting_id IS NOT NULL OR st.updated_at IS NULL
                           OR st.updated_at < NOW() - interval '1 second')
                    RETURNING 1)"
         );
         let sql = Statements {
             load: format!(
-                "SELECT c.run_id, c.context_data, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id)
+                "SELECT c.run_id, {whole}, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id)
                  FROM {c} c WHERE c.run_id = ANY($1::text[])"
             ),
-            commit: format!("{commit_ctes} SELECT ord FROM c"),
+            // For each run of $1 that exists: its status, whether its starting context is an
+            // object (`header` is NULL otherwise), and the value of each of its keys asked
+            // for in ($2, $3), read from its entry, or else from where `$4` says.
+            load_keys: format!(
+                "WITH q AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]) AS q(run_id, key, source))
+                 SELECT c.run_id, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id), c.header IS NOT NULL,
+                   q.key,
+                   CASE WHEN x.run_id IS NOT NULL THEN x.value
+                        WHEN q.source > 0 THEN NULLIF(c.header[q.source], 'null'::jsonb)
+                        WHEN q.source < 0 THEN c.context_data -> q.key END
+                 FROM {c} c
+                 LEFT JOIN q ON q.run_id = c.run_id
+                 LEFT JOIN {e} x ON x.run_id = q.run_id AND x.key = q.key
+                 WHERE c.run_id = ANY($1::text[])"
+            ),
+            commit: format!("{commit_ctes} SELECT j.ord FROM j JOIN applied a ON a.run_id = j.run_id"),
             // Completes the runs $1 that are running and await nothing.
             complete: format!(
-                "UPDATE {s} st SET status = 'completed', updated_at = NOW(),
-                   result = jsonb_build_object('status', 'completed', 'context', c.context_data,
-                                               'serializedContext', c.context_data::text)
-                 FROM {c} c
-                 WHERE st.run_id = ANY($1::text[]) AND c.run_id = st.run_id AND st.status = 'running'
-                   AND COALESCE(jsonb_array_length(c.context_data->'_awaitingNodeIds'), 0) = 0
-                 RETURNING st.run_id, c.context_data"
+                "WITH r AS (
+                   SELECT st.run_id, {whole} AS context
+                   FROM {s} st JOIN {c} c ON c.run_id = st.run_id
+                   WHERE st.run_id = ANY($1::text[]) AND st.status = 'running'
+                     AND NOT EXISTS (SELECT 1 FROM {e} a WHERE a.run_id = st.run_id AND a.key = '{AWAITING_NODE_IDS}'
+                                     AND jsonb_typeof(a.value) = 'array' AND a.value <> '[]'::jsonb))
+                 UPDATE {s} st SET status = 'completed', updated_at = NOW(),
+                   result = jsonb_build_object('status', 'completed', 'context', r.context,
+                                               'serializedContext', r.context::text)
+                 FROM r WHERE st.run_id = r.run_id AND st.status = 'running'
+                 RETURNING st.run_id, r.context"
             ),
             fail: format!(
                 "INSERT INTO {s} (run_id, status, updated_at, result)
@@ -642,13 +799,12 @@ impl RunStore {
                    WHERE status = 'awaiting' AND updated_at < NOW() - make_interval(secs => $1::float8)
                      AND (updated_at, run_id) > ($4::text::timestamptz, $5::text)
                    ORDER BY updated_at, run_id LIMIT $2::bigint)
-                 SELECT p.run_id, p.updated_at::text, c.context_data->>'blueprintId',
+                 SELECT p.run_id, p.updated_at::text,
+                   (CASE WHEN bi.run_id IS NOT NULL THEN bi.value ELSE c.header[1] END) #>> '{{}}',
                    COALESCE((
                      SELECT jsonb_agg(jsonb_build_array(d.key, d.value->'iteration'))
-                     FROM jsonb_each(CASE WHEN jsonb_typeof(c.context_data->'_awaitingDetails') = 'object'
-                                     THEN c.context_data->'_awaitingDetails' ELSE '{{}}'::jsonb END) d
-                     WHERE jsonb_typeof(c.context_data->'_awaitingNodeIds') = 'array'
-                       AND c.context_data->'_awaitingNodeIds' @> jsonb_build_array(d.key)
+                     FROM jsonb_each(CASE WHEN jsonb_typeof(ad.value) = 'object' THEN ad.value ELSE '{{}}'::jsonb END) d
+                     WHERE jsonb_typeof(an.value) = 'array' AND an.value @> jsonb_build_array(d.key)
                        AND ((d.value->>'type' = 'sleep' AND jsonb_typeof(d.value->'wakeUpAtMs') = 'number'
                              AND (d.value->>'wakeUpAtMs')::numeric + ($1::float8 * 1000)::numeric
                                  <= $3::float8::numeric)
@@ -659,6 +815,9 @@ impl RunStore {
                                       OR cs.updated_at >= NOW() - make_interval(secs => $1::float8)))))
                    ), '[]'::jsonb)
                  FROM page p LEFT JOIN {c} c ON c.run_id = p.run_id
+                   LEFT JOIN {e} an ON an.run_id = p.run_id AND an.key = '{AWAITING_NODE_IDS}'
+                   LEFT JOIN {e} ad ON ad.run_id = p.run_id AND ad.key = '{AWAITING_DETAILS}'
+                   LEFT JOIN {e} bi ON bi.run_id = p.run_id AND bi.key = 'blueprintId'
                  ORDER BY p.updated_at, p.run_id"
             ),
             touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
@@ -679,6 +838,11 @@ impl RunStore {
             insert_status_if_absent: format!(
                 "INSERT INTO {s} (run_id, status) VALUES ($1, $2) ON CONFLICT (run_id) DO NOTHING"
             ),
+            insert_entries: format!(
+                "INSERT INTO {e} (run_id, key, value)
+                 SELECT $1, x.key, x.value FROM jsonb_each($2::jsonb) x ORDER BY x.key
+                 ON CONFLICT (run_id, key) DO NOTHING"
+            ),
             register_webhook: format!(
                 "INSERT INTO {w} (webhook_id, event_name, url) VALUES ($1, $2, $3)
                  ON CONFLICT (webhook_id) DO UPDATE SET event_name = EXCLUDED.event_name, url = EXCLUDED.url",
@@ -686,34 +850,55 @@ impl RunStore {
             ),
             webhook: format!("SELECT event_name, url FROM {w} WHERE webhook_id = $1", w = tables.webhooks),
             awaiting_details: format!(
-                "UPDATE {c} SET context_data = jsonb_set(context_data, ARRAY['_awaitingDetails', $2::text], $3::jsonb)
-                 WHERE run_id = $1 AND COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> jsonb_build_array($2::text)"
+                "UPDATE {e} t SET value = jsonb_set(t.value, ARRAY[$2::text], $3::jsonb)
+                 WHERE t.run_id = $1 AND t.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
+                   AND EXISTS (SELECT 1 FROM {e} n WHERE n.run_id = $1 AND n.key = '{AWAITING_NODE_IDS}'
+                               AND jsonb_typeof(n.value) = 'array' AND n.value @> jsonb_build_array($2::text))"
             ),
             resume: format!(
-                "WITH c AS (
-                   UPDATE {c} SET context_data = (
-                     -- Remove the resumed nodes from the awaiting keys *as they are now*: a
-                     -- branch that paused meanwhile stays awaited.
-                     SELECT CASE WHEN jsonb_array_length(q.ids) = 0
-                       THEN q.base - ARRAY['_awaitingNodeIds', '_awaitingDetails']
-                       ELSE q.base || jsonb_build_object('_awaitingNodeIds', q.ids, '_awaitingDetails', q.details) END
-                     FROM (SELECT
-                       (context_data - $4::text[]) || $3::jsonb ||
-                         (SELECT COALESCE(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb)
-                            FROM jsonb_each($5::jsonb) e WHERE NOT jsonb_exists(context_data, e.key)) AS base,
-                       COALESCE((SELECT jsonb_agg(x) FROM jsonb_array_elements(context_data->'_awaitingNodeIds') x
-                                 WHERE NOT $2::jsonb @> jsonb_build_array(x)), '[]'::jsonb) AS ids,
-                       COALESCE(context_data->'_awaitingDetails', '{{}}'::jsonb)
-                         - ARRAY(SELECT jsonb_array_elements_text($2::jsonb)) AS details) q)
-                   WHERE run_id = $1 AND COALESCE(context_data->'_awaitingNodeIds', '[]'::jsonb) @> $2::jsonb
-                   RETURNING context_data),
+                "WITH ids AS (
+                   -- Remove the resumed nodes from the awaited ones *as they are now*: a
+                   -- branch that paused meanwhile stays awaited.
+                   UPDATE {e} t SET value = NULLIF(COALESCE(
+                       (SELECT jsonb_agg(x) FROM jsonb_array_elements(t.value) x
+                        WHERE NOT $2::jsonb @> jsonb_build_array(x)), '[]'::jsonb), '[]'::jsonb)
+                   WHERE t.run_id = $1 AND t.key = '{AWAITING_NODE_IDS}'
+                     AND jsonb_typeof(t.value) = 'array' AND t.value @> $2::jsonb
+                   RETURNING t.value),
+                 details AS (
+                   UPDATE {e} t SET value = NULLIF(t.value - ARRAY(SELECT jsonb_array_elements_text($2::jsonb)), '{{}}'::jsonb)
+                   WHERE t.run_id = $1 AND t.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
+                     AND EXISTS (SELECT 1 FROM ids)
+                   RETURNING 1),
+                 w AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT $1::text, w.key, w.value FROM (
+                     SELECT x.key, x.value FROM jsonb_each($3::jsonb) x
+                     UNION ALL SELECT d, NULL FROM unnest($4::text[]) d) w
+                   WHERE EXISTS (SELECT 1 FROM ids) ORDER BY w.key
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
+                   RETURNING 1),
+                 first AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT $1::text, x.key, x.value FROM jsonb_each($5::jsonb) x
+                   WHERE EXISTS (SELECT 1 FROM ids) ORDER BY x.key
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
+                   RETURNING 1),
                  s AS (
                    UPDATE {s} SET updated_at = NOW(), status = CASE
-                       WHEN (SELECT COALESCE(jsonb_array_length(context_data->'_awaitingNodeIds'), 0) FROM c) > 0
+                       WHEN (SELECT COALESCE(jsonb_array_length(value), 0) FROM ids) > 0
                        THEN 'awaiting' ELSE 'running' END
-                   WHERE run_id = $1 AND status IN ('awaiting', 'running') AND EXISTS (SELECT 1 FROM c)
+                   WHERE run_id = $1 AND status IN ('awaiting', 'running') AND EXISTS (SELECT 1 FROM ids)
                    RETURNING 1)
-                 SELECT (SELECT count(*) FROM c)::int"
+                 SELECT (SELECT count(*) FROM ids)::int"
+            ),
+            ensure_context: format!(
+                "INSERT INTO {c} (run_id, context_data) VALUES ($1, '{{}}'::jsonb) ON CONFLICT (run_id) DO NOTHING"
+            ),
+            put_entries: format!(
+                "INSERT INTO {e} AS t (run_id, key, value)
+                 SELECT $1::text, k, v FROM unnest($2::text[], $3::jsonb[]) AS x(k, v) ORDER BY k
+                 ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value"
             ),
         };
         Ok(RunStore {
@@ -741,58 +926,109 @@ impl RunStore {
         &self.tables
     }
 
-    /// A run's context and status; `None` if it has no context row. Concurrent loads share
-    /// one query.
+    /// A run's whole context and status; `None` if it has no context row. Costs what the run
+    /// holds: the per-job path reads only the keys it uses ([`load_keys`](Self::load_keys)).
     pub fn load(&self, run_id: &str) -> Result<Option<RunSnapshot>, StoreError> {
-        self.groups
-            .load
-            .submit(run_id.to_string(), |_| None, |runs| self.load_batch(runs))
+        let runs = [run_id];
+        let row = self
+            .pool
+            .get()?
+            .query_opt_prepared(&self.sql.load, &[&&runs[..]])?;
+        let Some(row) = row else { return Ok(None) };
+        let malformed = |reason: String| StoreError::Malformed {
+            run_id: run_id.to_string(),
+            reason,
+        };
+        let status = match row.try_get::<_, Option<String>>(2)? {
+            Some(status) => {
+                Some(RunStatus::parse(&status).ok_or_else(|| malformed(unknown_status(&status)))?)
+            }
+            None => None,
+        };
+        match row.try_get::<_, Value>(1)? {
+            Value::Object(context) => Ok(Some(RunSnapshot { context, status })),
+            _ => Err(malformed("context_data is not a JSON object".into())),
+        }
     }
 
-    /// One query for a batch of loads (a malformed row is an error of its run only).
-    fn load_batch(
+    /// Some keys of a run's context, and its status; `None` if it has no context row. The
+    /// snapshot holds the keys that are present among `keys` (absent ones are left out).
+    /// Concurrent calls share one query.
+    pub fn load_keys(
         &self,
-        runs: &[String],
+        run_id: &str,
+        keys: Vec<String>,
+    ) -> Result<Option<RunSnapshot>, StoreError> {
+        let request = KeysRequest {
+            run_id: run_id.to_string(),
+            keys,
+        };
+        self.groups
+            .load
+            .submit(request, |_| None, |batch| self.load_keys_batch(batch))
+    }
+
+    /// One query for a batch of key loads (a malformed row is an error of its run only).
+    fn load_keys_batch(
+        &self,
+        batch: &[KeysRequest],
     ) -> Result<Vec<Result<Option<RunSnapshot>, StoreError>>, StoreError> {
-        let rows = self.pool.get()?.query_prepared(&self.sql.load, &[&runs])?;
-        let mut found: HashMap<String, Result<RunSnapshot, String>> =
-            HashMap::with_capacity(rows.len());
+        let mut runs: Vec<&str> = batch.iter().map(|r| r.run_id.as_str()).collect();
+        runs.sort_unstable();
+        runs.dedup();
+        let (mut q_run, mut q_key, mut q_source) = (Vec::new(), Vec::new(), Vec::new());
+        for request in batch {
+            for key in &request.keys {
+                q_run.push(request.run_id.as_str());
+                q_key.push(key.as_str());
+                q_source.push(key_source(key));
+            }
+        }
+        let rows = self
+            .pool
+            .get()?
+            .query_prepared(&self.sql.load_keys, &[&runs, &q_run, &q_key, &q_source])?;
+        // Per run: its status, whether its row is well formed, the keys found.
+        let mut found: HashMap<String, (Option<String>, bool, ContextMap)> = HashMap::new();
         for row in rows {
             let run_id: String = row.try_get(0)?;
-            let status: Option<String> = row.try_get(2)?;
-            let snapshot = match (row.try_get::<_, Value>(1)?, status.as_deref()) {
-                (Value::Object(context), None) => Ok(RunSnapshot {
-                    context,
-                    status: None,
-                }),
-                (Value::Object(context), Some(status)) => match RunStatus::parse(status) {
-                    Some(status) => Ok(RunSnapshot {
-                        context,
-                        status: Some(status),
-                    }),
-                    None => Err(unknown_status(status)),
-                },
-                _ => Err("context_data is not a JSON object".to_string()),
-            };
-            found.insert(run_id, snapshot);
+            let entry = found
+                .entry(run_id)
+                .or_insert_with(|| (None, true, ContextMap::new()));
+            entry.0 = row.try_get(1)?;
+            entry.1 = row.try_get::<_, Option<bool>>(2)?.unwrap_or(false);
+            if let (Some(key), Some(value)) = (
+                row.try_get::<_, Option<String>>(3)?,
+                row.try_get::<_, Option<Value>>(4)?,
+            ) {
+                entry.2.insert(key, value);
+            }
         }
-        Ok(runs
+        Ok(batch
             .iter()
-            .enumerate()
-            .map(|(i, run)| {
-                // A run asked for twice gets a copy; its last request takes the row.
-                let row = if runs[i + 1..].contains(run) {
-                    found.get(run.as_str()).cloned()
-                } else {
-                    found.remove(run.as_str())
+            .map(|request| {
+                let Some((status, well_formed, values)) = found.get(&request.run_id) else {
+                    return Ok(None);
                 };
-                row.map(|r| {
-                    r.map_err(|reason| StoreError::Malformed {
-                        run_id: run.clone(),
-                        reason,
-                    })
-                })
-                .transpose()
+                let malformed = |reason: String| StoreError::Malformed {
+                    run_id: request.run_id.clone(),
+                    reason,
+                };
+                if !well_formed {
+                    return Err(malformed("context_data is not a JSON object".into()));
+                }
+                let status = match status {
+                    Some(s) => {
+                        Some(RunStatus::parse(s).ok_or_else(|| malformed(unknown_status(s)))?)
+                    }
+                    None => None,
+                };
+                let context = request
+                    .keys
+                    .iter()
+                    .filter_map(|k| values.get(k).map(|v| (k.clone(), v.clone())))
+                    .collect();
+                Ok(Some(RunSnapshot { context, status }))
             })
             .collect())
     }
@@ -861,6 +1097,7 @@ impl RunStore {
                 &column(&rows, |r| r.awaiting_id.as_deref()),
                 &column(&rows, |r| &r.awaiting_details),
                 &column(&rows, |r| &r.set_if_absent),
+                &column(&rows, |r| r.guard_value.as_ref()),
             ],
         )?;
         let mut applied: HashMap<&str, bool> = HashMap::with_capacity(rows.len());
@@ -1127,6 +1364,29 @@ impl RunStore {
         Ok(self.execute(&self.sql.awaiting_details, &[&run_id, &node_id, details])? > 0)
     }
 
+    /// Writes keys of a run's context outside any node (`None` deletes the key), creating
+    /// the run's context row if it has none; one transaction, and a later write of a key in
+    /// `writes` wins.
+    pub fn write_keys(
+        &self,
+        run_id: &str,
+        writes: Vec<(String, Option<Value>)>,
+    ) -> Result<(), StoreError> {
+        let mut latest: HashMap<String, Option<Value>> = HashMap::with_capacity(writes.len());
+        for (key, value) in writes {
+            latest.insert(key, value);
+        }
+        let (keys, values): (Vec<String>, Vec<Option<Value>>) = latest.into_iter().unzip();
+        let mut conn = self.pool.get()?;
+        let ensure = conn.statement(&self.sql.ensure_context)?;
+        let put = conn.statement(&self.sql.put_entries)?;
+        let mut tx = conn.transaction()?;
+        tx.execute(&ensure, &[&run_id])?;
+        tx.execute(&put, &[&run_id, &keys, &values])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Stores a webhook endpoint: `webhook_id` = `<run>:<node>`.
     pub fn register_webhook(
         &self,
@@ -1160,15 +1420,57 @@ impl RunStore {
         context_sql: &str,
         status_sql: &str,
     ) -> Result<bool, StoreError> {
+        // Keys only a run writes (a child's input, say) are entries from the start.
+        let (records, starting): (ContextMap, ContextMap) = context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(k, _)| is_run_record(k));
         let mut conn = self.pool.get()?;
         let insert_context = conn.statement(context_sql)?;
         let insert_status = conn.statement(status_sql)?;
         let mut tx = conn.transaction()?;
-        let context = Value::Object(context.clone());
-        let inserted = tx.execute(&insert_context, &[&run_id, &context])? > 0;
+        let inserted = tx.execute(&insert_context, &[&run_id, &Value::Object(starting)])? > 0;
+        if inserted && !records.is_empty() {
+            tx.execute(
+                &self.sql.insert_entries,
+                &[&run_id, &Value::Object(records)],
+            )?;
+        }
         tx.execute(&insert_status, &[&run_id, &RunStatus::Running.as_str()])?;
         tx.commit()?;
         Ok(inserted)
+    }
+}
+
+/// The keys of one run that a job fetches when it reads them ([`KeyLoader`]).
+pub struct RunKeys {
+    store: RunStore,
+    run_id: String,
+}
+
+impl RunKeys {
+    /// The keys of `run_id` in `store`.
+    pub fn new(store: RunStore, run_id: impl Into<String>) -> RunKeys {
+        RunKeys {
+            store,
+            run_id: run_id.into(),
+        }
+    }
+}
+
+impl KeyLoader for RunKeys {
+    fn load(&self, keys: &[String]) -> Result<Vec<Option<Value>>, String> {
+        let snapshot = self
+            .store
+            .load_keys(&self.run_id, keys.to_vec())
+            .map_err(|e| e.to_string())?;
+        let mut context = snapshot.map(|s| s.context).unwrap_or_default();
+        Ok(keys.iter().map(|k| context.remove(k)).collect())
+    }
+
+    fn load_all(&self) -> Result<ContextMap, String> {
+        let snapshot = self.store.load(&self.run_id).map_err(|e| e.to_string())?;
+        Ok(snapshot.map(|s| s.context).unwrap_or_default())
     }
 }
 
