@@ -179,4 +179,17 @@ pub mod testing {
     pub use crate::engine::{executor, flow, nodes};
     pub use crate::runtime::{failpoint, message, resumer, scheduling};
     pub use crate::services::{group, rabbitmq as amqp};
+
+    /// [`RunStore::commit_nodes`](crate::services::postgres::store::RunStore::commit_nodes):
+    /// a batch of commits a caller gathered itself (the worker's job tails).
+    pub fn commit_nodes(
+        store: &crate::services::postgres::store::RunStore,
+        commits: Vec<(
+            String,
+            crate::services::postgres::store::NodeCommit,
+            crate::services::postgres::store::CommitGuard,
+        )>,
+    ) -> Vec<Result<bool, crate::services::postgres::store::StoreError>> {
+        store.commit_nodes(commits)
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier};
 use common::*;
 use flowcraft_rabbitmq::coordination::{JoinRule, SuccessorReport};
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::store::StoreError;
+use flowcraft_rabbitmq::store::{NodeCommit, StoreError};
 use flowcraft_rabbitmq::RedisCoordinationStore;
 use serde_json::{json, Value};
 
@@ -225,4 +225,52 @@ fn concurrent_finish_jobs_fire_an_all_join_once_even_after_a_script_flush() {
     assert!(registered);
     assert_eq!(outstanding, vec!["join".to_string()]);
     assert!(store.finish_job("run", "join", &[], &[]).unwrap().run_idle);
+}
+
+/// A batch the caller gathered (the worker's job tails) commits nodes of one run together,
+/// except those that write a row in common: copies of one job, two inputs of one `any`
+/// join, two pauses. Each gets the answer it would get alone.
+#[test]
+fn a_gathered_batch_commits_one_runs_nodes_together_unless_they_write_one_row() {
+    let env = TestEnv::new("gathered_batch");
+    let store = env.store();
+    store.create_run("r", &ContextMap::new()).unwrap();
+    let mut commits = Vec::new();
+    for node in ["a", "b", "a"] {
+        let (commit, guard) = commit_of(node, json!(node));
+        commits.push(("r".to_string(), commit, guard));
+    }
+    // Two predecessors of the `any` join `j`: the first input written stays.
+    for (node, input) in [("p1", 1), ("p2", 2)] {
+        let (mut commit, guard) = commit_of(node, json!(node));
+        commit.set_input("_inputs.j".into(), json!(input), true);
+        commits.push(("r".to_string(), commit, guard));
+    }
+    // Two pauses of the run.
+    for node in ["w1", "w2"] {
+        let (_, guard) = commit_of(node, Value::Null);
+        let commit = NodeCommit {
+            awaiting: Some((node.to_string(), json!({"type": "webhook"}))),
+            ..NodeCommit::default()
+        };
+        commits.push(("r".to_string(), commit, guard));
+    }
+    let applied: Vec<bool> = flowcraft_rabbitmq::testing::commit_nodes(&store, commits)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(applied, [true, true, false, true, true, true, true]);
+    let context = env.context("r");
+    assert_eq!(context.get("_outputs.a"), Some(&json!("a")));
+    assert_eq!(context.get("_outputs.b"), Some(&json!("b")));
+    assert_eq!(context.get("_inputs.j"), Some(&json!(1)));
+    assert_eq!(context.get("_awaitingNodeIds"), Some(&json!(["w1", "w2"])));
+    assert_eq!(
+        context.get("_awaitingDetails"),
+        Some(&json!({"w1": {"type": "webhook"}, "w2": {"type": "webhook"}}))
+    );
+    assert_eq!(
+        store.status("r").unwrap().map(|s| s.status.as_str()),
+        Some("awaiting")
+    );
 }

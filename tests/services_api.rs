@@ -8,8 +8,10 @@ use std::time::Duration;
 use common::*;
 use flowcraft_rabbitmq::context::PatchOp;
 use flowcraft_rabbitmq::coordination::{JoinRule, SuccessorReport};
+use flowcraft_rabbitmq::migrate;
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::{PostgresContext, RedisCoordinationStore};
+use flowcraft_rabbitmq::store::{CommitGuard, NodeCommit};
+use flowcraft_rabbitmq::{PostgresContext, RedisCoordinationStore, RunStatus};
 use serde_json::json;
 
 #[test]
@@ -208,4 +210,92 @@ fn data_postgresql_refuses_is_a_permanent_error_and_a_missing_table_is_not() {
         .unwrap_err();
     let missing = flowcraft_rabbitmq::StoreError::from(missing);
     assert!(!missing.is_permanent(), "{missing}");
+}
+
+#[test]
+fn migrating_moves_the_records_of_runs_under_way_to_their_own_rows() {
+    // Tables as the first release created them, holding a run whose node `a` is committed
+    // and whose node `w` is awaited, all in its one context row.
+    let env = TestEnv::without_tables("pgmigrate");
+    let mut conn = env.pg.get().unwrap();
+    conn.batch_execute(&migrate::render(migrate::MIGRATIONS[0].1, &env.tables).unwrap())
+        .unwrap();
+    conn.execute(
+        "INSERT INTO flowcraft_migrations (version, scope) VALUES ($1, $2)",
+        &[&migrate::MIGRATIONS[0].0, &migrate::scope(&env.tables)],
+    )
+    .unwrap();
+    let before = json!({
+        "blueprintId": "bp", "x": 1,
+        "_outputs.a": 2, "a": 2, "_inputs.w": 2, "_node.a": {"next": []},
+        "_awaitingNodeIds": ["w"], "_awaitingDetails": {"w": {"type": "webhook"}},
+    });
+    conn.execute(
+        &format!(
+            "INSERT INTO {} (run_id, context_data) VALUES ('old', $1)",
+            env.tables.contexts
+        ),
+        &[&before],
+    )
+    .unwrap();
+    conn.execute(
+        &format!(
+            "INSERT INTO {} (run_id, status) VALUES ('old', 'awaiting')",
+            env.tables.statuses
+        ),
+        &[],
+    )
+    .unwrap();
+
+    let applied = migrate::migrate(&env.pg, &env.tables).unwrap();
+    assert_eq!(applied, ["0002_entries"]);
+    assert!(migrate::migrate(&env.pg, &env.tables).unwrap().is_empty());
+
+    // The starting row keeps what a client could have put there; the run's records moved.
+    let starting: serde_json::Value = conn
+        .query_one(
+            &format!(
+                "SELECT context_data FROM {} WHERE run_id = 'old'",
+                env.tables.contexts
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(starting, json!({"blueprintId": "bp", "x": 1, "a": 2}));
+    assert_eq!(env.count_rows(&env.tables.entries()), 5);
+    // The run reads as it did, whole or key by key.
+    let store = env.store();
+    assert_eq!(
+        serde_json::Value::Object(store.load("old").unwrap().unwrap().context),
+        before
+    );
+    let keys = ["_outputs.a", "blueprintId", "x", "_outputs.w"].map(String::from);
+    let some = store.load_keys("old", keys.to_vec()).unwrap().unwrap();
+    assert_eq!(
+        serde_json::Value::Object(some.context),
+        json!({"_outputs.a": 2, "blueprintId": "bp", "x": 1})
+    );
+    // Its committed node stays committed, and its awaited node resumes once.
+    let guard = |node: &str| CommitGuard {
+        output_key: format!("_outputs.{node}"),
+        meta_key: format!("_node.{node}"),
+        iteration: 0,
+        repeats: false,
+    };
+    let mut again = NodeCommit::default();
+    again.set.insert("_outputs.a".into(), json!(3));
+    assert!(!store.commit_node("old", again, guard("a")).unwrap());
+    let mut resumed = NodeCommit::default();
+    resumed.set.insert("_outputs.w".into(), json!("event"));
+    assert!(store
+        .resume_nodes("old", &["w".into()], resumed.clone())
+        .unwrap());
+    assert!(!store.resume_nodes("old", &["w".into()], resumed).unwrap());
+    let after = store.load("old").unwrap().unwrap();
+    assert_eq!(after.status, Some(RunStatus::Running));
+    assert_eq!(after.context.get("_outputs.a"), Some(&json!(2)));
+    assert_eq!(after.context.get("_outputs.w"), Some(&json!("event")));
+    assert!(!after.context.contains_key("_awaitingNodeIds"));
+    assert!(!after.context.contains_key("_awaitingDetails"));
 }

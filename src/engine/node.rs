@@ -295,6 +295,18 @@ impl LazyKeys {
         }
     }
 
+    /// Records keys read already and found absent (those a snapshot was loaded with and
+    /// lacks), so that reading them fetches nothing.
+    pub fn absent<K: Into<String>>(self, keys: impl IntoIterator<Item = K>) -> LazyKeys {
+        for key in keys {
+            let key = key.into();
+            if self.fetched.get(&key).is_none() {
+                self.fetched.insert(key, Box::new(None));
+            }
+        }
+        self
+    }
+
     /// A key's value, fetched on the first read.
     pub fn get(&self, key: &str) -> Option<&Value> {
         if let Some(value) = self.fetched.get(key) {
@@ -631,6 +643,82 @@ impl NodeRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use std::sync::Mutex;
+
+    /// A loader over a map that records each request.
+    struct Recording {
+        context: ContextMap,
+        requests: Arc<Mutex<Vec<Vec<String>>>>,
+        fails: bool,
+    }
+
+    impl KeyLoader for Recording {
+        fn load(&self, keys: &[String]) -> Result<Vec<Option<Value>>, String> {
+            self.requests.lock().unwrap().push(keys.to_vec());
+            if self.fails {
+                return Err("connection refused".into());
+            }
+            Ok(keys.iter().map(|k| self.context.get(k).cloned()).collect())
+        }
+
+        fn load_all(&self) -> Result<ContextMap, String> {
+            Ok(self.context.clone())
+        }
+    }
+
+    fn lazy_view(fails: bool) -> (ContextView, Arc<Mutex<Vec<Vec<String>>>>) {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let context = json!({"a": 1, "b": 2, "c": 3, "known": 0});
+        let loader = Recording {
+            context: context.as_object().cloned().unwrap(),
+            requests: requests.clone(),
+            fails,
+        };
+        let snapshot: ContextMap = json!({"known": 0}).as_object().cloned().unwrap();
+        let lazy = LazyKeys::new(loader).absent(["gone"]);
+        let view = ContextView::with_lazy(Arc::new(snapshot), Some(Arc::new(lazy)));
+        (view, requests)
+    }
+
+    #[test]
+    fn a_lazy_view_fetches_each_missing_key_once_and_nothing_it_was_loaded_with() {
+        let (view, requests) = lazy_view(false);
+        assert_eq!(view.get("known"), Some(&json!(0)));
+        assert_eq!(view.get("gone"), None);
+        assert!(requests.lock().unwrap().is_empty());
+        assert_eq!(view.get("a"), Some(&json!(1)));
+        assert_eq!(view.get("a"), Some(&json!(1)));
+        assert_eq!(view.get("missing"), None);
+        assert_eq!(view.get("missing"), None);
+        view.prefetch(&["a", "b", "c", "known"]);
+        assert_eq!(
+            (view.get("b"), view.get("c")),
+            (Some(&json!(2)), Some(&json!(3)))
+        );
+        assert_eq!(
+            *requests.lock().unwrap(),
+            [
+                vec!["a".to_string()],
+                vec!["missing".into()],
+                vec!["b".into(), "c".into()]
+            ]
+        );
+        assert_eq!(view.lazy().and_then(|l| l.error()), None);
+        assert_eq!(view.to_json(), json!({"a": 1, "b": 2, "c": 3, "known": 0}));
+    }
+
+    #[test]
+    fn a_failed_fetch_reads_as_absent_and_is_remembered() {
+        let (view, requests) = lazy_view(true);
+        assert_eq!(view.get("a"), None);
+        assert_eq!(view.get("a"), None);
+        assert_eq!(requests.lock().unwrap().len(), 1);
+        assert_eq!(
+            view.lazy().and_then(|l| l.error()),
+            Some("connection refused")
+        );
+    }
 
     #[test]
     fn a_flag_is_raised_with_any_it_descends_from() {
@@ -644,7 +732,6 @@ mod tests {
         own.cancel();
         assert!(own.is_cancelled());
     }
-    use serde_json::json;
 
     #[test]
     fn view_reads_own_writes_over_snapshot() {

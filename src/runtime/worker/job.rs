@@ -243,14 +243,15 @@ fn guard<'a>(
     // are loaded; any other is fetched when read.
     let known = shared.blueprints.get(&job.blueprint_id);
     let keys = expected_reads(known.map(|bp| &**bp), &job.node_id);
-    let Some(snapshot) = shared.store.load_keys(&job.run_id, keys)? else {
+    let Some(snapshot) = shared.store.load_keys(&job.run_id, keys.clone())? else {
         let reason = format!("run '{}' does not exist (no context row)", job.run_id);
         return Ok(Settle(Outcome::DeadLetter(reason)));
     };
-    let lazy = Arc::new(LazyKeys::new(RunKeys::new(
-        shared.store.clone(),
-        job.run_id.clone(),
-    )));
+    let absent = keys
+        .into_iter()
+        .filter(|k| !snapshot.context.contains_key(k));
+    let lazy = LazyKeys::new(RunKeys::new(shared.store.clone(), job.run_id.clone()));
+    let lazy = Arc::new(lazy.absent(absent));
     let context = ContextView::with_lazy(Arc::new(snapshot.context), Some(lazy));
     let stamped = Blueprint::stamped_id(&context);
     if !stamped.is_empty() && stamped != job.blueprint_id {

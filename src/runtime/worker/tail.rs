@@ -81,12 +81,26 @@ impl TailJob {
 pub(super) struct PendingTail {
     pub(super) delivery: Delivery,
     pub(super) tail: Box<TailJob>,
+    /// The run and node of the tail.
+    execution: String,
 }
 
 impl PendingTail {
-    /// Tails of one run never share a batch (one statement cannot commit a row twice).
-    pub(super) fn run_id(&self) -> Option<&str> {
-        Some(&self.tail.job.run_id)
+    /// A tail and the delivery it settles.
+    pub(super) fn new(delivery: Delivery, tail: Box<TailJob>) -> PendingTail {
+        let execution = format!("{}\n{}", tail.job.run_id, tail.node_id);
+        PendingTail {
+            delivery,
+            tail,
+            execution,
+        }
+    }
+
+    /// Two tails of one node of one run (copies of a job) never share a batch; tails of
+    /// other nodes of the run may (the commit statement splits those that write a key in
+    /// common, see [`RunStore::commit_nodes`](crate::services::postgres::store::RunStore::commit_nodes)).
+    pub(super) fn execution(&self) -> Option<&str> {
+        Some(&self.execution)
     }
 }
 

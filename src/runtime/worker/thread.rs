@@ -64,7 +64,7 @@ impl WorkerThread<'_> {
         .unwrap_or_else(|_| Outcome::DeadLetter("handling this message panicked".into()).into());
         match handled {
             Handled::Tail(tail) => {
-                self.hand_off(PendingTail { delivery, tail });
+                self.hand_off(PendingTail::new(delivery, tail));
                 true
             }
             Handled::Done(outcome) => self.finish(delivery, outcome, before),
@@ -85,7 +85,7 @@ impl WorkerThread<'_> {
             deferred: Vec::new(),
         };
         self.tails
-            .hand_off(pending, PendingTail::run_id, |batch| leader.run(batch));
+            .hand_off(pending, PendingTail::execution, |batch| leader.run(batch));
         leader.settle_deferred();
     }
 

@@ -18,7 +18,7 @@
 //! output row; for one that repeats, the iteration added to its bookkeeping row; for a pause,
 //! the node added to the run's `_awaitingNodeIds` row.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
@@ -548,6 +548,31 @@ struct CommitRequest {
 }
 
 impl CommitRequest {
+    /// The rows (run, key) the commit may write.
+    fn rows(&self) -> Vec<(&str, &str)> {
+        let run = self.run_id.as_str();
+        let mut rows = vec![(
+            run,
+            match (&self.awaiting_id, self.repeats) {
+                (Some(_), _) => AWAITING_NODE_IDS,
+                (None, true) => self.meta_key.as_str(),
+                (None, false) => self.output_key.as_str(),
+            },
+        )];
+        if self.awaiting_id.is_some() {
+            rows.push((run, AWAITING_DETAILS));
+        }
+        for map in [&self.set, &self.set_if_absent] {
+            if let Value::Object(map) = map {
+                rows.extend(map.keys().map(|k| (run, k.as_str())));
+            }
+        }
+        if let Value::Array(keys) = &self.delete {
+            rows.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
+        }
+        rows
+    }
+
     fn new(run_id: &str, commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
         let NodeCommit {
             mut set,
@@ -652,15 +677,17 @@ impl RunStore {
         tables.validate()?;
         let (c, s, e) = (&tables.contexts, &tables.statuses, &tables.entries());
         let whole = assembled_context(e);
-        // One row of `j` per node commit (distinct runs; rows written in (run, key) order,
-        // so that concurrent batches lock entries in one order). Each applies only if its
-        // guard row could be written; `applied` lists those runs.
+        // One row of `j` per node commit (no row written by two of them; rows written in
+        // (run, key) order, so that concurrent statements lock entries in one order). Each
+        // applies only if its guard row could be written: `ok` lists those.
         let commit_ctes = format!(
             "WITH j AS (
-                   SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
-                                        $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
-                                        $11::jsonb[])
-                     WITH ORDINALITY AS j(run_id, del, sets, output_key, meta_key, iteration, repeats,
+                   SELECT u.*, CASE WHEN u.awaiting_id IS NOT NULL THEN '{AWAITING_NODE_IDS}'
+                                    WHEN u.repeats THEN u.meta_key ELSE u.output_key END AS guard_key
+                   FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
+                               $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
+                               $11::jsonb[])
+                     WITH ORDINALITY AS u(run_id, del, sets, output_key, meta_key, iteration, repeats,
                                           awaiting_id, awaiting_details, set_if_absent, guard_value, ord)),
                  -- A node that runs once: the row of its output, written while absent.
                  once AS (
@@ -668,7 +695,7 @@ impl RunStore {
                    SELECT run_id, output_key, guard_value FROM j
                    WHERE awaiting_id IS NULL AND NOT repeats ORDER BY run_id
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
-                   RETURNING t.run_id),
+                   RETURNING t.run_id, t.key),
                  -- A node that may repeat: its bookkeeping row, to whose `iters` the
                  -- iteration is added unless it is there already.
                  again AS (
@@ -679,7 +706,7 @@ impl RunStore {
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value || jsonb_build_object('iters',
                        COALESCE(t.value -> 'iters', '[]'::jsonb) || (EXCLUDED.value -> 'iters'))
                    WHERE NOT COALESCE(t.value -> 'iters', '[]'::jsonb) @> (EXCLUDED.value -> 'iters')
-                   RETURNING t.run_id),
+                   RETURNING t.run_id, t.key),
                  -- A pause: the node joins the run's awaited nodes, unless it is awaited
                  -- already or this execution is committed.
                  paused AS (
@@ -693,20 +720,21 @@ impl RunStore {
                    ORDER BY j.run_id
                    ON CONFLICT (run_id, key) DO UPDATE SET value = COALESCE(t.value, '[]'::jsonb) || EXCLUDED.value
                    WHERE NOT COALESCE(t.value, '[]'::jsonb) @> EXCLUDED.value
-                   RETURNING t.run_id),
-                 applied AS (
-                   SELECT run_id FROM once UNION ALL SELECT run_id FROM again UNION ALL SELECT run_id FROM paused),
+                   RETURNING t.run_id, t.key),
+                 -- The commits whose guard row was written (a statement writes a row once).
+                 ok AS (
+                   SELECT j.* FROM j JOIN (
+                     SELECT * FROM once UNION ALL SELECT * FROM again UNION ALL SELECT * FROM paused) a
+                   ON a.run_id = j.run_id AND a.key = j.guard_key),
                  w AS (
                    INSERT INTO {e} AS t (run_id, key, value)
                    SELECT w.run_id, w.key, w.value FROM (
-                     SELECT j.run_id, x.key, x.value FROM j JOIN applied a ON a.run_id = j.run_id,
-                       jsonb_each(j.sets) x
+                     SELECT ok.run_id, x.key, x.value FROM ok, jsonb_each(ok.sets) x
                      UNION ALL
-                     SELECT j.run_id, d.key, NULL FROM j JOIN applied a ON a.run_id = j.run_id,
-                       jsonb_array_elements_text(j.del) AS d(key)
+                     SELECT ok.run_id, d.key, NULL FROM ok, jsonb_array_elements_text(ok.del) AS d(key)
                      UNION ALL
-                     SELECT j.run_id, '{AWAITING_DETAILS}', jsonb_build_object(j.awaiting_id, j.awaiting_details)
-                     FROM j JOIN applied a ON a.run_id = j.run_id WHERE j.awaiting_id IS NOT NULL) w
+                     SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details)
+                     FROM ok WHERE ok.awaiting_id IS NOT NULL) w
                    ORDER BY w.run_id, w.key
                    ON CONFLICT (run_id, key) DO UPDATE SET value = CASE
                      WHEN EXCLUDED.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
@@ -715,8 +743,7 @@ impl RunStore {
                  -- Inputs of `any` joins: the first one written stays.
                  first AS (
                    INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT j.run_id, x.key, x.value FROM j JOIN applied a ON a.run_id = j.run_id,
-                     jsonb_each(j.set_if_absent) x
+                   SELECT ok.run_id, x.key, x.value FROM ok, jsonb_each(ok.set_if_absent) x
                    ORDER BY 1, 2
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
                    RETURNING 1),
@@ -728,8 +755,11 @@ impl RunStore {
                        ELSE st.result END
                    -- `updated_at` (indexed, so each write is an index insert) moves at most
                    -- once a second; a pause always writes.
-                   FROM (SELECT j.run_id, j.awaiting_id, j.awaiting_details
-                         FROM j JOIN applied a ON a.run_id = j.run_id) c
+                   -- (One row per run: a statement holds at most one pause of a run.)
+                   FROM (SELECT ok.run_id,
+                           (array_agg(ok.awaiting_id) FILTER (WHERE ok.awaiting_id IS NOT NULL))[1] AS awaiting_id,
+                           (array_agg(ok.awaiting_details) FILTER (WHERE ok.awaiting_id IS NOT NULL))[1] AS awaiting_details
+                         FROM ok GROUP BY ok.run_id) c
                    WHERE st.run_id = c.run_id
                      AND (c.awaiting_id IS NOT NULL OR st.updated_at IS NULL
                           OR st.updated_at < NOW() - interval '1 second')
@@ -755,7 +785,7 @@ impl RunStore {
                  LEFT JOIN {e} x ON x.run_id = q.run_id AND x.key = q.key
                  WHERE c.run_id = ANY($1::text[])"
             ),
-            commit: format!("{commit_ctes} SELECT j.ord FROM j JOIN applied a ON a.run_id = j.run_id"),
+            commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
             // Completes the runs $1 that are running and await nothing.
             complete: format!(
                 "WITH r AS (
@@ -1048,11 +1078,12 @@ impl RunStore {
         )
     }
 
-    /// Applies the commits of a batch its caller gathered itself, in one statement (one
-    /// transaction), outside the commit group: for each, whether it applied. Commits of one
-    /// run cannot share a statement; if the batch holds some, each commit runs alone. If the
-    /// statement fails because of a row, each commit runs again alone; if because of the
-    /// connection, each gets the error.
+    /// Applies the commits of a batch its caller gathered itself, in as few statements (each
+    /// one transaction) as their rows allow, outside the commit group: for each, whether it
+    /// applied. Commits that write a row in common (two copies of a job, two branches
+    /// writing one key, two pauses of one run) go to different statements, in order; the
+    /// others, of one run or not, share one. If a statement fails because of a row, each of
+    /// its commits runs again alone; if because of the connection, each gets the error.
     pub(crate) fn commit_nodes(
         &self,
         commits: Vec<(String, NodeCommit, CommitGuard)>,
@@ -1061,25 +1092,46 @@ impl RunStore {
             .into_iter()
             .map(|(run_id, commit, guard)| CommitRequest::new(&run_id, commit, guard))
             .collect();
-        let mut runs: Vec<&str> = requests.iter().map(|r| r.run_id.as_str()).collect();
-        runs.sort_unstable();
-        if runs.windows(2).all(|w| w[0] != w[1]) {
-            run_batch(&requests, &|batch| self.commit_batch(batch))
-        } else {
-            requests
-                .iter()
-                .flat_map(|r| run_batch(std::slice::from_ref(r), &|b| self.commit_batch(b)))
-                .collect()
+        // Greedily: each commit joins the first statement none of whose rows it writes.
+        // (The commits of a statement, and the rows they write.)
+        type Members<'r> = (Vec<usize>, HashSet<(&'r str, &'r str)>);
+        let mut statements: Vec<Members> = Vec::new();
+        for (i, request) in requests.iter().enumerate() {
+            let rows = request.rows();
+            match statements
+                .iter_mut()
+                .find(|(_, taken)| rows.iter().all(|row| !taken.contains(row)))
+            {
+                Some((members, taken)) => {
+                    members.push(i);
+                    taken.extend(rows);
+                }
+                None => statements.push((vec![i], rows.into_iter().collect())),
+            }
         }
+        let mut results: Vec<Option<Result<bool, StoreError>>> =
+            requests.iter().map(|_| None).collect();
+        for (members, _) in statements {
+            let batch: Vec<&CommitRequest> = members.iter().map(|&i| &requests[i]).collect();
+            let outcomes = run_batch(&batch, &|b: &[&CommitRequest]| self.commit_batch(b));
+            for (i, outcome) in members.into_iter().zip(outcomes) {
+                results[i] = Some(outcome);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Grouped("no result".into()))))
+            .collect()
     }
 
-    /// One statement for a batch of commits of distinct runs; for each, whether it applied.
-    fn commit_batch(
+    /// One statement for a batch of commits no two of which write a row in common; for each,
+    /// whether it applied.
+    fn commit_batch<R: std::borrow::Borrow<CommitRequest>>(
         &self,
-        batch: &[CommitRequest],
+        batch: &[R],
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
-        // Sorted by run, so that concurrent batches lock context rows in one order.
-        let mut rows: Vec<&CommitRequest> = batch.iter().collect();
+        // Sorted by run, so that concurrent batches lock rows in one order.
+        let mut rows: Vec<&CommitRequest> = batch.iter().map(|r| r.borrow()).collect();
         rows.sort_by(|a, b| a.run_id.cmp(&b.run_id));
         fn column<'a, T>(rows: &[&'a CommitRequest], f: impl Fn(&'a CommitRequest) -> T) -> Vec<T> {
             rows.iter().map(|&r| f(r)).collect()
@@ -1100,16 +1152,16 @@ impl RunStore {
                 &column(&rows, |r| r.guard_value.as_ref()),
             ],
         )?;
-        let mut applied: HashMap<&str, bool> = HashMap::with_capacity(rows.len());
+        let mut applied: Vec<&CommitRequest> = Vec::with_capacity(rows.len());
         for row in returned {
             let ordinal: i64 = row.try_get(0)?;
             if let Some(r) = usize::try_from(ordinal - 1).ok().and_then(|i| rows.get(i)) {
-                applied.insert(r.run_id.as_str(), true);
+                applied.push(r);
             }
         }
         Ok(batch
             .iter()
-            .map(|r| Ok(applied.contains_key(r.run_id.as_str())))
+            .map(|r| Ok(applied.iter().any(|a| std::ptr::eq(*a, r.borrow()))))
             .collect())
     }
 
