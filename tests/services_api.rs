@@ -299,3 +299,40 @@ fn migrating_moves_the_records_of_runs_under_way_to_their_own_rows() {
     assert!(!after.context.contains_key("_awaitingNodeIds"));
     assert!(!after.context.contains_key("_awaitingDetails"));
 }
+
+#[test]
+fn a_paced_publisher_waits_for_confirms_once_too_many_are_outstanding() {
+    use flowcraft_rabbitmq::testing::amqp::{self, AsyncPublisher, JobSink, MAX_UNCONFIRMED};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let env = TestEnv::new("paced");
+    let mut connection = amqp::connect(&amqp_url()).unwrap();
+    let channel = connection.open_channel(None).unwrap();
+    amqp::declare_job_queue(&channel, &env.queue).unwrap();
+    let (mut publisher, _confirms) =
+        AsyncPublisher::new(connection.open_channel(None).unwrap()).unwrap();
+    // Nobody records the broker's confirms: the watermark moves only when the test says.
+    let confirmed = Arc::new(AtomicU64::new(0));
+    publisher.pace_with(confirmed.clone());
+    let total = MAX_UNCONFIRMED + 10;
+    let queue = env.queue.clone();
+    let publishing = std::thread::spawn(move || {
+        let bodies: Vec<Vec<u8>> = (0..total).map(|i| i.to_string().into_bytes()).collect();
+        publisher
+            .publish_jobs("", &queue, &bodies)
+            .map(|()| publisher.published())
+    });
+    env.eventually(
+        "the first window is published",
+        Duration::from_secs(20),
+        || u64::from(env.queue_depth(&env.queue)) >= MAX_UNCONFIRMED,
+    );
+    assert!(!publishing.is_finished(), "it published past the window");
+    assert_eq!(u64::from(env.queue_depth(&env.queue)), MAX_UNCONFIRMED);
+    confirmed.store(MAX_UNCONFIRMED, Ordering::Release);
+    assert_eq!(publishing.join().unwrap().unwrap(), total);
+    env.eventually("the rest is published", Duration::from_secs(20), || {
+        u64::from(env.queue_depth(&env.queue)) == total
+    });
+}

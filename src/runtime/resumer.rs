@@ -254,13 +254,17 @@ impl<'a> Resumer<'a> {
         outcome: &FinishOutcome,
         publisher: &mut dyn JobSink,
     ) -> Result<RunProgress, Error> {
-        let bodies: Vec<Vec<u8>> = successors
+        // A chunk of messages at a time (a scatter may make 100 000), paced by the
+        // publisher's confirms.
+        const CHUNK: usize = 1_024;
+        let mut ready = successors
             .iter()
             .zip(&outcome.ready)
             .filter(|(_, ready)| **ready)
             .map(|(s, _)| JobPayload::new(run_id, blueprint_id, &s.node, s.iteration).to_body())
-            .collect();
-        if !bodies.is_empty() {
+            .peekable();
+        while ready.peek().is_some() {
+            let bodies: Vec<Vec<u8>> = ready.by_ref().take(CHUNK).collect();
             publisher.publish_jobs("", self.queue, &bodies)?;
         }
         Ok(match (outcome.run_idle, outcome.ledger_intact) {

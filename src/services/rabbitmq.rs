@@ -6,7 +6,9 @@
 //! the socket itself, sets nodelay, and hands it to amiquip.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Auth, Channel, Confirm, ConfirmSmoother, Connection,
@@ -343,10 +345,23 @@ impl JobSink for ConfirmPublisher {
 
 /// A channel in confirm mode whose confirms are consumed by someone else: it only counts
 /// its publishes, so the caller knows which delivery tags to wait for.
+///
+/// Paced ([`pace_with`](AsyncPublisher::pace_with)), it keeps at most
+/// [`MAX_UNCONFIRMED`] publishes unconfirmed: a node that makes 100 000 jobs (a batch's
+/// scatter) publishes them as the broker takes them, instead of queueing them all in memory.
 pub struct AsyncPublisher {
     channel: Channel,
     published: u64,
+    /// The highest delivery tag up to which every publish is confirmed, as whoever follows
+    /// the confirms records it.
+    confirmed: Option<Arc<AtomicU64>>,
 }
+
+/// How long a publisher waits for the broker's confirms before it gives up.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most publishes a paced [`AsyncPublisher`] leaves unconfirmed before it waits.
+pub const MAX_UNCONFIRMED: u64 = 2_048;
 
 impl AsyncPublisher {
     /// Puts a channel in confirm mode; returns the publisher and its confirm stream.
@@ -357,6 +372,7 @@ impl AsyncPublisher {
             AsyncPublisher {
                 channel,
                 published: 0,
+                confirmed: None,
             },
             confirms,
         ))
@@ -365,6 +381,33 @@ impl AsyncPublisher {
     /// How many messages were published so far: the delivery tag of the latest one.
     pub fn published(&self) -> u64 {
         self.published
+    }
+
+    /// Paces publishing by `confirmed` (a [`ConfirmTracker::watermark`] of this channel's
+    /// confirms): a publish waits while [`MAX_UNCONFIRMED`] are unconfirmed.
+    pub fn pace_with(&mut self, confirmed: Arc<AtomicU64>) {
+        self.confirmed = Some(confirmed);
+    }
+
+    /// Waits until fewer than [`MAX_UNCONFIRMED`] publishes are unconfirmed (at most
+    /// [`CONFIRM_TIMEOUT`] without progress).
+    fn wait_for_room(&self) -> Result<(), AmqpError> {
+        let Some(confirmed) = &self.confirmed else {
+            return Ok(());
+        };
+        let mut last = confirmed.load(Ordering::Acquire);
+        let mut progress = Instant::now();
+        while self.published.saturating_sub(last) >= MAX_UNCONFIRMED {
+            if progress.elapsed() > CONFIRM_TIMEOUT {
+                return Err(AmqpError::ConfirmTimeout(CONFIRM_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            let now = confirmed.load(Ordering::Acquire);
+            if now != last {
+                (last, progress) = (now, Instant::now());
+            }
+        }
+        Ok(())
     }
 
     /// Closes the channel.
@@ -382,6 +425,7 @@ impl JobSink for AsyncPublisher {
         properties: &AmqpProperties,
     ) -> Result<(), AmqpError> {
         for body in bodies {
+            self.wait_for_room()?;
             self.channel.basic_publish(
                 exchange,
                 Publish::with_properties(body, routing_key, properties.clone()),
@@ -403,6 +447,8 @@ pub struct ConfirmTracker {
     smoother: ConfirmSmoother,
     confirmed: u64,
     nacked: std::collections::BTreeSet<u64>,
+    /// `confirmed`, for the channel's publisher to pace itself by.
+    watermark: Arc<AtomicU64>,
 }
 
 impl ConfirmTracker {
@@ -418,6 +464,12 @@ impl ConfirmTracker {
             };
             self.confirmed = self.confirmed.max(tag);
         }
+        self.watermark.store(self.confirmed, Ordering::Release);
+    }
+
+    /// [`confirmed`](Self::confirmed), shared: what a paced [`AsyncPublisher`] waits on.
+    pub fn watermark(&self) -> Arc<AtomicU64> {
+        self.watermark.clone()
     }
 
     /// Every tag up to and including this one is settled.
@@ -450,7 +502,7 @@ impl ConfirmPublisher {
             inner,
             confirms,
             tracker: ConfirmTracker::default(),
-            timeout: Duration::from_secs(30),
+            timeout: CONFIRM_TIMEOUT,
         })
     }
 

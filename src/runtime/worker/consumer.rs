@@ -76,16 +76,17 @@ impl<'c, 'a> Settler<'c, 'a> {
         consumer: &'c amiquip::Consumer<'a>,
         dead_letters: ConfirmPublisher,
         dead_queue: String,
-        publishers: usize,
+        trackers: Vec<ConfirmTracker>,
         prefetch: u16,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let publishers = trackers.len();
         Settler {
             metrics,
             consumer,
             dead_letters,
             dead_queue,
-            trackers: (0..publishers).map(|_| ConfirmTracker::default()).collect(),
+            trackers,
             waiting: (0..publishers).map(|_| VecDeque::new()).collect(),
             failures: HashMap::new(),
             // A slow delivery holds back at most a quarter of the prefetch window (at least

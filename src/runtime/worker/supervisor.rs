@@ -13,7 +13,7 @@ use crossbeam_channel::{unbounded, Receiver};
 
 use crate::runtime::error::Result;
 use crate::services::group::Combiner;
-use crate::services::rabbitmq::{self as amqp, AsyncPublisher, ConfirmPublisher};
+use crate::services::rabbitmq::{self as amqp, AsyncPublisher, ConfirmPublisher, ConfirmTracker};
 
 use super::backoff::Backoff;
 use super::consumer::{consume, Finished, SessionEnd, Settler};
@@ -83,8 +83,14 @@ impl Supervisor {
         channel.qos(0, self.prefetch, false)?;
         let mut publishers = Vec::with_capacity(self.threads);
         let mut confirms = Vec::with_capacity(self.threads);
-        for _ in 0..self.threads {
-            let (publisher, confirm_rx) = AsyncPublisher::new(connection.open_channel(None)?)?;
+        // The consumer thread follows each publisher's confirms; each publisher paces
+        // itself by them.
+        let trackers: Vec<ConfirmTracker> = (0..self.threads)
+            .map(|_| ConfirmTracker::default())
+            .collect();
+        for tracker in &trackers {
+            let (mut publisher, confirm_rx) = AsyncPublisher::new(connection.open_channel(None)?)?;
+            publisher.pace_with(tracker.watermark());
             publishers.push(publisher);
             confirms.push(confirm_rx);
         }
@@ -122,7 +128,7 @@ impl Supervisor {
                 &consumer,
                 dead_letters,
                 amqp::dead_letter_queue(&self.shared.queue),
-                self.threads,
+                trackers,
                 self.prefetch,
                 self.shared.metrics.clone(),
             );
