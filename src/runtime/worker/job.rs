@@ -156,20 +156,30 @@ fn process(
 }
 
 /// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,
-/// the node's own records, its input's sources, its successors' bookkeeping, a worker's batch
-/// record — loaded with the run's status in one query shared with concurrent jobs. Any other
-/// key is fetched when read.
+/// the node's output and input (and its sources), the bookkeeping of it and its successors
+/// where they repeat, a worker's batch record — loaded with the run's status in one query
+/// shared with concurrent jobs. Any other key is fetched when read.
 fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
     let mut keys: Vec<String> = HEADER_KEYS.iter().map(|k| k.to_string()).collect();
     keys.extend([AWAITING_NODE_IDS.to_string(), AWAITING_DETAILS.to_string()]);
-    keys.extend([output_key(node_id), meta_key(node_id), input_key(node_id)]);
+    keys.extend([output_key(node_id), input_key(node_id)]);
+    let Some(bp) = bp else {
+        return keys;
+    };
     if let Some(gather) = batch::gather_of(node_id) {
-        keys.extend([batch_key(gather), output_key(gather), meta_key(gather)]);
+        keys.extend([batch_key(gather), output_key(gather)]);
+        if batch::worker_repeats(bp, node_id) {
+            keys.extend([meta_key(node_id), meta_key(gather)]);
+        }
     }
-    let Some((bp, index)) = bp.and_then(|bp| Some((bp, bp.node_index(node_id)?))) else {
+    let Some(index) = bp.node_index(node_id) else {
         return keys;
     };
     let def = bp.node(index);
+    // Bookkeeping of a node that repeats: which of its iterations are committed.
+    if bp.may_repeat(index) {
+        keys.push(meta_key(node_id));
+    }
     let sources: Vec<&str> = match &def.inputs {
         None => Vec::new(),
         Some(NodeInputs::Key(source)) => vec![source.as_str()],
@@ -185,13 +195,15 @@ fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
     if def.uses == "batch-gather" {
         keys.push(batch_key(node_id));
     }
-    // Successors (also through the nodes this one stands in for as a fallback): their
-    // executions decide their iteration, and their inputs are written.
+    // Successors that repeat (also through the nodes this one stands in for as a
+    // fallback): their executions decide their iteration.
     let stood_in_for = bp.fallback_of(index).iter().copied();
     for from in std::iter::once(index).chain(stood_in_for) {
         for &edge in bp.outgoing(from) {
-            let target = &bp.node(bp.edge_ends(edge).1).id;
-            keys.extend([meta_key(target), input_key(target)]);
+            let target = bp.edge_ends(edge).1;
+            if bp.may_repeat(target) {
+                keys.push(meta_key(&bp.node(target).id));
+            }
         }
     }
     keys.sort_unstable();
@@ -561,8 +573,12 @@ fn build_commit(
             commit.set_input(key, input.clone(), n.keeps_first_input(bp));
         }
     }
+    // (Only a node that repeats counts its executions.)
     let over_limit = |n: &&scheduling::NextJob| {
-        scheduling::execution_count(&merged, &n.report.node) >= shared.max_iterations as usize
+        bp.node_index(&n.report.node)
+            .is_some_and(|t| bp.may_repeat(t))
+            && scheduling::execution_count(&merged, &n.report.node)
+                >= shared.max_iterations as usize
     };
     if let Some(over) = next.iter().find(over_limit) {
         let reason = format!(

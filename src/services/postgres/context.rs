@@ -47,7 +47,7 @@ impl PostgresContext {
                 "SELECT CASE WHEN x.run_id IS NOT NULL THEN x.value
                              WHEN $3::int > 0 THEN NULLIF(c.header[$3::int], 'null'::jsonb)
                              WHEN $3::int < 0 THEN c.context_data -> $2::text END
-                 FROM {c} c LEFT JOIN {e} x ON x.run_id = c.run_id AND x.key = $2::text
+                 FROM {c} c LEFT JOIN {e} x ON $3::int <= 0 AND x.run_id = c.run_id AND x.key = $2::text
                  WHERE c.run_id = $1"
             ),
             all_sql: format!(

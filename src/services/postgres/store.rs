@@ -545,6 +545,27 @@ struct CommitRequest {
     /// The value of the guard's own row: the output of a node that runs once, the
     /// bookkeeping of one that repeats (its `iters` added by the statement).
     guard_value: Option<Value>,
+    /// Header keys set and deleted: written to the run's context row (see [`HEADER_KEYS`]).
+    header_set: Value,
+    header_delete: Value,
+}
+
+/// Takes the header keys ([`HEADER_KEYS`]) out of a write: they live in the run's context
+/// row (its `header` column is what jobs read), not among its entries.
+fn take_header_keys(set: &mut Map<String, Value>, delete: &mut Vec<String>) -> (Value, Value) {
+    let mut header_set = Map::new();
+    for key in HEADER_KEYS {
+        if let Some(value) = set.remove(key) {
+            header_set.insert(key.to_string(), value);
+        }
+    }
+    let header_delete: Vec<String> = delete
+        .iter()
+        .filter(|k| HEADER_KEYS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    delete.retain(|k| !HEADER_KEYS.contains(&k.as_str()));
+    (Value::Object(header_set), Value::from(header_delete))
 }
 
 impl CommitRequest {
@@ -567,8 +588,13 @@ impl CommitRequest {
                 rows.extend(map.keys().map(|k| (run, k.as_str())));
             }
         }
-        if let Value::Array(keys) = &self.delete {
-            rows.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
+        for keys in [&self.delete, &self.header_delete] {
+            if let Value::Array(keys) = keys {
+                rows.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
+            }
+        }
+        if let Value::Object(map) = &self.header_set {
+            rows.extend(map.keys().map(|k| (run, k.as_str())));
         }
         rows
     }
@@ -606,6 +632,10 @@ impl CommitRequest {
         });
         delete.sort_unstable();
         delete.dedup();
+        let (header_set, header_delete) = take_header_keys(&mut set, &mut delete);
+        for key in HEADER_KEYS {
+            set_if_absent.remove(key);
+        }
         set_if_absent.retain(|k, _| !set.contains_key(k) && !delete.contains(k));
         if awaiting_id.is_none() {
             let own = if guard.repeats {
@@ -627,6 +657,8 @@ impl CommitRequest {
             awaiting_details,
             set_if_absent: Value::Object(set_if_absent),
             guard_value,
+            header_set,
+            header_delete,
         }
     }
 }
@@ -657,16 +689,17 @@ struct Statements {
     awaiting_details: String,
     ensure_context: String,
     put_entries: String,
+    put_header: String,
 }
 
 /// The SQL of a run's whole context — its starting context (`c.context_data`) overlaid with
 /// its entries — read in one pass over them.
 pub(crate) fn assembled_context(e: &str) -> String {
     format!(
-        "CASE WHEN jsonb_typeof(c.context_data) = 'object' THEN
-           (c.context_data - ARRAY(SELECT x.key FROM {e} x WHERE x.run_id = c.run_id AND x.value IS NULL))
-           || COALESCE((SELECT jsonb_object_agg(x.key, x.value) FROM {e} x
-                        WHERE x.run_id = c.run_id AND x.value IS NOT NULL), '{{}}'::jsonb)
+        "CASE WHEN jsonb_typeof(c.context_data) = 'object' THEN (
+           SELECT (c.context_data - COALESCE(array_agg(x.key) FILTER (WHERE x.value IS NULL), '{{}}'))
+                  || COALESCE(jsonb_object_agg(x.key, x.value) FILTER (WHERE x.value IS NOT NULL), '{{}}'::jsonb)
+           FROM {e} x WHERE x.run_id = c.run_id)
          ELSE c.context_data END"
     )
 }
@@ -686,9 +719,10 @@ impl RunStore {
                                     WHEN u.repeats THEN u.meta_key ELSE u.output_key END AS guard_key
                    FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
                                $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
-                               $11::jsonb[])
+                               $11::jsonb[], $12::jsonb[], $13::jsonb[])
                      WITH ORDINALITY AS u(run_id, del, sets, output_key, meta_key, iteration, repeats,
-                                          awaiting_id, awaiting_details, set_if_absent, guard_value, ord)),
+                                          awaiting_id, awaiting_details, set_if_absent, guard_value,
+                                          header_set, header_del, ord)),
                  -- A node that runs once: the row of its output, written while absent.
                  once AS (
                    INSERT INTO {e} AS t (run_id, key, value)
@@ -747,6 +781,15 @@ impl RunStore {
                    ORDER BY 1, 2
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
                    RETURNING 1),
+                 -- The header keys (the first job's stamp of the blueprint) go to the
+                 -- context row.
+                 header AS (
+                   UPDATE {c} t SET context_data =
+                     (t.context_data - ARRAY(SELECT jsonb_array_elements_text(ok.header_del))) || ok.header_set
+                   FROM ok
+                   WHERE t.run_id = ok.run_id AND jsonb_typeof(t.context_data) = 'object'
+                     AND (ok.header_set <> '{{}}'::jsonb OR ok.header_del <> '[]'::jsonb)
+                   RETURNING 1),
                  s AS (
                    UPDATE {s} st SET updated_at = NOW(),
                      status = CASE WHEN c.awaiting_id IS NOT NULL AND st.status = 'running' THEN 'awaiting' ELSE st.status END,
@@ -772,17 +815,18 @@ impl RunStore {
             ),
             // For each run of $1 that exists: its status, whether its starting context is an
             // object (`header` is NULL otherwise), and the value of each of its keys asked
-            // for in ($2, $3), read from its entry, or else from where `$4` says.
+            // for in ($2, $3): a header key from the `header` column, another from its entry,
+            // or else (where `$4` allows) from the starting context.
             load_keys: format!(
-                "WITH q AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]) AS q(run_id, key, source))
-                 SELECT c.run_id, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id), c.header IS NOT NULL,
-                   q.key,
+                "SELECT c.run_id, s.status, c.header IS NOT NULL, q.key,
                    CASE WHEN x.run_id IS NOT NULL THEN x.value
                         WHEN q.source > 0 THEN NULLIF(c.header[q.source], 'null'::jsonb)
                         WHEN q.source < 0 THEN c.context_data -> q.key END
                  FROM {c} c
-                 LEFT JOIN q ON q.run_id = c.run_id
-                 LEFT JOIN {e} x ON x.run_id = q.run_id AND x.key = q.key
+                 LEFT JOIN {s} s ON s.run_id = c.run_id
+                 LEFT JOIN LATERAL unnest($2::text[], $3::text[], $4::int[]) AS q(run_id, key, source)
+                   ON q.run_id = c.run_id
+                 LEFT JOIN {e} x ON q.source <= 0 AND x.run_id = c.run_id AND x.key = q.key
                  WHERE c.run_id = ANY($1::text[])"
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
@@ -830,7 +874,7 @@ impl RunStore {
                      AND (updated_at, run_id) > ($4::text::timestamptz, $5::text)
                    ORDER BY updated_at, run_id LIMIT $2::bigint)
                  SELECT p.run_id, p.updated_at::text,
-                   (CASE WHEN bi.run_id IS NOT NULL THEN bi.value ELSE c.header[1] END) #>> '{{}}',
+                   c.header[1] #>> '{{}}',
                    COALESCE((
                      SELECT jsonb_agg(jsonb_build_array(d.key, d.value->'iteration'))
                      FROM jsonb_each(CASE WHEN jsonb_typeof(ad.value) = 'object' THEN ad.value ELSE '{{}}'::jsonb END) d
@@ -847,7 +891,6 @@ impl RunStore {
                  FROM page p LEFT JOIN {c} c ON c.run_id = p.run_id
                    LEFT JOIN {e} an ON an.run_id = p.run_id AND an.key = '{AWAITING_NODE_IDS}'
                    LEFT JOIN {e} ad ON ad.run_id = p.run_id AND ad.key = '{AWAITING_DETAILS}'
-                   LEFT JOIN {e} bi ON bi.run_id = p.run_id AND bi.key = 'blueprintId'
                  ORDER BY p.updated_at, p.run_id"
             ),
             touch: format!("UPDATE {s} SET updated_at = NOW() WHERE run_id = $1"),
@@ -924,6 +967,12 @@ impl RunStore {
             ),
             ensure_context: format!(
                 "INSERT INTO {c} (run_id, context_data) VALUES ($1, '{{}}'::jsonb) ON CONFLICT (run_id) DO NOTHING"
+            ),
+            put_header: format!(
+                "UPDATE {c} SET context_data =
+                   (context_data - ARRAY(SELECT jsonb_array_elements_text($2::jsonb))) || $3::jsonb
+                 WHERE run_id = $1 AND jsonb_typeof(context_data) = 'object'
+                   AND ($3::jsonb <> '{{}}'::jsonb OR $2::jsonb <> '[]'::jsonb)"
             ),
             put_entries: format!(
                 "INSERT INTO {e} AS t (run_id, key, value)
@@ -1150,6 +1199,8 @@ impl RunStore {
                 &column(&rows, |r| &r.awaiting_details),
                 &column(&rows, |r| &r.set_if_absent),
                 &column(&rows, |r| r.guard_value.as_ref()),
+                &column(&rows, |r| &r.header_set),
+                &column(&rows, |r| &r.header_delete),
             ],
         )?;
         let mut applied: Vec<&CommitRequest> = Vec::with_capacity(rows.len());
@@ -1428,13 +1479,27 @@ impl RunStore {
         for (key, value) in writes {
             latest.insert(key, value);
         }
-        let (keys, values): (Vec<String>, Vec<Option<Value>>) = latest.into_iter().unzip();
+        // Header keys live in the context row, the others among the entries.
+        let (header, others): (Vec<_>, Vec<_>) = latest
+            .into_iter()
+            .partition(|(k, _)| HEADER_KEYS.contains(&k.as_str()));
+        let (mut header_set, mut header_delete) = (Map::new(), Vec::new());
+        for (key, value) in header {
+            match value {
+                Some(value) => drop(header_set.insert(key, value)),
+                None => header_delete.push(key),
+            }
+        }
+        let (header_set, header_delete) = (Value::Object(header_set), Value::from(header_delete));
+        let (keys, values): (Vec<String>, Vec<Option<Value>>) = others.into_iter().unzip();
         let mut conn = self.pool.get()?;
         let ensure = conn.statement(&self.sql.ensure_context)?;
         let put = conn.statement(&self.sql.put_entries)?;
+        let header = conn.statement(&self.sql.put_header)?;
         let mut tx = conn.transaction()?;
         tx.execute(&ensure, &[&run_id])?;
         tx.execute(&put, &[&run_id, &keys, &values])?;
+        tx.execute(&header, &[&run_id, &header_delete, &header_set])?;
         tx.commit()?;
         Ok(())
     }
