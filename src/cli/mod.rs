@@ -1,7 +1,9 @@
 //! Command-line interface. Every subcommand returns its exit code; errors are one clear line
 //! on stderr, never a panic.
 
+mod dashboard;
 mod demo;
+mod history;
 mod local_cmds;
 mod ops;
 mod services;
@@ -204,6 +206,15 @@ enum Command {
     /// Migrate, run a worker pool in this process, push a batch of fan-out/fan-in runs through
     /// it and print a summary.
     Demo(demo::DemoArgs),
+    /// List runs, newest first.
+    Runs(history::RunsArgs),
+    /// Print a run's nodes in the order they ran, with timings, attempts and errors, and
+    /// what it waits for; exit 1 if the run is unknown.
+    Inspect(history::InspectArgs),
+    /// Remove finished runs (completed, failed, cancelled) and their history.
+    Prune(history::PruneArgs),
+    /// Serve the read-only dashboard (runs, a run's graph and timeline, dead letters).
+    Dashboard(dashboard::DashboardArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -258,6 +269,10 @@ pub fn main() -> i32 {
             stalled_after,
         } => ops::reconcile(&dir, &services, stalled_after),
         Command::Demo(args) => demo::demo(&args),
+        Command::Runs(args) => history::runs(&args),
+        Command::Inspect(args) => history::inspect(&args),
+        Command::Prune(args) => history::prune(&args),
+        Command::Dashboard(args) => dashboard::dashboard(&args),
     }
 }
 

@@ -9,6 +9,7 @@
 //! as the one [`Error`](error::Error).
 
 pub mod client;
+pub mod dashboard;
 pub mod error;
 pub mod failpoint;
 pub mod message;

@@ -355,10 +355,11 @@ impl Drop for TestEnv {
         if let Ok(mut c) = self.pg.get() {
             let _ = c.batch_execute(&format!(
                 "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; \
-                 DROP TABLE IF EXISTS {};",
+                 DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
                 self.tables.contexts,
                 self.tables.entries(),
                 self.tables.statuses,
+                self.tables.history(),
                 self.tables.webhooks
             ));
             let scope = migrate::scope(&self.tables);

@@ -1,8 +1,9 @@
 //! SQL migrations: `migrations/*.sql`, embedded in the crate, applied in order, once per set
 //! of table names, under an advisory lock so several hosts may run them at once.
 //!
-//! The files name tables as `{contexts}`, `{entries}`, `{statuses}`, `{webhooks}` (and
-//! `{statuses_index}`); the configured names — validated identifiers — replace them. What was
+//! The files name tables as `{contexts}`, `{entries}`, `{statuses}`, `{history}`,
+//! `{webhooks}` (and indexes `{statuses_index}`, `{history_index}`, `{history_time_index}`);
+//! the configured names — validated identifiers — replace them. What was
 //! applied is recorded in `flowcraft_migrations (version, scope)`, `scope` being the table
 //! names, so migrating again is a no-op.
 
@@ -18,6 +19,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_entries",
         include_str!("../../../migrations/0002_entries.sql"),
     ),
+    (
+        "0003_history",
+        include_str!("../../../migrations/0003_history.sql"),
+    ),
 ];
 
 /// Lock id for `pg_advisory_xact_lock` (an arbitrary constant: "flowcraft").
@@ -27,7 +32,12 @@ const LOCK_ID: i64 = 0x666c_6f77_6372_6166;
 pub fn render(template: &str, tables: &Tables) -> Result<String, StoreError> {
     tables.validate()?;
     let index = format!("{}_status_updated_idx", tables.statuses.replace('.', "_"));
+    let history = tables.history();
+    let history_index = |suffix: &str| format!("{}{suffix}", history.replace('.', "_"));
     Ok(template
+        .replace("{history_index}", &history_index("_run_idx"))
+        .replace("{history_time_index}", &history_index("_time_idx"))
+        .replace("{history}", &history)
         .replace("{entries}", &tables.entries())
         .replace("{contexts}", &tables.contexts)
         .replace("{statuses_index}", &index)

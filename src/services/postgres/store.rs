@@ -354,6 +354,12 @@ impl Tables {
     pub fn entries(&self) -> String {
         format!("{}_entries", self.contexts)
     }
+
+    /// The table of the runs' history (one row per node execution): the statuses table's
+    /// name with `_history` appended.
+    pub fn history(&self) -> String {
+        format!("{}_history", self.statuses)
+    }
 }
 
 /// A run's context and status, read in one round trip.
@@ -430,6 +436,23 @@ pub struct NodeCommit {
     pub delete: Vec<String>,
     /// A node that paused the run: its id and `_awaitingDetails` entry.
     pub awaiting: Option<(String, Value)>,
+    /// The execution, recorded in the run's history with the commit.
+    pub execution: Option<Execution>,
+}
+
+/// One execution of a node, as the run's history records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Execution {
+    /// The node (a batch worker's id for a worker).
+    pub node_id: String,
+    /// The attempt (1-based).
+    pub attempt: u32,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub started_ms: f64,
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub finished_ms: f64,
+    /// The worker process (`host:pid`).
+    pub worker: String,
 }
 
 impl NodeCommit {
@@ -548,6 +571,8 @@ struct CommitRequest {
     /// Header keys set and deleted: written to the run's context row (see [`HEADER_KEYS`]).
     header_set: Value,
     header_delete: Value,
+    /// The history row of the execution, if it is recorded.
+    execution: Option<Execution>,
 }
 
 /// Takes the header keys ([`HEADER_KEYS`]) out of a write: they live in the run's context
@@ -605,6 +630,7 @@ impl CommitRequest {
             mut set_if_absent,
             mut delete,
             awaiting,
+            execution,
         } = commit;
         let (awaiting_id, awaiting_details) = match awaiting {
             Some((id, details)) => (Some(id), details),
@@ -659,6 +685,7 @@ impl CommitRequest {
             guard_value,
             header_set,
             header_delete,
+            execution,
         }
     }
 }
@@ -708,7 +735,12 @@ impl RunStore {
     /// A store over validated tables.
     pub fn new(pool: PgPool, tables: Tables) -> Result<RunStore, StoreError> {
         tables.validate()?;
-        let (c, s, e) = (&tables.contexts, &tables.statuses, &tables.entries());
+        let (c, s, e, h) = (
+            &tables.contexts,
+            &tables.statuses,
+            &tables.entries(),
+            &tables.history(),
+        );
         let whole = assembled_context(e);
         // One row of `j` per node commit (no row written by two of them; rows written in
         // (run, key) order, so that concurrent statements lock entries in one order). Each
@@ -719,10 +751,12 @@ impl RunStore {
                                     WHEN u.repeats THEN u.meta_key ELSE u.output_key END AS guard_key
                    FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
                                $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
-                               $11::jsonb[], $12::jsonb[], $13::jsonb[])
+                               $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::text[], $15::int[],
+                               $16::float8[], $17::float8[], $18::text[])
                      WITH ORDINALITY AS u(run_id, del, sets, output_key, meta_key, iteration, repeats,
                                           awaiting_id, awaiting_details, set_if_absent, guard_value,
-                                          header_set, header_del, ord)),
+                                          header_set, header_del, h_node, h_attempt, h_started,
+                                          h_finished, h_worker, ord)),
                  -- A node that runs once: the row of its output, written while absent.
                  once AS (
                    INSERT INTO {e} AS t (run_id, key, value)
@@ -789,6 +823,14 @@ impl RunStore {
                    FROM ok
                    WHERE t.run_id = ok.run_id AND jsonb_typeof(t.context_data) = 'object'
                      AND (ok.header_set <> '{{}}'::jsonb OR ok.header_del <> '[]'::jsonb)
+                   RETURNING 1),
+                 -- The execution's history row, with the commit it belongs to.
+                 history AS (
+                   INSERT INTO {h} (run_id, node_id, iteration, attempt, outcome, started_at, finished_at, worker)
+                   SELECT ok.run_id, ok.h_node, ok.iteration, ok.h_attempt,
+                     CASE WHEN ok.awaiting_id IS NULL THEN 'completed' ELSE 'awaiting' END,
+                     to_timestamp(ok.h_started / 1000.0), to_timestamp(ok.h_finished / 1000.0), ok.h_worker
+                   FROM ok WHERE ok.h_node IS NOT NULL
                    RETURNING 1),
                  s AS (
                    UPDATE {s} st SET updated_at = NOW(),
@@ -1201,6 +1243,19 @@ impl RunStore {
                 &column(&rows, |r| r.guard_value.as_ref()),
                 &column(&rows, |r| &r.header_set),
                 &column(&rows, |r| &r.header_delete),
+                &column(&rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
+                &column(&rows, |r| {
+                    r.execution
+                        .as_ref()
+                        .map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX))
+                }),
+                &column(&rows, |r| {
+                    r.execution.as_ref().map_or(0.0, |x| x.started_ms)
+                }),
+                &column(&rows, |r| {
+                    r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
+                }),
+                &column(&rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
             ],
         )?;
         let mut applied: Vec<&CommitRequest> = Vec::with_capacity(rows.len());
