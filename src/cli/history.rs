@@ -69,17 +69,18 @@ pub fn parse_age(text: &str) -> Result<Duration, String> {
 
 /// Runs `flowcraft runs`.
 pub fn runs(args: &RunsArgs) -> i32 {
-    let status =
-        match args.status.as_deref().map(|s| (s, RunStatus::parse(s))) {
-            None => None,
-            Some((_, Some(status))) => Some(status),
-            Some((s, None)) => return fail(
+    let status = match args.status.as_deref().map(|s| (s, RunStatus::parse(s))) {
+        None => None,
+        Some((_, Some(status))) => Some(status),
+        Some((s, None)) => {
+            return fail(
                 EXIT_USAGE,
                 format!(
                     "unknown status '{s}': use running, awaiting, completed, failed or cancelled"
                 ),
-            ),
-        };
+            )
+        }
+    };
     let store = match args.services.run_store() {
         Ok(s) => s,
         Err(code) => return code,

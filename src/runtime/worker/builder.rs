@@ -193,6 +193,7 @@ impl RabbitMqAdapterBuilder {
                 events_exchange: self.events_exchange,
                 executing: Mutex::new(HashMap::new()),
                 metrics: Arc::new(Metrics::new()),
+                worker_name: super::shared::process_name(),
             }),
             metrics_listen: self.metrics_listen,
             amqp_url: self.amqp_url,

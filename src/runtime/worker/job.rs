@@ -46,7 +46,7 @@ use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{
     self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
 };
-use crate::services::postgres::store::{CommitGuard, NodeCommit, RunKeys, StoreError};
+use crate::services::postgres::store::{CommitGuard, Execution, NodeCommit, RunKeys, StoreError};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::SuccessorReport;
 use crate::vocabulary::keys::{
@@ -135,7 +135,7 @@ fn process(
     };
     check_reads(&context)?;
     // 3. Execute.
-    let (snapshot, executed) = execute(shared, bp, job, &node, context);
+    let (snapshot, executed, execution) = execute(shared, bp, job, &node, context);
     let success = match executed {
         Ok(success) => success,
         Err(NodeFailure {
@@ -145,14 +145,20 @@ fn process(
             ..
         }) => {
             let max = node.def(bp).config.max_retries.unwrap_or(1).max(1);
+            shared
+                .store
+                .record_failure(&job.run_id, job.iteration, &execution, true, &message)?;
             return queue_retry(shared, job, attempts, max, delay, &message, publisher);
         }
         Err(failure) => {
-            return fail_node(shared, bp, job, &node, failure, publisher).map(Handled::from)
+            return fail_node(shared, bp, job, &node, failure, execution, publisher)
+                .map(Handled::from)
         }
     };
     // 4. Build the commit; 5–6 (commit, coordinate, publish, complete) follow in its tail.
-    build_commit(shared, bp, job, &node, snapshot, success, publisher)
+    let mut commit = NodeCommit::from_deltas(&success.deltas);
+    commit.execution = Some(execution);
+    build_commit(shared, bp, job, &node, snapshot, success, commit, publisher)
 }
 
 /// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,
@@ -368,7 +374,7 @@ fn execute(
     job: &JobPayload,
     node: &RunNode,
     context: ContextView,
-) -> (ContextView, Result<NodeSuccess, NodeFailure>) {
+) -> (ContextView, Result<NodeSuccess, NodeFailure>, Execution) {
     if is_start_job(bp, job, node)
         && bp
             .start_node_ids()
@@ -387,6 +393,7 @@ fn execute(
         queued_attempt: Some(job.attempt.unwrap_or(1).max(1)),
         lazy: context.lazy(),
     };
+    let started_ms = epoch_ms();
     let started = std::time::Instant::now();
     let executed = execute_node(node_job, &shared.registry, context.snapshot().clone());
     shared
@@ -394,7 +401,24 @@ fn execute(
         .node_seconds
         .with_label_values(&[&node.def(bp).uses])
         .observe(started.elapsed().as_secs_f64());
-    (context, executed)
+    let execution = Execution {
+        node_id: job.node_id.clone(),
+        attempt: match &executed {
+            Err(failure) => failure.attempts.max(1),
+            Ok(_) => job.attempt.unwrap_or(1).max(1),
+        },
+        started_ms,
+        finished_ms: started_ms + started.elapsed().as_secs_f64() * 1e3,
+        worker: shared.worker_name.clone(),
+    };
+    (context, executed, execution)
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn epoch_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// A tail that only closes the job in the run's ledger (nothing to commit, no successors)
@@ -467,6 +491,7 @@ fn build_commit(
     node: &RunNode,
     context: ContextView,
     success: NodeSuccess,
+    mut commit: NodeCommit,
     publisher: &mut dyn JobSink,
 ) -> Result<Handled, Error> {
     let def = node.def(bp);
@@ -476,7 +501,6 @@ fn build_commit(
         fallback,
         ..
     } = success;
-    let mut commit = NodeCommit::from_deltas(&deltas);
     if !context.has(BLUEPRINT_ID) {
         bp.stamp(&mut commit.set);
     }
@@ -673,6 +697,7 @@ fn fail_node(
     job: &JobPayload,
     node: &RunNode,
     failure: NodeFailure,
+    execution: Execution,
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, Error> {
     // A concurrent delivery of the same job may have succeeded meanwhile: its result stands.
@@ -687,6 +712,13 @@ fn fail_node(
             return Ok(Outcome::Ack);
         }
     }
+    shared.store.record_failure(
+        &job.run_id,
+        job.iteration,
+        &execution,
+        false,
+        &failure.message,
+    )?;
     if let RunNode::Static(i) = node {
         let (mut poisoned, mut cancelled) = (Vec::new(), Vec::new());
         for &e in bp.outgoing(*i) {

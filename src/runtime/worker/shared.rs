@@ -28,6 +28,19 @@ pub(crate) struct Shared {
     pub executing: Mutex<HashMap<String, (usize, CancelFlag)>>,
     /// What the worker counts (`--metrics-listen` serves it).
     pub metrics: Arc<Metrics>,
+    /// This process, as the run history names it: `host:pid`.
+    pub worker_name: String,
+}
+
+/// `host:pid` of this process.
+pub(crate) fn process_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }
 
 impl Shared {

@@ -198,7 +198,7 @@ impl RunStore {
     ) -> Result<(), StoreError> {
         let sql = format!(
             "INSERT INTO {} (run_id, node_id, iteration, attempt, outcome, error, started_at, finished_at, worker)
-             VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7 / 1000.0), to_timestamp($8 / 1000.0), $9)",
+             VALUES ($1, $2, $3::int, $4::int, $5, $6, to_timestamp($7::float8 / 1000), to_timestamp($8::float8 / 1000), $9)",
             self.tables().history()
         );
         let iteration = i32::try_from(iteration).unwrap_or(i32::MAX);
