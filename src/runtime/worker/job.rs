@@ -156,9 +156,12 @@ fn process(
         }
     };
     // 4. Build the commit; 5–6 (commit, coordinate, publish, complete) follow in its tail.
-    let mut commit = NodeCommit::from_deltas(&success.deltas);
-    commit.execution = Some(execution);
-    build_commit(shared, bp, job, &node, snapshot, success, commit, publisher)
+    let executed = Executed {
+        context: snapshot,
+        success,
+        execution,
+    };
+    build_commit(shared, bp, job, &node, executed, publisher)
 }
 
 /// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,
@@ -481,6 +484,13 @@ fn version_mismatch(bp: &Blueprint, context: &dyn ContextRead) -> Option<String>
     }
 }
 
+/// What step 3 left: the context the node read, what it did, and its history record.
+struct Executed {
+    context: ContextView,
+    success: NodeSuccess,
+    execution: Execution,
+}
+
 /// Step 4: what a node that executed writes — its output, bookkeeping, the successors it
 /// chose and their inputs — as the tail that commits it; or, for a pausing node, its pause,
 /// committed here (see [`pause`](super::pause)).
@@ -489,18 +499,23 @@ fn build_commit(
     bp: &Blueprint,
     job: &JobPayload,
     node: &RunNode,
-    context: ContextView,
-    success: NodeSuccess,
-    mut commit: NodeCommit,
+    executed: Executed,
     publisher: &mut dyn JobSink,
 ) -> Result<Handled, Error> {
     let def = node.def(bp);
+    let Executed {
+        context,
+        success,
+        execution,
+    } = executed;
     let NodeSuccess {
         result,
         deltas,
         fallback,
         ..
     } = success;
+    let mut commit = NodeCommit::from_deltas(&deltas);
+    commit.execution = Some(execution);
     if !context.has(BLUEPRINT_ID) {
         bp.stamp(&mut commit.set);
     }
