@@ -11,7 +11,8 @@
 //! `cargo bench --bench distributed` (all), or with arguments:
 //! `cargo bench --bench distributed -- --runs 500 --threads 1,2,4,8 --workload chain5`
 //! (`--prefetch N` overrides the default of 8 × threads; `--inflight N` keeps at most N runs
-//! in flight instead of queueing them all first, so the latency is a hop's, not the queue's). `--timers` measures instead how
+//! in flight instead of queueing them all first, so the latency is a hop's, not the queue's;
+//! `--no-history` runs the worker without the run history, to measure its cost). `--timers` measures instead how
 //! late a 2 s `sleep` resumes its run after `wakeUpAt`. `--scale 1000,10000` measures how a
 //! run's cost grows with its size instead: one batch of N `transform` workers and one chain
 //! of N/10 `transform` nodes per size, 8 threads, with the cost per item and the run tables'
@@ -35,6 +36,8 @@ struct Args {
     inflight: Option<usize>,
     threads: Vec<usize>,
     workloads: Vec<String>,
+    /// Whether the worker records the run history (`--no-history` turns it off).
+    history: bool,
 }
 
 fn args() -> Args {
@@ -44,6 +47,7 @@ fn args() -> Args {
         inflight: None,
         threads: vec![1, 2, 4, 8, 16],
         workloads: vec!["chain5".into(), "diamond8".into()],
+        history: true,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -60,6 +64,11 @@ fn args() -> Args {
             "--workload" => a.workloads = vec![value],
             "--prefetch" => a.prefetch = Some(value.parse().expect("--prefetch N")),
             "--inflight" => a.inflight = Some(value.parse().expect("--inflight N")),
+            "--no-history" => {
+                a.history = false;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -100,6 +109,7 @@ fn bench(
     threads: usize,
     prefetch: Option<u16>,
     inflight: Option<usize>,
+    history: bool,
 ) {
     let env = TestEnv::new(&format!("bench_{workload}_{threads}"));
     let (blueprint, _) = common::workload(workload);
@@ -120,7 +130,8 @@ fn bench(
     let clock = Instant::now();
     let mut builder = env
         .worker(timed_registry(starts.clone()), vec![blueprint.clone()])
-        .threads(threads);
+        .threads(threads)
+        .record_history(history);
     if let Some(p) = prefetch {
         builder = builder.prefetch(p);
     }
@@ -339,7 +350,7 @@ fn main() {
     }
     for w in &a.workloads {
         for &t in &a.threads {
-            bench(w, a.runs, t, a.prefetch, a.inflight);
+            bench(w, a.runs, t, a.prefetch, a.inflight, a.history);
         }
     }
 }

@@ -52,9 +52,11 @@ pub mod cli;
 
 pub use engine::blueprint::{Blueprint, BlueprintError};
 pub use engine::builder::Flow;
+pub use engine::events::{EventKind, EventListener, FlowEvent, Next, NodeMiddleware};
 pub use engine::lint::{lint, Finding, Severity};
 pub use engine::local::{LocalError, LocalRuntime, LocalRuntimeBuilder, WorkflowResult};
-pub use engine::node::{ContextMap, Node, NodeContext, NodeError, NodeRegistry, NodeResult};
+pub use engine::node::{ContextMap, Node, NodeContext, NodeError, NodeResult};
+pub use engine::registry::NodeRegistry;
 pub use runtime::client::Client;
 pub use runtime::error::{Error, Result};
 pub use runtime::reconciler::{Reconciler, ReconciliationStats};
@@ -86,6 +88,7 @@ pub mod expr {
 #[doc(hidden)]
 pub mod node {
     pub use crate::engine::node::*;
+    pub use crate::engine::registry::NodeRegistry;
 }
 #[doc(hidden)]
 pub mod local {

@@ -478,5 +478,33 @@ fn the_worker_serves_metrics_and_health() {
         metrics.contains("flowcraft_deliveries_in_flight"),
         "{metrics}"
     );
+    // The body parses as Prometheus text: `# HELP`/`# TYPE` lines and samples
+    // `name{labels} value`, every value a number.
+    let body = metrics.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let mut samples = std::collections::HashMap::new();
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').expect("a sample is `name value`");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        assert!(
+            name.starts_with("flowcraft_") && !name.contains(&run),
+            "labels never hold a run id: {line}"
+        );
+        samples.insert(name.to_string(), value);
+    }
+    for (sample, want) in [
+        ("flowcraft_runs_total{outcome=\"started\"}", 1.0),
+        ("flowcraft_runs_total{outcome=\"completed\"}", 1.0),
+        ("flowcraft_job_latency_seconds_count", 5.0),
+    ] {
+        assert_eq!(samples.get(sample), Some(&want), "{sample} in {body}");
+    }
+    let commits = samples["flowcraft_commit_batch_size_count"];
+    assert!((1.0..=5.0).contains(&commits), "{body}");
+    assert_eq!(samples["flowcraft_commit_batch_size_sum"], 5.0, "{body}");
     worker.stop().unwrap();
 }

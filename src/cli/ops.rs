@@ -43,6 +43,9 @@ pub struct WorkerArgs {
     /// Serve GET /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9090.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Do not record node executions in the run history (`flowcraft inspect` then shows none).
+    #[arg(long)]
+    no_history: bool,
     /// Base URL of webhook endpoints as callers reach them.
     #[arg(
         long,
@@ -168,6 +171,7 @@ pub fn worker(args: &WorkerArgs) -> i32 {
     if let Some(p) = args.prefetch {
         builder = builder.prefetch(p);
     }
+    builder = builder.record_history(!args.no_history);
     if let Some(addr) = &args.metrics_listen {
         builder = builder.metrics_listen(addr);
     }

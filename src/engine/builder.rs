@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(json["nodes"][3]["config"]["joinStrategy"], json!("any"));
         // And it runs: three rounds of the body, then the exit.
         let result = crate::engine::local::LocalRuntime::new(
-            crate::engine::node::NodeRegistry::with_builtins(),
+            crate::engine::registry::NodeRegistry::with_builtins(),
         )
         .run(&built, Map::new());
         assert_eq!(result.context["_outputs.body"], json!(3));

@@ -17,10 +17,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::engine::blueprint::{Blueprint, NodeDef, NodeInputs};
+use crate::engine::events::{EventKind, FlowEvent};
 use crate::engine::node::{
     CancelFlag, ContextDeltas, ContextMap, ContextView, LazyKeys, Node, NodeContext, NodeError,
-    NodeRegistry, NodeResult,
+    NodeResult,
 };
+use crate::engine::registry::NodeRegistry;
 use crate::vocabulary::keys::{INPUTS_PREFIX, OUTPUTS_PREFIX};
 use crate::vocabulary::limits::check_storable;
 
@@ -249,18 +251,48 @@ fn run_attempts(
                 .run_cancel
                 .map_or_else(CancelFlag::new, CancelFlag::child),
         };
+        // Lifecycle events, built only when somebody listens.
+        let events = registry.events();
+        let listened = events.is_listened();
+        let started = std::time::Instant::now();
+        let emit = |kind: EventKind, error: Option<&str>| {
+            if listened {
+                let mut event =
+                    FlowEvent::new(kind, job.run_id, job.blueprint.id()).node(&node.id, attempt);
+                if kind != EventKind::NodeStart {
+                    event.duration = Some(started.elapsed());
+                }
+                event.error = error.map(String::from);
+                events.emit(event);
+            }
+        };
+        emit(EventKind::NodeStart, None);
+        let failed = |error: &str, last: bool| {
+            let kind = if last {
+                EventKind::NodeError
+            } else {
+                EventKind::NodeRetry
+            };
+            emit(kind, Some(error));
+        };
         match run_attempt(implementation.clone(), ctx, timeout) {
             // A result that cannot be stored fails the attempt, in both runtimes alike (so a
             // blueprint means the same in process as distributed): retries and the fallback
             // apply as to any failure.
             Ok((result, deltas)) => match check_result(&result, &deltas) {
                 Ok(()) => {
+                    emit(EventKind::NodeFinish, None);
+                    match node.uses.as_str() {
+                        "batch-scatter" => emit(EventKind::BatchStart, None),
+                        "batch-gather" => emit(EventKind::BatchFinish, None),
+                        _ => {}
+                    }
                     return Ok(NodeSuccess {
                         result,
                         deltas,
                         fallback: None,
                         attempts: attempt,
-                    })
+                    });
                 }
                 Err(problem) => {
                     log::debug!(
@@ -268,16 +300,21 @@ fn run_attempts(
                         job.run_id,
                         node.id
                     );
+                    failed(&problem, attempt >= max_attempts);
                     last_error = NodeError::new(problem);
                 }
             },
-            Err(e) if e.is_fatal() => return Err(fail(e.message().to_string(), true, attempt)),
+            Err(e) if e.is_fatal() => {
+                failed(e.message(), true);
+                return Err(fail(e.message().to_string(), true, attempt));
+            }
             Err(e) => {
                 log::debug!(
                     "run {}: node '{}' attempt {attempt}/{max_attempts} failed: {e}",
                     job.run_id,
                     node.id
                 );
+                failed(e.message(), attempt >= max_attempts);
                 last_error = e;
             }
         }

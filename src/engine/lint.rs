@@ -15,8 +15,8 @@
 use serde_json::Value;
 
 use crate::engine::blueprint::Blueprint;
-use crate::engine::node::NodeRegistry;
 use crate::engine::nodes::param_problems;
+use crate::engine::registry::NodeRegistry;
 
 /// How bad a finding is: errors fail `check` (exit 1); warnings are reported only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

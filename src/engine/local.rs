@@ -26,10 +26,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::engine::blueprint::{Blueprint, NodeDef};
+use crate::engine::events::{EventKind, FlowEvent};
 use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::flow::{self, choose_successors, readiness, Readiness, RunNode};
-use crate::engine::node::{CancelFlag, ContextMap, NodeError, NodeRegistry, NodeResult};
+use crate::engine::node::{CancelFlag, ContextMap, NodeError, NodeResult};
 use crate::engine::nodes::{batch, subflow};
+use crate::engine::registry::NodeRegistry;
 use crate::vocabulary::keys::{batch_key, input_key, AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::vocabulary::RunStatus;
 
@@ -193,6 +195,11 @@ impl LocalRuntime {
         cancel: &CancelFlag,
     ) -> WorkflowResult {
         bp.stamp(&mut initial);
+        self.inner.registry.events().emit(FlowEvent::new(
+            EventKind::WorkflowStart,
+            &run_id,
+            bp.id(),
+        ));
         let mut state = RunState::new(self, bp, initial, run_id);
         state.cancel = cancel.clone();
         for &s in bp.start_nodes() {
@@ -578,6 +585,13 @@ impl<'a> RunState<'a> {
                 AWAITING_DETAILS.into(),
                 Value::Object(self.awaiting_details),
             );
+        }
+        let events = self.runtime.inner.registry.events();
+        if events.is_listened() {
+            let mut event = FlowEvent::new(EventKind::WorkflowFinish, &self.run_id, self.bp.id());
+            event.status = Some(status.as_str().to_string());
+            event.error = self.errors.first().map(|e| e.message.clone());
+            events.emit(event);
         }
         WorkflowResult {
             run_id: self.run_id,

@@ -595,51 +595,6 @@ where
     }
 }
 
-/// Maps `uses` keys to implementations. Cheap to clone (implementations are shared).
-#[derive(Clone, Default)]
-pub struct NodeRegistry {
-    nodes: HashMap<String, Arc<dyn Node>>,
-}
-
-impl fmt::Debug for NodeRegistry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut keys: Vec<_> = self.nodes.keys().collect();
-        keys.sort();
-        f.debug_struct("NodeRegistry").field("uses", &keys).finish()
-    }
-}
-
-impl NodeRegistry {
-    /// An empty registry (no built-ins).
-    pub fn new() -> NodeRegistry {
-        NodeRegistry::default()
-    }
-
-    /// Registers a [`Node`] under a key, replacing any previous one.
-    pub fn register(&mut self, uses: impl Into<String>, node: impl Node) -> &mut Self {
-        self.nodes.insert(uses.into(), Arc::new(node));
-        self
-    }
-
-    /// Registers a closure under a key.
-    pub fn register_fn<F>(&mut self, uses: impl Into<String>, f: F) -> &mut Self
-    where
-        F: Fn(&mut NodeContext) -> Result<NodeResult, NodeError> + Send + Sync + 'static,
-    {
-        self.register(uses, f)
-    }
-
-    /// Looks an implementation up.
-    pub fn get(&self, uses: &str) -> Option<Arc<dyn Node>> {
-        self.nodes.get(uses).cloned()
-    }
-
-    /// Whether a key is registered.
-    pub fn contains(&self, uses: &str) -> bool {
-        self.nodes.contains_key(uses)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

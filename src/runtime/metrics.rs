@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::runtime::error::{Error, Result};
@@ -29,6 +29,17 @@ pub struct Metrics {
     pub reconnects: IntCounter,
     /// Whether a session is consuming right now.
     pub consuming: AtomicBool,
+    /// Runs by outcome: `started`, `completed`, `failed`.
+    pub runs: IntCounterVec,
+    /// Seconds from a job's delivery to its settlement (its successors published and
+    /// confirmed): a chain's hop latency, but for the broker's own delivery time.
+    pub job_seconds: Histogram,
+    /// Node commits per commit statement.
+    pub commit_batch: Histogram,
+    /// Reconciler passes.
+    pub reconciler_passes: IntCounter,
+    /// Runs a reconciler pass recovered (stalled runs reconciled, lost wake-ups sent).
+    pub recovered_runs: IntCounter,
 }
 
 impl Metrics {
@@ -58,11 +69,50 @@ impl Metrics {
             "RabbitMQ connections opened again after a loss",
         )
         .expect("a valid metric");
+        let runs = IntCounterVec::new(
+            Opts::new(
+                "flowcraft_runs_total",
+                "Runs, by outcome: started, completed, failed",
+            ),
+            &["outcome"],
+        )
+        .expect("a valid metric");
+        let job_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "flowcraft_job_latency_seconds",
+                "From a job's delivery to its settlement, successors published and confirmed",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("a valid metric");
+        let commit_batch = Histogram::with_opts(
+            HistogramOpts::new(
+                "flowcraft_commit_batch_size",
+                "Node commits per commit statement",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+        )
+        .expect("a valid metric");
+        let reconciler_passes =
+            IntCounter::new("flowcraft_reconciler_passes_total", "Reconciler passes")
+                .expect("a valid metric");
+        let recovered_runs = IntCounter::new(
+            "flowcraft_recovered_runs_total",
+            "Runs a reconciler pass recovered: stalled runs reconciled, awaiting runs woken",
+        )
+        .expect("a valid metric");
         for m in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(node_seconds.clone()),
             Box::new(in_flight.clone()),
             Box::new(reconnects.clone()),
+            Box::new(runs.clone()),
+            Box::new(job_seconds.clone()),
+            Box::new(commit_batch.clone()),
+            Box::new(reconciler_passes.clone()),
+            Box::new(recovered_runs.clone()),
         ] {
             registry.register(m).expect("metric names are distinct");
         }
@@ -73,6 +123,11 @@ impl Metrics {
             in_flight,
             reconnects,
             consuming: AtomicBool::new(false),
+            runs,
+            job_seconds,
+            commit_batch,
+            reconciler_passes,
+            recovered_runs,
         }
     }
 

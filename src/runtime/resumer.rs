@@ -6,12 +6,14 @@
 use serde_json::{json, Value};
 
 use crate::engine::blueprint::Blueprint;
+use crate::engine::events::{EventBus, EventKind, FlowEvent};
 use crate::engine::executor::NodeSuccess;
 use crate::engine::flow::{record_output, record_worker_output};
 use crate::engine::node::{ContextDeltas, ContextMap, ContextRead};
 use crate::runtime::error::Error;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
+use crate::runtime::metrics::Metrics;
 use crate::runtime::scheduling::{
     awaited_details, frontier, next_jobs, node_meta, paused_iteration, RunNode,
 };
@@ -19,7 +21,7 @@ use crate::services::postgres::store::{NodeCommit, RunSnapshot, RunStore};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::{FinishOutcome, RedisCoordinationStore, SuccessorReport};
 use crate::vocabulary::keys::{
-    input_key, meta_key, AWAITING_DETAILS, AWAITING_NODE_IDS, PARENT_KEY,
+    input_key, meta_key, AWAITING_DETAILS, AWAITING_NODE_IDS, BLUEPRINT_ID, PARENT_KEY,
 };
 use crate::vocabulary::RunStatus;
 
@@ -58,6 +60,8 @@ pub struct Resumer<'a> {
     pub blueprints: &'a std::collections::HashMap<String, std::sync::Arc<Blueprint>>,
     /// Name of the job queue successors are published to.
     pub queue: &'a str,
+    /// Where a worker counts finished runs and emits `workflow:finish` (`None` outside one).
+    pub observer: Option<(&'a Metrics, &'a EventBus)>,
 }
 
 impl<'a> Resumer<'a> {
@@ -73,7 +77,15 @@ impl<'a> Resumer<'a> {
             coord,
             blueprints,
             queue,
+            observer: None,
         }
+    }
+
+    /// The same driver, counting finished runs in `metrics` and emitting `workflow:finish`
+    /// on `events`.
+    pub fn observed(mut self, metrics: &'a Metrics, events: &'a EventBus) -> Resumer<'a> {
+        self.observer = Some((metrics, events));
+        self
     }
 
     /// Resumes `nodes` (all awaited nodes when `None`) of a run read as `snapshot`, as if
@@ -318,6 +330,17 @@ impl<'a> Resumer<'a> {
         publisher: &mut dyn JobSink,
     ) -> Result<(), Error> {
         log::info!("run {run_id}: completed");
+        if let Some((metrics, events)) = self.observer {
+            metrics.runs.with_label_values(&["completed"]).inc();
+            let blueprint = context.get(BLUEPRINT_ID).and_then(Value::as_str);
+            let mut event = FlowEvent::new(
+                EventKind::WorkflowFinish,
+                run_id,
+                blueprint.unwrap_or_default(),
+            );
+            event.status = Some(RunStatus::Completed.as_str().to_string());
+            events.emit(event);
+        }
         self.resume_parent(run_id, context, publisher)
     }
 

@@ -14,7 +14,8 @@ pub mod transform;
 use serde_json::{json, Value};
 
 use crate::engine::expr::{Expression, Scope};
-use crate::engine::node::{ContextScope, NodeContext, NodeError, NodeRegistry, NodeResult};
+use crate::engine::node::{ContextScope, NodeContext, NodeError, NodeResult};
+use crate::engine::registry::NodeRegistry;
 
 /// `uses` of every built-in.
 pub const BUILTINS: &[&str] = &[

@@ -59,6 +59,7 @@ impl RabbitMqAdapter {
             Some(every) => Some(timers::start_reconciler(
                 self.reconciler(),
                 every,
+                self.shared.metrics.clone(),
                 stop_rx.clone(),
             )?),
             None => None,

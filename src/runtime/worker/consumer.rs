@@ -69,6 +69,8 @@ pub(super) struct Settler<'c, 'a> {
     book: acks::AckBook<Delivery>,
     /// Set when the session must end (its dead-letter channel failed).
     broken: Option<String>,
+    /// When each delivery in flight arrived, by delivery tag.
+    arrived: HashMap<u64, std::time::Instant>,
 }
 
 impl<'c, 'a> Settler<'c, 'a> {
@@ -93,12 +95,15 @@ impl<'c, 'a> Settler<'c, 'a> {
             // one delivery).
             book: acks::AckBook::new(usize::from(prefetch) / 4),
             broken: None,
+            arrived: HashMap::new(),
         }
     }
 
     /// A delivery goes to the workers.
     fn delivered(&mut self, delivery: &Delivery) {
         self.book.delivered(delivery.delivery_tag());
+        self.arrived
+            .insert(delivery.delivery_tag(), std::time::Instant::now());
         self.metrics.in_flight.set(self.book.in_flight() as i64);
     }
 
@@ -191,6 +196,11 @@ impl<'c, 'a> Settler<'c, 'a> {
             Outcome::DeadLetter(_) => "dead_letter",
         };
         self.metrics.jobs.with_label_values(&[label]).inc();
+        if let Some(arrived) = self.arrived.remove(&delivery.delivery_tag()) {
+            self.metrics
+                .job_seconds
+                .observe(arrived.elapsed().as_secs_f64());
+        }
         let settled = self.settle_counted(delivery, outcome);
         self.metrics.in_flight.set(self.book.in_flight() as i64);
         settled

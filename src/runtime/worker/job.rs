@@ -36,6 +36,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::engine::blueprint::{Blueprint, JoinStrategy, NodeInputs};
+use crate::engine::events::{EventKind, FlowEvent};
 use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::flow;
 use crate::engine::node::{ContextDeltas, ContextRead, ContextView, LazyKeys, NodeResult};
@@ -145,9 +146,15 @@ fn process(
             ..
         }) => {
             let max = node.def(bp).config.max_retries.unwrap_or(1).max(1);
-            shared
-                .store
-                .record_failure(&job.run_id, job.iteration, &execution, true, &message)?;
+            if shared.record_history {
+                shared.store.record_failure(
+                    &job.run_id,
+                    job.iteration,
+                    &execution,
+                    true,
+                    &message,
+                )?;
+            }
             return queue_retry(shared, job, attempts, max, delay, &message, publisher);
         }
         Err(failure) => {
@@ -385,6 +392,12 @@ fn execute(
             .all(|s| !context.contains_key(&output_key(s)))
     {
         log::info!("run {}: started ({})", job.run_id, bp.id());
+        shared.metrics.runs.with_label_values(&["started"]).inc();
+        shared.registry.events().emit(FlowEvent::new(
+            EventKind::WorkflowStart,
+            &job.run_id,
+            bp.id(),
+        ));
     }
     let executing = shared.executing(&job.run_id);
     let node_job = NodeJob {
@@ -515,7 +528,7 @@ fn build_commit(
         ..
     } = success;
     let mut commit = NodeCommit::from_deltas(&deltas);
-    commit.execution = Some(execution);
+    commit.execution = shared.record_history.then_some(execution);
     if !context.has(BLUEPRINT_ID) {
         bp.stamp(&mut commit.set);
     }
@@ -727,13 +740,15 @@ fn fail_node(
             return Ok(Outcome::Ack);
         }
     }
-    shared.store.record_failure(
-        &job.run_id,
-        job.iteration,
-        &execution,
-        false,
-        &failure.message,
-    )?;
+    if shared.record_history {
+        shared.store.record_failure(
+            &job.run_id,
+            job.iteration,
+            &execution,
+            false,
+            &failure.message,
+        )?;
+    }
     if let RunNode::Static(i) = node {
         let (mut poisoned, mut cancelled) = (Vec::new(), Vec::new());
         for &e in bp.outgoing(*i) {

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::engine::blueprint::{Blueprint, NodeDef};
+use crate::engine::events::{EventKind, FlowEvent};
 use crate::engine::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::node::{ContextMap, ContextRead, NodeResult};
 use crate::engine::nodes::{now_ms, subflow};
@@ -30,7 +31,7 @@ use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{awaited_details, paused_iteration};
 use crate::services::postgres::store::RunSnapshot;
 use crate::services::rabbitmq::JobSink;
-use crate::vocabulary::keys::{input_key, output_key, PARENT_KEY};
+use crate::vocabulary::keys::{input_key, output_key, BLUEPRINT_ID, PARENT_KEY};
 use crate::vocabulary::limits::MAX_ID_BYTES;
 use crate::vocabulary::RunStatus;
 
@@ -347,6 +348,18 @@ pub(crate) fn fail_run(
         return Ok(());
     }
     log::info!("run {run}: failed: {reason}");
+    shared.metrics.runs.with_label_values(&["failed"]).inc();
+    let events = shared.registry.events();
+    if events.is_listened() {
+        let blueprint = context
+            .and_then(|c| c.get(BLUEPRINT_ID))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let mut event = FlowEvent::new(EventKind::WorkflowFinish, run, blueprint);
+        event.status = Some(RunStatus::Failed.as_str().to_string());
+        event.error = Some(reason.to_string());
+        events.emit(event);
+    }
     propagate_failure(shared, run, context, reason, publisher)
 }
 

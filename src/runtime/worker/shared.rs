@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::blueprint::Blueprint;
-use crate::engine::node::{CancelFlag, NodeRegistry};
+use crate::engine::node::CancelFlag;
+use crate::engine::registry::NodeRegistry;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::resumer::Resumer;
 use crate::services::postgres::store::RunStore;
@@ -30,6 +31,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     /// This process, as the run history names it: `host:pid`.
     pub worker_name: String,
+    /// Whether node executions are recorded in the run history.
+    pub record_history: bool,
 }
 
 /// `host:pid` of this process.
@@ -47,6 +50,7 @@ impl Shared {
     /// The run driver over this worker's services and blueprints.
     pub(crate) fn resumer(&self) -> Resumer<'_> {
         Resumer::new(&self.store, &self.coord, &self.blueprints, &self.queue)
+            .observed(&self.metrics, self.registry.events())
     }
 
     /// Marks a run as executing a node until the returned guard drops; the guard holds the

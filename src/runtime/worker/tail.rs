@@ -173,6 +173,9 @@ impl Leader<'_> {
                 None => coordinating.push(i),
             }
         }
+        if !commits.is_empty() {
+            shared.metrics.commit_batch.observe(commits.len() as f64);
+        }
         let applied = shared.store.commit_nodes(commits);
         for (i, applied) in committing.into_iter().zip(applied) {
             let Some(t) = tail(pending, i) else { continue };

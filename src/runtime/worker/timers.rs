@@ -9,6 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 
 use crate::runtime::error::{Error, Result};
+use crate::runtime::metrics::Metrics;
 use crate::runtime::reconciler::Reconciler;
 
 use super::shared::Shared;
@@ -55,11 +56,12 @@ pub(super) fn start_cancel_watcher(
 pub(super) fn start_reconciler(
     reconciler: Reconciler,
     every: Duration,
+    metrics: Arc<Metrics>,
     stop: Receiver<()>,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("flowcraft-reconciler".into())
-        .spawn(move || reconcile_on_timer(reconciler, every, stop))
+        .spawn(move || reconcile_on_timer(reconciler, every, &metrics, stop))
         .map_err(Error::thread("reconciler"))
 }
 
@@ -80,9 +82,21 @@ fn heartbeat(shared: &Shared, every: Duration, stop: &Receiver<()>) {
     }
 }
 
-fn reconcile_on_timer(reconciler: Reconciler, every: Duration, stop: Receiver<()>) {
+fn reconcile_on_timer(
+    reconciler: Reconciler,
+    every: Duration,
+    metrics: &Metrics,
+    stop: Receiver<()>,
+) {
     while !wait_or_stop(&stop, every) {
-        match reconciler.run() {
+        let pass = reconciler.run();
+        metrics.reconciler_passes.inc();
+        if let Ok(stats) = &pass {
+            metrics
+                .recovered_runs
+                .inc_by((stats.reconciled_runs + stats.woken_runs) as u64);
+        }
+        match pass {
             Ok(stats) if stats.stalled_runs > 0 || stats.woken_runs > 0 => log::info!(
                 "reconciler: {} stalled, {} reconciled, {} awaiting runs woken, {} failed",
                 stats.stalled_runs,
