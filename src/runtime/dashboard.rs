@@ -509,6 +509,16 @@ fn node_named_by(reason: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
+/// A failure's message without the `node '<id>' failed after <n> attempt(s): ` before it.
+fn failure_message(reason: &str) -> &str {
+    match node_named_by(reason) {
+        Some(_) => reason
+            .split_once(" attempt(s): ")
+            .map_or(reason, |(_, message)| message),
+        None => reason,
+    }
+}
+
 /// The blueprint node an execution's node id stands for: itself, or the gather node of a
 /// batch worker (`<gatherId>#<index>`).
 fn static_node(bp: &Blueprint, node_id: &str) -> Option<usize> {
@@ -679,7 +689,7 @@ pub fn layout(bp: &Blueprint) -> Layout {
             row_of[i] = r as f64;
         }
     }
-    for l in 1..layers {
+    for row in rows.iter_mut().skip(1) {
         let key = |i: usize| -> f64 {
             let preds = bp.forward_predecessors(i);
             if preds.is_empty() {
@@ -688,10 +698,10 @@ pub fn layout(bp: &Blueprint) -> Layout {
                 preds.iter().map(|&p| row_of[p]).sum::<f64>() / preds.len() as f64
             }
         };
-        let mut keyed: Vec<(f64, usize)> = rows[l].iter().map(|&i| (key(i), i)).collect();
+        let mut keyed: Vec<(f64, usize)> = row.iter().map(|&i| (key(i), i)).collect();
         keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        rows[l] = keyed.into_iter().map(|(_, i)| i).collect();
-        for (r, &i) in rows[l].iter().enumerate() {
+        *row = keyed.into_iter().map(|(_, i)| i).collect();
+        for (r, &i) in row.iter().enumerate() {
             row_of[i] = r as f64;
         }
     }
@@ -804,7 +814,7 @@ pub fn render_graph(bp: &Blueprint, views: &[NodeView]) -> String {
         }
         let _ = write!(
             out,
-            r##"<g class="node {state}" data-node-id="{id}" data-state="{state}"{error} transform="translate({x:.1},{y:.1})"><title>{tip}</title><a href="#node-{i}"><rect width="{NODE_W}" height="{NODE_H}" rx="7"/><text class="id" x="10" y="20">{label}</text><text class="sub" x="10" y="38">{uses} · {state_label}</text></a></g>"##,
+            r##"<g class="node {state}" data-node-id="{id}" data-state="{state}"{error} transform="translate({x:.1},{y:.1})"><title>{tip}</title><a href="#node-{i}"><rect width="{NODE_W}" height="{NODE_H}" rx="7"/><text class="id" x="10" y="20">{label}</text><text class="sub" x="10" y="38">{uses} · {state_label}</text></a>{error_line}</g>"##,
             state = state.as_str(),
             id = escape(&node.id),
             error = view
@@ -816,6 +826,15 @@ pub fn render_graph(bp: &Blueprint, views: &[NodeView]) -> String {
             label = escape(&cut(&node.id, 20)),
             uses = escape(&cut(&node.uses, 14)),
             state_label = state.label(),
+            error_line = view
+                .error
+                .as_ref()
+                .map(|e| format!(
+                    r#"<text class="node-error" x="2" y="{:.0}">{}</text>"#,
+                    NODE_H + 15.0,
+                    escape(&cut(failure_message(e), 30))
+                ))
+                .unwrap_or_default(),
         );
     }
     out.push_str("</svg>");
@@ -1106,7 +1125,12 @@ fn render_run(base: &str, view: &RunView) -> String {
             body.push_str(r#"</div><div class="canvas">"#);
             body.push_str(&render_graph(bp, &views));
             body.push_str("</div>");
-            body.push_str(&render_nodes_table(bp, &views, &view.context));
+            body.push_str(&render_nodes_table(
+                bp,
+                &views,
+                &view.context,
+                !view.history.is_empty(),
+            ));
         }
         None => {
             let _ = write!(
@@ -1128,7 +1152,14 @@ fn render_run(base: &str, view: &RunView) -> String {
     layout_page(base, &format!("Run {}", view.run_id), refresh, &body)
 }
 
-fn render_nodes_table(bp: &Blueprint, views: &[NodeView], context: &Map<String, Value>) -> String {
+/// The nodes as a table; `recorded`: whether the run has any history (else executions are
+/// unknown, not zero).
+fn render_nodes_table(
+    bp: &Blueprint,
+    views: &[NodeView],
+    context: &Map<String, Value>,
+    recorded: bool,
+) -> String {
     let mut out = String::from(
         "<table class=\"nodes\"><thead><tr><th>Node</th><th>Uses</th><th>State</th><th>Executions</th><th>Error / waits for</th></tr></thead><tbody>",
     );
@@ -1150,7 +1181,11 @@ fn render_nodes_table(bp: &Blueprint, views: &[NodeView], context: &Map<String, 
             uses = escape(&node.uses),
             s = view.state.as_str(),
             label = view.state.label(),
-            n = view.executions,
+            n = if recorded {
+                view.executions.to_string()
+            } else {
+                "—".to_string()
+            },
         );
     }
     out.push_str("</tbody></table>");
@@ -1297,22 +1332,22 @@ fn render_dead_letters(
                     if let Some(reason) = &m.reason {
                         let _ = write!(body, r#"<p class="reason">{}</p>"#, escape(reason));
                     }
-                    body.push_str(r#"<p class="meta">"#);
+                    let mut meta = Vec::new();
                     if let Some(run) = &m.run_id {
-                        let _ = write!(
-                            body,
-                            r#"run <a href="{}"><code>{}</code></a> "#,
+                        meta.push(format!(
+                            r#"run <a href="{}"><code>{}</code></a>"#,
                             escape(&run_href(base, run)),
                             escape(run)
-                        );
+                        ));
                     }
                     if let Some(node) = &m.node_id {
-                        let _ = write!(body, "node <code>{}</code> ", escape(node));
+                        meta.push(format!("node <code>{}</code>", escape(node)));
                     }
                     if let Some(ts) = m.timestamp {
-                        let _ = write!(body, "at {} ", escape(&format_epoch(ts)));
+                        meta.push(format!("at {}", escape(&format_epoch(ts))));
                     }
-                    let _ = write!(body, "· {} bytes</p>", m.bytes);
+                    meta.push(format!("{} bytes", m.bytes));
+                    let _ = write!(body, r#"<p class="meta">{}</p>"#, meta.join(" · "));
                     let _ = write!(
                         body,
                         r#"<pre class="body">{}{}</pre></li>"#,
@@ -1363,7 +1398,7 @@ a{color:#1565c0}code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace}
 .chip.failed,.badge.failed{background:#ffebee;border-color:#c62828}
 .chip.cancelled,.badge.cancelled,.badge.not-reached{background:#f0f0f0;border-color:#9e9e9e}
 .badge.retried{background:#fff8e1;border-color:#f9a825}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;border:1px solid #cbd2d9;font-size:12px}
+.badge{display:inline-block;white-space:nowrap;padding:1px 8px;border-radius:10px;border:1px solid #cbd2d9;font-size:12px}
 .filters a.current,.filters a.current:visited{font-weight:700;color:#1f2933;text-decoration:none}
 .note,.empty{color:#616e7c;font-size:12px}.error{color:#c62828}.warning{color:#8d4b00}
 .columns{display:grid;grid-template-columns:minmax(0,1fr) 340px;gap:16px;align-items:start}
@@ -1382,7 +1417,7 @@ svg text{font:12px system-ui,sans-serif;fill:#1f2933}svg .sub{font-size:11px;fil
 .node.failed rect{fill:#ffcdd2;stroke:#c62828;stroke-width:3}.key.failed{border-color:#c62828;background:#ffebee}
 .node.awaiting rect{fill:#fff3e0;stroke:#ef6c00}.key.awaiting{border-color:#ef6c00;background:#fff3e0}
 .node.not-reached rect{fill:#fafafa;stroke:#9e9e9e;stroke-dasharray:4 3}.key.not-reached{border-color:#9e9e9e;background:#fafafa}
-.node.failed .id{font-weight:700;fill:#b71c1c}
+.node.failed .id{font-weight:700;fill:#b71c1c}svg .node-error{font-size:11px;fill:#c62828}
 .exec rect{fill:#90a4ae}.exec.completed rect{fill:#66bb6a}.exec.failed rect{fill:#e53935}.exec.retried rect{fill:#ffb300}.exec.awaiting rect{fill:#fb8c00}
 .throughput .bar{fill:#42a5f5}.throughput .bar.zero{fill:#cfd8dc}
 .messages{padding-left:20px}.message{margin-bottom:12px}
@@ -1987,6 +2022,14 @@ mod tests {
             Some("a' b")
         );
         assert_eq!(node_named_by("unknown blueprint 'x'"), None);
+        assert_eq!(
+            failure_message("node 'a' failed after 2 attempt(s): x: y"),
+            "x: y"
+        );
+        assert_eq!(
+            failure_message("run failed: 1 attempt(s): x"),
+            "run failed: 1 attempt(s): x"
+        );
         assert_eq!(cut("abcdef", 4), "abc…");
     }
 }
