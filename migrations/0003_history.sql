@@ -18,8 +18,9 @@ CREATE TABLE IF NOT EXISTS {history} (
     worker TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS {history_index} ON {history} (run_id, started_at);
--- Recent executions, for throughput over the last minutes.
-CREATE INDEX IF NOT EXISTS {history_time_index} ON {history} (finished_at);
+-- Recent executions, for throughput over the last minutes (BRIN: rows arrive in time
+-- order, and it costs next to nothing per insert).
+CREATE INDEX IF NOT EXISTS {history_time_index} ON {history} USING brin (finished_at);
 
 -- When a run started, for `flowcraft runs` and `flowcraft prune`.
 ALTER TABLE {statuses} ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ DEFAULT NOW();

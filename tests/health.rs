@@ -1,0 +1,119 @@
+//! `/readyz` follows the services: 503 naming the one that does not answer, 200 once it is
+//! back. The shared services are never stopped: the worker reaches Redis through a TCP proxy
+//! of this test, which the test takes down and brings back.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use flowcraft_rabbitmq::coordination;
+use flowcraft_rabbitmq::RabbitMqAdapter;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Forwards connections to `target`; while down, it closes them all and refuses new ones.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: &'static str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (is_down, conns) = (down.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if is_down.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut list = conns.lock().unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+                list.extend([client, server]);
+            }
+        });
+        Proxy { port, down, open }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for stream in self.open.lock().unwrap().drain(..) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn readiness_turns_503_while_redis_is_unreachable_and_200_when_it_is_back() {
+    let env = TestEnv::new("readyz");
+    let proxy = Proxy::start("127.0.0.1:6379");
+    let redis = coordination::connect_pool(&format!("redis://127.0.0.1:{}", proxy.port), 4)
+        .expect("a pool through the proxy");
+    let (chain, _) = workload("chain5");
+    let worker = RabbitMqAdapter::builder(amqp_url(), env.pg.clone(), redis)
+        .registry(inc_registry())
+        .blueprints(vec![chain])
+        .queue(env.queue.clone())
+        .tables(env.tables.clone())
+        .redis_prefix(env.prefix.clone())
+        .events_exchange(env.events_exchange())
+        .reconcile_every(None)
+        .threads(1)
+        .metrics_listen("127.0.0.1:0")
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let addr = worker.metrics_addr().expect("metrics are served");
+    env.eventually("ready", WAIT, || {
+        get(addr, "/readyz").starts_with("HTTP/1.1 200")
+    });
+
+    proxy.set_down(true);
+    env.eventually("not ready while Redis is unreachable", WAIT, || {
+        let answer = get(addr, "/readyz");
+        answer.starts_with("HTTP/1.1 503") && answer.contains("Redis")
+    });
+    // The process still serves.
+    assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
+
+    proxy.set_down(false);
+    env.eventually("ready again", WAIT, || {
+        get(addr, "/readyz").starts_with("HTTP/1.1 200")
+    });
+    worker.stop().unwrap();
+}
