@@ -52,7 +52,7 @@ pub mod cli;
 
 pub use engine::blueprint::{Blueprint, BlueprintError};
 pub use engine::builder::Flow;
-pub use engine::events::{EventKind, EventListener, FlowEvent, Next, NodeMiddleware};
+pub use engine::events::{EventBus, EventKind, EventListener, FlowEvent, Next, NodeMiddleware};
 pub use engine::lint::{lint, Finding, Severity};
 pub use engine::local::{LocalError, LocalRuntime, LocalRuntimeBuilder, WorkflowResult};
 pub use engine::node::{ContextMap, Node, NodeContext, NodeError, NodeResult};

@@ -447,29 +447,17 @@ fn the_worker_serves_metrics_and_health() {
         .start()
         .unwrap();
     let addr = worker.metrics_addr().expect("metrics are served");
-    let get = |path: &str| {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        stream
-            .write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
-            .unwrap();
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
-        answer
-    };
-    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
-    env.eventually("the worker is ready", WAIT, || {
-        get("/readyz").starts_with("HTTP/1.1 200")
-    });
+    let get = |path: &str| http_get(addr, path, &[]);
+    assert_eq!(get("/healthz").0, 200);
+    env.eventually("the worker is ready", WAIT, || get("/readyz").0 == 200);
     let run = env.start_run(&chain, ContextMap::new());
     env.wait_for_status(&run, "completed", WAIT);
     env.eventually("five acked jobs are counted", WAIT, || {
-        get("/metrics").contains("flowcraft_jobs_total{outcome=\"ack\"} 5")
+        get("/metrics")
+            .1
+            .contains("flowcraft_jobs_total{outcome=\"ack\"} 5")
     });
-    let metrics = get("/metrics");
+    let (_, metrics) = get("/metrics");
     assert!(
         metrics.contains("flowcraft_node_duration_seconds_count{uses=\"inc\"} 5"),
         "{metrics}"
@@ -480,7 +468,7 @@ fn the_worker_serves_metrics_and_health() {
     );
     // The body parses as Prometheus text: `# HELP`/`# TYPE` lines and samples
     // `name{labels} value`, every value a number.
-    let body = metrics.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body = &metrics;
     let mut samples = std::collections::HashMap::new();
     for line in body.lines().filter(|l| !l.is_empty()) {
         if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {

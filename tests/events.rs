@@ -5,15 +5,12 @@ mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::*;
 use crossbeam_channel::{unbounded, Receiver};
 use flowcraft_rabbitmq::node::{ContextMap, NodeContext, NodeError, NodeRegistry, NodeResult};
 use flowcraft_rabbitmq::{Blueprint, EventKind, FlowEvent, LocalRuntime, Next, NodeMiddleware};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// a → b (fails its first attempt) → c; `d` fails for good.
 fn blueprints() -> (Blueprint, Blueprint) {
@@ -118,6 +115,22 @@ fn expected_retrying() -> Vec<(String, Option<String>, Option<u32>)> {
     ]
 }
 
+/// The events of a run of `failing`: its one node fails for good.
+fn assert_failed_run(events: &[FlowEvent]) {
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "workflow:start",
+            "node:start",
+            "node:error",
+            "workflow:finish"
+        ]
+    );
+    assert_eq!(events[2].error.as_deref(), Some("broken for good"));
+    assert_eq!(events[3].status.as_deref(), Some("failed"));
+}
+
 #[test]
 fn the_in_process_runner_emits_flowcraft_s_events_and_runs_the_middleware() {
     let (retrying, failing) = blueprints();
@@ -133,19 +146,7 @@ fn the_in_process_runner_emits_flowcraft_s_events_and_runs_the_middleware() {
     assert_eq!(*trace.lock().unwrap(), ["a#1", "b#1", "b#2", "c#1"]);
 
     let failed = runtime.run(&failing, ContextMap::new());
-    let events = events_of(&rx, &failed.run_id);
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "workflow:start",
-            "node:start",
-            "node:error",
-            "workflow:finish"
-        ]
-    );
-    assert_eq!(events[2].error.as_deref(), Some("broken for good"));
-    assert_eq!(events[3].status.as_deref(), Some("failed"));
+    assert_failed_run(&events_of(&rx, &failed.run_id));
 }
 
 #[test]
@@ -162,18 +163,7 @@ fn the_worker_emits_the_same_events_and_a_hung_listener_holds_nothing_up() {
 
     let failed = env.start_run(&failing, ContextMap::new());
     env.wait_for_status(&failed, "failed", WAIT);
-    let events = events_of(&rx, &failed);
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "workflow:start",
-            "node:start",
-            "node:error",
-            "workflow:finish"
-        ]
-    );
-    assert_eq!(events[3].status.as_deref(), Some("failed"));
+    assert_failed_run(&events_of(&rx, &failed));
 
     worker.stop().unwrap();
 

@@ -4,17 +4,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::*;
 use flowcraft_rabbitmq::coordination;
 use flowcraft_rabbitmq::RabbitMqAdapter;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// Forwards connections to `target`; while down, it closes them all and refuses new ones.
 struct Proxy {
@@ -64,19 +60,6 @@ impl Proxy {
     }
 }
 
-fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer
-}
-
 #[test]
 fn readiness_turns_503_while_redis_is_unreachable_and_200_when_it_is_back() {
     let env = TestEnv::new("readyz");
@@ -99,21 +82,18 @@ fn readiness_turns_503_while_redis_is_unreachable_and_200_when_it_is_back() {
         .start()
         .unwrap();
     let addr = worker.metrics_addr().expect("metrics are served");
-    env.eventually("ready", WAIT, || {
-        get(addr, "/readyz").starts_with("HTTP/1.1 200")
-    });
+    let ready = || http_get(addr, "/readyz", &[]).0 == 200;
+    env.eventually("ready", WAIT, ready);
 
     proxy.set_down(true);
     env.eventually("not ready while Redis is unreachable", WAIT, || {
-        let answer = get(addr, "/readyz");
-        answer.starts_with("HTTP/1.1 503") && answer.contains("Redis")
+        let (status, body) = http_get(addr, "/readyz", &[]);
+        status == 503 && body.contains("Redis")
     });
     // The process still serves.
-    assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
+    assert_eq!(http_get(addr, "/healthz", &[]).0, 200);
 
     proxy.set_down(false);
-    env.eventually("ready again", WAIT, || {
-        get(addr, "/readyz").starts_with("HTTP/1.1 200")
-    });
+    env.eventually("ready again", WAIT, ready);
     worker.stop().unwrap();
 }

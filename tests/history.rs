@@ -6,13 +6,10 @@ mod common;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use flowcraft_rabbitmq::node::{ContextMap, NodeError, NodeRegistry, NodeResult};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn flowcraft(env: &TestEnv, args: &[&str]) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_flowcraft"));

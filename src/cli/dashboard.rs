@@ -7,7 +7,7 @@ use crate::runtime::dashboard::{DashboardOptions, DashboardServer, DEFAULT_LISTE
 use crate::services::postgres::store::RunStore;
 
 use super::local_cmds::load_valid;
-use super::{fail, BlueprintDir, ServiceArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use super::{fail, BlueprintDir, ServiceArgs, EXIT_OK, EXIT_USAGE};
 
 /// Arguments of `flowcraft dashboard`.
 #[derive(Args)]
@@ -60,22 +60,10 @@ pub fn dashboard(args: &DashboardArgs) -> i32 {
         blueprints,
         token: args.token.clone(),
     };
-    let (signal_tx, signal_rx) = crossbeam_channel::unbounded::<()>();
-    let mut signals = 0u32;
-    let handler = ctrlc::set_handler(move || {
-        signals += 1;
-        if signals > 1 {
-            eprintln!("flowcraft: second signal; exiting now");
-            std::process::exit(130);
-        }
-        let _ = signal_tx.send(());
-    });
-    if let Err(e) = handler {
-        return fail(
-            EXIT_FAILED,
-            format!("cannot install the signal handler: {e}"),
-        );
-    }
+    let signal_rx = match super::ops::stop_signals() {
+        Ok(rx) => rx,
+        Err(code) => return code,
+    };
     let server = match DashboardServer::start(&args.listen, options) {
         Ok(server) => server,
         Err(e) => return fail(EXIT_USAGE, e),

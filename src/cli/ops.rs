@@ -138,22 +138,10 @@ pub fn worker(args: &WorkerArgs) -> i32 {
             }
         }
     };
-    let (signal_tx, signal_rx) = crossbeam_channel::unbounded::<()>();
-    let mut signals = 0u32;
-    let handler = ctrlc::set_handler(move || {
-        signals += 1;
-        if signals > 1 {
-            eprintln!("flowcraft: second signal; exiting now");
-            std::process::exit(130);
-        }
-        let _ = signal_tx.send(());
-    });
-    if let Err(e) = handler {
-        return fail(
-            EXIT_FAILED,
-            format!("cannot install the signal handler: {e}"),
-        );
-    }
+    let signal_rx = match stop_signals() {
+        Ok(rx) => rx,
+        Err(code) => return code,
+    };
     let ids: Vec<String> = blueprints.keys().cloned().collect();
     let mut builder = s
         .adapter(tables, pg, redis)
@@ -207,6 +195,27 @@ pub fn worker(args: &WorkerArgs) -> i32 {
 }
 
 /// `{"runId","status","updatedAt","result"}`.
+/// SIGINT/SIGTERM as a channel: the first signal sends; a second exits at once with 130.
+pub fn stop_signals() -> Result<crossbeam_channel::Receiver<()>, i32> {
+    let (signal_tx, signal_rx) = crossbeam_channel::unbounded::<()>();
+    let mut signals = 0u32;
+    let handler = ctrlc::set_handler(move || {
+        signals += 1;
+        if signals > 1 {
+            eprintln!("flowcraft: second signal; exiting now");
+            std::process::exit(130);
+        }
+        let _ = signal_tx.send(());
+    });
+    match handler {
+        Ok(()) => Ok(signal_rx),
+        Err(e) => Err(fail(
+            EXIT_FAILED,
+            format!("cannot install the signal handler: {e}"),
+        )),
+    }
+}
+
 pub fn status_json(row: &StatusRow) -> Value {
     json!({"runId": row.run_id, "status": row.status, "updatedAt": row.updated_at, "result": row.result})
 }

@@ -1552,23 +1552,10 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
 fn format_epoch(secs: u64) -> String {
-    let secs = i64::try_from(secs).unwrap_or(i64::MAX / 2);
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Inverse of days_from_civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let rfc3339 = crate::engine::nodes::rfc3339_from_ms(secs.saturating_mul(1000));
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
+        "{} UTC",
+        rfc3339.get(..19).unwrap_or(&rfc3339).replace('T', " ")
     )
 }
 
@@ -1902,22 +1889,10 @@ mod tests {
         };
         let page = render_runs("/t/k", &view);
         assert_no_markup_from_data(&page);
-        assert!(
-            page.contains(r#"data-status="failed" data-count="2""#),
-            "{page}"
-        );
-        assert!(
-            page.contains(r#"data-status="completed" data-count="5""#),
-            "{page}"
-        );
-        assert!(
-            page.contains(r#"data-status="all" data-count="7""#),
-            "{page}"
-        );
-        assert!(
-            page.contains(r#"data-status="running" data-count="0""#),
-            "{page}"
-        );
+        for (status, count) in [("failed", 2), ("completed", 5), ("all", 7), ("running", 0)] {
+            let counted = format!(r#"data-status="{status}" data-count="{count}""#);
+            assert!(page.contains(&counted), "{counted} in {page}");
+        }
         assert!(page.contains(&format!(r#"href="/t/k/run/{}""#, encode_segment(HOSTILE))));
         assert!(page.contains(r#"href="/t/k/runs/failed/b1""#), "{page}");
         assert!(page.contains(r#"href="/t/k/dead-letters""#), "{page}");

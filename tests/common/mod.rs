@@ -458,18 +458,34 @@ pub fn http_post(
     body: &[u8],
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    http_request("POST", addr, path, body, headers)
+}
+
+/// A minimal HTTP/1.1 GET; returns the status code and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    http_request("GET", addr, path, b"", headers)
+}
+
+/// A minimal HTTP/1.1 request; returns the status code and the body (status 0 when nothing
+/// listens there yet).
+pub fn http_request(
+    method: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     use std::io::{Read, Write};
-    // Not listening (yet): status 0.
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
         return (0, String::new());
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if method != "GET" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
