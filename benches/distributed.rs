@@ -262,9 +262,14 @@ fn timers(runs: usize) {
     drop(env);
 }
 
-/// One run of `bp` from `context` on a fresh worker with 8 threads: its wall time, and the
-/// run tables' size on disk afterwards.
-fn one_run(name: &str, bp: &flowcraft_rabbitmq::Blueprint, context: ContextMap) -> (Duration, i64) {
+/// One run of `bp` from `context` on a fresh worker with 8 threads: its wall time, the run
+/// tables' size on disk afterwards (with their indexes and TOAST), and the size of the data
+/// they hold (the sum of their rows' stored sizes, `pg_column_size` of each row).
+fn one_run(
+    name: &str,
+    bp: &flowcraft_rabbitmq::Blueprint,
+    context: ContextMap,
+) -> (Duration, i64, i64) {
     let env = TestEnv::new(name);
     let worker = env.start_worker(NodeRegistry::with_builtins(), vec![bp.clone()], 8);
     let started = Instant::now();
@@ -283,7 +288,24 @@ fn one_run(name: &str, bp: &flowcraft_rabbitmq::Blueprint, context: ContextMap) 
         )
         .unwrap()
         .get(0);
-    (took, bytes)
+    let data: i64 = env
+        .pg
+        .get()
+        .unwrap()
+        .query_one(
+            &format!(
+                "SELECT (SELECT COALESCE(sum(pg_column_size(t.*)), 0) FROM {e} t)::bigint
+                      + (SELECT COALESCE(sum(pg_column_size(t.*)), 0) FROM {c} t)::bigint
+                      + (SELECT COALESCE(sum(pg_column_size(t.*)), 0) FROM {s} t)::bigint",
+                e = env.tables.entries(),
+                c = env.tables.contexts,
+                s = env.tables.statuses
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    (took, bytes, data)
 }
 
 /// How a run's cost grows with its size: a batch of N `transform` workers and a chain of
@@ -299,12 +321,13 @@ fn scale(sizes: &[usize]) {
         .to_string());
         let mut context = ContextMap::new();
         context.insert("items".into(), json!((0..n).collect::<Vec<_>>()));
-        let (took, bytes) = one_run("bench_scale_batch", &batch, context);
+        let (took, bytes, data) = one_run("bench_scale_batch", &batch, context);
         println!(
-            "batch     items={n:<7} {:>8.2} s   {:>8.3} ms/item   tables {:>8.1} MB",
+            "batch     items={n:<7} {:>8.2} s   {:>8.3} ms/item   tables {:>8.1} MB   data {:>8.1} MB",
             took.as_secs_f64(),
             took.as_secs_f64() * 1e3 / n as f64,
-            bytes as f64 / 1e6
+            bytes as f64 / 1e6,
+            data as f64 / 1e6
         );
         let m = (n / 10).max(2);
         let nodes: Vec<serde_json::Value> = (0..m)
@@ -314,12 +337,13 @@ fn scale(sizes: &[usize]) {
             .map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")}))
             .collect();
         let chain = bp(&json!({"id": "schain", "nodes": nodes, "edges": edges}).to_string());
-        let (took, bytes) = one_run("bench_scale_chain", &chain, ContextMap::new());
+        let (took, bytes, data) = one_run("bench_scale_chain", &chain, ContextMap::new());
         println!(
-            "chain     nodes={m:<7} {:>8.2} s   {:>8.3} ms/node   tables {:>8.1} MB",
+            "chain     nodes={m:<7} {:>8.2} s   {:>8.3} ms/node   tables {:>8.1} MB   data {:>8.1} MB",
             took.as_secs_f64(),
             took.as_secs_f64() * 1e3 / m as f64,
-            bytes as f64 / 1e6
+            bytes as f64 / 1e6,
+            data as f64 / 1e6
         );
     }
 }
