@@ -274,3 +274,35 @@ fn a_gathered_batch_commits_one_runs_nodes_together_unless_they_write_one_row() 
         Some("awaiting")
     );
 }
+
+/// Header keys live in the run's context row: two commits of a batch that each write one
+/// must both land (one statement would update the row for one of them only).
+#[test]
+fn a_gathered_batch_keeps_every_header_write_of_a_run() {
+    let env = TestEnv::new("gathered_header");
+    let store = env.store();
+    store.create_run("r", &ContextMap::new()).unwrap();
+    let mut commits = Vec::new();
+    for (node, key, value) in [
+        ("a", "blueprintVersion", json!("7")),
+        ("b", "_parent", json!({"runId": "p"})),
+    ] {
+        let (mut commit, guard) = commit_of(node, json!(node));
+        commit.set.insert(key.into(), value);
+        commits.push(("r".to_string(), commit, guard));
+    }
+    let applied: Vec<bool> = flowcraft_rabbitmq::testing::commit_nodes(&store, commits)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(applied, [true, true]);
+    let context = env.context("r");
+    assert_eq!(context.get("blueprintVersion"), Some(&json!("7")));
+    assert_eq!(context.get("_parent"), Some(&json!({"runId": "p"})));
+    // Read key by key, as a job reads them (from the `header` column).
+    let some = store
+        .load_keys("r", vec!["blueprintVersion".into(), "_parent".into()])
+        .unwrap()
+        .unwrap();
+    assert_eq!(some.context.len(), 2);
+}

@@ -462,9 +462,10 @@ impl ContextView {
     pub fn to_json(&self) -> Value {
         let mut map = match &self.lazy {
             Some(lazy) => {
+                // What the job loaded wins: it sees one consistent view.
                 let mut whole = lazy.whole();
                 for (k, v) in self.snapshot.iter() {
-                    whole.entry(k.clone()).or_insert_with(|| v.clone());
+                    whole.insert(k.clone(), v.clone());
                 }
                 whole
             }

@@ -137,6 +137,9 @@ fn process(
     check_reads(&context)?;
     // 3. Execute.
     let (snapshot, executed, execution) = execute(shared, bp, job, &node, context);
+    // A key the node read on demand could not be fetched: what it did (a failure too) was
+    // decided without it.
+    check_reads(&snapshot)?;
     let success = match executed {
         Ok(success) => success,
         Err(NodeFailure {
@@ -393,11 +396,14 @@ fn execute(
     {
         log::info!("run {}: started ({})", job.run_id, bp.id());
         shared.metrics.runs.with_label_values(&["started"]).inc();
-        shared.registry.events().emit(FlowEvent::new(
-            EventKind::WorkflowStart,
-            &job.run_id,
-            bp.id(),
-        ));
+        let events = shared.registry.events();
+        if events.is_listened() {
+            events.emit(FlowEvent::new(
+                EventKind::WorkflowStart,
+                &job.run_id,
+                bp.id(),
+            ));
+        }
     }
     let executing = shared.executing(&job.run_id);
     let node_job = NodeJob {

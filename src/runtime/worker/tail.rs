@@ -251,12 +251,15 @@ impl Leader<'_> {
             }
         }
         // Final status: the runs now idle complete in one statement.
-        let idle: Vec<String> = published
+        let mut idle: Vec<String> = published
             .iter()
             .filter(|(_, progress, _)| matches!(progress, RunProgress::Idle))
             .filter_map(|&(i, _, _)| tail(pending, i))
             .map(|t| t.job.run_id.clone())
             .collect();
+        // (A run named twice is completed once, for its first tail here.)
+        idle.sort_unstable();
+        idle.dedup();
         let mut completed: HashMap<String, Result<Option<ContextMap>, StoreError>> = idle
             .iter()
             .cloned()
@@ -272,7 +275,8 @@ impl Leader<'_> {
                     Some(Ok(Some(context))) => resumer.completed(run_id, &context, self.publisher),
                     Some(Ok(None)) => Ok(()),
                     Some(Err(e)) => Err(e.into()),
-                    None => Err(StoreError::Grouped("no completion for this run".into()).into()),
+                    // Its completion went with another tail of the run in this batch.
+                    None => Ok(()),
                 },
                 RunProgress::IdleUnverified => resumer
                     .complete_if_idle(run_id, progress, self.publisher)

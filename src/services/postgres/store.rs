@@ -621,6 +621,12 @@ impl CommitRequest {
         if let Value::Object(map) = &self.header_set {
             rows.extend(map.keys().map(|k| (run, k.as_str())));
         }
+        // The context row: one statement updates it for one commit only.
+        let header_written = self.header_set.as_object().is_some_and(|m| !m.is_empty())
+            || self.header_delete.as_array().is_some_and(|d| !d.is_empty());
+        if header_written {
+            rows.push((run, "\0header"));
+        }
         rows
     }
 
@@ -717,6 +723,7 @@ struct Statements {
     ensure_context: String,
     put_entries: String,
     put_header: String,
+    lock_awaiting: String,
 }
 
 /// The SQL of a run's whole context — its starting context (`c.context_data`) overlaid with
@@ -1010,6 +1017,10 @@ impl RunStore {
             ensure_context: format!(
                 "INSERT INTO {c} (run_id, context_data) VALUES ($1, '{{}}'::jsonb) ON CONFLICT (run_id) DO NOTHING"
             ),
+            lock_awaiting: format!(
+                "SELECT 1 FROM {e} WHERE run_id = ANY($1::text[]) AND key = '{AWAITING_NODE_IDS}'
+                 ORDER BY run_id FOR UPDATE"
+            ),
             put_header: format!(
                 "UPDATE {c} SET context_data =
                    (context_data - ARRAY(SELECT jsonb_array_elements_text($2::jsonb))) || $3::jsonb
@@ -1227,37 +1238,55 @@ impl RunStore {
         fn column<'a, T>(rows: &[&'a CommitRequest], f: impl Fn(&'a CommitRequest) -> T) -> Vec<T> {
             rows.iter().map(|&r| f(r)).collect()
         }
-        let returned = self.pool.get()?.query_prepared(
-            &self.sql.commit,
-            &[
-                &column(&rows, |r| r.run_id.as_str()),
-                &column(&rows, |r| &r.delete),
-                &column(&rows, |r| &r.set),
-                &column(&rows, |r| r.output_key.as_str()),
-                &column(&rows, |r| r.meta_key.as_str()),
-                &column(&rows, |r| r.iteration),
-                &column(&rows, |r| r.repeats),
-                &column(&rows, |r| r.awaiting_id.as_deref()),
-                &column(&rows, |r| &r.awaiting_details),
-                &column(&rows, |r| &r.set_if_absent),
-                &column(&rows, |r| r.guard_value.as_ref()),
-                &column(&rows, |r| &r.header_set),
-                &column(&rows, |r| &r.header_delete),
-                &column(&rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
-                &column(&rows, |r| {
-                    r.execution
-                        .as_ref()
-                        .map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX))
-                }),
-                &column(&rows, |r| {
-                    r.execution.as_ref().map_or(0.0, |x| x.started_ms)
-                }),
-                &column(&rows, |r| {
-                    r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
-                }),
-                &column(&rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
-            ],
-        )?;
+        // A pause decides from more than the row it locks (the node's output must be absent):
+        // lock the runs' awaiting rows first, in a transaction, so that the commit statement
+        // takes its snapshot after a concurrent resume of the node has committed.
+        let pausing: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.awaiting_id.is_some())
+            .map(|r| r.run_id.as_str())
+            .collect();
+        let params: &[&(dyn ToSql + Sync)] = &[
+            &column(&rows, |r| r.run_id.as_str()),
+            &column(&rows, |r| &r.delete),
+            &column(&rows, |r| &r.set),
+            &column(&rows, |r| r.output_key.as_str()),
+            &column(&rows, |r| r.meta_key.as_str()),
+            &column(&rows, |r| r.iteration),
+            &column(&rows, |r| r.repeats),
+            &column(&rows, |r| r.awaiting_id.as_deref()),
+            &column(&rows, |r| &r.awaiting_details),
+            &column(&rows, |r| &r.set_if_absent),
+            &column(&rows, |r| r.guard_value.as_ref()),
+            &column(&rows, |r| &r.header_set),
+            &column(&rows, |r| &r.header_delete),
+            &column(&rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
+            &column(&rows, |r| {
+                r.execution
+                    .as_ref()
+                    .map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX))
+            }),
+            &column(&rows, |r| {
+                r.execution.as_ref().map_or(0.0, |x| x.started_ms)
+            }),
+            &column(&rows, |r| {
+                r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
+            }),
+            &column(&rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
+        ];
+        let mut conn = self.pool.get()?;
+        let returned = if pausing.is_empty() {
+            // One round trip: the statement is its own transaction.
+            conn.query_prepared(&self.sql.commit, params)?
+        } else {
+            let commit = conn.statement(&self.sql.commit)?;
+            let lock = conn.statement(&self.sql.lock_awaiting)?;
+            let mut tx = conn.transaction()?;
+            tx.execute(&lock, &[&pausing])?;
+            let returned = tx.query(&commit, params)?;
+            tx.commit()?;
+            returned
+        };
         let mut applied: Vec<&CommitRequest> = Vec::with_capacity(rows.len());
         for row in returned {
             let ordinal: i64 = row.try_get(0)?;
