@@ -9,7 +9,7 @@ use crate::engine::blueprint::Blueprint;
 use crate::engine::events::{EventBus, EventKind, FlowEvent};
 use crate::engine::executor::NodeSuccess;
 use crate::engine::flow::{record_output, record_worker_output};
-use crate::engine::node::{ContextDeltas, ContextMap, ContextRead};
+use crate::engine::node::{ContextDeltas, ContextMap, ContextRead, ContextView};
 use crate::runtime::error::Error;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
@@ -17,7 +17,7 @@ use crate::runtime::metrics::Metrics;
 use crate::runtime::scheduling::{
     awaited_details, frontier, next_jobs, node_meta, paused_iteration, RunNode,
 };
-use crate::services::postgres::store::{NodeCommit, RunSnapshot, RunStore};
+use crate::services::postgres::store::{NodeCommit, RunSnapshot, RunStore, StoreError};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::{FinishOutcome, RedisCoordinationStore, SuccessorReport};
 use crate::vocabulary::keys::{
@@ -100,17 +100,29 @@ impl<'a> Resumer<'a> {
         success: NodeSuccess,
         publisher: &mut dyn JobSink,
     ) -> Result<ResumeOutcome, Error> {
-        let status = snapshot.status.map_or("unknown", RunStatus::as_str);
-        if !matches!(
-            snapshot.status,
-            Some(RunStatus::Awaiting | RunStatus::Running)
-        ) {
+        let context = ContextView::new(std::sync::Arc::new(snapshot.context));
+        self.resume_view(run_id, snapshot.status, context, nodes, success, publisher)
+    }
+
+    /// [`resume`](Self::resume) from a view of the run's context that may hold only some of
+    /// its keys and fetch the others when read (the worker's): a resume then costs what it
+    /// reads, not the run's size.
+    pub(crate) fn resume_view(
+        &self,
+        run_id: &str,
+        run_status: Option<RunStatus>,
+        context: ContextView,
+        nodes: Option<&[String]>,
+        success: NodeSuccess,
+        publisher: &mut dyn JobSink,
+    ) -> Result<ResumeOutcome, Error> {
+        let status = run_status.map_or("unknown", RunStatus::as_str);
+        if !matches!(run_status, Some(RunStatus::Awaiting | RunStatus::Running)) {
             return Err(Error::NotAwaiting {
                 run: run_id.into(),
                 status: status.into(),
             });
         }
-        let context = snapshot.context;
         let awaited: Vec<String> = context
             .get(AWAITING_NODE_IDS)
             .and_then(|v| serde_json::from_value(v.clone()).ok())
@@ -158,11 +170,11 @@ impl<'a> Resumer<'a> {
                 .unwrap_or(Value::Null),
         );
         commit.set.insert("_resume.output".into(), output.clone());
-        let mut merged: ContextMap = context.clone();
-        merged.remove(AWAITING_NODE_IDS);
-        merged.remove(AWAITING_DETAILS);
+        let mut merged = context.clone();
+        merged.delete(AWAITING_NODE_IDS);
+        merged.delete(AWAITING_DETAILS);
         for k in &commit.delete {
-            merged.remove(k);
+            merged.delete(k.clone());
         }
         let iteration_of =
             |n: &str| awaited_details(&context, n).map_or(0, paused_iteration) as u32;
@@ -197,7 +209,7 @@ impl<'a> Resumer<'a> {
             commit.set.insert(meta_key(n), record(json!({}), n));
         }
         for (k, v) in &commit.set {
-            merged.insert(k.clone(), v.clone());
+            merged.set(k.clone(), v.clone());
         }
         // Each resumed node's successors, in `targets` order.
         let mut reports: Vec<Vec<SuccessorReport>> = Vec::with_capacity(targets.len());
@@ -209,8 +221,8 @@ impl<'a> Resumer<'a> {
                     if let Some(input) = &next.input {
                         let key = input_key(&next.report.node);
                         let keeps_first = next.keeps_first_input(bp);
-                        if !keeps_first || !merged.contains_key(&key) {
-                            merged.insert(key.clone(), input.clone());
+                        if !keeps_first || !merged.has(&key) {
+                            merged.set(key.clone(), input.clone());
                         }
                         commit.set_input(key, input.clone(), keeps_first);
                     }
@@ -220,6 +232,10 @@ impl<'a> Resumer<'a> {
             let meta = node_meta(action, fallback.as_deref(), &mine);
             commit.set.insert(meta_key(n), record(meta, n));
             reports.push(mine);
+        }
+        // A key read on demand that could not be fetched: nothing decided from it is written.
+        if let Some(e) = merged.lazy().and_then(|lazy| lazy.error()) {
+            return Err(StoreError::Fetch(e.to_string()).into());
         }
         if !self.store.resume_nodes(run_id, &targets, commit)? {
             return Err(Error::AlreadyResumed(run_id.into()));

@@ -36,7 +36,7 @@ use crate::services::postgres::store::{RunStore, StoreError};
 use crate::services::rabbitmq::{self as amqp, JobSink, KeptPublisher};
 use crate::services::redis::RedisCoordinationStore;
 use crate::services::url::percent_decode;
-use crate::vocabulary::keys::output_key;
+use crate::vocabulary::keys::{meta_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS};
 use crate::vocabulary::limits::{check_id, check_storable};
 use crate::vocabulary::RunStatus;
 
@@ -211,7 +211,14 @@ impl Receiver {
         // run ended), every call is a replay. The marker (per loop iteration) stops two calls
         // racing within the same pause; it expires, so a receiver that crashed between
         // marker and publish does not block the webhook for good.
-        let (awaited, fired_before) = match self.options.store.load(&run) {
+        // The keys this reads, not the whole run.
+        let keys = vec![
+            AWAITING_NODE_IDS.to_string(),
+            AWAITING_DETAILS.to_string(),
+            output_key(&node),
+            meta_key(&node),
+        ];
+        let (awaited, fired_before) = match self.options.store.load_keys(&run, keys) {
             Ok(Some(s)) => (
                 scheduling::awaited_details(&s.context, &node)
                     .filter(|d| d.get("type").and_then(Value::as_str) == Some("webhook"))

@@ -31,15 +31,13 @@
 //! node is already committed is acked without re-publishing: the original delivery
 //! publishes (or, if it crashed, will be redelivered and publish).
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 
-use crate::engine::blueprint::{Blueprint, JoinStrategy, NodeInputs};
+use crate::engine::blueprint::{Blueprint, JoinStrategy};
 use crate::engine::events::{EventKind, FlowEvent};
 use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::flow;
-use crate::engine::node::{ContextDeltas, ContextRead, ContextView, LazyKeys, NodeResult};
+use crate::engine::node::{ContextDeltas, ContextRead, ContextView, NodeResult};
 use crate::engine::nodes::batch;
 use crate::runtime::error::Error;
 use crate::runtime::message::{job_id, JobPayload, Message};
@@ -47,16 +45,14 @@ use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{
     self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
 };
-use crate::services::postgres::store::{CommitGuard, Execution, NodeCommit, RunKeys, StoreError};
+use crate::services::postgres::store::{CommitGuard, Execution, NodeCommit, StoreError};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::SuccessorReport;
-use crate::vocabulary::keys::{
-    batch_key, input_key, meta_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, BLUEPRINT_ID,
-    BLUEPRINT_VERSION, HEADER_KEYS,
-};
+use crate::vocabulary::keys::{input_key, meta_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION};
 
 use super::consumer::Outcome;
 use super::pause::{self, Prepared};
+use super::reads::keyed_view;
 use super::shared::Shared;
 use super::tail::TailJob;
 
@@ -174,62 +170,6 @@ fn process(
     build_commit(shared, bp, job, &node, executed, publisher)
 }
 
-/// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,
-/// the node's output and input (and its sources), the bookkeeping of it and its successors
-/// where they repeat, a worker's batch record — loaded with the run's status in one query
-/// shared with concurrent jobs. Any other key is fetched when read.
-fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
-    let mut keys: Vec<String> = HEADER_KEYS.iter().map(|k| k.to_string()).collect();
-    keys.extend([AWAITING_NODE_IDS.to_string(), AWAITING_DETAILS.to_string()]);
-    keys.extend([output_key(node_id), input_key(node_id)]);
-    let Some(bp) = bp else {
-        return keys;
-    };
-    if let Some(gather) = batch::gather_of(node_id) {
-        keys.extend([batch_key(gather), output_key(gather)]);
-        if batch::worker_repeats(bp, node_id) {
-            keys.extend([meta_key(node_id), meta_key(gather)]);
-        }
-    }
-    let Some(index) = bp.node_index(node_id) else {
-        return keys;
-    };
-    let def = bp.node(index);
-    // Bookkeeping of a node that repeats: which of its iterations are committed.
-    if bp.may_repeat(index) {
-        keys.push(meta_key(node_id));
-    }
-    let sources: Vec<&str> = match &def.inputs {
-        None => Vec::new(),
-        Some(NodeInputs::Key(source)) => vec![source.as_str()],
-        Some(NodeInputs::Map(sources)) => sources.values().map(String::as_str).collect(),
-    };
-    for source in sources {
-        keys.push(source.to_string());
-        if !source.starts_with('_') {
-            let head = source.split('.').next().unwrap_or_default();
-            keys.extend([output_key(head), head.to_string()]);
-        }
-    }
-    if def.uses == "batch-gather" {
-        keys.push(batch_key(node_id));
-    }
-    // Successors that repeat (also through the nodes this one stands in for as a
-    // fallback): their executions decide their iteration.
-    let stood_in_for = bp.fallback_of(index).iter().copied();
-    for from in std::iter::once(index).chain(stood_in_for) {
-        for &edge in bp.outgoing(from) {
-            let target = bp.edge_ends(edge).1;
-            if bp.may_repeat(target) {
-                keys.push(meta_key(&bp.node(target).id));
-            }
-        }
-    }
-    keys.sort_unstable();
-    keys.dedup();
-    keys
-}
-
 /// Fails the job (to be retried) if a key it read on demand could not be fetched: what it
 /// decided from that read must not be committed. (The keys a guard decides a settlement
 /// from are loaded up front, in the load that fails the job as a whole.)
@@ -273,17 +213,12 @@ fn guard<'a>(
     // is dead-lettered: nothing is written for it. Only the keys the job is expected to read
     // are loaded; any other is fetched when read.
     let known = shared.blueprints.get(&job.blueprint_id);
-    let keys = expected_reads(known.map(|bp| &**bp), &job.node_id);
-    let Some(snapshot) = shared.store.load_keys(&job.run_id, keys.clone())? else {
+    let Some((run_status, context)) =
+        keyed_view(shared, &job.run_id, known.map(|bp| &**bp), &job.node_id)?
+    else {
         let reason = format!("run '{}' does not exist (no context row)", job.run_id);
         return Ok(Settle(Outcome::DeadLetter(reason)));
     };
-    let absent = keys
-        .into_iter()
-        .filter(|k| !snapshot.context.contains_key(k));
-    let lazy = LazyKeys::new(RunKeys::new(shared.store.clone(), job.run_id.clone()));
-    let lazy = Arc::new(lazy.absent(absent));
-    let context = ContextView::with_lazy(Arc::new(snapshot.context), Some(lazy));
     let stamped = Blueprint::stamped_id(&context);
     if !stamped.is_empty() && stamped != job.blueprint_id {
         let reason = format!(
@@ -298,7 +233,7 @@ fn guard<'a>(
         pause::fail_run(shared, &job.run_id, Some(&context), &reason, publisher)?;
         return Ok(Settle(Outcome::Ack));
     };
-    if let Some(status) = snapshot.status.filter(|s| s.is_finished()) {
+    if let Some(status) = run_status.filter(|s| s.is_finished()) {
         if ParentLink::of(&context).is_some() {
             if let Some(whole) = shared.store.load(&job.run_id)? {
                 pause::renotify_parent(shared, &job.run_id, &whole.context, status, publisher)?;

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::engine::blueprint::{Blueprint, NodeDef};
 use crate::engine::events::{EventKind, FlowEvent};
 use crate::engine::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
-use crate::engine::node::{ContextMap, ContextRead, NodeResult};
+use crate::engine::node::{ContextMap, ContextRead, ContextView, NodeResult};
 use crate::engine::nodes::{now_ms, subflow};
 use crate::runtime::message::{EventMessage, JobPayload};
 use crate::runtime::resumer::ParentLink;
@@ -36,6 +36,7 @@ use crate::vocabulary::limits::MAX_ID_BYTES;
 use crate::vocabulary::RunStatus;
 
 use super::consumer::Outcome;
+use super::reads::keyed_view;
 use super::shared::Shared;
 use crate::runtime::error::Error;
 
@@ -212,7 +213,7 @@ fn start_child(
 fn resume_node(
     shared: &Shared,
     run: &str,
-    snapshot: RunSnapshot,
+    (status, context): (Option<RunStatus>, ContextView),
     node: &str,
     success: NodeSuccess,
     publisher: &mut dyn JobSink,
@@ -220,7 +221,7 @@ fn resume_node(
     let nodes = [node.to_string()];
     match shared
         .resumer()
-        .resume(run, snapshot, Some(&nodes), success, publisher)
+        .resume_view(run, status, context, Some(&nodes), success, publisher)
     {
         Ok(_) => Ok(Outcome::Ack),
         Err(e) if !e.is_refusal() => Err(e),
@@ -237,13 +238,15 @@ pub(crate) fn on_timer(
     job: &JobPayload,
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, Error> {
-    let Some(snapshot) = shared.store.load(&job.run_id)? else {
+    // The keys the wake-up reads, not the whole run.
+    let bp = shared.blueprints.get(&job.blueprint_id).map(|bp| &**bp);
+    let Some(run) = keyed_view(shared, &job.run_id, bp, &job.node_id)? else {
         return Ok(Outcome::DeadLetter(format!(
             "timer for unknown run '{}'",
             job.run_id
         )));
     };
-    let Some(details) = awaited_details(&snapshot.context, &job.node_id).cloned() else {
+    let Some(details) = awaited_details(&run.1, &job.node_id).cloned() else {
         return Ok(Outcome::Ack);
     };
     if kind(&details) != "sleep" || paused_iteration(&details) != u64::from(job.iteration) {
@@ -262,21 +265,14 @@ pub(crate) fn on_timer(
         return Ok(Outcome::Ack);
     }
     // A sleep passes its input through.
-    let output = snapshot
-        .context
+    let output = run
+        .1
         .get(&input_key(&job.node_id))
         .cloned()
         .unwrap_or(Value::Null);
     log::info!("run {}: '{}' wakes up", job.run_id, job.node_id);
     let success = NodeSuccess::of(NodeResult::output(output));
-    resume_node(
-        shared,
-        &job.run_id,
-        snapshot,
-        &job.node_id,
-        success,
-        publisher,
-    )
+    resume_node(shared, &job.run_id, run, &job.node_id, success, publisher)
 }
 
 /// A webhook was called.
@@ -293,12 +289,14 @@ pub(crate) fn on_event(
     };
     log::info!("run {run}: webhook '{node}' called");
     // The payload must not vanish: an event no awaited webhook node takes is dead-lettered.
-    let Some(snapshot) = shared.store.load(&run)? else {
+    // The keys the resume reads, not the whole run (the event names no blueprint: the rest
+    // is fetched when read).
+    let Some(view) = keyed_view(shared, &run, None, &node)? else {
         return Ok(Outcome::DeadLetter(format!(
             "webhook event for unknown run '{run}'"
         )));
     };
-    let awaited_iteration = awaited_details(&snapshot.context, &node)
+    let awaited_iteration = awaited_details(&view.1, &node)
         .filter(|d| kind(d) == "webhook")
         .map(paused_iteration);
     let fresh = match (awaited_iteration, event.iteration) {
@@ -307,7 +305,7 @@ pub(crate) fn on_event(
         (None, _) => false,
     };
     if !fresh {
-        if snapshot.context.contains_key(&output_key(&node)) {
+        if view.1.has(&output_key(&node)) {
             // A repeat of an event already applied (a redelivery after the resume).
             return Ok(Outcome::Ack);
         }
@@ -316,7 +314,7 @@ pub(crate) fn on_event(
         )));
     }
     let success = NodeSuccess::of(NodeResult::output(event.payload.clone()));
-    resume_node(shared, &run, snapshot, &node, success, publisher)
+    resume_node(shared, &run, view, &node, success, publisher)
 }
 
 /// A step of `job` failed on data PostgreSQL refuses ([`Error::is_permanent`]): retrying
@@ -480,10 +478,7 @@ fn child_failed(
     let context = Arc::new(context);
     match run_fallback(job, &shared.registry, context.clone(), failure) {
         Ok(success) => {
-            let parent = RunSnapshot {
-                context: Arc::unwrap_or_clone(context),
-                status,
-            };
+            let parent = (status, ContextView::new(context));
             resume_node(shared, &link.run_id, parent, &node.id, success, publisher)?;
             Ok(None)
         }

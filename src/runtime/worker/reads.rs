@@ -1,0 +1,95 @@
+//! What a job reads: the keys of its run it is expected to read, loaded with the run's
+//! status in one grouped query, and a view that fetches any other key when read — so a job
+//! (or the resume of a paused node) costs what it reads, not the size of its run.
+
+use std::sync::Arc;
+
+use crate::engine::blueprint::{Blueprint, NodeInputs};
+use crate::engine::node::{ContextView, LazyKeys};
+use crate::engine::nodes::batch;
+use crate::runtime::error::Error;
+use crate::services::postgres::store::RunKeys;
+use crate::vocabulary::keys::{
+    batch_key, input_key, meta_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS,
+};
+use crate::vocabulary::RunStatus;
+
+use super::shared::Shared;
+
+/// A run's status and a view of its context for work on `node_id`: the keys that work is
+/// expected to read ([`expected_reads`]), loaded in one grouped query, and any other
+/// fetched when read. `None` when the run has no context row.
+pub(crate) fn keyed_view(
+    shared: &Shared,
+    run_id: &str,
+    bp: Option<&Blueprint>,
+    node_id: &str,
+) -> Result<Option<(Option<RunStatus>, ContextView)>, Error> {
+    let keys = expected_reads(bp, node_id);
+    let Some(snapshot) = shared.store.load_keys(run_id, keys.clone())? else {
+        return Ok(None);
+    };
+    let absent = keys
+        .into_iter()
+        .filter(|k| !snapshot.context.contains_key(k));
+    let lazy = LazyKeys::new(RunKeys::new(shared.store.clone(), run_id.to_string()));
+    let lazy = Arc::new(lazy.absent(absent));
+    let context = ContextView::with_lazy(Arc::new(snapshot.context), Some(lazy));
+    Ok(Some((snapshot.status, context)))
+}
+
+/// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,
+/// the node's output and input (and its sources), the bookkeeping of it and its successors
+/// where they repeat, a worker's batch record — loaded with the run's status in one query
+/// shared with concurrent jobs. Any other key is fetched when read.
+fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
+    let mut keys: Vec<String> = HEADER_KEYS.iter().map(|k| k.to_string()).collect();
+    keys.extend([AWAITING_NODE_IDS.to_string(), AWAITING_DETAILS.to_string()]);
+    keys.extend([output_key(node_id), input_key(node_id)]);
+    let Some(bp) = bp else {
+        return keys;
+    };
+    if let Some(gather) = batch::gather_of(node_id) {
+        keys.extend([batch_key(gather), output_key(gather)]);
+        if batch::worker_repeats(bp, node_id) {
+            keys.extend([meta_key(node_id), meta_key(gather)]);
+        }
+    }
+    let Some(index) = bp.node_index(node_id) else {
+        return keys;
+    };
+    let def = bp.node(index);
+    // Bookkeeping of a node that repeats: which of its iterations are committed.
+    if bp.may_repeat(index) {
+        keys.push(meta_key(node_id));
+    }
+    let sources: Vec<&str> = match &def.inputs {
+        None => Vec::new(),
+        Some(NodeInputs::Key(source)) => vec![source.as_str()],
+        Some(NodeInputs::Map(sources)) => sources.values().map(String::as_str).collect(),
+    };
+    for source in sources {
+        keys.push(source.to_string());
+        if !source.starts_with('_') {
+            let head = source.split('.').next().unwrap_or_default();
+            keys.extend([output_key(head), head.to_string()]);
+        }
+    }
+    if def.uses == "batch-gather" {
+        keys.push(batch_key(node_id));
+    }
+    // Successors that repeat (also through the nodes this one stands in for as a
+    // fallback): their executions decide their iteration.
+    let stood_in_for = bp.fallback_of(index).iter().copied();
+    for from in std::iter::once(index).chain(stood_in_for) {
+        for &edge in bp.outgoing(from) {
+            let target = bp.edge_ends(edge).1;
+            if bp.may_repeat(target) {
+                keys.push(meta_key(&bp.node(target).id));
+            }
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
