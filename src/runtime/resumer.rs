@@ -14,6 +14,7 @@ use crate::runtime::error::Error;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
 use crate::runtime::metrics::Metrics;
+use crate::runtime::reads::keyed_view;
 use crate::runtime::scheduling::{
     awaited_details, frontier, next_jobs, node_meta, paused_iteration, RunNode,
 };
@@ -449,7 +450,7 @@ impl<'a> Resumer<'a> {
         let Some(link) = ParentLink::of(context) else {
             return Ok(());
         };
-        let Some((parent, details)) = link.awaiting_parent(self.store, child_run)? else {
+        let Some((status, parent, details)) = link.awaiting_parent(self.store, child_run)? else {
             return Ok(());
         };
         let Some(child_bp) = self.blueprints.get(Blueprint::stamped_id(context)) else {
@@ -462,7 +463,14 @@ impl<'a> Resumer<'a> {
             ..NodeSuccess::of(result)
         };
         let nodes = [link.node_id.clone()];
-        match self.resume(&link.run_id, parent, Some(&nodes), success, publisher) {
+        match self.resume_view(
+            &link.run_id,
+            status,
+            parent,
+            Some(&nodes),
+            success,
+            publisher,
+        ) {
             Ok(_) => Ok(()),
             Err(e) if !e.is_refusal() => Err(e),
             Err(other) => {
@@ -492,19 +500,19 @@ impl ParentLink {
         })
     }
 
-    /// The parent run and its node's awaiting details, if that node still awaits this very
-    /// child.
-    pub fn awaiting_parent(
+    /// The parent run — its status and a view of its context that reads key by key — and
+    /// its node's awaiting details, if that node still awaits this very child.
+    pub(crate) fn awaiting_parent(
         &self,
         store: &RunStore,
         child_run: &str,
-    ) -> Result<Option<(RunSnapshot, Value)>, crate::services::postgres::store::StoreError> {
-        let Some(parent) = store.load(&self.run_id)? else {
+    ) -> Result<Option<(Option<RunStatus>, ContextView, Value)>, Error> {
+        let Some((status, parent)) = keyed_view(store, &self.run_id, None, &self.node_id)? else {
             return Ok(None);
         };
-        let details = awaited_details(&parent.context, &self.node_id)
+        let details = awaited_details(&parent, &self.node_id)
             .filter(|d| d.get("childRunId").and_then(Value::as_str) == Some(child_run))
             .cloned();
-        Ok(details.map(|d| (parent, d)))
+        Ok(details.map(|d| (status, parent, d)))
     }
 }

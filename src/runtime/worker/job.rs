@@ -41,6 +41,7 @@ use crate::engine::node::{ContextDeltas, ContextRead, ContextView, NodeResult};
 use crate::engine::nodes::batch;
 use crate::runtime::error::Error;
 use crate::runtime::message::{job_id, JobPayload, Message};
+use crate::runtime::reads::keyed_view;
 use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{
     self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
@@ -52,7 +53,6 @@ use crate::vocabulary::keys::{input_key, meta_key, output_key, BLUEPRINT_ID, BLU
 
 use super::consumer::Outcome;
 use super::pause::{self, Prepared};
-use super::reads::keyed_view;
 use super::shared::Shared;
 use super::tail::TailJob;
 
@@ -213,8 +213,12 @@ fn guard<'a>(
     // is dead-lettered: nothing is written for it. Only the keys the job is expected to read
     // are loaded; any other is fetched when read.
     let known = shared.blueprints.get(&job.blueprint_id);
-    let Some((run_status, context)) =
-        keyed_view(shared, &job.run_id, known.map(|bp| &**bp), &job.node_id)?
+    let Some((run_status, context)) = keyed_view(
+        &shared.store,
+        &job.run_id,
+        known.map(|bp| &**bp),
+        &job.node_id,
+    )?
     else {
         let reason = format!("run '{}' does not exist (no context row)", job.run_id);
         return Ok(Settle(Outcome::DeadLetter(reason)));

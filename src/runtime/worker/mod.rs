@@ -18,7 +18,6 @@
 //! | [`tail`] | commit → coordinate → publish → complete, batched across threads |
 //! | [`consumer`] | the consumer thread's loop and the [`Settler`](consumer::Settler): ack after confirms |
 //! | [`acks`] | coalesced acknowledgements |
-//! | [`reads`] | what a job reads: the keys it is expected to read, the rest fetched when read |
 //! | [`pause`] | `wait`, `sleep`, `webhook`, `subflow`: pausing and waking nodes |
 //! | [`supervisor`] | one connection's life (a session), reconnecting with backoff |
 //! | [`adapter`] | [`RabbitMqAdapter`]: starting the threads; [`WorkerHandle`]: stopping them |
@@ -38,7 +37,6 @@ mod builder;
 mod consumer;
 mod job;
 mod pause;
-mod reads;
 mod shared;
 mod supervisor;
 mod tail;

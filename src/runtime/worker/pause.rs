@@ -16,8 +16,6 @@
 //! Every step is idempotent: a redelivered pausing job repeats `after_commit`, and resumes
 //! are guarded by the awaiting keys.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -29,16 +27,16 @@ use crate::engine::nodes::{now_ms, subflow};
 use crate::runtime::message::{EventMessage, JobPayload};
 use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{awaited_details, paused_iteration};
-use crate::services::postgres::store::RunSnapshot;
+use crate::services::postgres::store::StoreError;
 use crate::services::rabbitmq::JobSink;
 use crate::vocabulary::keys::{input_key, output_key, BLUEPRINT_ID, PARENT_KEY};
 use crate::vocabulary::limits::MAX_ID_BYTES;
 use crate::vocabulary::RunStatus;
 
 use super::consumer::Outcome;
-use super::reads::keyed_view;
 use super::shared::Shared;
 use crate::runtime::error::Error;
+use crate::runtime::reads::keyed_view;
 
 /// What a pausing node's details become before the commit.
 pub(crate) enum Prepared {
@@ -240,7 +238,7 @@ pub(crate) fn on_timer(
 ) -> Result<Outcome, Error> {
     // The keys the wake-up reads, not the whole run.
     let bp = shared.blueprints.get(&job.blueprint_id).map(|bp| &**bp);
-    let Some(run) = keyed_view(shared, &job.run_id, bp, &job.node_id)? else {
+    let Some(run) = keyed_view(&shared.store, &job.run_id, bp, &job.node_id)? else {
         return Ok(Outcome::DeadLetter(format!(
             "timer for unknown run '{}'",
             job.run_id
@@ -291,7 +289,7 @@ pub(crate) fn on_event(
     // The payload must not vanish: an event no awaited webhook node takes is dead-lettered.
     // The keys the resume reads, not the whole run (the event names no blueprint: the rest
     // is fetched when read).
-    let Some(view) = keyed_view(shared, &run, None, &node)? else {
+    let Some(view) = keyed_view(&shared.store, &run, None, &node)? else {
         return Ok(Outcome::DeadLetter(format!(
             "webhook event for unknown run '{run}'"
         )));
@@ -380,10 +378,18 @@ fn propagate_failure(
     let Some(link) = link else {
         return Ok(());
     };
-    let Some((parent, details)) = link.awaiting_parent(&shared.store, run)? else {
+    let Some((status, parent, details)) = link.awaiting_parent(&shared.store, run)? else {
         return Ok(());
     };
-    match child_failed(shared, &link, parent, run, reason, details, publisher)? {
+    match child_failed(
+        shared,
+        &link,
+        (status, parent),
+        run,
+        reason,
+        details,
+        publisher,
+    )? {
         None => Ok(()),
         Some(parent_reason) => fail_run(shared, &link.run_id, None, &parent_reason, publisher),
     }
@@ -419,16 +425,13 @@ pub(crate) fn renotify_parent(
 fn child_failed(
     shared: &Shared,
     link: &ParentLink,
-    parent: RunSnapshot,
+    (status, parent): (Option<RunStatus>, ContextView),
     child_run: &str,
     child_reason: &str,
     details: Value,
     publisher: &mut dyn JobSink,
 ) -> Result<Option<String>, Error> {
-    let Some(bp) = shared
-        .blueprints
-        .get(Blueprint::stamped_id(&parent.context))
-    else {
+    let Some(bp) = shared.blueprints.get(Blueprint::stamped_id(&parent)) else {
         return Ok(None);
     };
     let Some(node) = bp.node_by_id(&link.node_id) else {
@@ -472,13 +475,16 @@ fn child_failed(
         run_id: &link.run_id,
         run_cancel: None,
         queued_attempt: None,
-        lazy: None,
+        lazy: parent.lazy(),
     };
-    let RunSnapshot { context, status } = parent;
-    let context = Arc::new(context);
-    match run_fallback(job, &shared.registry, context.clone(), failure) {
+    let outcome = run_fallback(job, &shared.registry, parent.snapshot().clone(), failure);
+    // A key the fallback read on demand could not be fetched: decide nothing from it.
+    if let Some(e) = parent.lazy().and_then(|lazy| lazy.error()) {
+        return Err(StoreError::Fetch(e.to_string()).into());
+    }
+    match outcome {
         Ok(success) => {
-            let parent = (status, ContextView::new(context));
+            let parent = (status, parent);
             resume_node(shared, &link.run_id, parent, &node.id, success, publisher)?;
             Ok(None)
         }

@@ -6,8 +6,7 @@
 //! starting key — so a job reads only the keys it uses ([`RunStore::load_keys`]) and writes
 //! only its own ([`RunStore::commit_node`]); nothing per job grows with the run. The whole
 //! context is assembled in one pass, only when asked for ([`RunStore::load`]: the completed
-//! run's result, `status`, the reconciler, and — still — a subflow's parent when its child
-//! ends). Keys only a run writes ([`is_run_record`]) are never looked up in the
+//! run's result, `status`, the reconciler, a resume asked for by a client). Keys only a run writes ([`is_run_record`]) are never looked up in the
 //! starting context, and the keys every job reads come from its `header` column, so a large
 //! starting context is not decompressed per job.
 //!

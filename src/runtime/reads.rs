@@ -1,6 +1,6 @@
-//! What a job reads: the keys of its run it is expected to read, loaded with the run's
-//! status in one grouped query, and a view that fetches any other key when read — so a job
-//! (or the resume of a paused node) costs what it reads, not the size of its run.
+//! What work on a node reads: the keys of its run it is expected to read, loaded with the
+//! run's status in one grouped query, and a view that fetches any other key when read — so
+//! a job, or the resume of a paused node, costs what it reads, not the size of its run.
 
 use std::sync::Arc;
 
@@ -8,31 +8,29 @@ use crate::engine::blueprint::{Blueprint, NodeInputs};
 use crate::engine::node::{ContextView, LazyKeys};
 use crate::engine::nodes::batch;
 use crate::runtime::error::Error;
-use crate::services::postgres::store::RunKeys;
+use crate::services::postgres::store::{RunKeys, RunStore};
 use crate::vocabulary::keys::{
     batch_key, input_key, meta_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS,
 };
 use crate::vocabulary::RunStatus;
 
-use super::shared::Shared;
-
 /// A run's status and a view of its context for work on `node_id`: the keys that work is
 /// expected to read ([`expected_reads`]), loaded in one grouped query, and any other
 /// fetched when read. `None` when the run has no context row.
 pub(crate) fn keyed_view(
-    shared: &Shared,
+    store: &RunStore,
     run_id: &str,
     bp: Option<&Blueprint>,
     node_id: &str,
 ) -> Result<Option<(Option<RunStatus>, ContextView)>, Error> {
     let keys = expected_reads(bp, node_id);
-    let Some(snapshot) = shared.store.load_keys(run_id, keys.clone())? else {
+    let Some(snapshot) = store.load_keys(run_id, keys.clone())? else {
         return Ok(None);
     };
     let absent = keys
         .into_iter()
         .filter(|k| !snapshot.context.contains_key(k));
-    let lazy = LazyKeys::new(RunKeys::new(shared.store.clone(), run_id.to_string()));
+    let lazy = LazyKeys::new(RunKeys::new(store.clone(), run_id.to_string()));
     let lazy = Arc::new(lazy.absent(absent));
     let context = ContextView::with_lazy(Arc::new(snapshot.context), Some(lazy));
     Ok(Some((snapshot.status, context)))
