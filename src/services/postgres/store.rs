@@ -613,15 +613,10 @@ impl CommitRequest {
                 rows.extend(map.keys().map(|k| (run, k.as_str())));
             }
         }
-        for keys in [&self.delete, &self.header_delete] {
-            if let Value::Array(keys) = keys {
-                rows.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
-            }
+        if let Value::Array(keys) = &self.delete {
+            rows.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
         }
-        if let Value::Object(map) = &self.header_set {
-            rows.extend(map.keys().map(|k| (run, k.as_str())));
-        }
-        // The context row: one statement updates it for one commit only.
+        // Header keys are the context row's: one statement updates it for one commit only.
         let header_written = self.header_set.as_object().is_some_and(|m| !m.is_empty())
             || self.header_delete.as_array().is_some_and(|d| !d.is_empty());
         if header_written {
@@ -1563,19 +1558,20 @@ impl RunStore {
         for (key, value) in writes {
             latest.insert(key, value);
         }
-        // Header keys live in the context row, the others among the entries.
-        let (header, others): (Vec<_>, Vec<_>) = latest
-            .into_iter()
-            .partition(|(k, _)| HEADER_KEYS.contains(&k.as_str()));
-        let (mut header_set, mut header_delete) = (Map::new(), Vec::new());
-        for (key, value) in header {
+        let (mut set, mut delete) = (Map::new(), Vec::new());
+        for (key, value) in latest {
             match value {
-                Some(value) => drop(header_set.insert(key, value)),
-                None => header_delete.push(key),
+                Some(value) => drop(set.insert(key, value)),
+                None => delete.push(key),
             }
         }
-        let (header_set, header_delete) = (Value::Object(header_set), Value::from(header_delete));
-        let (keys, values): (Vec<String>, Vec<Option<Value>>) = others.into_iter().unzip();
+        // Header keys live in the context row, the others among the entries.
+        let (header_set, header_delete) = take_header_keys(&mut set, &mut delete);
+        let (keys, values): (Vec<String>, Vec<Option<Value>>) = set
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .chain(delete.into_iter().map(|k| (k, None)))
+            .unzip();
         let mut conn = self.pool.get()?;
         let ensure = conn.statement(&self.sql.ensure_context)?;
         let put = conn.statement(&self.sql.put_entries)?;
