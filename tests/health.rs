@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use flowcraft_rabbitmq::coordination;
-use flowcraft_rabbitmq::RabbitMqAdapter;
 
 /// Forwards connections to `target`; while down, it closes them all and refuses new ones.
 struct Proxy {
@@ -67,14 +66,8 @@ fn readiness_turns_503_while_redis_is_unreachable_and_200_when_it_is_back() {
     let redis = coordination::connect_pool(&format!("redis://127.0.0.1:{}", proxy.port), 4)
         .expect("a pool through the proxy");
     let (chain, _) = workload("chain5");
-    let worker = RabbitMqAdapter::builder(amqp_url(), env.pg.clone(), redis)
-        .registry(inc_registry())
-        .blueprints(vec![chain])
-        .queue(env.queue.clone())
-        .tables(env.tables.clone())
-        .redis_prefix(env.prefix.clone())
-        .events_exchange(env.events_exchange())
-        .reconcile_every(None)
+    let worker = env
+        .worker_with(env.pg.clone(), redis, inc_registry(), vec![chain])
         .threads(1)
         .metrics_listen("127.0.0.1:0")
         .build()

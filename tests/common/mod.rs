@@ -119,7 +119,18 @@ impl TestEnv {
         registry: NodeRegistry,
         blueprints: Vec<Blueprint>,
     ) -> flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder {
-        RabbitMqAdapter::builder(amqp_url(), pg, self.redis.clone())
+        self.worker_with(pg, self.redis.clone(), registry, blueprints)
+    }
+
+    /// A worker of this test on its own PostgreSQL and Redis pools.
+    pub fn worker_with(
+        &self,
+        pg: PgPool,
+        redis: RedisPool,
+        registry: NodeRegistry,
+        blueprints: Vec<Blueprint>,
+    ) -> flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder {
+        RabbitMqAdapter::builder(amqp_url(), pg, redis)
             .registry(registry)
             .blueprints(blueprints)
             .events_exchange(self.events_exchange())
