@@ -107,6 +107,20 @@ impl FlowEvent {
         }
     }
 
+    /// `workflow:finish` of a run: its status (`completed`, `failed`, …) and, for a failed
+    /// run, why.
+    pub fn workflow_finish(
+        run_id: &str,
+        blueprint_id: &str,
+        status: &str,
+        error: Option<&str>,
+    ) -> FlowEvent {
+        let mut event = FlowEvent::new(EventKind::WorkflowFinish, run_id, blueprint_id);
+        event.status = Some(status.to_string());
+        event.error = error.map(String::from);
+        event
+    }
+
     /// The event of a node.
     pub fn node(mut self, node_id: &str, attempt: u32) -> FlowEvent {
         self.node_id = Some(node_id.to_string());
@@ -202,6 +216,14 @@ impl EventBus {
         };
         if !sent {
             self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Emits the event `make` builds, built only when somebody listens: the runtimes pay
+    /// nothing for events nobody reads.
+    pub fn emit_with(&self, make: impl FnOnce() -> FlowEvent) {
+        if self.is_listened() {
+            self.emit(make());
         }
     }
 

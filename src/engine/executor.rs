@@ -251,20 +251,18 @@ fn run_attempts(
                 .run_cancel
                 .map_or_else(CancelFlag::new, CancelFlag::child),
         };
-        // Lifecycle events, built only when somebody listens.
-        let events = registry.events();
-        let listened = events.is_listened();
+        // Lifecycle events (built only when somebody listens).
         let started = std::time::Instant::now();
         let emit = |kind: EventKind, error: Option<&str>| {
-            if listened {
+            registry.events().emit_with(|| {
                 let mut event =
                     FlowEvent::new(kind, job.run_id, job.blueprint.id()).node(&node.id, attempt);
                 if kind != EventKind::NodeStart {
                     event.duration = Some(started.elapsed());
                 }
                 event.error = error.map(String::from);
-                events.emit(event);
-            }
+                event
+            })
         };
         emit(EventKind::NodeStart, None);
         let failed = |error: &str, last: bool| {

@@ -195,11 +195,10 @@ impl LocalRuntime {
         cancel: &CancelFlag,
     ) -> WorkflowResult {
         bp.stamp(&mut initial);
-        self.inner.registry.events().emit(FlowEvent::new(
-            EventKind::WorkflowStart,
-            &run_id,
-            bp.id(),
-        ));
+        self.inner
+            .registry
+            .events()
+            .emit_with(|| FlowEvent::new(EventKind::WorkflowStart, &run_id, bp.id()));
         let mut state = RunState::new(self, bp, initial, run_id);
         state.cancel = cancel.clone();
         for &s in bp.start_nodes() {
@@ -586,13 +585,10 @@ impl<'a> RunState<'a> {
                 Value::Object(self.awaiting_details),
             );
         }
-        let events = self.runtime.inner.registry.events();
-        if events.is_listened() {
-            let mut event = FlowEvent::new(EventKind::WorkflowFinish, &self.run_id, self.bp.id());
-            event.status = Some(status.as_str().to_string());
-            event.error = self.errors.first().map(|e| e.message.clone());
-            events.emit(event);
-        }
+        self.runtime.inner.registry.events().emit_with(|| {
+            let error = self.errors.first().map(|e| e.message.as_str());
+            FlowEvent::workflow_finish(&self.run_id, self.bp.id(), status.as_str(), error)
+        });
         WorkflowResult {
             run_id: self.run_id,
             status,

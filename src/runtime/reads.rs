@@ -8,7 +8,7 @@ use crate::engine::blueprint::{Blueprint, NodeInputs};
 use crate::engine::node::{ContextView, LazyKeys};
 use crate::engine::nodes::batch;
 use crate::runtime::error::Error;
-use crate::services::postgres::store::{RunKeys, RunStore};
+use crate::services::postgres::store::{RunKeys, RunStore, StoreError};
 use crate::vocabulary::keys::{
     batch_key, input_key, meta_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS,
 };
@@ -34,6 +34,16 @@ pub(crate) fn keyed_view(
     let lazy = Arc::new(lazy.absent(absent));
     let context = ContextView::with_lazy(Arc::new(snapshot.context), Some(lazy));
     Ok(Some((snapshot.status, context)))
+}
+
+/// Fails (to be retried) if a key read on demand through `view` could not be fetched:
+/// nothing decided from that read may be written. (The keys loaded up front fail the load
+/// itself.)
+pub(crate) fn check_reads(view: &ContextView) -> Result<(), Error> {
+    match view.lazy().and_then(|lazy| lazy.error()) {
+        Some(e) => Err(StoreError::Fetch(e.to_string()).into()),
+        None => Ok(()),
+    }
 }
 
 /// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,

@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use crate::engine::blueprint::Blueprint;
-use crate::engine::events::{EventBus, EventKind, FlowEvent};
+use crate::engine::events::{EventBus, FlowEvent};
 use crate::engine::executor::NodeSuccess;
 use crate::engine::flow::{record_output, record_worker_output};
 use crate::engine::node::{ContextDeltas, ContextMap, ContextRead, ContextView};
@@ -14,11 +14,11 @@ use crate::runtime::error::Error;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
 use crate::runtime::metrics::Metrics;
-use crate::runtime::reads::keyed_view;
+use crate::runtime::reads::{check_reads, keyed_view};
 use crate::runtime::scheduling::{
     awaited_details, frontier, next_jobs, node_meta, paused_iteration, RunNode,
 };
-use crate::services::postgres::store::{NodeCommit, RunSnapshot, RunStore, StoreError};
+use crate::services::postgres::store::{NodeCommit, RunSnapshot, RunStore};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::{FinishOutcome, RedisCoordinationStore, SuccessorReport};
 use crate::vocabulary::keys::{
@@ -234,10 +234,7 @@ impl<'a> Resumer<'a> {
             commit.set.insert(meta_key(n), record(meta, n));
             reports.push(mine);
         }
-        // A key read on demand that could not be fetched: nothing decided from it is written.
-        if let Some(e) = merged.lazy().and_then(|lazy| lazy.error()) {
-            return Err(StoreError::Fetch(e.to_string()).into());
-        }
+        check_reads(&merged)?;
         if !self.store.resume_nodes(run_id, &targets, commit)? {
             return Err(Error::AlreadyResumed(run_id.into()));
         }
@@ -349,14 +346,11 @@ impl<'a> Resumer<'a> {
         log::info!("run {run_id}: completed");
         if let Some((metrics, events)) = self.observer {
             metrics.runs.with_label_values(&["completed"]).inc();
-            let blueprint = context.get(BLUEPRINT_ID).and_then(Value::as_str);
-            let mut event = FlowEvent::new(
-                EventKind::WorkflowFinish,
-                run_id,
-                blueprint.unwrap_or_default(),
-            );
-            event.status = Some(RunStatus::Completed.as_str().to_string());
-            events.emit(event);
+            events.emit_with(|| {
+                let blueprint = context.get(BLUEPRINT_ID).and_then(Value::as_str);
+                let completed = RunStatus::Completed.as_str();
+                FlowEvent::workflow_finish(run_id, blueprint.unwrap_or_default(), completed, None)
+            });
         }
         self.resume_parent(run_id, context, publisher)
     }

@@ -38,15 +38,15 @@ use crate::engine::events::{EventKind, FlowEvent};
 use crate::engine::executor::{execute_node, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::flow;
 use crate::engine::node::{ContextDeltas, ContextRead, ContextView, NodeResult};
-use crate::engine::nodes::batch;
+use crate::engine::nodes::{batch, now_ms};
 use crate::runtime::error::Error;
 use crate::runtime::message::{job_id, JobPayload, Message};
-use crate::runtime::reads::keyed_view;
+use crate::runtime::reads::{check_reads, keyed_view};
 use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{
     self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
 };
-use crate::services::postgres::store::{CommitGuard, Execution, NodeCommit, StoreError};
+use crate::services::postgres::store::{CommitGuard, Execution, NodeCommit};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::SuccessorReport;
 use crate::vocabulary::keys::{input_key, meta_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION};
@@ -168,16 +168,6 @@ fn process(
         execution,
     };
     build_commit(shared, bp, job, &node, executed, publisher)
-}
-
-/// Fails the job (to be retried) if a key it read on demand could not be fetched: what it
-/// decided from that read must not be committed. (The keys a guard decides a settlement
-/// from are loaded up front, in the load that fails the job as a whole.)
-fn check_reads(context: &ContextView) -> Result<(), Error> {
-    match context.lazy().and_then(|lazy| lazy.error()) {
-        Some(e) => Err(StoreError::Fetch(e.to_string()).into()),
-        None => Ok(()),
-    }
 }
 
 /// A service failed: requeue the delivery (dead-lettered after repeated failures).
@@ -335,14 +325,10 @@ fn execute(
     {
         log::info!("run {}: started ({})", job.run_id, bp.id());
         shared.metrics.runs.with_label_values(&["started"]).inc();
-        let events = shared.registry.events();
-        if events.is_listened() {
-            events.emit(FlowEvent::new(
-                EventKind::WorkflowStart,
-                &job.run_id,
-                bp.id(),
-            ));
-        }
+        shared
+            .registry
+            .events()
+            .emit_with(|| FlowEvent::new(EventKind::WorkflowStart, &job.run_id, bp.id()));
     }
     let executing = shared.executing(&job.run_id);
     let node_job = NodeJob {
@@ -354,7 +340,7 @@ fn execute(
         queued_attempt: Some(job.attempt.unwrap_or(1).max(1)),
         lazy: context.lazy(),
     };
-    let started_ms = epoch_ms();
+    let started_ms = now_ms() as f64;
     let started = std::time::Instant::now();
     let executed = execute_node(node_job, &shared.registry, context.snapshot().clone());
     shared
@@ -373,13 +359,6 @@ fn execute(
         worker: shared.worker_name.clone(),
     };
     (context, executed, execution)
-}
-
-/// Milliseconds since the Unix epoch, now.
-fn epoch_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// A tail that only closes the job in the run's ledger (nothing to commit, no successors)
@@ -492,7 +471,6 @@ fn build_commit(
             }
         };
         commit.awaiting = Some((def.id.clone(), details.clone()));
-        check_reads(&context)?;
         if !shared.store.commit_node(&job.run_id, commit, guard)? {
             // Committed already, or the node is paused at another iteration right now: try
             // again in a second (a copy of a committed pause is then dropped).
@@ -674,9 +652,10 @@ fn fail_node(
     publisher: &mut dyn JobSink,
 ) -> Result<Outcome, Error> {
     // A concurrent delivery of the same job may have succeeded meanwhile: its result stands.
-    let now = shared.store.load(&job.run_id)?;
-    if let Some(now) = &now {
-        if is_committed(bp, node, &now.context, job.iteration) {
+    // (Read now, and only the keys this reads: the node's records, the run's parent.)
+    let now = keyed_view(&shared.store, &job.run_id, Some(bp), &job.node_id)?;
+    if let Some((_, now)) = &now {
+        if is_committed(bp, node, now, job.iteration) {
             log::info!(
                 "run {}: '{}' failed here ({failure}) but another delivery committed it",
                 job.run_id,
@@ -706,7 +685,7 @@ fn fail_node(
         }
         shared.coord.poison(&job.run_id, &poisoned, &cancelled)?;
     }
-    let context = now.as_ref().map(|now| &now.context as &dyn ContextRead);
+    let context = now.as_ref().map(|(_, now)| now as &dyn ContextRead);
     pause::fail_run(
         shared,
         &job.run_id,

@@ -20,14 +20,13 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::engine::blueprint::{Blueprint, NodeDef};
-use crate::engine::events::{EventKind, FlowEvent};
+use crate::engine::events::FlowEvent;
 use crate::engine::executor::{run_fallback, NodeFailure, NodeJob, NodeSuccess};
 use crate::engine::node::{ContextMap, ContextRead, ContextView, NodeResult};
 use crate::engine::nodes::{now_ms, subflow};
 use crate::runtime::message::{EventMessage, JobPayload};
 use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{awaited_details, paused_iteration};
-use crate::services::postgres::store::StoreError;
 use crate::services::rabbitmq::JobSink;
 use crate::vocabulary::keys::{input_key, output_key, BLUEPRINT_ID, PARENT_KEY};
 use crate::vocabulary::limits::MAX_ID_BYTES;
@@ -36,7 +35,7 @@ use crate::vocabulary::RunStatus;
 use super::consumer::Outcome;
 use super::shared::Shared;
 use crate::runtime::error::Error;
-use crate::runtime::reads::keyed_view;
+use crate::runtime::reads::{check_reads, keyed_view};
 
 /// What a pausing node's details become before the commit.
 pub(crate) enum Prepared {
@@ -345,17 +344,11 @@ pub(crate) fn fail_run(
     }
     log::info!("run {run}: failed: {reason}");
     shared.metrics.runs.with_label_values(&["failed"]).inc();
-    let events = shared.registry.events();
-    if events.is_listened() {
-        let blueprint = context
-            .and_then(|c| c.get(BLUEPRINT_ID))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let mut event = FlowEvent::new(EventKind::WorkflowFinish, run, blueprint);
-        event.status = Some(RunStatus::Failed.as_str().to_string());
-        event.error = Some(reason.to_string());
-        events.emit(event);
-    }
+    shared.registry.events().emit_with(|| {
+        let blueprint = context.and_then(|c| c.get(BLUEPRINT_ID));
+        let blueprint = blueprint.and_then(Value::as_str).unwrap_or_default();
+        FlowEvent::workflow_finish(run, blueprint, RunStatus::Failed.as_str(), Some(reason))
+    });
     propagate_failure(shared, run, context, reason, publisher)
 }
 
@@ -478,10 +471,7 @@ fn child_failed(
         lazy: parent.lazy(),
     };
     let outcome = run_fallback(job, &shared.registry, parent.snapshot().clone(), failure);
-    // A key the fallback read on demand could not be fetched: decide nothing from it.
-    if let Some(e) = parent.lazy().and_then(|lazy| lazy.error()) {
-        return Err(StoreError::Fetch(e.to_string()).into());
-    }
+    check_reads(&parent)?;
     match outcome {
         Ok(success) => {
             let parent = (status, parent);
