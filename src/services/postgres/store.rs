@@ -1131,12 +1131,17 @@ impl RunStore {
                 entry.2.insert(key, value);
             }
         }
-        Ok(batch
-            .iter()
-            .map(|request| {
-                let Some((status, well_formed, values)) = found.get(&request.run_id) else {
-                    return Ok(None);
-                };
+        let mut answers = Vec::with_capacity(batch.len());
+        for (i, request) in batch.iter().enumerate() {
+            // A run asked for twice gets a copy; its last request takes the values (a gather
+            // may have asked for thousands).
+            let asked_again = batch[i + 1..].iter().any(|r| r.run_id == request.run_id);
+            let entry = if asked_again {
+                found.get(&request.run_id).cloned()
+            } else {
+                found.remove(&request.run_id)
+            };
+            answers.push(entry.map_or(Ok(None), |(status, well_formed, mut values)| {
                 let malformed = |reason: String| StoreError::Malformed {
                     run_id: request.run_id.clone(),
                     reason,
@@ -1146,18 +1151,19 @@ impl RunStore {
                 }
                 let status = match status {
                     Some(s) => {
-                        Some(RunStatus::parse(s).ok_or_else(|| malformed(unknown_status(s)))?)
+                        Some(RunStatus::parse(&s).ok_or_else(|| malformed(unknown_status(&s)))?)
                     }
                     None => None,
                 };
                 let context = request
                     .keys
                     .iter()
-                    .filter_map(|k| values.get(k).map(|v| (k.clone(), v.clone())))
+                    .filter_map(|k| values.remove_entry(k))
                     .collect();
                 Ok(Some(RunSnapshot { context, status }))
-            })
-            .collect())
+            }));
+        }
+        Ok(answers)
     }
 
     /// Applies a node's effects if its guard holds; returns whether they were applied.
