@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use postgres::types::ToSql;
 
-use crate::services::postgres::store::{Execution, RunStore, StoreError};
+use crate::services::postgres::store::{rfc3339, Execution, RunStore, StoreError};
 use crate::vocabulary::RunStatus;
 
 /// A run, as `flowcraft runs` lists it.
@@ -78,11 +78,6 @@ pub struct Pruned {
     pub runs: u64,
     /// History rows removed.
     pub executions: u64,
-}
-
-/// PostgreSQL's text of a timestamp as RFC 3339 in UTC, with milliseconds.
-fn rfc3339(column: &str) -> String {
-    format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
 }
 
 impl RunStore {

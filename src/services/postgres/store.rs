@@ -721,6 +721,11 @@ struct Statements {
     lock_awaiting: String,
 }
 
+/// The SQL of a timestamp column as RFC 3339 text in UTC, with milliseconds.
+pub(crate) fn rfc3339(column: &str) -> String {
+    format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+}
+
 /// The SQL of a run's whole context — its starting context (`c.context_data`) overlaid with
 /// its entries — read in one pass over them.
 pub(crate) fn assembled_context(e: &str) -> String {
@@ -899,8 +904,8 @@ impl RunStore {
                  WHERE run_id = $1 AND status = ANY($4::text[])"
             ),
             status: format!(
-                "SELECT status, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), result
-                 FROM {s} WHERE run_id = $1"
+                "SELECT status, {}, result FROM {s} WHERE run_id = $1",
+                rfc3339("updated_at")
             ),
             stalled: format!(
                 "SELECT run_id FROM {s} WHERE status = 'running'
