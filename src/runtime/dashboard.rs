@@ -374,64 +374,45 @@ fn dead_letter_depth(url: &str, queue: &str) -> std::result::Result<u32, String>
     let name = amqp::dead_letter_queue(queue);
     let mut conn =
         amqp::connect_named(url, Some("flowcraft dashboard")).map_err(|e| e.to_string())?;
-    let depth = conn.open_channel(None).and_then(|ch| {
-        let depth = ch
-            .queue_declare_passive(name.clone())
-            .map(|q| q.declared_message_count().unwrap_or(0));
-        let _ = ch.close();
-        depth
-    });
+    let depth = conn
+        .open_channel(None)
+        .map_err(AmqpError::from)
+        .and_then(|ch| amqp::queue_depth(&ch, &name));
     let _ = conn.close();
-    depth.map_err(|e| not_declared(&name, &e.to_string()))
-}
-
-/// A passive declare's failure: a queue that does not exist says so plainly.
-fn not_declared(queue: &str, error: &str) -> String {
-    if error.contains("NOT_FOUND") || error.contains("404") {
-        format!("queue '{queue}' does not exist yet (no worker has declared it)")
-    } else {
-        error.to_string()
+    match depth {
+        Ok(Some(depth)) => Ok(depth),
+        Ok(None) => Err(not_declared(&name)),
+        Err(e) => Err(e.to_string()),
     }
 }
 
-/// Looks at the dead-letter queue without taking anything off it: messages are fetched
-/// unacknowledged from its head (at most [`DEAD_LETTERS_SCANNED`]), the last
-/// [`DEAD_LETTERS_SHOWN`] of them kept, and all are then rejected with requeue, which puts
-/// them back where they were (closing the channel would too, should anything fail on the
-/// way). They come back marked redelivered; nothing else about them changes.
+/// Why a queue's depth is unknown when it does not exist.
+fn not_declared(queue: &str) -> String {
+    format!("queue '{queue}' does not exist yet (no worker has declared it)")
+}
+
+/// Looks at the dead-letter queue without taking anything off it
+/// ([`amqp::peek_queue`]): at most [`DEAD_LETTERS_SCANNED`] from its head, the last
+/// [`DEAD_LETTERS_SHOWN`] of them kept.
 fn peek_dead_letters(url: &str, queue: &str) -> std::result::Result<DeadLetterPeek, AmqpError> {
     let mut conn = amqp::connect_named(url, Some("flowcraft dashboard"))?;
     let peek = (|| {
         let channel = conn.open_channel(None)?;
-        let depth = match channel.queue_declare_passive(queue.to_string()) {
-            Ok(q) => q.declared_message_count().unwrap_or(0),
-            Err(e) if not_declared(queue, &e.to_string()) != e.to_string() => {
-                return Ok(DeadLetterPeek {
-                    depth: 0,
-                    scanned: 0,
-                    latest: Vec::new(),
-                    exists: false,
-                });
-            }
-            Err(e) => return Err(AmqpError::from(e)),
+        let Some(depth) = amqp::queue_depth(&channel, queue)? else {
+            return Ok(DeadLetterPeek {
+                depth: 0,
+                scanned: 0,
+                latest: Vec::new(),
+                exists: false,
+            });
         };
         let mut latest = VecDeque::with_capacity(DEAD_LETTERS_SHOWN + 1);
-        let mut scanned = 0;
-        let mut last = None;
-        while scanned < DEAD_LETTERS_SCANNED {
-            let Some(got) = channel.basic_get(queue.to_string(), false)? else {
-                break;
-            };
-            scanned += 1;
-            latest.push_back(DeadLetter::of(&got.delivery.body, &got.delivery.properties));
+        let scanned = amqp::peek_queue(&channel, queue, DEAD_LETTERS_SCANNED, |body, props| {
+            latest.push_back(DeadLetter::of(body, props));
             if latest.len() > DEAD_LETTERS_SHOWN {
                 latest.pop_front();
             }
-            last = Some(got.delivery);
-        }
-        if let Some(delivery) = last {
-            delivery.nack_multiple(&channel, true)?;
-        }
+        })?;
         let _ = channel.close();
         Ok(DeadLetterPeek {
             depth,

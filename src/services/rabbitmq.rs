@@ -166,6 +166,42 @@ pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dead")
 }
 
+/// How many messages `queue` holds; `None` if no such queue exists (a passive declare; the
+/// broker then closes `channel`).
+pub fn queue_depth(channel: &Channel, queue: &str) -> Result<Option<u32>, AmqpError> {
+    match channel.queue_declare_passive(queue.to_string()) {
+        Ok(q) => Ok(Some(q.declared_message_count().unwrap_or(0))),
+        Err(e) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("404") => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Looks at up to `max` messages at the head of `queue`, oldest first, without taking them:
+/// each is fetched unacknowledged and shown to `visit`, then all are rejected with requeue,
+/// which puts them back where they were (closing the channel would too, should anything
+/// fail on the way). They come back marked redelivered. Returns how many were looked at.
+pub fn peek_queue(
+    channel: &Channel,
+    queue: &str,
+    max: usize,
+    mut visit: impl FnMut(&[u8], &AmqpProperties),
+) -> Result<usize, AmqpError> {
+    let mut seen = 0;
+    let mut last = None;
+    while seen < max {
+        let Some(got) = channel.basic_get(queue.to_string(), false)? else {
+            break;
+        };
+        seen += 1;
+        visit(&got.delivery.body, &got.delivery.properties);
+        last = Some(got.delivery);
+    }
+    if let Some(delivery) = last {
+        delivery.nack_multiple(channel, true)?;
+    }
+    Ok(seen)
+}
+
 /// Declares the durable job queue and its dead-letter queue `<queue>.dead`, both without
 /// arguments, so a client that declares the job queue as the seed README does
 /// (`assertQueue(queue, {durable: true})`) agrees with it. Dead letters are published to
