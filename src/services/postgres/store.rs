@@ -565,6 +565,10 @@ struct CommitRequest {
     awaiting_id: Option<String>,
     awaiting_details: Value,
     set_if_absent: Value,
+    /// The guard's own row, written first (the commit applies only if it could be): the
+    /// output of a node that runs once, the bookkeeping of one that repeats, the run's
+    /// awaited nodes for a pause.
+    guard_key: String,
     /// The value of the guard's own row: the output of a node that runs once, the
     /// bookkeeping of one that repeats (its `iters` added by the statement).
     guard_value: Option<Value>,
@@ -597,14 +601,7 @@ impl CommitRequest {
     /// The rows (run, key) the commit may write.
     fn rows(&self) -> Vec<(&str, &str)> {
         let run = self.run_id.as_str();
-        let mut rows = vec![(
-            run,
-            match (&self.awaiting_id, self.repeats) {
-                (Some(_), _) => AWAITING_NODE_IDS,
-                (None, true) => self.meta_key.as_str(),
-                (None, false) => self.output_key.as_str(),
-            },
-        )];
+        let mut rows = vec![(run, self.guard_key.as_str())];
         if self.awaiting_id.is_some() {
             rows.push((run, AWAITING_DETAILS));
         }
@@ -642,13 +639,15 @@ impl CommitRequest {
             set.remove(key);
             set_if_absent.remove(key);
         }
-        let guard_value = match (&awaiting_id, guard.repeats) {
-            (Some(_), _) => None,
-            (None, true) => Some(
-                set.remove(&guard.meta_key)
-                    .unwrap_or_else(|| Value::Object(Map::new())),
-            ),
-            (None, false) => set.remove(&guard.output_key),
+        // The guard's row, and what the commit writes there.
+        let (guard_key, guard_value) = match (&awaiting_id, guard.repeats) {
+            (Some(_), _) => (AWAITING_NODE_IDS.to_string(), None),
+            (None, true) => {
+                let meta = set.remove(&guard.meta_key);
+                let meta = meta.unwrap_or_else(|| Value::Object(Map::new()));
+                (guard.meta_key.clone(), Some(meta))
+            }
+            (None, false) => (guard.output_key.clone(), set.remove(&guard.output_key)),
         };
         // One row per key: a set wins over a deletion, and both over a keep-first input.
         delete.retain(|k| {
@@ -664,16 +663,10 @@ impl CommitRequest {
             set_if_absent.remove(key);
         }
         set_if_absent.retain(|k, _| !set.contains_key(k) && !delete.contains(k));
-        if awaiting_id.is_none() {
-            let own = if guard.repeats {
-                &guard.meta_key
-            } else {
-                &guard.output_key
-            };
-            set_if_absent.remove(own);
-        }
+        set_if_absent.remove(&guard_key);
         CommitRequest {
             run_id: run_id.to_string(),
+            guard_key,
             delete: Value::from(delete),
             set: Value::Object(set),
             output_key: guard.output_key,
@@ -754,20 +747,18 @@ impl RunStore {
         // applies only if its guard row could be written: `ok` lists those.
         let commit_ctes = format!(
             "WITH j AS (
-                   SELECT u.*, CASE WHEN u.awaiting_id IS NOT NULL THEN '{AWAITING_NODE_IDS}'
-                                    WHEN u.repeats THEN u.meta_key ELSE u.output_key END AS guard_key
-                   FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
+                   SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
                                $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
                                $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::text[], $15::int[],
-                               $16::float8[], $17::float8[], $18::text[])
+                               $16::float8[], $17::float8[], $18::text[], $19::text[])
                      WITH ORDINALITY AS u(run_id, del, sets, output_key, meta_key, iteration, repeats,
                                           awaiting_id, awaiting_details, set_if_absent, guard_value,
                                           header_set, header_del, h_node, h_attempt, h_started,
-                                          h_finished, h_worker, ord)),
+                                          h_finished, h_worker, guard_key, ord)),
                  -- A node that runs once: the row of its output, written while absent.
                  once AS (
                    INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT run_id, output_key, guard_value FROM j
+                   SELECT run_id, guard_key, guard_value FROM j
                    WHERE awaiting_id IS NULL AND NOT repeats ORDER BY run_id
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
                    RETURNING t.run_id, t.key),
@@ -775,7 +766,7 @@ impl RunStore {
                  -- iteration is added unless it is there already.
                  again AS (
                    INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT run_id, meta_key,
+                   SELECT run_id, guard_key,
                           COALESCE(guard_value, '{{}}'::jsonb) || jsonb_build_object('iters', jsonb_build_array(iteration))
                    FROM j WHERE awaiting_id IS NULL AND repeats ORDER BY run_id
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value || jsonb_build_object('iters',
@@ -786,7 +777,7 @@ impl RunStore {
                  -- already or this execution is committed.
                  paused AS (
                    INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT j.run_id, '{AWAITING_NODE_IDS}', jsonb_build_array(j.awaiting_id) FROM j
+                   SELECT j.run_id, j.guard_key, jsonb_build_array(j.awaiting_id) FROM j
                    WHERE j.awaiting_id IS NOT NULL AND NOT EXISTS (
                      SELECT 1 FROM {e} x
                      WHERE x.run_id = j.run_id AND x.value IS NOT NULL
@@ -1279,6 +1270,7 @@ impl RunStore {
                 r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
             }),
             &column(&rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
+            &column(&rows, |r| r.guard_key.as_str()),
         ];
         let mut conn = self.pool.get()?;
         let returned = if pausing.is_empty() {
