@@ -16,7 +16,7 @@
 //! late a 2 s `sleep` resumes its run after `wakeUpAt`. `--scale 1000,10000` measures how a
 //! run's cost grows with its size instead: one batch of N `transform` workers and one chain
 //! of N/10 `transform` nodes per size, 8 threads, with the cost per item and the run tables'
-//! size on disk afterwards.
+//! size on disk afterwards (`--workload batch` or `--workload chain` runs one of the two).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -310,25 +310,31 @@ fn one_run(
 
 /// How a run's cost grows with its size: a batch of N `transform` workers and a chain of
 /// N/10 `transform` nodes, per size.
-fn scale(sizes: &[usize]) {
+fn scale(sizes: &[usize], shapes: &[String]) {
+    let wanted = |shape: &str| shapes.is_empty() || shapes.iter().any(|s| s == shape);
     for &n in sizes {
-        let batch = bp(&json!({"id": "sbatch", "nodes": [
+        if wanted("batch") {
+            let batch = bp(&json!({"id": "sbatch", "nodes": [
             {"id": "items", "uses": "transform", "params": {"expression": "context.items"}},
             {"id": "scatter", "uses": "batch-scatter", "params": {"workerUsesKey": "transform",
                 "workerParams": {"expression": "input * 2"}, "gatherNodeId": "gather"}},
             {"id": "gather", "uses": "batch-gather"}],
           "edges": [{"source": "items", "target": "scatter"}, {"source": "scatter", "target": "gather"}]})
         .to_string());
-        let mut context = ContextMap::new();
-        context.insert("items".into(), json!((0..n).collect::<Vec<_>>()));
-        let (took, bytes, data) = one_run("bench_scale_batch", &batch, context);
-        println!(
+            let mut context = ContextMap::new();
+            context.insert("items".into(), json!((0..n).collect::<Vec<_>>()));
+            let (took, bytes, data) = one_run("bench_scale_batch", &batch, context);
+            println!(
             "batch     items={n:<7} {:>8.2} s   {:>8.3} ms/item   tables {:>8.1} MB   data {:>8.1} MB",
             took.as_secs_f64(),
             took.as_secs_f64() * 1e3 / n as f64,
             bytes as f64 / 1e6,
             data as f64 / 1e6
         );
+        }
+        if !wanted("chain") {
+            continue;
+        }
         let m = (n / 10).max(2);
         let nodes: Vec<serde_json::Value> = (0..m)
             .map(|i| json!({"id": format!("n{i}"), "uses": "transform", "params": {"expression": "(input ?? 0) + 1"}}))
@@ -369,7 +375,14 @@ fn main() {
             })
             .unwrap_or_else(|| vec![1_000, 10_000])
     }) {
-        scale(&sizes);
+        // `--workload batch` or `--workload chain` measures one shape only.
+        let shapes: Vec<String> = a
+            .workloads
+            .iter()
+            .filter(|w| *w == "batch" || *w == "chain")
+            .cloned()
+            .collect();
+        scale(&sizes, &shapes);
         return;
     }
     for w in &a.workloads {
