@@ -150,6 +150,14 @@ fn a_worker_killed_after_commit_loses_nothing() {
 }
 
 #[test]
+fn a_worker_killed_between_its_first_publish_and_redis_loses_nothing() {
+    crash_at(
+        "a_worker_killed_between_its_first_publish_and_redis_loses_nothing",
+        "before_coordinate",
+    );
+}
+
+#[test]
 fn a_worker_killed_after_publish_loses_nothing() {
     crash_at(
         "a_worker_killed_after_publish_loses_nothing",

@@ -146,6 +146,58 @@ fn finish_job_fires_joins_once_and_tracks_outstanding_work() {
     );
 }
 
+/// A worker publishes a node's immediate successors before the node's Redis step, so a
+/// successor may finish first — even a chain of them. The run must not look idle while
+/// any job of that chain has yet to report (a join it would fire would be lost).
+#[test]
+fn successors_finishing_before_their_publishers_redis_step_keep_the_run_busy() {
+    let env = TestEnv::new("ledger_early");
+    let store = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    let to = |node: &str, pred: &str, rule: JoinRule| SuccessorReport {
+        job: node.into(),
+        node: node.into(),
+        iteration: 0,
+        predecessor: pred.into(),
+        rule,
+    };
+    // The start jobs s and q report (a start job publishes after its Redis step): s makes
+    // a ready, q reports to the join j. Then a publishes b and b publishes c (the last
+    // node), each before its own Redis step, and c finishes first.
+    let starts = vec!["q".to_string(), "s".to_string()];
+    let out = store
+        .finish_job("run", "s", &starts, &[to("a", "s", JoinRule::Immediate)])
+        .unwrap();
+    assert_eq!((out.ready.clone(), out.run_idle), (vec![true], false));
+    let out = store
+        .finish_job("run", "q", &starts, &[to("j", "q", JoinRule::All(2))])
+        .unwrap();
+    assert_eq!((out.ready.clone(), out.run_idle), (vec![false], false));
+    let out = store.finish_job("run", "c", &[], &[]).unwrap();
+    assert!(
+        !out.run_idle,
+        "c finished first, but a and b have not reported"
+    );
+    let out = store
+        .finish_job("run", "b", &[], &[to("c", "b", JoinRule::Immediate)])
+        .unwrap();
+    assert!(!out.run_idle, "a has not reported");
+    // a reports last: the join fires, and the run waits for j.
+    let out = store
+        .finish_job(
+            "run",
+            "a",
+            &[],
+            &[
+                to("b", "a", JoinRule::Immediate),
+                to("j", "a", JoinRule::All(2)),
+            ],
+        )
+        .unwrap();
+    assert_eq!((out.ready.clone(), out.run_idle), (vec![true, true], false));
+    let out = store.finish_job("run", "j", &[], &[]).unwrap();
+    assert!(out.run_idle && out.ledger_intact);
+}
+
 #[test]
 fn client_wait_returns_when_the_run_stops_running_or_the_time_is_up() {
     let env = TestEnv::new("client_wait");

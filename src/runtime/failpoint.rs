@@ -1,6 +1,7 @@
 //! Crash injection for tests of crash safety: with `FLOWCRAFT_FAILPOINT=<point>:<nodeId>` in
 //! the environment, the process exits at once (code 86, no cleanup, no ack) when it reaches
-//! `<point>` for that node. Points: `after_commit`, `after_publish`. Read once; costs one
+//! `<point>` for that node. Points: `after_commit`, `before_coordinate` (its successors no join
+//! holds published, its Redis step not run), `after_publish`. Read once; costs one
 //! pointer comparison per job when unset.
 
 use std::sync::OnceLock;

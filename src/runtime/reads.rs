@@ -8,7 +8,7 @@ use crate::engine::blueprint::{Blueprint, NodeInputs};
 use crate::engine::node::{ContextView, LazyKeys};
 use crate::engine::nodes::batch;
 use crate::runtime::error::Error;
-use crate::services::postgres::store::{RunKeys, RunStore, StoreError};
+use crate::services::postgres::store::{RunKeys, RunSnapshot, RunStore, StoreError};
 use crate::vocabulary::keys::{
     batch_key, input_key, meta_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS,
 };
@@ -27,13 +27,24 @@ pub(crate) fn keyed_view(
     let Some(snapshot) = store.load_keys(run_id, keys.clone())? else {
         return Ok(None);
     };
+    Ok(Some(view_of(store, run_id, keys, snapshot)))
+}
+
+/// The run's status and a view of its context from `snapshot`, the keys `keys` loaded: a
+/// key asked for and not found is known absent; any other is fetched when read.
+pub(crate) fn view_of(
+    store: &RunStore,
+    run_id: &str,
+    keys: Vec<String>,
+    snapshot: RunSnapshot,
+) -> (Option<RunStatus>, ContextView) {
     let absent = keys
         .into_iter()
         .filter(|k| !snapshot.context.contains_key(k));
     let lazy = LazyKeys::new(RunKeys::new(store.clone(), run_id.to_string()));
     let lazy = Arc::new(lazy.absent(absent));
     let context = ContextView::with_lazy(Arc::new(snapshot.context), Some(lazy));
-    Ok(Some((snapshot.status, context)))
+    (snapshot.status, context)
 }
 
 /// Fails (to be retried) if a key read on demand through `view` could not be fetched:
@@ -50,7 +61,7 @@ pub(crate) fn check_reads(view: &ContextView) -> Result<(), Error> {
 /// the node's output and input (and its sources), the bookkeeping of it and its successors
 /// where they repeat, a worker's batch record — loaded with the run's status in one query
 /// shared with concurrent jobs. Any other key is fetched when read.
-fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
+pub(crate) fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
     let mut keys: Vec<String> = HEADER_KEYS.iter().map(|k| k.to_string()).collect();
     keys.extend([AWAITING_NODE_IDS.to_string(), AWAITING_DETAILS.to_string()]);
     keys.extend([output_key(node_id), input_key(node_id)]);

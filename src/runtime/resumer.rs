@@ -20,7 +20,7 @@ use crate::runtime::scheduling::{
 };
 use crate::services::postgres::store::{NodeCommit, RunSnapshot, RunStore};
 use crate::services::rabbitmq::JobSink;
-use crate::services::redis::{FinishOutcome, RedisCoordinationStore, SuccessorReport};
+use crate::services::redis::{FinishOutcome, JoinRule, RedisCoordinationStore, SuccessorReport};
 use crate::vocabulary::keys::{
     input_key, meta_key, AWAITING_DETAILS, AWAITING_NODE_IDS, BLUEPRINT_ID, PARENT_KEY,
 };
@@ -267,37 +267,67 @@ impl<'a> Resumer<'a> {
         let outcome = self
             .coord
             .finish_job(run_id, job, also_register, successors)?;
-        self.publish_ready(run_id, bp.id(), successors, &outcome, publisher)
+        self.publish_ready(run_id, bp.id(), successors, &outcome, false, publisher)
     }
 
     /// The second half of [`finish_job`](Self::finish_job), after the Redis step: publishes
-    /// the successors that `outcome` found ready and tells the run's progress.
+    /// the successors that `outcome` found ready (but those no join holds, when
+    /// `immediate_published`: [`publish_immediate`](Self::publish_immediate) did) and tells
+    /// the run's progress.
     pub(crate) fn publish_ready(
         &self,
         run_id: &str,
         blueprint_id: &str,
         successors: &[SuccessorReport],
         outcome: &FinishOutcome,
+        immediate_published: bool,
         publisher: &mut dyn JobSink,
     ) -> Result<RunProgress, Error> {
-        // A chunk of messages at a time (a scatter may make 100 000), paced by the
-        // publisher's confirms.
-        const CHUNK: usize = 1_024;
-        let mut ready = successors
+        let ready = successors
             .iter()
             .zip(&outcome.ready)
-            .filter(|(_, ready)| **ready)
-            .map(|(s, _)| JobPayload::new(run_id, blueprint_id, &s.node, s.iteration).to_body())
-            .peekable();
-        while ready.peek().is_some() {
-            let bodies: Vec<Vec<u8>> = ready.by_ref().take(CHUNK).collect();
-            publisher.publish_jobs("", self.queue, &bodies)?;
-        }
+            .filter(|(s, ready)| **ready && !(immediate_published && s.rule == JoinRule::Immediate))
+            .map(|(s, _)| s);
+        self.publish_jobs(run_id, blueprint_id, ready, publisher)?;
         Ok(match (outcome.run_idle, outcome.ledger_intact) {
             (false, _) => RunProgress::Busy,
             (true, true) => RunProgress::Idle,
             (true, false) => RunProgress::IdleUnverified,
         })
+    }
+
+    /// Publishes the successors that no join holds (rule [`JoinRule::Immediate`]): they are
+    /// ready whatever the Redis step reports, so a worker's tail publishes them before it,
+    /// and their delivery overlaps that round trip (see [`job`](crate::runtime::worker)).
+    pub(crate) fn publish_immediate(
+        &self,
+        run_id: &str,
+        blueprint_id: &str,
+        successors: &[SuccessorReport],
+        publisher: &mut dyn JobSink,
+    ) -> Result<(), Error> {
+        let immediate = successors.iter().filter(|s| s.rule == JoinRule::Immediate);
+        self.publish_jobs(run_id, blueprint_id, immediate, publisher)
+    }
+
+    /// Publishes these jobs of a run, a chunk of messages at a time (a scatter may make
+    /// 100 000), paced by the publisher's confirms.
+    fn publish_jobs<'s>(
+        &self,
+        run_id: &str,
+        blueprint_id: &str,
+        jobs: impl Iterator<Item = &'s SuccessorReport>,
+        publisher: &mut dyn JobSink,
+    ) -> Result<(), Error> {
+        const CHUNK: usize = 1_024;
+        let mut bodies = jobs
+            .map(|s| JobPayload::new(run_id, blueprint_id, &s.node, s.iteration).to_body())
+            .peekable();
+        while bodies.peek().is_some() {
+            let chunk: Vec<Vec<u8>> = bodies.by_ref().take(CHUNK).collect();
+            publisher.publish_jobs("", self.queue, &chunk)?;
+        }
+        Ok(())
     }
 
     /// Completes the run if it is idle (see [`complete`](Resumer::complete)). If Redis

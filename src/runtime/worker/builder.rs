@@ -14,6 +14,7 @@ use crate::services::rabbitmq as amqp;
 use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
 
 use super::adapter::RabbitMqAdapter;
+use super::read_ahead::ReadAhead;
 use super::shared::Shared;
 
 /// Default job queue.
@@ -204,6 +205,7 @@ impl RabbitMqAdapterBuilder {
                 metrics: Arc::new(Metrics::new()),
                 worker_name: super::shared::process_name(),
                 record_history: self.record_history,
+                read_ahead: ReadAhead::default(),
             }),
             metrics_listen: self.metrics_listen,
             amqp_url: self.amqp_url,

@@ -6,9 +6,11 @@
 //! 3. **execute** the node, holding no connection ([`execute_node`]);
 //! 4. **build the commit**: output, bookkeeping, the successors chosen and their inputs;
 //! 5. **commit** (one statement, guarded: the first commit of a node's execution wins),
-//! 6. **coordinate** (Redis: report to the joins, register the ready jobs in the run's
-//!    ledger), **publish** the ready successors, **complete** the run if nothing is left —
-//!    steps 5–6 are the job's *tail*, handed off and run batched with other threads' tails
+//! 6. **publish** the successors no join holds (their run state read ahead while the broker
+//!    delivers them, [`read_ahead`](super::read_ahead)), **coordinate** (Redis: report to
+//!    the joins, register the ready jobs in the run's ledger), **publish** the successors
+//!    the joins made ready, **complete** the run if nothing is left — steps 5–6 are the
+//!    job's *tail*, handed off and run batched with other threads' tails
 //!    ([`tail`](super::tail));
 //! 7. **settle**: the consumer thread acks the delivery once the broker confirmed its
 //!    publishes, or requeues or dead-letters it ([`consumer`](super::consumer)).
@@ -27,6 +29,13 @@
 //! - Crash after the publish, before the ack: as above; successors may be published twice,
 //!   and their own guards make the copies harmless.
 //!
+//! A successor published before its predecessor's Redis step may finish first. The run
+//! cannot look idle then: the predecessor is in the ledger's jobs and not yet in its done
+//! set (or, if it was itself published that way, the job that published it is, and so on
+//! back to a job whose Redis step registered it), so only the last Redis step of the run
+//! finds it idle. A start job, which registers the run's start jobs, publishes after its
+//! Redis step.
+//!
 //! A *duplicate* message (neither a redelivery nor the reconciler's `recovered` copy) whose
 //! node is already committed is acked without re-publishing: the original delivery
 //! publishes (or, if it crashed, will be redelivered and publish).
@@ -41,7 +50,7 @@ use crate::engine::node::{ContextDeltas, ContextRead, ContextView, NodeResult};
 use crate::engine::nodes::{batch, now_ms};
 use crate::runtime::error::Error;
 use crate::runtime::message::{job_id, JobPayload, Message};
-use crate::runtime::reads::{check_reads, keyed_view};
+use crate::runtime::reads::{check_reads, keyed_view, view_of};
 use crate::runtime::resumer::ParentLink;
 use crate::runtime::scheduling::{
     self, awaited_details, executions, is_committed, next_jobs, paused_iteration, RunNode,
@@ -203,13 +212,17 @@ fn guard<'a>(
     // is dead-lettered: nothing is written for it. Only the keys the job is expected to read
     // are loaded; any other is fetched when read.
     let known = shared.blueprints.get(&job.blueprint_id);
-    let Some((run_status, context)) = keyed_view(
-        &shared.store,
-        &job.run_id,
-        known.map(|bp| &**bp),
-        &job.node_id,
-    )?
-    else {
+    let read_ahead = (job.run_id.clone(), job.node_id.clone(), job.iteration);
+    let loaded = match shared.read_ahead.take(&read_ahead) {
+        Some((keys, snapshot)) => Some(view_of(&shared.store, &job.run_id, keys, snapshot)),
+        None => keyed_view(
+            &shared.store,
+            &job.run_id,
+            known.map(|bp| &**bp),
+            &job.node_id,
+        )?,
+    };
+    let Some((run_status, context)) = loaded else {
         let reason = format!("run '{}' does not exist (no context row)", job.run_id);
         return Ok(Settle(Outcome::DeadLetter(reason)));
     };

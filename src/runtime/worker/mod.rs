@@ -37,6 +37,7 @@ mod builder;
 mod consumer;
 mod job;
 mod pause;
+mod read_ahead;
 mod shared;
 mod supervisor;
 mod tail;

@@ -12,6 +12,8 @@ use crate::runtime::resumer::Resumer;
 use crate::services::postgres::store::RunStore;
 use crate::services::redis::RedisCoordinationStore;
 
+use super::read_ahead::ReadAhead;
+
 /// State every worker thread shares.
 pub(crate) struct Shared {
     pub blueprints: HashMap<String, Arc<Blueprint>>,
@@ -33,6 +35,8 @@ pub(crate) struct Shared {
     pub worker_name: String,
     /// Whether node executions are recorded in the run history.
     pub record_history: bool,
+    /// Successors' run state, read while the broker delivers them.
+    pub read_ahead: ReadAhead,
 }
 
 /// `host:pid` of this process.

@@ -29,15 +29,17 @@ use crate::engine::node::ContextMap;
 use crate::runtime::failpoint;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
+use crate::runtime::reads::expected_reads;
 use crate::runtime::resumer::RunProgress;
 use crate::services::postgres::store::{CommitGuard, NodeCommit, StoreError};
 use crate::services::rabbitmq::AsyncPublisher;
-use crate::services::redis::SuccessorReport;
+use crate::services::redis::{JoinRule, SuccessorReport};
 
 use super::backoff::Backoff;
 use super::consumer::Finished;
 use super::consumer::Outcome;
 use super::pause;
+use super::read_ahead::{JobKey, MAX_PER_BATCH};
 use super::shared::Shared;
 use crate::runtime::error::Error;
 
@@ -210,6 +212,48 @@ impl Leader<'_> {
                 Err(e) => retries.push((i, failure(&t.job, e))),
             }
         }
+        // Publish first the successors no join holds, and read their run state ahead (see
+        // `read_ahead`): their delivery overlaps the Redis step. A start job publishes after
+        // it, as it registers the run's start jobs there.
+        let resumer = shared.resumer();
+        let reading_ahead = shared.read_ahead.worthwhile();
+        let mut ahead: Vec<(JobKey, Vec<String>)> = Vec::new();
+        let mut early_tags: HashMap<usize, Tags> = HashMap::new();
+        coordinating.retain(|&i| {
+            let Some(t) = tail(pending, i) else {
+                return false;
+            };
+            if !t.also_register.is_empty() {
+                return true;
+            }
+            if reading_ahead {
+                let immediate = t
+                    .successors
+                    .iter()
+                    .filter(|s| s.rule == JoinRule::Immediate);
+                self.reserve_ahead(t, immediate, &mut ahead);
+            }
+            let before = self.publisher.published();
+            let published = resumer.publish_immediate(
+                &t.job.run_id,
+                &t.job.blueprint_id,
+                &t.successors,
+                self.publisher,
+            );
+            let tags = Tags::default().with(before, self.publisher.published());
+            match published {
+                Ok(()) => {
+                    failpoint::hit("before_coordinate", &t.node_id);
+                    early_tags.insert(i, tags);
+                    true
+                }
+                Err(e) => {
+                    retries.push((i, failure(&t.job, e)));
+                    false
+                }
+            }
+        });
+        self.read_ahead(&mut ahead);
         // Coordinate: one Redis pipeline.
         let calls = coordinating
             .iter()
@@ -226,30 +270,44 @@ impl Leader<'_> {
             })
             .collect();
         let finished = shared.coord.finish_jobs(calls);
-        // Publish each job's ready successors, noting the delivery tags of its publishes.
-        let resumer = shared.resumer();
+        // Publish each job's other ready successors, noting the delivery tags of its
+        // publishes.
         let mut published = Vec::new();
         let mut acked: Vec<(usize, Tags)> = Vec::new();
         for (i, finished) in coordinating.into_iter().zip(finished) {
             let Some(t) = tail(pending, i) else { continue };
+            let early = early_tags.remove(&i);
             let before = self.publisher.published();
             let progress = finished.map_err(Error::from).and_then(|outcome| {
+                if reading_ahead {
+                    let ready = t.successors.iter().zip(&outcome.ready);
+                    let ready = ready
+                        .filter(|(s, ready)| {
+                            **ready && !(early.is_some() && s.rule == JoinRule::Immediate)
+                        })
+                        .map(|(s, _)| s);
+                    self.reserve_ahead(t, ready, &mut ahead);
+                }
                 let progress = resumer.publish_ready(
                     &t.job.run_id,
                     &t.job.blueprint_id,
                     &t.successors,
                     &outcome,
+                    early.is_some(),
                     self.publisher,
                 )?;
                 failpoint::hit("after_publish", &t.job.node_id);
                 Ok(progress)
             });
-            let tags = Tags::default().with(before, self.publisher.published());
+            let tags = early
+                .unwrap_or_default()
+                .with(before, self.publisher.published());
             match progress {
                 Ok(progress) => published.push((i, progress, tags)),
                 Err(e) => retries.push((i, failure(&t.job, e))),
             }
         }
+        self.read_ahead(&mut ahead);
         // Final status: the runs now idle complete in one statement.
         let mut idle: Vec<String> = published
             .iter()
@@ -310,6 +368,46 @@ impl Leader<'_> {
                 self.deferred.push((p.delivery, reason));
             }
         }
+    }
+
+    /// Reserves read-ahead entries for these successors of `t`, about to be published, if
+    /// the batch reads ahead no more than [`MAX_PER_BATCH`] in all.
+    fn reserve_ahead<'t>(
+        &self,
+        t: &TailJob,
+        successors: impl Iterator<Item = &'t SuccessorReport>,
+        ahead: &mut Vec<(JobKey, Vec<String>)>,
+    ) {
+        let jobs: Vec<JobKey> = successors
+            .map(|s| (t.job.run_id.clone(), s.node.clone(), s.iteration))
+            .collect();
+        if jobs.is_empty() || ahead.len() + jobs.len() > MAX_PER_BATCH {
+            return;
+        }
+        let bp = self
+            .shared
+            .blueprints
+            .get(&t.job.blueprint_id)
+            .map(|b| &**b);
+        for job in self.shared.read_ahead.reserve(jobs) {
+            let keys = expected_reads(bp, &job.1);
+            ahead.push((job, keys));
+        }
+    }
+
+    /// Reads the run state of the successors reserved in `ahead` (one statement) and hands
+    /// it to their deliveries.
+    fn read_ahead(&self, ahead: &mut Vec<(JobKey, Vec<String>)>) {
+        if ahead.is_empty() {
+            return;
+        }
+        let (jobs, keys): (Vec<JobKey>, Vec<Vec<String>>) = ahead.drain(..).unzip();
+        let requests = jobs.iter().map(|j| j.0.clone()).zip(keys.clone()).collect();
+        let snapshots = self.shared.store.load_keys_of(requests);
+        let loads = jobs.into_iter().zip(keys).zip(snapshots);
+        self.shared
+            .read_ahead
+            .fill(loads.map(|((job, keys), s)| (job, keys, s)).collect());
     }
 
     fn settle_slot(

@@ -598,6 +598,22 @@ fn take_header_keys(set: &mut Map<String, Value>, delete: &mut Vec<String>) -> (
 }
 
 impl CommitRequest {
+    /// Whether the commit writes its output once and sets or deletes keys, and nothing
+    /// else: no pause, no repeating node's bookkeeping, no keep-first input, no header key.
+    fn is_plain(&self) -> bool {
+        let empty = |v: &Value| match v {
+            Value::Object(m) => m.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::Null => true,
+            _ => false,
+        };
+        self.awaiting_id.is_none()
+            && !self.repeats
+            && empty(&self.set_if_absent)
+            && empty(&self.header_set)
+            && empty(&self.header_delete)
+    }
+
     /// The rows (run, key) the commit may write.
     fn rows(&self) -> Vec<(&str, &str)> {
         let run = self.run_id.as_str();
@@ -689,6 +705,8 @@ struct Statements {
     load: String,
     load_keys: String,
     commit: String,
+    /// `commit` for a batch of plain commits ([`CommitRequest::is_plain`]).
+    commit_plain: String,
     complete: String,
     fail: String,
     set_status: String,
@@ -745,8 +763,7 @@ impl RunStore {
         // One row of `j` per node commit (no row written by two of them; rows written in
         // (run, key) order, so that concurrent statements lock entries in one order). Each
         // applies only if its guard row could be written: `ok` lists those.
-        let commit_ctes = format!(
-            "WITH j AS (
+        let commit_rows = "WITH j AS (
                    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
                                $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
                                $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::text[], $15::int[],
@@ -754,14 +771,28 @@ impl RunStore {
                      WITH ORDINALITY AS u(run_id, del, sets, output_key, meta_key, iteration, repeats,
                                           awaiting_id, awaiting_details, set_if_absent, guard_value,
                                           header_set, header_del, h_node, h_attempt, h_started,
-                                          h_finished, h_worker, guard_key, ord)),
-                 -- A node that runs once: the row of its output, written while absent.
-                 once AS (
+                                          h_finished, h_worker, guard_key, ord))";
+        // A node that runs once: the row of its output, written while absent.
+        let once = format!(
+            "once AS (
                    INSERT INTO {e} AS t (run_id, key, value)
                    SELECT run_id, guard_key, guard_value FROM j
                    WHERE awaiting_id IS NULL AND NOT repeats ORDER BY run_id
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
-                   RETURNING t.run_id, t.key),
+                   RETURNING t.run_id, t.key)"
+        );
+        // The execution's history row, with the commit it belongs to.
+        let history = format!(
+            "history AS (
+                   INSERT INTO {h} (run_id, node_id, iteration, attempt, outcome, started_at, finished_at, worker)
+                   SELECT ok.run_id, ok.h_node, ok.iteration, ok.h_attempt,
+                     CASE WHEN ok.awaiting_id IS NULL THEN 'completed' ELSE 'awaiting' END,
+                     to_timestamp(ok.h_started / 1000.0), to_timestamp(ok.h_finished / 1000.0), ok.h_worker
+                   FROM ok WHERE ok.h_node IS NOT NULL
+                   RETURNING 1)"
+        );
+        let commit_ctes = format!(
+            "{commit_rows}, {once},
                  -- A node that may repeat: its bookkeeping row, to whose `iters` the
                  -- iteration is added unless it is there already.
                  again AS (
@@ -822,14 +853,7 @@ impl RunStore {
                    WHERE t.run_id = ok.run_id AND jsonb_typeof(t.context_data) = 'object'
                      AND (ok.header_set <> '{{}}'::jsonb OR ok.header_del <> '[]'::jsonb)
                    RETURNING 1),
-                 -- The execution's history row, with the commit it belongs to.
-                 history AS (
-                   INSERT INTO {h} (run_id, node_id, iteration, attempt, outcome, started_at, finished_at, worker)
-                   SELECT ok.run_id, ok.h_node, ok.iteration, ok.h_attempt,
-                     CASE WHEN ok.awaiting_id IS NULL THEN 'completed' ELSE 'awaiting' END,
-                     to_timestamp(ok.h_started / 1000.0), to_timestamp(ok.h_finished / 1000.0), ok.h_worker
-                   FROM ok WHERE ok.h_node IS NOT NULL
-                   RETURNING 1),
+                 {history},
                  s AS (
                    UPDATE {s} st SET updated_at = NOW(),
                      status = CASE WHEN c.awaiting_id IS NOT NULL AND st.status = 'running' THEN 'awaiting' ELSE st.status END,
@@ -846,6 +870,28 @@ impl RunStore {
                    WHERE st.run_id = c.run_id
                      AND (c.awaiting_id IS NOT NULL OR st.updated_at IS NULL
                           OR st.updated_at < NOW() - interval '1 second')
+                   RETURNING 1)"
+        );
+        // The common commit, with none of the above but outputs, inputs and deletions: the
+        // same parameters, a statement PostgreSQL plans and starts in about half the time.
+        let plain_ctes = format!(
+            "{commit_rows}, {once},
+                 ok AS (SELECT j.* FROM j JOIN once ON once.run_id = j.run_id AND once.key = j.guard_key),
+                 w AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT w.run_id, w.key, w.value FROM (
+                     SELECT ok.run_id, x.key, x.value FROM ok, jsonb_each(ok.sets) x
+                     UNION ALL
+                     SELECT ok.run_id, d.key, NULL FROM ok, jsonb_array_elements_text(ok.del) AS d(key)) w
+                   ORDER BY w.run_id, w.key
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
+                   RETURNING 1),
+                 {history},
+                 s AS (
+                   UPDATE {s} st SET updated_at = NOW()
+                   FROM (SELECT DISTINCT ok.run_id FROM ok) c
+                   WHERE st.run_id = c.run_id
+                     AND (st.updated_at IS NULL OR st.updated_at < NOW() - interval '1 second')
                    RETURNING 1)"
         );
         let sql = Statements {
@@ -870,6 +916,7 @@ impl RunStore {
                  WHERE c.run_id = ANY($1::text[])"
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
+            commit_plain: format!("{plain_ctes} SELECT ok.ord FROM ok"),
             // Completes the runs $1 that are running and await nothing.
             complete: format!(
                 "WITH r AS (
@@ -1091,6 +1138,24 @@ impl RunStore {
             .submit(request, |_| None, |batch| self.load_keys_batch(batch))
     }
 
+    /// [`load_keys`](RunStore::load_keys) for several runs at once, in one statement per 64,
+    /// on this thread (not grouped with other threads' loads). A run whose load failed, or
+    /// that does not exist, answers `None`.
+    pub fn load_keys_of(&self, requests: Vec<(String, Vec<String>)>) -> Vec<Option<RunSnapshot>> {
+        let requests: Vec<KeysRequest> = requests
+            .into_iter()
+            .map(|(run_id, keys)| KeysRequest { run_id, keys })
+            .collect();
+        let mut answers = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(MAX_BATCH) {
+            match self.load_keys_batch(chunk) {
+                Ok(found) => answers.extend(found.into_iter().map(|r| r.ok().flatten())),
+                Err(_) => answers.extend(chunk.iter().map(|_| None)),
+            }
+        }
+        answers
+    }
+
     /// One query for a batch of key loads (a malformed row is an error of its run only).
     fn load_keys_batch(
         &self,
@@ -1275,7 +1340,12 @@ impl RunStore {
         let mut conn = self.pool.get()?;
         let returned = if pausing.is_empty() {
             // One round trip: the statement is its own transaction.
-            conn.query_prepared(&self.sql.commit, params)?
+            let sql = if rows.iter().all(|r| r.is_plain()) {
+                &self.sql.commit_plain
+            } else {
+                &self.sql.commit
+            };
+            conn.query_prepared(sql, params)?
         } else {
             let commit = conn.statement(&self.sql.commit)?;
             let lock = conn.statement(&self.sql.lock_awaiting)?;

@@ -1,0 +1,245 @@
+//! A successor's run state, read while the broker delivers it.
+//!
+//! A sequential run spends each hop in turn on the broker (publish, deliver) and on
+//! PostgreSQL (the next job's load, its commit). When a tail publishes a few successors, the
+//! leading thread reserves an entry for each before publishing and then loads, in one
+//! statement, the keys each successor's job would load
+//! ([`expected_reads`](crate::runtime::reads::expected_reads)); the worker
+//! thread that receives the successor takes that snapshot instead of loading again, waiting
+//! for it if the load is still under way. So the load overlaps the delivery.
+//!
+//! Taking the snapshot is the same as loading a little earlier: it was read after the
+//! predecessor's commit, each entry is taken once, and anything committed since is what a
+//! job's own load could have missed too (the guard's commit, not its load, makes a node's
+//! first commit win). A successor delivered to another process leaves its entry unused; it
+//! expires, and when most entries expire (several workers share the queue, or a backlog
+//! keeps deliveries waiting) this process reads ahead only now and then, to notice when that
+//! changes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::services::postgres::store::RunSnapshot;
+
+/// Most successors one tail batch reads ahead; a bigger fan-out's workers load their own.
+pub(super) const MAX_PER_BATCH: usize = 16;
+/// Most entries held at once.
+const CAPACITY: usize = 1_024;
+/// How long an entry waits for its delivery.
+const LIFETIME: Duration = Duration::from_secs(2);
+/// How long a delivery waits for a load under way before loading on its own.
+const WAIT: Duration = Duration::from_millis(100);
+/// While reads ahead are mostly unused, one batch in this many still reads ahead.
+const PROBE_EVERY: u64 = 32;
+
+/// A job whose delivery an entry is for: run, node, iteration.
+pub(super) type JobKey = (String, String, u32);
+
+enum Entry {
+    /// Reserved; its load is under way.
+    Loading(Instant),
+    /// Loaded, with the keys asked for.
+    Loaded(Instant, Vec<String>, RunSnapshot),
+}
+
+impl Entry {
+    fn since(&self) -> Instant {
+        match self {
+            Entry::Loading(t) | Entry::Loaded(t, _, _) => *t,
+        }
+    }
+}
+
+/// The entries of one worker process.
+#[derive(Default)]
+pub(crate) struct ReadAhead {
+    entries: Mutex<HashMap<JobKey, Entry>>,
+    loaded: Condvar,
+    /// Entries taken by their delivery, and entries that expired unused (both halved now
+    /// and then, so that they follow a change of workload).
+    used: AtomicU64,
+    unused: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl ReadAhead {
+    /// Whether a batch should read ahead now: while at least half of the entries are used,
+    /// always; else one batch in [`PROBE_EVERY`].
+    pub(super) fn worthwhile(&self) -> bool {
+        let (used, unused) = (
+            self.used.load(Ordering::Relaxed),
+            self.unused.load(Ordering::Relaxed),
+        );
+        used >= unused || self.batches.fetch_add(1, Ordering::Relaxed) % PROBE_EVERY == 0
+    }
+
+    /// Reserves entries for these jobs, before they are published; returns those reserved
+    /// (not those already reserved, nor any beyond the capacity). Expired entries go.
+    pub(super) fn reserve(&self, jobs: Vec<JobKey>) -> Vec<JobKey> {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        if entries.len() > MAX_PER_BATCH {
+            let before = entries.len();
+            entries.retain(|_, e| now.duration_since(e.since()) < LIFETIME);
+            self.count_unused((before - entries.len()) as u64);
+        }
+        let mut reserved = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if entries.len() >= CAPACITY || entries.contains_key(&job) {
+                continue;
+            }
+            entries.insert(job.clone(), Entry::Loading(now));
+            reserved.push(job);
+        }
+        reserved
+    }
+
+    /// Stores what was loaded for a reserved job (`None`: the load failed, and its delivery
+    /// loads on its own), and wakes the deliveries waiting for it.
+    pub(super) fn fill(&self, loads: Vec<(JobKey, Vec<String>, Option<RunSnapshot>)>) {
+        let mut entries = self.lock();
+        for (job, keys, snapshot) in loads {
+            match snapshot {
+                Some(snapshot) => {
+                    if let Some(entry) = entries.get_mut(&job) {
+                        *entry = Entry::Loaded(entry.since(), keys, snapshot);
+                    }
+                }
+                None => {
+                    entries.remove(&job);
+                }
+            }
+        }
+        drop(entries);
+        self.loaded.notify_all();
+    }
+
+    /// The snapshot loaded for this job, and the keys it holds, if an entry is there (waiting
+    /// for a load under way); the entry is gone afterwards.
+    pub(super) fn take(&self, job: &JobKey) -> Option<(Vec<String>, RunSnapshot)> {
+        let deadline = Instant::now() + WAIT;
+        let mut entries = self.lock();
+        loop {
+            match entries.get(job) {
+                None => return None,
+                Some(Entry::Loaded(..)) => {
+                    let Some(Entry::Loaded(since, keys, snapshot)) = entries.remove(job) else {
+                        return None;
+                    };
+                    if since.elapsed() >= LIFETIME {
+                        self.count_unused(1);
+                        return None;
+                    }
+                    self.used.fetch_add(1, Ordering::Relaxed);
+                    return Some((keys, snapshot));
+                }
+                Some(Entry::Loading(_)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        entries.remove(job);
+                        return None;
+                    }
+                    entries = self
+                        .loaded
+                        .wait_timeout(entries, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    fn count_unused(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let unused = self.unused.fetch_add(n, Ordering::Relaxed) + n;
+        if unused > 4 * CAPACITY as u64 {
+            self.unused.store(unused / 2, Ordering::Relaxed);
+            let used = self.used.load(Ordering::Relaxed);
+            self.used.store(used / 2, Ordering::Relaxed);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::node::ContextMap;
+
+    fn job(node: &str) -> JobKey {
+        ("run".into(), node.into(), 0)
+    }
+
+    fn snapshot(value: i64) -> RunSnapshot {
+        let mut context = ContextMap::new();
+        context.insert("x".into(), value.into());
+        RunSnapshot {
+            context,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn an_entry_is_taken_once() {
+        let p = ReadAhead::default();
+        assert_eq!(p.reserve(vec![job("a")]), vec![job("a")]);
+        assert!(p.reserve(vec![job("a")]).is_empty(), "reserved twice");
+        p.fill(vec![(job("a"), vec!["x".into()], Some(snapshot(1)))]);
+        let (keys, taken) = p.take(&job("a")).expect("the snapshot");
+        assert_eq!(keys, vec!["x".to_string()]);
+        assert_eq!(taken.context.get("x"), Some(&1.into()));
+        assert!(p.take(&job("a")).is_none(), "taken twice");
+        assert!(p.take(&job("b")).is_none(), "never reserved");
+    }
+
+    #[test]
+    fn a_delivery_waits_for_the_load_under_way() {
+        let p = ReadAhead::default();
+        p.reserve(vec![job("a")]);
+        std::thread::scope(|s| {
+            let taker = s.spawn(|| p.take(&job("a")));
+            // The taker waits on the entry (it is `Loading`) until it is filled.
+            p.fill(vec![(job("a"), vec![], Some(snapshot(2)))]);
+            let (_, taken) = taker.join().expect("taker").expect("the snapshot");
+            assert_eq!(taken.context.get("x"), Some(&2.into()));
+        });
+    }
+
+    #[test]
+    fn a_delivery_stops_waiting_for_a_load_that_does_not_come() {
+        let p = ReadAhead::default();
+        p.reserve(vec![job("a")]);
+        let started = Instant::now();
+        assert!(p.take(&job("a")).is_none());
+        assert!(started.elapsed() >= WAIT);
+        // The entry is gone: a late fill stores nothing.
+        p.fill(vec![(job("a"), vec![], Some(snapshot(3)))]);
+        assert!(p.take(&job("a")).is_none());
+    }
+
+    #[test]
+    fn a_failed_load_leaves_the_delivery_to_load_on_its_own() {
+        let p = ReadAhead::default();
+        p.reserve(vec![job("a")]);
+        p.fill(vec![(job("a"), vec![], None)]);
+        assert!(p.take(&job("a")).is_none());
+    }
+
+    #[test]
+    fn unused_entries_make_prefetching_occasional() {
+        let p = ReadAhead::default();
+        assert!(p.worthwhile());
+        p.count_unused(10);
+        let tries = (0..PROBE_EVERY * 2).filter(|_| p.worthwhile()).count();
+        assert_eq!(tries, 2, "one batch in {PROBE_EVERY} probes");
+        p.used.fetch_add(10, Ordering::Relaxed);
+        assert!(p.worthwhile() && p.worthwhile());
+    }
+}
