@@ -18,7 +18,7 @@
 //! output row; for one that repeats, the iteration added to its bookkeeping row; for a pause,
 //! the node added to the run's `_awaitingNodeIds` row.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
@@ -597,6 +597,9 @@ fn take_header_keys(set: &mut Map<String, Value>, delete: &mut Vec<String>) -> (
     (Value::Object(header_set), Value::from(header_delete))
 }
 
+/// A row of a run's entries: (run, key).
+type RowKey<'a> = (&'a str, &'a str);
+
 impl CommitRequest {
     /// Whether the commit writes its output once and sets or deletes keys, and nothing
     /// else: no pause, no repeating node's bookkeeping, no keep-first input, no header key.
@@ -614,20 +617,24 @@ impl CommitRequest {
             && empty(&self.header_delete)
     }
 
-    /// The rows (run, key) the commit may write.
-    fn rows(&self) -> Vec<(&str, &str)> {
+    /// The rows (run, key) the commit may write: those no other commit of its statement
+    /// may write, and those it sets or deletes, which other commits of the statement may
+    /// set or delete too (the last commit's write wins, as if they ran one by one).
+    fn rows(&self) -> (Vec<RowKey<'_>>, Vec<RowKey<'_>>) {
         let run = self.run_id.as_str();
         let mut rows = vec![(run, self.guard_key.as_str())];
         if self.awaiting_id.is_some() {
             rows.push((run, AWAITING_DETAILS));
         }
-        for map in [&self.set, &self.set_if_absent] {
-            if let Value::Object(map) = map {
-                rows.extend(map.keys().map(|k| (run, k.as_str())));
-            }
+        if let Value::Object(map) = &self.set_if_absent {
+            rows.extend(map.keys().map(|k| (run, k.as_str())));
+        }
+        let mut shared = Vec::new();
+        if let Value::Object(map) = &self.set {
+            shared.extend(map.keys().map(|k| (run, k.as_str())));
         }
         if let Value::Array(keys) = &self.delete {
-            rows.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
+            shared.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
         }
         // Header keys are the context row's: one statement updates it for one commit only.
         let header_written = self.header_set.as_object().is_some_and(|m| !m.is_empty())
@@ -635,7 +642,7 @@ impl CommitRequest {
         if header_written {
             rows.push((run, "\0header"));
         }
-        rows
+        (rows, shared)
     }
 
     fn new(run_id: &str, commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
@@ -825,14 +832,15 @@ impl RunStore {
                    ON a.run_id = j.run_id AND a.key = j.guard_key),
                  w AS (
                    INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT w.run_id, w.key, w.value FROM (
-                     SELECT ok.run_id, x.key, x.value FROM ok, jsonb_each(ok.sets) x
+                   SELECT DISTINCT ON (w.run_id, w.key) w.run_id, w.key, w.value FROM (
+                     SELECT ok.run_id, x.key, x.value, ok.ord FROM ok, jsonb_each(ok.sets) x
                      UNION ALL
-                     SELECT ok.run_id, d.key, NULL FROM ok, jsonb_array_elements_text(ok.del) AS d(key)
+                     SELECT ok.run_id, d.key, NULL, ok.ord FROM ok, jsonb_array_elements_text(ok.del) AS d(key)
                      UNION ALL
-                     SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details)
+                     SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details), ok.ord
                      FROM ok WHERE ok.awaiting_id IS NOT NULL) w
-                   ORDER BY w.run_id, w.key
+                   -- A key several commits set or delete: the last commit's write.
+                   ORDER BY w.run_id, w.key, w.ord DESC
                    ON CONFLICT (run_id, key) DO UPDATE SET value = CASE
                      WHEN EXCLUDED.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
                      THEN t.value || EXCLUDED.value ELSE EXCLUDED.value END
@@ -879,11 +887,11 @@ impl RunStore {
                  ok AS (SELECT j.* FROM j JOIN once ON once.run_id = j.run_id AND once.key = j.guard_key),
                  w AS (
                    INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT w.run_id, w.key, w.value FROM (
-                     SELECT ok.run_id, x.key, x.value FROM ok, jsonb_each(ok.sets) x
+                   SELECT DISTINCT ON (w.run_id, w.key) w.run_id, w.key, w.value FROM (
+                     SELECT ok.run_id, x.key, x.value, ok.ord FROM ok, jsonb_each(ok.sets) x
                      UNION ALL
-                     SELECT ok.run_id, d.key, NULL FROM ok, jsonb_array_elements_text(ok.del) AS d(key)) w
-                   ORDER BY w.run_id, w.key
+                     SELECT ok.run_id, d.key, NULL, ok.ord FROM ok, jsonb_array_elements_text(ok.del) AS d(key)) w
+                   ORDER BY w.run_id, w.key, w.ord DESC
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
                    RETURNING 1),
                  {history},
@@ -1256,21 +1264,29 @@ impl RunStore {
             .into_iter()
             .map(|(run_id, commit, guard)| CommitRequest::new(&run_id, commit, guard))
             .collect();
-        // Greedily: each commit joins the first statement none of whose rows it writes.
-        // (The commits of a statement, and the rows they write.)
-        type Members<'r> = (Vec<usize>, HashSet<(&'r str, &'r str)>);
+        // Greedily: each commit joins the first statement where no other commit writes its
+        // rows, but for keys that all of them set or delete. (The commits of a statement,
+        // and the rows they write: `true` for a row only set or deleted.)
+        type Members<'r> = (Vec<usize>, HashMap<RowKey<'r>, bool>);
         let mut statements: Vec<Members> = Vec::new();
         for (i, request) in requests.iter().enumerate() {
-            let rows = request.rows();
-            match statements
-                .iter_mut()
-                .find(|(_, taken)| rows.iter().all(|row| !taken.contains(row)))
-            {
+            let (own, shared) = request.rows();
+            let fits = |taken: &HashMap<RowKey<'_>, bool>| {
+                own.iter().all(|row| !taken.contains_key(row))
+                    && shared
+                        .iter()
+                        .all(|row| taken.get(row).copied().unwrap_or(true))
+            };
+            let rows = own
+                .iter()
+                .map(|&row| (row, false))
+                .chain(shared.iter().map(|&row| (row, true)));
+            match statements.iter_mut().find(|(_, taken)| fits(taken)) {
                 Some((members, taken)) => {
                     members.push(i);
                     taken.extend(rows);
                 }
-                None => statements.push((vec![i], rows.into_iter().collect())),
+                None => statements.push((vec![i], rows.collect())),
             }
         }
         let mut results: Vec<Option<Result<bool, StoreError>>> =
