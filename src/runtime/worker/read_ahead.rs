@@ -31,6 +31,8 @@ const CAPACITY: usize = 1_024;
 const LIFETIME: Duration = Duration::from_secs(2);
 /// How long a delivery waits for a load under way before loading on its own.
 const WAIT: Duration = Duration::from_millis(100);
+/// How often expired entries are dropped (and counted unused).
+const PRUNE_EVERY: Duration = Duration::from_millis(250);
 /// While reads ahead are mostly unused, one batch in this many still reads ahead.
 const PROBE_EVERY: u64 = 32;
 
@@ -56,6 +58,8 @@ impl Entry {
 #[derive(Default)]
 pub(crate) struct ReadAhead {
     entries: Mutex<HashMap<JobKey, Entry>>,
+    /// When expired entries were last dropped.
+    pruned: Mutex<Option<Instant>>,
     loaded: Condvar,
     /// Entries taken by their delivery, and entries that expired unused (both halved now
     /// and then, so that they follow a change of workload).
@@ -80,7 +84,7 @@ impl ReadAhead {
     pub(super) fn reserve(&self, jobs: Vec<JobKey>) -> Vec<JobKey> {
         let now = Instant::now();
         let mut entries = self.lock();
-        if entries.len() > MAX_PER_BATCH {
+        if entries.len() + MAX_PER_BATCH > CAPACITY || self.prune_due(now) {
             let before = entries.len();
             entries.retain(|_, e| now.duration_since(e.since()) < LIFETIME);
             self.count_unused((before - entries.len()) as u64);
@@ -149,6 +153,16 @@ impl ReadAhead {
                 }
             }
         }
+    }
+
+    /// Whether expired entries are to be dropped now: every [`PRUNE_EVERY`].
+    fn prune_due(&self, now: Instant) -> bool {
+        let mut pruned = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
+        let due = pruned.is_none_or(|at| now.duration_since(at) >= PRUNE_EVERY);
+        if due {
+            *pruned = Some(now);
+        }
+        due
     }
 
     fn count_unused(&self, n: u64) {
@@ -233,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn unused_entries_make_prefetching_occasional() {
+    fn unused_entries_make_reading_ahead_occasional() {
         let p = ReadAhead::default();
         assert!(p.worthwhile());
         p.count_unused(10);
