@@ -1,8 +1,10 @@
 //! A successor's run state, read while the broker delivers it.
 //!
 //! A sequential run spends each hop in turn on the broker (publish, deliver) and on
-//! PostgreSQL (the next job's load, its commit). When a tail publishes a few successors, the
-//! leading thread reserves an entry for each before publishing and then loads, in one
+//! PostgreSQL (the next job's load, its commit). When a tail batch publishes a few
+//! successors and no delivery waits for a worker thread (a backlog would hold the
+//! successors' deliveries back, and worker threads load in parallel anyway), the leading
+//! thread reserves an entry for each before publishing and then loads, in one
 //! statement, the keys each successor's job would load
 //! ([`expected_reads`](crate::runtime::reads::expected_reads)); the worker
 //! thread that receives the successor takes that snapshot instead of loading again, waiting

@@ -23,7 +23,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use amiquip::Delivery;
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::engine::node::ContextMap;
 use crate::runtime::failpoint;
@@ -119,6 +119,9 @@ pub(super) struct Leader<'a> {
     /// Deliveries to requeue after a backoff, once this thread no longer leads (see
     /// [`settle_deferred`](Self::settle_deferred)), with the reason.
     pub(super) deferred: Vec<(Delivery, String)>,
+    /// The deliveries waiting for a worker thread: while there are any, a successor's
+    /// delivery queues behind them, and its state is not read ahead.
+    pub(super) waiting: &'a Receiver<Delivery>,
 }
 
 impl Leader<'_> {
@@ -216,7 +219,7 @@ impl Leader<'_> {
         // `read_ahead`): their delivery overlaps the Redis step. A start job publishes after
         // it, as it registers the run's start jobs there.
         let resumer = shared.resumer();
-        let reading_ahead = shared.read_ahead.worthwhile();
+        let reading_ahead = self.waiting.is_empty() && shared.read_ahead.worthwhile();
         let mut ahead: Vec<(JobKey, Vec<String>)> = Vec::new();
         let mut early_tags: HashMap<usize, Tags> = HashMap::new();
         coordinating.retain(|&i| {

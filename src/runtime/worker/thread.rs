@@ -83,6 +83,7 @@ impl WorkerThread<'_> {
             backoff: &mut self.backoff,
             closed: self.closed,
             deferred: Vec::new(),
+            waiting: &self.jobs,
         };
         self.tails
             .hand_off(pending, PendingTail::execution, |batch| leader.run(batch));
