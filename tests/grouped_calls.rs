@@ -278,34 +278,50 @@ fn a_gathered_batch_commits_one_runs_nodes_together_unless_they_write_one_row() 
 /// Commits of one run that set or delete the same key (the predecessors of an `all` join
 /// each write its input) share a statement: the last commit's write wins, as if they ran
 /// one by one, and a commit that does not apply (a copy of a committed job) writes nothing.
+/// Both statements: the plain one, and the full one (a keep-first input in the batch).
 #[test]
 fn a_gathered_batch_applies_writes_of_one_key_in_order() {
     let env = TestEnv::new("gathered_same_key");
     let store = env.store();
-    store.create_run("r", &ContextMap::new()).unwrap();
-    let mut commits = Vec::new();
-    let mut add = |node: &str, set: &[(&str, Value)], delete: &[&str]| {
-        let (mut commit, guard) = commit_of(node, json!(node));
-        for (key, value) in set {
-            commit.set.insert(key.to_string(), value.clone());
+    for (run, keep_first) in [("plain", false), ("full", true)] {
+        store.create_run(run, &ContextMap::new()).unwrap();
+        let mut commits = Vec::new();
+        let mut add = |node: &str, set: &[(&str, Value)], delete: &[&str]| {
+            let (mut commit, guard) = commit_of(node, json!(node));
+            for (key, value) in set {
+                commit.set.insert(key.to_string(), value.clone());
+            }
+            commit.delete.extend(delete.iter().map(|k| k.to_string()));
+            commits.push((run.to_string(), commit, guard));
+        };
+        add("p1", &[("_inputs.j", json!(1)), ("k", json!(1))], &[]);
+        add("p2", &[("_inputs.j", json!(2)), ("k", json!(2))], &["m"]);
+        add("p1", &[("_inputs.j", json!(3))], &[]);
+        add("p3", &[("m", json!(5))], &["k"]);
+        if keep_first {
+            let (mut commit, guard) = commit_of("q", json!("q"));
+            commit.set_input("_inputs.any".into(), json!(7), true);
+            commits.push((run.to_string(), commit, guard));
         }
-        commit.delete.extend(delete.iter().map(|k| k.to_string()));
-        commits.push(("r".to_string(), commit, guard));
-    };
-    add("p1", &[("_inputs.j", json!(1)), ("k", json!(1))], &[]);
-    add("p2", &[("_inputs.j", json!(2)), ("k", json!(2))], &["m"]);
-    add("p1", &[("_inputs.j", json!(3))], &[]);
-    add("p3", &[("m", json!(5))], &["k"]);
-    let applied: Vec<bool> = flowcraft_rabbitmq::testing::commit_nodes(&store, commits)
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(applied, [true, true, false, true]);
-    let context = env.context("r");
-    assert_eq!(context.get("_inputs.j"), Some(&json!(2)), "{context:?}");
-    assert_eq!(context.get("k"), None, "{context:?}");
-    assert_eq!(context.get("m"), Some(&json!(5)), "{context:?}");
-    assert_eq!(context.get("_outputs.p1"), Some(&json!("p1")));
+        let applied: Vec<bool> = flowcraft_rabbitmq::testing::commit_nodes(&store, commits)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(applied[..4], [true, true, false, true], "{run}");
+        let context = env.context(run);
+        assert_eq!(
+            context.get("_inputs.j"),
+            Some(&json!(2)),
+            "{run}: {context:?}"
+        );
+        assert_eq!(context.get("k"), None, "{run}: {context:?}");
+        assert_eq!(context.get("m"), Some(&json!(5)), "{run}: {context:?}");
+        assert_eq!(context.get("_outputs.p1"), Some(&json!("p1")), "{run}");
+        if keep_first {
+            assert_eq!(applied[4..], [true], "{run}");
+            assert_eq!(context.get("_inputs.any"), Some(&json!(7)), "{run}");
+        }
+    }
 }
 
 /// Header keys live in the run's context row: two commits of a batch that each write one

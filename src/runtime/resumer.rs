@@ -65,6 +65,22 @@ pub struct Resumer<'a> {
     pub observer: Option<(&'a Metrics, &'a EventBus)>,
 }
 
+/// The successors `outcome` found ready that are published after the Redis step: all of
+/// them, but those no join holds when [`Resumer::publish_immediate`] published them before.
+pub(crate) fn ready_after_coordination<'s>(
+    successors: &'s [SuccessorReport],
+    outcome: &'s FinishOutcome,
+    immediate_published: bool,
+) -> impl Iterator<Item = &'s SuccessorReport> + 's {
+    successors
+        .iter()
+        .zip(&outcome.ready)
+        .filter(move |(s, ready)| {
+            **ready && !(immediate_published && s.rule == JoinRule::Immediate)
+        })
+        .map(|(s, _)| s)
+}
+
 impl<'a> Resumer<'a> {
     /// A run driver over these stores, blueprints and job queue.
     pub fn new(
@@ -283,11 +299,7 @@ impl<'a> Resumer<'a> {
         immediate_published: bool,
         publisher: &mut dyn JobSink,
     ) -> Result<RunProgress, Error> {
-        let ready = successors
-            .iter()
-            .zip(&outcome.ready)
-            .filter(|(s, ready)| **ready && !(immediate_published && s.rule == JoinRule::Immediate))
-            .map(|(s, _)| s);
+        let ready = ready_after_coordination(successors, outcome, immediate_published);
         self.publish_jobs(run_id, blueprint_id, ready, publisher)?;
         Ok(match (outcome.run_idle, outcome.ledger_intact) {
             (false, _) => RunProgress::Busy,

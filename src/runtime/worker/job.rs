@@ -212,8 +212,7 @@ fn guard<'a>(
     // is dead-lettered: nothing is written for it. Only the keys the job is expected to read
     // are loaded; any other is fetched when read.
     let known = shared.blueprints.get(&job.blueprint_id);
-    let read_ahead = (job.run_id.clone(), job.node_id.clone(), job.iteration);
-    let loaded = match shared.read_ahead.take(&read_ahead) {
+    let loaded = match shared.read_ahead.take_for(job, redelivered) {
         Some((keys, snapshot)) => Some(view_of(&shared.store, &job.run_id, keys, snapshot)),
         None => keyed_view(
             &shared.store,

@@ -13,16 +13,22 @@
 //! Taking the snapshot is the same as loading a little earlier: it was read after the
 //! predecessor's commit, each entry is taken once, and anything committed since is what a
 //! job's own load could have missed too (the guard's commit, not its load, makes a node's
-//! first commit win). A successor delivered to another process leaves its entry unused; it
-//! expires, and when most entries expire (several workers share the queue, or a backlog
-//! keeps deliveries waiting) this process reads ahead only now and then, to notice when that
-//! changes.
+//! first commit win). Only a first delivery takes an entry: a redelivery, or the
+//! reconciler's copy, may come after a commit whose consumer died before coordinating it,
+//! and must see that commit to coordinate it; it discards the entry and loads.
+//!
+//! A successor delivered to another process leaves its entry unused; it expires (the
+//! heartbeat drops expired entries too), and when most entries expire (several workers
+//! share the queue) this process reads ahead only now and then, to notice when that
+//! changes. A leader that panics between reserving and loading leaves its entries
+//! reserved: their deliveries wait [`WAIT`] once, then load on their own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::runtime::message::JobPayload;
 use crate::services::postgres::store::RunSnapshot;
 
 /// Most successors one tail batch reads ahead; a bigger fan-out's workers load their own.
@@ -85,12 +91,10 @@ impl ReadAhead {
     /// (not those already reserved, nor any beyond the capacity). Expired entries go.
     pub(super) fn reserve(&self, jobs: Vec<JobKey>) -> Vec<JobKey> {
         let now = Instant::now();
-        let mut entries = self.lock();
-        if entries.len() + MAX_PER_BATCH > CAPACITY || self.prune_due(now) {
-            let before = entries.len();
-            entries.retain(|_, e| now.duration_since(e.since()) < LIFETIME);
-            self.count_unused((before - entries.len()) as u64);
+        if self.lock().len() + MAX_PER_BATCH > CAPACITY || self.prune_due(now) {
+            self.prune();
         }
+        let mut entries = self.lock();
         let mut reserved = Vec::with_capacity(jobs.len());
         for job in jobs {
             if entries.len() >= CAPACITY || entries.contains_key(&job) {
@@ -167,6 +171,34 @@ impl ReadAhead {
         due
     }
 
+    /// The snapshot read ahead for this delivery, if it is a first delivery ([`take`]); a
+    /// redelivery, or the reconciler's copy, drops the entry and loads on its own (see the
+    /// module docs).
+    ///
+    /// [`take`]: Self::take
+    pub(super) fn take_for(
+        &self,
+        job: &JobPayload,
+        redelivered: bool,
+    ) -> Option<(Vec<String>, RunSnapshot)> {
+        let key = (job.run_id.clone(), job.node_id.clone(), job.iteration);
+        if redelivered || job.recovered || job.wake {
+            self.lock().remove(&key);
+            return None;
+        }
+        self.take(&key)
+    }
+
+    /// Drops expired entries (the heartbeat calls this, so that they go when deliveries
+    /// stop too).
+    pub(super) fn prune(&self) {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        let before = entries.len();
+        entries.retain(|_, e| now.duration_since(e.since()) < LIFETIME);
+        self.count_unused((before - entries.len()) as u64);
+    }
+
     fn count_unused(&self, n: u64) {
         if n == 0 {
             return;
@@ -216,12 +248,13 @@ mod tests {
     }
 
     #[test]
-    fn a_delivery_waits_for_the_load_under_way() {
+    fn a_delivery_gets_a_load_filled_while_it_may_wait() {
         let p = ReadAhead::default();
         p.reserve(vec![job("a")]);
         std::thread::scope(|s| {
             let taker = s.spawn(|| p.take(&job("a")));
-            // The taker waits on the entry (it is `Loading`) until it is filled.
+            // The taker finds the entry `Loading` and waits until it is filled — or, if this
+            // thread is quicker, finds it filled; either way it gets the snapshot.
             p.fill(vec![(job("a"), vec![], Some(snapshot(2)))]);
             let (_, taken) = taker.join().expect("taker").expect("the snapshot");
             assert_eq!(taken.context.get("x"), Some(&2.into()));
@@ -238,6 +271,31 @@ mod tests {
         // The entry is gone: a late fill stores nothing.
         p.fill(vec![(job("a"), vec![], Some(snapshot(3)))]);
         assert!(p.take(&job("a")).is_none());
+    }
+
+    #[test]
+    fn only_a_first_delivery_takes_an_entry() {
+        let p = ReadAhead::default();
+        let first = JobPayload::new("run", "bp", "a", 0);
+        let mut redelivered = first.clone();
+        let mut recovered = first.clone();
+        recovered.recovered = true;
+        let mut wake = first.clone();
+        wake.wake = true;
+        for (copy, flagged) in [
+            (&mut redelivered, true),
+            (&mut recovered, false),
+            (&mut wake, false),
+        ] {
+            p.reserve(vec![job("a")]);
+            p.fill(vec![(job("a"), vec![], Some(snapshot(1)))]);
+            assert!(p.take_for(copy, flagged).is_none(), "{copy:?}");
+            // The entry is gone: not even a first delivery finds it now.
+            assert!(p.take_for(&first, false).is_none(), "{copy:?}");
+        }
+        p.reserve(vec![job("a")]);
+        p.fill(vec![(job("a"), vec![], Some(snapshot(2)))]);
+        assert!(p.take_for(&first, false).is_some());
     }
 
     #[test]

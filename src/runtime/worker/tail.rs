@@ -30,7 +30,7 @@ use crate::runtime::failpoint;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
 use crate::runtime::reads::expected_reads;
-use crate::runtime::resumer::RunProgress;
+use crate::runtime::resumer::{ready_after_coordination, RunProgress};
 use crate::services::postgres::store::{CommitGuard, NodeCommit, StoreError};
 use crate::services::rabbitmq::AsyncPublisher;
 use crate::services::redis::{JoinRule, SuccessorReport};
@@ -99,7 +99,7 @@ impl PendingTail {
     }
 
     /// Two tails of one node of one run (copies of a job) never share a batch; tails of
-    /// other nodes of the run may (the commit statement splits those that write a key in
+    /// other nodes of the run may (the commit statements split those that write a row in
     /// common, see [`RunStore::commit_nodes`](crate::services::postgres::store::RunStore::commit_nodes)).
     pub(super) fn execution(&self) -> Option<&str> {
         Some(&self.execution)
@@ -283,12 +283,7 @@ impl Leader<'_> {
             let before = self.publisher.published();
             let progress = finished.map_err(Error::from).and_then(|outcome| {
                 if reading_ahead {
-                    let ready = t.successors.iter().zip(&outcome.ready);
-                    let ready = ready
-                        .filter(|(s, ready)| {
-                            **ready && !(early.is_some() && s.rule == JoinRule::Immediate)
-                        })
-                        .map(|(s, _)| s);
+                    let ready = ready_after_coordination(&t.successors, &outcome, early.is_some());
                     self.reserve_ahead(t, ready, &mut ahead);
                 }
                 let progress = resumer.publish_ready(

@@ -79,6 +79,7 @@ fn heartbeat(shared: &Shared, every: Duration, stop: &Receiver<()>) {
         if let Err(e) = shared.store.touch_many(&runs) {
             log::warn!("heartbeat failed: {e}");
         }
+        shared.read_ahead.prune();
     }
 }
 

@@ -767,9 +767,10 @@ impl RunStore {
             &tables.history(),
         );
         let whole = assembled_context(e);
-        // One row of `j` per node commit (no row written by two of them; rows written in
-        // (run, key) order, so that concurrent statements lock entries in one order). Each
-        // applies only if its guard row could be written: `ok` lists those.
+        // One row of `j` per node commit (no two of them write one row, but for keys they set
+        // or delete, where the last one's write is kept; rows written in (run, key) order, so
+        // that concurrent statements lock entries in one order). Each applies only if its
+        // guard row could be written: `ok` lists those.
         let commit_rows = "WITH j AS (
                    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
                                $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
@@ -1252,10 +1253,12 @@ impl RunStore {
 
     /// Applies the commits of a batch its caller gathered itself, in as few statements (each
     /// one transaction) as their rows allow, outside the commit group: for each, whether it
-    /// applied. Commits that write a row in common (two copies of a job, two branches
-    /// writing one key, two pauses of one run) go to different statements, in order; the
-    /// others, of one run or not, share one. If a statement fails because of a row, each of
-    /// its commits runs again alone; if because of the connection, each gets the error.
+    /// applied. Commits that write a row in common (two copies of a job, two inputs of one
+    /// `any` join, two pauses of one run) go to different statements, in order; the others,
+    /// of one run or not, share one — also those that only set or delete one key (the inputs
+    /// of an `all` join), the last one's write kept, as if they ran one by one. If a
+    /// statement fails because of a row, each of its commits runs again alone; if because of
+    /// the connection, each gets the error.
     pub(crate) fn commit_nodes(
         &self,
         commits: Vec<(String, NodeCommit, CommitGuard)>,
@@ -1304,7 +1307,8 @@ impl RunStore {
             .collect()
     }
 
-    /// One statement for a batch of commits no two of which write a row in common; for each,
+    /// One statement for a batch of commits no two of which write a row in common, but keys
+    /// they set or delete (see [`commit_nodes`](Self::commit_nodes)); for each,
     /// whether it applied.
     fn commit_batch<R: std::borrow::Borrow<CommitRequest>>(
         &self,
