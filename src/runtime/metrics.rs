@@ -40,6 +40,9 @@ pub struct Metrics {
     pub reconciler_passes: IntCounter,
     /// Runs a reconciler pass recovered (stalled runs reconciled, lost wake-ups sent).
     pub recovered_runs: IntCounter,
+    /// Successors' run state read ahead, by outcome: `used` by their delivery, `unused`
+    /// (expired: the delivery came late, or to another process).
+    pub read_ahead: IntCounterVec,
 }
 
 impl Metrics {
@@ -103,6 +106,14 @@ impl Metrics {
             "Runs a reconciler pass recovered: stalled runs reconciled, awaiting runs woken",
         )
         .expect("a valid metric");
+        let read_ahead = IntCounterVec::new(
+            Opts::new(
+                "flowcraft_read_ahead_total",
+                "Successors' run state read ahead during their delivery, by outcome: used, unused",
+            ),
+            &["outcome"],
+        )
+        .expect("a valid metric");
         for m in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(node_seconds.clone()),
@@ -113,6 +124,7 @@ impl Metrics {
             Box::new(commit_batch.clone()),
             Box::new(reconciler_passes.clone()),
             Box::new(recovered_runs.clone()),
+            Box::new(read_ahead.clone()),
         ] {
             registry.register(m).expect("metric names are distinct");
         }
@@ -128,6 +140,7 @@ impl Metrics {
             commit_batch,
             reconciler_passes,
             recovered_runs,
+            read_ahead,
         }
     }
 

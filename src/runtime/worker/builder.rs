@@ -187,6 +187,8 @@ impl RabbitMqAdapterBuilder {
         }
         amqp::AmqpUrl::parse(&self.amqp_url)?;
         let store = RunStore::new(self.pg, self.tables)?;
+        let metrics = Arc::new(Metrics::new());
+        let read_ahead = ReadAhead::counted_in(metrics.read_ahead.clone());
         let coord = RedisCoordinationStore::new(self.redis, self.redis_prefix);
         let prefetch = self
             .prefetch
@@ -202,10 +204,10 @@ impl RabbitMqAdapterBuilder {
                 public_url: self.public_url,
                 events_exchange: self.events_exchange,
                 executing: Mutex::new(HashMap::new()),
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 worker_name: super::shared::process_name(),
                 record_history: self.record_history,
-                read_ahead: ReadAhead::default(),
+                read_ahead,
             }),
             metrics_listen: self.metrics_listen,
             amqp_url: self.amqp_url,

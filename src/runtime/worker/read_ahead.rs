@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus::IntCounterVec;
+
 use crate::runtime::message::JobPayload;
 use crate::services::postgres::store::RunSnapshot;
 
@@ -74,9 +76,19 @@ pub(crate) struct ReadAhead {
     used: AtomicU64,
     unused: AtomicU64,
     batches: AtomicU64,
+    /// The worker's `flowcraft_read_ahead_total`, if counted.
+    counted: Option<IntCounterVec>,
 }
 
 impl ReadAhead {
+    /// Read-ahead whose entries are counted, used or not, in `counter` (by `outcome`).
+    pub(crate) fn counted_in(counter: IntCounterVec) -> ReadAhead {
+        ReadAhead {
+            counted: Some(counter),
+            ..ReadAhead::default()
+        }
+    }
+
     /// Whether a batch should read ahead now: while at least half of the entries are used,
     /// always; else one batch in [`PROBE_EVERY`].
     pub(super) fn worthwhile(&self) -> bool {
@@ -143,6 +155,9 @@ impl ReadAhead {
                         return None;
                     }
                     self.used.fetch_add(1, Ordering::Relaxed);
+                    if let Some(counter) = &self.counted {
+                        counter.with_label_values(&["used"]).inc();
+                    }
                     return Some((keys, snapshot));
                 }
                 Some(Entry::Loading(_)) => {
@@ -202,6 +217,9 @@ impl ReadAhead {
     fn count_unused(&self, n: u64) {
         if n == 0 {
             return;
+        }
+        if let Some(counter) = &self.counted {
+            counter.with_label_values(&["unused"]).inc_by(n);
         }
         let unused = self.unused.fetch_add(n, Ordering::Relaxed) + n;
         if unused > 4 * CAPACITY as u64 {
