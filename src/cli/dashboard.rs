@@ -4,7 +4,6 @@
 use clap::Args;
 
 use crate::runtime::dashboard::{DashboardOptions, DashboardServer, DEFAULT_LISTEN};
-use crate::services::postgres::store::RunStore;
 
 use super::local_cmds::load_valid;
 use super::{fail, BlueprintDir, ServiceArgs, EXIT_OK, EXIT_USAGE};
@@ -41,17 +40,9 @@ pub fn dashboard(args: &DashboardArgs) -> i32 {
         Err(code) => return code,
     };
     let s = &args.services;
-    let tables = match s.tables() {
-        Ok(t) => t,
-        Err(code) => return code,
-    };
-    let pg = match s.postgres(4) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let store = match RunStore::new(pg, tables) {
+    let store = match s.run_store(4) {
         Ok(store) => store,
-        Err(e) => return fail(EXIT_USAGE, e),
+        Err(code) => return code,
     };
     let options = DashboardOptions {
         store,

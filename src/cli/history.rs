@@ -81,7 +81,7 @@ pub fn runs(args: &RunsArgs) -> i32 {
             )
         }
     };
-    let store = match args.services.run_store() {
+    let store = match args.services.run_store(1) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -113,7 +113,7 @@ pub fn runs(args: &RunsArgs) -> i32 {
 
 /// Runs `flowcraft inspect`.
 pub fn inspect(args: &InspectArgs) -> i32 {
-    let store = match args.services.run_store() {
+    let store = match args.services.run_store(1) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -180,7 +180,7 @@ pub fn inspect(args: &InspectArgs) -> i32 {
 
 /// Runs `flowcraft prune`.
 pub fn prune(args: &PruneArgs) -> i32 {
-    let store = match args.services.run_store() {
+    let store = match args.services.run_store(1) {
         Ok(s) => s,
         Err(code) => return code,
     };

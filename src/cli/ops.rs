@@ -194,7 +194,6 @@ pub fn worker(args: &WorkerArgs) -> i32 {
     }
 }
 
-/// `{"runId","status","updatedAt","result"}`.
 /// SIGINT/SIGTERM as a channel: the first signal sends; a second exits at once with 130.
 pub fn stop_signals() -> Result<crossbeam_channel::Receiver<()>, i32> {
     let (signal_tx, signal_rx) = crossbeam_channel::unbounded::<()>();
@@ -216,6 +215,7 @@ pub fn stop_signals() -> Result<crossbeam_channel::Receiver<()>, i32> {
     }
 }
 
+/// `{"runId","status","updatedAt","result"}`.
 pub fn status_json(row: &StatusRow) -> Value {
     json!({"runId": row.run_id, "status": row.status, "updatedAt": row.updated_at, "result": row.result})
 }
@@ -269,7 +269,7 @@ pub fn start(
 }
 
 pub fn status(services: &ServiceArgs, run: &str) -> i32 {
-    let store = match services.run_store() {
+    let store = match services.run_store(1) {
         Ok(s) => s,
         Err(code) => return code,
     };

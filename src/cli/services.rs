@@ -105,10 +105,11 @@ impl ServiceArgs {
         Ok((tables, pg, redis))
     }
 
-    /// The run store, once the table names are valid and PostgreSQL answers.
-    pub fn run_store(&self) -> Result<RunStore, i32> {
+    /// The run store over a pool of `pool_size`, once the table names are valid and
+    /// PostgreSQL answers.
+    pub fn run_store(&self, pool_size: u32) -> Result<RunStore, i32> {
         let tables = self.tables()?;
-        let pg = self.postgres(1)?;
+        let pg = self.postgres(pool_size)?;
         RunStore::new(pg, tables).map_err(|e| fail(EXIT_USAGE, e))
     }
 
