@@ -149,6 +149,32 @@ fn the_in_process_runner_emits_flowcraft_s_events_and_runs_the_middleware() {
     assert_failed_run(&events_of(&rx, &failed.run_id));
 }
 
+/// A start node that fails its first attempt: its retry does not start the run again.
+#[test]
+fn a_retried_start_node_starts_its_run_once() {
+    let env = TestEnv::new("events_start");
+    let retried = bp(&json!({"id": "retried_start", "nodes": [
+        {"id": "s", "uses": "flaky", "config": {"maxRetries": 2}},
+        {"id": "t", "uses": "inc"}],
+      "edges": [{"source": "s", "target": "t"}]})
+    .to_string());
+    let (registry, rx, _) = registry();
+    let worker = env.start_worker(registry, vec![retried.clone()], 2);
+    let run = env.start_run(&retried, ContextMap::new());
+    env.wait_for_status(&run, "completed", WAIT);
+    let kinds: Vec<String> = events_of(&rx, &run)
+        .iter()
+        .map(|e| e.kind.name().to_string())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "workflow:start").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"node:retry".to_string()), "{kinds:?}");
+    worker.stop().unwrap();
+}
+
 #[test]
 fn the_worker_emits_the_same_events_and_a_hung_listener_holds_nothing_up() {
     let env = TestEnv::new("events");

@@ -329,11 +329,11 @@ fn execute(
     node: &RunNode,
     context: ContextView,
 ) -> (ContextView, Result<NodeSuccess, NodeFailure>, Execution) {
+    // A run starts with its first start node's first attempt (not with its retries, nor
+    // with the other start nodes running beside it).
     if is_start_job(bp, job, node)
-        && bp
-            .start_node_ids()
-            .iter()
-            .all(|s| !context.contains_key(&output_key(s)))
+        && job.attempt.unwrap_or(1) <= 1
+        && bp.start_node_ids().first() == Some(&job.node_id.as_str())
     {
         log::info!("run {}: started ({})", job.run_id, bp.id());
         shared.metrics.runs.with_label_values(&["started"]).inc();
