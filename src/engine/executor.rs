@@ -281,8 +281,8 @@ fn run_attempts(
                 Ok(()) => {
                     emit(EventKind::NodeFinish, None);
                     match node.uses.as_str() {
-                        "batch-scatter" => emit(EventKind::BatchStart, None),
-                        "batch-gather" => emit(EventKind::BatchFinish, None),
+                        crate::engine::flow::BATCH_SCATTER => emit(EventKind::BatchStart, None),
+                        crate::engine::flow::BATCH_GATHER => emit(EventKind::BatchFinish, None),
                         _ => {}
                     }
                     return Ok(NodeSuccess {

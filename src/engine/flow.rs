@@ -19,6 +19,8 @@ use crate::vocabulary::keys::{batch_key, output_key, BLUEPRINT_ID, BLUEPRINT_VER
 pub const LOOP_CONTROLLER: &str = "loop-controller";
 /// `uses` of the batch scatter built-in.
 pub const BATCH_SCATTER: &str = "batch-scatter";
+/// `uses` of the batch gather built-in.
+pub const BATCH_GATHER: &str = "batch-gather";
 
 /// An edge chosen after a node finished.
 #[derive(Debug, Clone, PartialEq)]

@@ -94,7 +94,7 @@ pub(crate) fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<Strin
             keys.extend([output_key(head), head.to_string()]);
         }
     }
-    if def.uses == "batch-gather" {
+    if def.uses == crate::engine::flow::BATCH_GATHER {
         keys.push(batch_key(node_id));
     }
     // Successors that repeat (also through the nodes this one stands in for as a

@@ -244,10 +244,7 @@ impl TestEnv {
     pub fn queue_depth(&self, queue: &str) -> u32 {
         let mut conn = amqp::connect(&amqp_url()).unwrap();
         let ch = conn.open_channel(None).unwrap();
-        let depth = ch
-            .queue_declare_passive(queue)
-            .map(|q| q.declared_message_count().unwrap_or(0))
-            .unwrap_or(0);
+        let depth = amqp::queue_depth(&ch, queue).unwrap().unwrap_or(0);
         let _ = conn.close();
         depth
     }
