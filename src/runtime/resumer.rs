@@ -14,7 +14,7 @@ use crate::runtime::error::Error;
 use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
 use crate::runtime::metrics::Metrics;
-use crate::runtime::reads::{check_reads, keyed_view};
+use crate::runtime::reads::{check_reads, expected_reads, keyed_view};
 use crate::runtime::scheduling::{
     awaited_details, frontier, next_jobs, node_meta, paused_iteration, RunNode,
 };
@@ -172,6 +172,13 @@ impl<'a> Resumer<'a> {
                     run: run_id.into(),
                     blueprint: blueprint_id.clone(),
                 })?;
+        // What the resumed nodes' bookkeeping and successors read, in one round trip (the
+        // view may have been loaded before the blueprint was known).
+        let expected: Vec<String> = targets
+            .iter()
+            .flat_map(|n| expected_reads(Some(bp), n))
+            .collect();
+        context.prefetch(&expected);
         let NodeSuccess {
             result,
             deltas,
