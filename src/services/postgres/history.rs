@@ -65,6 +65,8 @@ pub struct NodeExecution {
     pub error: Option<String>,
     /// When it started (RFC 3339, UTC, milliseconds).
     pub started_at: String,
+    /// The same, in milliseconds since the Unix epoch.
+    pub started_ms: f64,
     /// How long it took, in milliseconds.
     pub duration_ms: f64,
     /// The worker process (`host:pid`).
@@ -140,7 +142,8 @@ impl RunStore {
     pub fn history(&self, run_id: &str) -> Result<Vec<NodeExecution>, StoreError> {
         let sql = format!(
             "SELECT node_id, iteration, attempt, outcome, error, {},
-                    EXTRACT(EPOCH FROM finished_at - started_at)::float8 * 1000, worker
+                    EXTRACT(EPOCH FROM finished_at - started_at)::float8 * 1000, worker,
+                    EXTRACT(EPOCH FROM started_at)::float8 * 1000
              FROM {} WHERE run_id = $1 ORDER BY started_at, finished_at",
             rfc3339("started_at"),
             self.tables().history()
@@ -157,6 +160,7 @@ impl RunStore {
                     started_at: row.try_get(5)?,
                     duration_ms: row.try_get(6)?,
                     worker: row.try_get(7)?,
+                    started_ms: row.try_get(8)?,
                 })
             })
             .collect()
