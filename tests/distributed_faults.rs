@@ -427,6 +427,40 @@ fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
     handle.stop().unwrap();
 }
 
+/// A run whose last job coordinated but whose completion was lost: the worker's reconciler
+/// completes it, and the worker's listeners hear of it as of any run it completes.
+#[test]
+fn a_run_the_reconciler_completes_is_reported_finished() {
+    let env = TestEnv::new("reconciled_finish");
+    let one = bp(r#"{"id":"one","nodes":[{"id":"a","uses":"inc"}]}"#);
+    let store = env.store();
+    let mut context = ContextMap::new();
+    one.stamp(&mut context);
+    store.create_run("r1", &context).unwrap();
+    let (commit, guard) = commit_of("a", json!(1));
+    assert!(store.commit_node("r1", commit, guard).unwrap());
+    let coord = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    let finished = coord
+        .finish_job("r1", "a", &["a".to_string()], &[])
+        .unwrap();
+    assert!(finished.run_idle && finished.ledger_intact);
+    let mut registry = inc_registry();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    registry.listen(move |e: &flowcraft_rabbitmq::FlowEvent| {
+        let _ = tx.send(e.clone());
+    });
+    let (reconciler, handle) = env.reconciling_worker(registry, vec![one], 1, Duration::ZERO);
+    reconciler.run().unwrap();
+    env.wait_for_status("r1", "completed", WAIT);
+    let event = rx.recv_timeout(WAIT).expect("the run's workflow:finish");
+    assert_eq!(event.kind, flowcraft_rabbitmq::EventKind::WorkflowFinish);
+    assert_eq!(
+        (event.run_id.as_str(), event.status.as_deref()),
+        ("r1", Some("completed"))
+    );
+    handle.stop().unwrap();
+}
+
 #[test]
 fn a_run_started_exactly_like_the_seed_client_completes() {
     let env = TestEnv::new("seed");

@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use amiquip::Connection;
 
 use crate::engine::blueprint::Blueprint;
+use crate::engine::events::EventBus;
+use crate::runtime::metrics::Metrics;
 use crate::engine::nodes::now_ms;
 use crate::runtime::error::Error;
 use crate::runtime::message::parse_job_id;
@@ -65,6 +67,8 @@ pub struct Reconciler {
     batch: i64,
     /// Where the last pass's page of awaiting runs ended, shared by clones.
     awaiting_cursor: Arc<Mutex<Option<AwaitingCursor>>>,
+    /// A worker's metrics and events, which the runs this completes count in.
+    observer: Option<(Arc<Metrics>, EventBus)>,
 }
 
 impl Reconciler {
@@ -85,7 +89,15 @@ impl Reconciler {
             stalled_after: Duration::from_secs(300),
             batch: 500,
             awaiting_cursor: Arc::new(Mutex::new(None)),
+            observer: None,
         }
+    }
+
+    /// Counts the runs this completes in a worker's `metrics` and tells `events`' listeners,
+    /// as the worker's own completions do.
+    pub(crate) fn observed(mut self, metrics: Arc<Metrics>, events: EventBus) -> Self {
+        self.observer = Some((metrics, events));
+        self
     }
 
     /// How long a run may be idle before it counts as stalled (default 300 s); also how long
@@ -105,12 +117,16 @@ impl Reconciler {
     }
 
     fn resumer(&self) -> crate::runtime::resumer::Resumer<'_> {
-        crate::runtime::resumer::Resumer::new(
+        let resumer = crate::runtime::resumer::Resumer::new(
             &self.store,
             &self.coord,
             &self.blueprints,
             &self.queue,
-        )
+        );
+        match &self.observer {
+            Some((metrics, events)) => resumer.observed(metrics, events),
+            None => resumer,
+        }
     }
 
     /// One pass.

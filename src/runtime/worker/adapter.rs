@@ -39,6 +39,10 @@ impl RabbitMqAdapter {
             self.shared.queue.clone(),
         )
         .stalled_after(self.stalled_after)
+        .observed(
+            self.shared.metrics.clone(),
+            self.shared.registry.events().clone(),
+        )
     }
 
     /// Connects (failing at once if RabbitMQ cannot be reached), then consumes on background
