@@ -87,8 +87,9 @@ pub struct FlowEvent {
     pub duration: Option<Duration>,
     /// Why it failed, for `node:retry` and `node:error`.
     pub error: Option<String>,
-    /// The run's status, for `workflow:finish` (`completed`, `failed`, `cancelled`,
-    /// `awaiting`).
+    /// The run's status, for `workflow:finish`: `completed` or `failed`; in process also
+    /// `cancelled`, or `awaiting` when the run stopped to wait (a distributed run that waits
+    /// has not finished, and its cancel comes from a client, not a worker).
     pub status: Option<String>,
 }
 
