@@ -15,7 +15,8 @@ use crate::engine::node::{Node, NodeContext, NodeError, NodeResult};
 pub struct NodeRegistry {
     nodes: HashMap<String, Arc<dyn Node>>,
     events: EventBus,
-    middleware: Vec<Arc<dyn NodeMiddleware>>,
+    /// Shared with every wrapped lookup (a lookup only bumps a count).
+    middleware: Arc<[Arc<dyn NodeMiddleware>]>,
 }
 
 impl fmt::Debug for NodeRegistry {
@@ -54,7 +55,7 @@ impl NodeRegistry {
         }
         Some(Arc::new(Wrapped {
             node,
-            middleware: self.middleware.clone().into(),
+            middleware: self.middleware.clone(),
         }))
     }
 
@@ -67,7 +68,9 @@ impl NodeRegistry {
 
     /// Wraps every attempt of every node in a middleware; the first added is the outermost.
     pub fn wrap(&mut self, middleware: impl NodeMiddleware) -> &mut Self {
-        self.middleware.push(Arc::new(middleware));
+        let mut chain = self.middleware.to_vec();
+        chain.push(Arc::new(middleware));
+        self.middleware = chain.into();
         self
     }
 
