@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::services::postgres::history::RunFilter;
-use crate::vocabulary::keys::{AWAITING_DETAILS, AWAITING_NODE_IDS};
+use crate::vocabulary::keys::{AWAITING_DETAILS, AWAITING_NODE_IDS, BLUEPRINT_ID};
 use crate::vocabulary::RunStatus;
 
 use super::{fail, ServiceArgs, EXIT_FAILED, EXIT_OK, EXIT_USAGE};
@@ -129,16 +129,11 @@ pub fn inspect(args: &InspectArgs) -> i32 {
     };
     println!("run        {run}");
     println!("status     {}", status.status.as_str());
-    if let Some(blueprint) = context.get("blueprintId").and_then(Value::as_str) {
+    if let Some(blueprint) = context.get(BLUEPRINT_ID).and_then(Value::as_str) {
         println!("blueprint  {blueprint}");
     }
     println!("updated    {}", status.updated_at.as_deref().unwrap_or("-"));
-    if let Some(reason) = status
-        .result
-        .as_ref()
-        .and_then(|r| r.get("reason"))
-        .and_then(Value::as_str)
-    {
+    if let Some(reason) = status.reason() {
         println!("reason     {reason}");
     }
     println!();

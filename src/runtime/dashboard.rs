@@ -1042,12 +1042,7 @@ fn render_run(base: &str, view: &RunView) -> String {
     let mut body = String::new();
     let status = view.status.as_ref().map(|s| s.status);
     let status_name = status.map_or("unknown", RunStatus::as_str);
-    let reason = view
-        .status
-        .as_ref()
-        .and_then(|s| s.result.as_ref())
-        .and_then(|r| r.get("reason"))
-        .and_then(Value::as_str);
+    let reason = view.status.as_ref().and_then(StatusRow::reason);
     let _ = write!(
         body,
         r#"<section class="run" data-run-id="{id}" data-status="{s}"><h2>Run <code>{id}</code> <span class="badge {s}">{s}</span></h2><dl>"#,

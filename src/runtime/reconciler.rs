@@ -28,11 +28,11 @@ use amiquip::Connection;
 
 use crate::engine::blueprint::Blueprint;
 use crate::engine::events::EventBus;
-use crate::runtime::metrics::Metrics;
 use crate::engine::nodes::now_ms;
 use crate::runtime::error::Error;
 use crate::runtime::message::parse_job_id;
 use crate::runtime::message::JobPayload;
+use crate::runtime::metrics::Metrics;
 use crate::runtime::scheduling::frontier;
 use crate::services::postgres::store::{AwaitingCursor, AwaitingRun, RunStore};
 use crate::services::rabbitmq::AmqpError;

@@ -403,8 +403,7 @@ pub(crate) fn renotify_parent(
             let reason = shared
                 .store
                 .status(run)?
-                .and_then(|row| row.result)
-                .and_then(|r| r.get("reason").and_then(Value::as_str).map(String::from))
+                .and_then(|row| row.reason().map(String::from))
                 .unwrap_or_else(|| "the child run failed".into());
             propagate_failure(shared, run, Some(context), &reason, publisher)
         }

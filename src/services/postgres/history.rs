@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use postgres::types::ToSql;
 
-use crate::services::postgres::store::{rfc3339, Execution, RunStore, StoreError};
+use crate::services::postgres::store::{rfc3339, unknown_status, Execution, RunStore, StoreError};
 use crate::vocabulary::RunStatus;
 
 /// A run, as `flowcraft runs` lists it.
@@ -108,7 +108,7 @@ impl RunStore {
                 let status: String = row.try_get(1)?;
                 let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Malformed {
                     run_id: run_id.clone(),
-                    reason: format!("unknown status '{status}'"),
+                    reason: unknown_status(&status),
                 })?;
                 Ok(RunSummary {
                     run_id,

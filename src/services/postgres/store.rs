@@ -372,7 +372,7 @@ pub struct RunSnapshot {
 }
 
 /// The reason a status row holds no status of [`RunStatus`].
-fn unknown_status(status: &str) -> String {
+pub(super) fn unknown_status(status: &str) -> String {
     format!("unknown status '{status}'")
 }
 
@@ -388,6 +388,13 @@ pub struct StatusRow {
     /// The last outcome written (`{"status": "awaiting"|"completed"|"failed"|"cancelled", …}`);
     /// `None` until the run first pauses or ends.
     pub result: Option<Value>,
+}
+
+impl StatusRow {
+    /// Why the run failed or was cancelled (its result's `reason`), if it says.
+    pub fn reason(&self) -> Option<&str> {
+        self.result.as_ref()?.get("reason")?.as_str()
+    }
 }
 
 /// Where a page of awaiting runs ended: the last run's `updated_at` (as PostgreSQL's text)
