@@ -292,7 +292,8 @@ impl Dashboard {
 
     fn dead_letters_page(&self, base: &str) -> String {
         let queue = amqp::dead_letter_queue(&self.options.queue);
-        let peek = peek_dead_letters(&self.options.amqp_url, &queue).map_err(|e| e.to_string());
+        let peek = peek_dead_letters(&self.options.amqp_url, &queue, DEAD_LETTERS_SCANNED)
+            .map_err(|e| e.to_string());
         render_dead_letters(base, &queue, &peek)
     }
 }
@@ -372,29 +373,23 @@ struct DeadLetterPeek {
 /// The depth of the dead-letter queue of `queue`, or why it is unknown.
 fn dead_letter_depth(url: &str, queue: &str) -> std::result::Result<u32, String> {
     let name = amqp::dead_letter_queue(queue);
-    let mut conn =
-        amqp::connect_named(url, Some("flowcraft dashboard")).map_err(|e| e.to_string())?;
-    let depth = conn
-        .open_channel(None)
-        .map_err(AmqpError::from)
-        .and_then(|ch| amqp::queue_depth(&ch, &name));
-    let _ = conn.close();
-    match depth {
-        Ok(Some(depth)) => Ok(depth),
-        Ok(None) => Err(not_declared(&name)),
+    match peek_dead_letters(url, &name, 0) {
+        Ok(peek) if peek.exists => Ok(peek.depth),
+        Ok(_) => Err(format!(
+            "queue '{name}' does not exist yet (no worker has declared it)"
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
 
-/// Why a queue's depth is unknown when it does not exist.
-fn not_declared(queue: &str) -> String {
-    format!("queue '{queue}' does not exist yet (no worker has declared it)")
-}
-
 /// Looks at the dead-letter queue without taking anything off it
-/// ([`amqp::peek_queue`]): at most [`DEAD_LETTERS_SCANNED`] from its head, the last
-/// [`DEAD_LETTERS_SHOWN`] of them kept.
-fn peek_dead_letters(url: &str, queue: &str) -> std::result::Result<DeadLetterPeek, AmqpError> {
+/// ([`amqp::peek_queue`]): at most `scan` from its head, the last [`DEAD_LETTERS_SHOWN`] of
+/// them kept (with `scan` 0, only its depth).
+fn peek_dead_letters(
+    url: &str,
+    queue: &str,
+    scan: usize,
+) -> std::result::Result<DeadLetterPeek, AmqpError> {
     let mut conn = amqp::connect_named(url, Some("flowcraft dashboard"))?;
     let peek = (|| {
         let channel = conn.open_channel(None)?;
@@ -407,7 +402,7 @@ fn peek_dead_letters(url: &str, queue: &str) -> std::result::Result<DeadLetterPe
             });
         };
         let mut latest = VecDeque::with_capacity(DEAD_LETTERS_SHOWN + 1);
-        let scanned = amqp::peek_queue(&channel, queue, DEAD_LETTERS_SCANNED, |body, props| {
+        let scanned = amqp::peek_queue(&channel, queue, scan, |body, props| {
             latest.push_back(DeadLetter::of(body, props));
             if latest.len() > DEAD_LETTERS_SHOWN {
                 latest.pop_front();
