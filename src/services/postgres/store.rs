@@ -565,8 +565,9 @@ struct CommitRequest {
     run_id: String,
     delete: Value,
     set: Value,
-    output_key: String,
-    meta_key: String,
+    /// The row that tells whether the execution is committed: the node's output, or the
+    /// bookkeeping of a node that repeats (a pause checks it; its guard is the awaiting row).
+    exec_key: String,
     iteration: i32,
     repeats: bool,
     awaiting_id: Option<String>,
@@ -699,8 +700,11 @@ impl CommitRequest {
             guard_key,
             delete: Value::from(delete),
             set: Value::Object(set),
-            output_key: guard.output_key,
-            meta_key: guard.meta_key,
+            exec_key: if guard.repeats {
+                guard.meta_key
+            } else {
+                guard.output_key
+            },
             iteration: i32::try_from(guard.iteration).unwrap_or(i32::MAX),
             repeats: guard.repeats,
             awaiting_id,
@@ -779,11 +783,11 @@ impl RunStore {
         // that concurrent statements lock entries in one order). Each applies only if its
         // guard row could be written: `ok` lists those.
         let commit_rows = "WITH j AS (
-                   SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::text[],
-                               $6::int[], $7::bool[], $8::text[], $9::jsonb[], $10::jsonb[],
-                               $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::text[], $15::int[],
-                               $16::float8[], $17::float8[], $18::text[], $19::text[])
-                     WITH ORDINALITY AS u(run_id, del, sets, output_key, meta_key, iteration, repeats,
+                   SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::int[],
+                               $6::bool[], $7::text[], $8::jsonb[], $9::jsonb[], $10::jsonb[],
+                               $11::jsonb[], $12::jsonb[], $13::text[], $14::int[], $15::float8[],
+                               $16::float8[], $17::text[], $18::text[])
+                     WITH ORDINALITY AS u(run_id, del, sets, exec_key, iteration, repeats,
                                           awaiting_id, awaiting_details, set_if_absent, guard_value,
                                           header_set, header_del, h_node, h_attempt, h_started,
                                           h_finished, h_worker, guard_key, ord))";
@@ -804,6 +808,44 @@ impl RunStore {
                      CASE WHEN ok.awaiting_id IS NULL THEN 'completed' ELSE 'awaiting' END,
                      to_timestamp(ok.h_started / 1000.0), to_timestamp(ok.h_finished / 1000.0), ok.h_worker
                    FROM ok WHERE ok.h_node IS NOT NULL
+                   RETURNING 1)"
+        );
+        // The keys the commits set or delete (and a pause's details), and the run's status
+        // row: both statements write them alike.
+        let w = format!(
+            "w AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT DISTINCT ON (w.run_id, w.key) w.run_id, w.key, w.value FROM (
+                     SELECT ok.run_id, x.key, x.value, ok.ord FROM ok, jsonb_each(ok.sets) x
+                     UNION ALL
+                     SELECT ok.run_id, d.key, NULL, ok.ord FROM ok, jsonb_array_elements_text(ok.del) AS d(key)
+                     UNION ALL
+                     SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details), ok.ord
+                     FROM ok WHERE ok.awaiting_id IS NOT NULL) w
+                   -- A key several commits set or delete: the last commit's write.
+                   ORDER BY w.run_id, w.key, w.ord DESC
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = CASE
+                     WHEN EXCLUDED.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
+                     THEN t.value || EXCLUDED.value ELSE EXCLUDED.value END
+                   RETURNING 1)"
+        );
+        let status = format!(
+            "s AS (
+                   UPDATE {s} st SET updated_at = NOW(),
+                     status = CASE WHEN c.awaiting_id IS NOT NULL AND st.status = 'running' THEN 'awaiting' ELSE st.status END,
+                     result = CASE WHEN c.awaiting_id IS NOT NULL AND st.status IN ('running', 'awaiting')
+                       THEN jsonb_build_object('status', 'awaiting', 'nodeId', c.awaiting_id, 'details', c.awaiting_details)
+                       ELSE st.result END
+                   -- `updated_at` (indexed, so each write is an index insert) moves at most
+                   -- once a second; a pause always writes.
+                   -- (One row per run: a statement holds at most one pause of a run.)
+                   FROM (SELECT ok.run_id,
+                           (array_agg(ok.awaiting_id) FILTER (WHERE ok.awaiting_id IS NOT NULL))[1] AS awaiting_id,
+                           (array_agg(ok.awaiting_details) FILTER (WHERE ok.awaiting_id IS NOT NULL))[1] AS awaiting_details
+                         FROM ok GROUP BY ok.run_id) c
+                   WHERE st.run_id = c.run_id
+                     AND (c.awaiting_id IS NOT NULL OR st.updated_at IS NULL
+                          OR st.updated_at < NOW() - interval '1 second')
                    RETURNING 1)"
         );
         let commit_ctes = format!(
@@ -827,7 +869,7 @@ impl RunStore {
                    WHERE j.awaiting_id IS NOT NULL AND NOT EXISTS (
                      SELECT 1 FROM {e} x
                      WHERE x.run_id = j.run_id AND x.value IS NOT NULL
-                       AND x.key = CASE WHEN j.repeats THEN j.meta_key ELSE j.output_key END
+                       AND x.key = j.exec_key
                        AND (NOT j.repeats OR COALESCE(x.value -> 'iters', '[]'::jsonb) @> jsonb_build_array(j.iteration)))
                    ORDER BY j.run_id
                    ON CONFLICT (run_id, key) DO UPDATE SET value = COALESCE(t.value, '[]'::jsonb) || EXCLUDED.value
@@ -838,21 +880,7 @@ impl RunStore {
                    SELECT j.* FROM j JOIN (
                      SELECT * FROM once UNION ALL SELECT * FROM again UNION ALL SELECT * FROM paused) a
                    ON a.run_id = j.run_id AND a.key = j.guard_key),
-                 w AS (
-                   INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT DISTINCT ON (w.run_id, w.key) w.run_id, w.key, w.value FROM (
-                     SELECT ok.run_id, x.key, x.value, ok.ord FROM ok, jsonb_each(ok.sets) x
-                     UNION ALL
-                     SELECT ok.run_id, d.key, NULL, ok.ord FROM ok, jsonb_array_elements_text(ok.del) AS d(key)
-                     UNION ALL
-                     SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details), ok.ord
-                     FROM ok WHERE ok.awaiting_id IS NOT NULL) w
-                   -- A key several commits set or delete: the last commit's write.
-                   ORDER BY w.run_id, w.key, w.ord DESC
-                   ON CONFLICT (run_id, key) DO UPDATE SET value = CASE
-                     WHEN EXCLUDED.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
-                     THEN t.value || EXCLUDED.value ELSE EXCLUDED.value END
-                   RETURNING 1),
+                 {w},
                  -- Inputs of `any` joins: the first one written stays.
                  first AS (
                    INSERT INTO {e} AS t (run_id, key, value)
@@ -870,45 +898,14 @@ impl RunStore {
                      AND (ok.header_set <> '{{}}'::jsonb OR ok.header_del <> '[]'::jsonb)
                    RETURNING 1),
                  {history},
-                 s AS (
-                   UPDATE {s} st SET updated_at = NOW(),
-                     status = CASE WHEN c.awaiting_id IS NOT NULL AND st.status = 'running' THEN 'awaiting' ELSE st.status END,
-                     result = CASE WHEN c.awaiting_id IS NOT NULL AND st.status IN ('running', 'awaiting')
-                       THEN jsonb_build_object('status', 'awaiting', 'nodeId', c.awaiting_id, 'details', c.awaiting_details)
-                       ELSE st.result END
-                   -- `updated_at` (indexed, so each write is an index insert) moves at most
-                   -- once a second; a pause always writes.
-                   -- (One row per run: a statement holds at most one pause of a run.)
-                   FROM (SELECT ok.run_id,
-                           (array_agg(ok.awaiting_id) FILTER (WHERE ok.awaiting_id IS NOT NULL))[1] AS awaiting_id,
-                           (array_agg(ok.awaiting_details) FILTER (WHERE ok.awaiting_id IS NOT NULL))[1] AS awaiting_details
-                         FROM ok GROUP BY ok.run_id) c
-                   WHERE st.run_id = c.run_id
-                     AND (c.awaiting_id IS NOT NULL OR st.updated_at IS NULL
-                          OR st.updated_at < NOW() - interval '1 second')
-                   RETURNING 1)"
+                 {status}"
         );
         // The common commit, with none of the above but outputs, inputs and deletions: the
         // same parameters, a statement PostgreSQL plans and starts in about half the time.
         let plain_ctes = format!(
             "{commit_rows}, {once},
                  ok AS (SELECT j.* FROM j JOIN once ON once.run_id = j.run_id AND once.key = j.guard_key),
-                 w AS (
-                   INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT DISTINCT ON (w.run_id, w.key) w.run_id, w.key, w.value FROM (
-                     SELECT ok.run_id, x.key, x.value, ok.ord FROM ok, jsonb_each(ok.sets) x
-                     UNION ALL
-                     SELECT ok.run_id, d.key, NULL, ok.ord FROM ok, jsonb_array_elements_text(ok.del) AS d(key)) w
-                   ORDER BY w.run_id, w.key, w.ord DESC
-                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
-                   RETURNING 1),
-                 {history},
-                 s AS (
-                   UPDATE {s} st SET updated_at = NOW()
-                   FROM (SELECT DISTINCT ok.run_id FROM ok) c
-                   WHERE st.run_id = c.run_id
-                     AND (st.updated_at IS NULL OR st.updated_at < NOW() - interval '1 second')
-                   RETURNING 1)"
+                 {w}, {history}, {status}"
         );
         let sql = Statements {
             load: format!(
@@ -1339,8 +1336,7 @@ impl RunStore {
             &column(&rows, |r| r.run_id.as_str()),
             &column(&rows, |r| &r.delete),
             &column(&rows, |r| &r.set),
-            &column(&rows, |r| r.output_key.as_str()),
-            &column(&rows, |r| r.meta_key.as_str()),
+            &column(&rows, |r| r.exec_key.as_str()),
             &column(&rows, |r| r.iteration),
             &column(&rows, |r| r.repeats),
             &column(&rows, |r| r.awaiting_id.as_deref()),
