@@ -810,25 +810,35 @@ impl RunStore {
                    FROM ok WHERE ok.h_node IS NOT NULL
                    RETURNING 1)"
         );
-        // The keys the commits set or delete (and a pause's details), and the run's status
-        // row: both statements write them alike.
-        let w = format!(
-            "w AS (
+        // The keys the commits set or delete, `extra` rows (a pause's details), each written
+        // as `value` says: the last commit's write of a key several commits write.
+        let writes = |extra: &str, value: &str| {
+            format!(
+                "w AS (
                    INSERT INTO {e} AS t (run_id, key, value)
                    SELECT DISTINCT ON (w.run_id, w.key) w.run_id, w.key, w.value FROM (
                      SELECT ok.run_id, x.key, x.value, ok.ord FROM ok, jsonb_each(ok.sets) x
                      UNION ALL
                      SELECT ok.run_id, d.key, NULL, ok.ord FROM ok, jsonb_array_elements_text(ok.del) AS d(key)
-                     UNION ALL
-                     SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details), ok.ord
-                     FROM ok WHERE ok.awaiting_id IS NOT NULL) w
-                   -- A key several commits set or delete: the last commit's write.
+                     {extra}) w
                    ORDER BY w.run_id, w.key, w.ord DESC
-                   ON CONFLICT (run_id, key) DO UPDATE SET value = CASE
-                     WHEN EXCLUDED.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
-                     THEN t.value || EXCLUDED.value ELSE EXCLUDED.value END
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = {value}
                    RETURNING 1)"
+            )
+        };
+        let w = writes(
+            &format!(
+                "UNION ALL
+                 SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details), ok.ord
+                 FROM ok WHERE ok.awaiting_id IS NOT NULL"
+            ),
+            &format!(
+                "CASE WHEN EXCLUDED.key = '{AWAITING_DETAILS}' AND jsonb_typeof(t.value) = 'object'
+                   THEN t.value || EXCLUDED.value ELSE EXCLUDED.value END"
+            ),
         );
+        // The run's status row: `updated_at` (indexed, so each write is an index insert)
+        // moves at most once a second; a pause always writes.
         let status = format!(
             "s AS (
                    UPDATE {s} st SET updated_at = NOW(),
@@ -836,8 +846,6 @@ impl RunStore {
                      result = CASE WHEN c.awaiting_id IS NOT NULL AND st.status IN ('running', 'awaiting')
                        THEN jsonb_build_object('status', 'awaiting', 'nodeId', c.awaiting_id, 'details', c.awaiting_details)
                        ELSE st.result END
-                   -- `updated_at` (indexed, so each write is an index insert) moves at most
-                   -- once a second; a pause always writes.
                    -- (One row per run: a statement holds at most one pause of a run.)
                    FROM (SELECT ok.run_id,
                            (array_agg(ok.awaiting_id) FILTER (WHERE ok.awaiting_id IS NOT NULL))[1] AS awaiting_id,
@@ -905,7 +913,14 @@ impl RunStore {
         let plain_ctes = format!(
             "{commit_rows}, {once},
                  ok AS (SELECT j.* FROM j JOIN once ON once.run_id = j.run_id AND once.key = j.guard_key),
-                 {w}, {history}, {status}"
+                 {w}, {history},
+                 s AS (
+                   UPDATE {s} st SET updated_at = NOW()
+                   FROM (SELECT DISTINCT ok.run_id FROM ok) c
+                   WHERE st.run_id = c.run_id
+                     AND (st.updated_at IS NULL OR st.updated_at < NOW() - interval '1 second')
+                   RETURNING 1)",
+            w = writes("", "EXCLUDED.value"),
         );
         let sql = Statements {
             load: format!(
