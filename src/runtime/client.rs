@@ -21,7 +21,7 @@ use crate::runtime::worker::DEFAULT_QUEUE;
 use crate::services::postgres::store::{PgPool, RunStore, StatusRow, Tables};
 use crate::services::rabbitmq::{self as amqp, ConfirmPublisher, Declare, JobSink, KeptPublisher};
 use crate::services::redis::{RedisCoordinationStore, RedisPool, DEFAULT_PREFIX};
-use crate::vocabulary::keys::AWAITING_DETAILS;
+use crate::vocabulary::keys::{AWAITING_DETAILS, BLUEPRINT_ID};
 use crate::vocabulary::limits::{check_id, check_storable};
 use crate::vocabulary::RunStatus;
 
@@ -158,7 +158,7 @@ impl Client {
             true
         };
         if !created {
-            let Some(existing) = self.store.load(run_id)? else {
+            let Some(existing) = self.store.load_keys(run_id, vec![BLUEPRINT_ID.into()])? else {
                 return Err(Error::UnknownRun(run_id.into()));
             };
             let theirs = Blueprint::stamped_id(&existing.context);

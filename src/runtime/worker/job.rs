@@ -154,15 +154,7 @@ fn process(
             ..
         }) => {
             let max = node.def(bp).config.max_retries.unwrap_or(1).max(1);
-            if shared.record_history {
-                shared.store.record_failure(
-                    &job.run_id,
-                    job.iteration,
-                    &execution,
-                    true,
-                    &message,
-                )?;
-            }
+            record_failure(shared, job, &execution, true, &message)?;
             return queue_retry(shared, job, attempts, max, delay, &message, publisher);
         }
         Err(failure) => {
@@ -676,15 +668,7 @@ fn fail_node(
             return Ok(Outcome::Ack);
         }
     }
-    if shared.record_history {
-        shared.store.record_failure(
-            &job.run_id,
-            job.iteration,
-            &execution,
-            false,
-            &failure.message,
-        )?;
-    }
+    record_failure(shared, job, &execution, false, &failure.message)?;
     if let RunNode::Static(i) = node {
         let (mut poisoned, mut cancelled) = (Vec::new(), Vec::new());
         for &e in bp.outgoing(*i) {
@@ -706,4 +690,21 @@ fn fail_node(
         publisher,
     )?;
     Ok(Outcome::Ack)
+}
+
+/// Records a failed attempt in the run history (retried, or failing the node for good),
+/// unless the worker keeps no history.
+fn record_failure(
+    shared: &Shared,
+    job: &JobPayload,
+    execution: &Execution,
+    retried: bool,
+    message: &str,
+) -> Result<(), Error> {
+    if shared.record_history {
+        shared
+            .store
+            .record_failure(&job.run_id, job.iteration, execution, retried, message)?;
+    }
+    Ok(())
 }
