@@ -9,15 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-fn flowcraft(env: &TestEnv) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flowcraft"));
-    c.env_remove("FLOWCRAFT_BLUEPRINTS");
-    for (k, v) in env.cli_env() {
-        c.env(k, v);
-    }
-    c
-}
-
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run flowcraft")
 }
@@ -47,7 +38,7 @@ fn blueprint_dir(env: &TestEnv) -> std::path::PathBuf {
 /// A `flowcraft worker` process on blueprint directory `dir` with two threads, no
 /// reconciler and `extra` arguments; its output is discarded.
 fn spawn_worker(env: &TestEnv, dir: &str, extra: &[&str]) -> Child {
-    flowcraft(env)
+    env.flowcraft_command()
         .args([
             "worker",
             "--blueprints",
@@ -80,14 +71,14 @@ fn sigterm(child: &Child) {
 fn two_workers_finish_every_run_and_sigterm_loses_nothing() {
     let env = TestEnv::without_tables("cli_e2e");
     let dir = blueprint_dir(&env);
-    let out = run(flowcraft(&env).arg("migrate"));
+    let out = run(env.flowcraft_command().arg("migrate"));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("applied 0001_init"),
         "{}",
         text(&out.stdout)
     );
-    let out = run(flowcraft(&env).arg("migrate"));
+    let out = run(env.flowcraft_command().arg("migrate"));
     assert!(text(&out.stdout).contains("up to date"));
 
     let mut first = start_worker(&env, &dir);
@@ -96,7 +87,7 @@ fn two_workers_finish_every_run_and_sigterm_loses_nothing() {
         range
             .map(|n| {
                 let context = json!({"n": n}).to_string();
-                let out = run(flowcraft(&env).args([
+                let out = run(env.flowcraft_command().args([
                     "start",
                     "--blueprints",
                     dir.to_str().unwrap(),
@@ -125,14 +116,14 @@ fn two_workers_finish_every_run_and_sigterm_loses_nothing() {
         assert_eq!(context["seen"], json!(true));
     }
     // status prints the documented JSON.
-    let out = run(flowcraft(&env).args(["status", &runs[0].1]));
+    let out = run(env.flowcraft_command().args(["status", &runs[0].1]));
     assert_eq!(out.status.code(), Some(0));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["runId"], json!(runs[0].1));
     assert_eq!(status["status"], json!("completed"));
     assert!(status["updatedAt"].as_str().unwrap().ends_with('Z'));
     // start --wait prints the final status and exits 0.
-    let out = run(flowcraft(&env).args([
+    let out = run(env.flowcraft_command().args([
         "start",
         "--blueprints",
         dir.to_str().unwrap(),
@@ -264,7 +255,7 @@ fn operator_commands_answer_bad_input_clearly() {
         ),
     ];
     for (args, env_override, code, needle) in cases {
-        let mut cmd = flowcraft(&env);
+        let mut cmd = env.flowcraft_command();
         cmd.args(&args);
         if let Some((k, v)) = env_override {
             cmd.env(k, v);
@@ -282,7 +273,9 @@ fn operator_commands_answer_bad_input_clearly() {
         }
     }
     // `check` parses the expressions of transform nodes.
-    let out = run(flowcraft(&env).args(["check", "--blueprints", &bad_expr_dir]));
+    let out = run(env
+        .flowcraft_command()
+        .args(["check", "--blueprints", &bad_expr_dir]));
     assert_eq!(out.status.code(), Some(1));
     let report = text(&out.stdout);
     assert!(
@@ -301,7 +294,9 @@ fn demo_prints_its_summary() {
     let demo = format!("{}.demo", env.queue);
     env.extra_queues.push(format!("{demo}.dead"));
     env.extra_queues.push(demo);
-    let out = run(flowcraft(&env).args(["demo", "--runs", "20", "--threads", "2"]));
+    let out = run(env
+        .flowcraft_command()
+        .args(["demo", "--runs", "20", "--threads", "2"]));
     let stdout = text(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -339,12 +334,17 @@ fn pause_worker(env: &TestEnv, port: Option<u16>, public: u16) -> Child {
 fn worker_processes_keep_timers_across_restarts_and_take_webhook_calls() {
     let mut env = TestEnv::without_tables("cli_pauses");
     env.extra_queues.push(format!("{}.delay.2000", env.queue));
-    assert_eq!(run(flowcraft(&env).arg("migrate")).status.code(), Some(0));
+    assert_eq!(
+        run(env.flowcraft_command().arg("migrate")).status.code(),
+        Some(0)
+    );
     let port = free_port();
     let mut first = pause_worker(&env, None, port);
     let mut second = pause_worker(&env, None, port);
     let start = |id: &str| -> String {
-        let out = run(flowcraft(&env).args(["start", "--blueprints", EXAMPLES_DIR, id]));
+        let out = run(env
+            .flowcraft_command()
+            .args(["start", "--blueprints", EXAMPLES_DIR, id]));
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         text(&out.stdout).trim().to_string()
     };

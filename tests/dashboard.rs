@@ -98,13 +98,7 @@ struct DashboardProcess {
 
 impl DashboardProcess {
     fn start(env: &TestEnv, blueprints: &Path, token: Option<&str>) -> DashboardProcess {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flowcraft"));
-        command
-            .env_remove("FLOWCRAFT_BLUEPRINTS")
-            .env_remove("FLOWCRAFT_DASHBOARD_TOKEN");
-        for (k, v) in env.cli_env() {
-            command.env(k, v);
-        }
+        let mut command = env.flowcraft_command();
         if let Some(token) = token {
             command.env("FLOWCRAFT_DASHBOARD_TOKEN", token);
         }

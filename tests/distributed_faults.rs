@@ -629,7 +629,7 @@ fn sleeping_nodes_do_not_pin_database_connections() {
     );
     let pool_of_one = flowcraft_rabbitmq::store::connect_pool(&postgres_url(), 1).unwrap();
     let worker = env
-        .worker_on(pool_of_one, registry, vec![b.clone()])
+        .worker_with(pool_of_one, env.redis.clone(), registry, vec![b.clone()])
         .threads(4)
         .build()
         .unwrap()
@@ -696,7 +696,7 @@ fn postgres_connections_killed_mid_run_are_replaced_and_the_run_completes() {
     )
     .unwrap();
     let worker = env
-        .worker_on(pool, registry, vec![chain.clone()])
+        .worker_with(pool, env.redis.clone(), registry, vec![chain.clone()])
         .threads(2)
         .build()
         .unwrap()

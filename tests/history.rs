@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -12,11 +11,11 @@ use flowcraft_rabbitmq::node::{ContextMap, NodeError, NodeRegistry, NodeResult};
 use serde_json::json;
 
 fn flowcraft(env: &TestEnv, args: &[&str]) -> (i32, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_flowcraft"));
-    for (k, v) in env.cli_env() {
-        command.env(k, v);
-    }
-    let out = command.args(args).output().expect("run flowcraft");
+    let out = env
+        .flowcraft_command()
+        .args(args)
+        .output()
+        .expect("run flowcraft");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -109,17 +109,7 @@ impl TestEnv {
         registry: NodeRegistry,
         blueprints: Vec<Blueprint>,
     ) -> flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder {
-        self.worker_on(self.pg.clone(), registry, blueprints)
-    }
-
-    /// A worker of this test on its own PostgreSQL pool.
-    pub fn worker_on(
-        &self,
-        pg: PgPool,
-        registry: NodeRegistry,
-        blueprints: Vec<Blueprint>,
-    ) -> flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder {
-        self.worker_with(pg, self.redis.clone(), registry, blueprints)
+        self.worker_with(self.pg.clone(), self.redis.clone(), registry, blueprints)
     }
 
     /// A worker of this test on its own PostgreSQL and Redis pools.
@@ -303,8 +293,19 @@ impl TestEnv {
         n
     }
 
+    /// The `flowcraft` binary, pointed at this test's slice (and at no blueprint directory
+    /// or dashboard token the caller's environment may set).
+    pub fn flowcraft_command(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowcraft"));
+        command
+            .env_remove("FLOWCRAFT_BLUEPRINTS")
+            .env_remove("FLOWCRAFT_DASHBOARD_TOKEN")
+            .envs(self.cli_env());
+        command
+    }
+
     /// Environment variables that point the `flowcraft` binary at this test's slice.
-    pub fn cli_env(&self) -> Vec<(String, String)> {
+    fn cli_env(&self) -> Vec<(String, String)> {
         vec![
             ("RABBITMQ_URL".into(), amqp_url()),
             ("POSTGRES_URL".into(), postgres_url()),
