@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -42,15 +41,7 @@ impl NodeMiddleware for Trace {
 
 /// A registry whose listener sends every event to the returned receiver.
 fn registry() -> (NodeRegistry, Receiver<FlowEvent>, Arc<Mutex<Vec<String>>>) {
-    let mut registry = inc_registry();
-    let first = Arc::new(AtomicU32::new(0));
-    registry.register_fn("flaky", move |ctx| {
-        if first.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Err(NodeError::new("not yet"));
-        }
-        Ok(NodeResult::output(ctx.input.clone()))
-    });
-    registry.register_fn("broken", |_| Err(NodeError::fatal("broken for good")));
+    let mut registry = flaky_registry("not yet", "broken for good");
     let (tx, rx) = unbounded();
     // A listener that panics on every event is logged and changes nothing.
     registry.listen(|_: &FlowEvent| panic!("a listener's bug"));

@@ -3,11 +3,8 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
-
 use common::*;
-use flowcraft_rabbitmq::node::{ContextMap, NodeError, NodeRegistry, NodeResult};
+use flowcraft_rabbitmq::node::ContextMap;
 use serde_json::json;
 
 fn flowcraft(env: &TestEnv, args: &[&str]) -> (i32, String) {
@@ -27,16 +24,7 @@ fn flowcraft(env: &TestEnv, args: &[&str]) -> (i32, String) {
 #[test]
 fn every_execution_is_recorded_and_the_cli_reads_the_history() {
     let env = TestEnv::new("history");
-    let flaky_calls = Arc::new(AtomicU32::new(0));
-    let mut registry: NodeRegistry = inc_registry();
-    let calls = flaky_calls.clone();
-    registry.register_fn("flaky", move |ctx| {
-        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Err(NodeError::new("first attempt fails"));
-        }
-        Ok(NodeResult::output(ctx.input.clone()))
-    });
-    registry.register_fn("broken", |_| Err(NodeError::fatal("the disk <is> full")));
+    let registry = flaky_registry("first attempt fails", "the disk <is> full");
     let (chain, _) = workload("chain5");
     let retrying = bp(&json!({"id": "retrying", "nodes": [
         {"id": "a", "uses": "inc"},

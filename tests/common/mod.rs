@@ -403,6 +403,22 @@ pub fn inc_registry() -> NodeRegistry {
     r
 }
 
+/// [`inc_registry`] with `flaky`, which fails each node's first attempt with `retried` and
+/// then passes its input on, and `broken`, which fails for good with `broken`.
+pub fn flaky_registry(retried: &'static str, broken: &'static str) -> NodeRegistry {
+    let mut r = inc_registry();
+    r.register_fn("flaky", move |ctx| {
+        if ctx.attempt == 1 {
+            return Err(flowcraft_rabbitmq::node::NodeError::new(retried));
+        }
+        Ok(NodeResult::output(ctx.input.clone()))
+    });
+    r.register_fn("broken", move |_| {
+        Err(flowcraft_rabbitmq::node::NodeError::fatal(broken))
+    });
+    r
+}
+
 pub fn workload(name: &str) -> (Blueprint, Value) {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
