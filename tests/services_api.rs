@@ -388,3 +388,19 @@ fn a_paced_publisher_waits_for_confirms_once_too_many_are_outstanding() {
         u64::from(env.queue_depth(&env.queue)) == total
     });
 }
+
+/// A queue's depth, or `None` when it does not exist — whatever its name holds.
+#[test]
+fn a_missing_queue_has_no_depth() {
+    use flowcraft_rabbitmq::testing::amqp;
+    let env = TestEnv::new("queue_depth");
+    let mut connection = amqp::connect(&amqp_url()).unwrap();
+    let channel = connection.open_channel(None).unwrap();
+    let missing = format!("{}.missing404", env.queue);
+    assert_eq!(amqp::queue_depth(&channel, &missing).unwrap(), None);
+    // The server closed that channel: ask on a new one.
+    let channel = connection.open_channel(None).unwrap();
+    amqp::declare_job_queue(&channel, &env.queue).unwrap();
+    assert_eq!(amqp::queue_depth(&channel, &env.queue).unwrap(), Some(0));
+    let _ = connection.close();
+}

@@ -171,7 +171,8 @@ pub fn dead_letter_queue(queue: &str) -> String {
 pub fn queue_depth(channel: &Channel, queue: &str) -> Result<Option<u32>, AmqpError> {
     match channel.queue_declare_passive(queue.to_string()) {
         Ok(q) => Ok(Some(q.declared_message_count().unwrap_or(0))),
-        Err(e) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("404") => Ok(None),
+        // The server closes the channel with 404 NOT_FOUND (a queue named "x404" is not that).
+        Err(amiquip::Error::ServerClosedChannel { code: 404, .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
