@@ -76,7 +76,8 @@ pub fn runs(args: &RunsArgs) -> i32 {
             return fail(
                 EXIT_USAGE,
                 format!(
-                    "unknown status '{s}': use running, awaiting, completed, failed or cancelled"
+                    "unknown status '{s}': use one of {}",
+                    RunStatus::ALL.map(RunStatus::as_str).join(", ")
                 ),
             )
         }

@@ -842,14 +842,6 @@ struct RunView<'a> {
     blueprint: Option<&'a Blueprint>,
 }
 
-const STATUSES: [RunStatus; 5] = [
-    RunStatus::Running,
-    RunStatus::Awaiting,
-    RunStatus::Completed,
-    RunStatus::Failed,
-    RunStatus::Cancelled,
-];
-
 fn runs_href(base: &str, status: Option<RunStatus>, blueprint: Option<&str>) -> String {
     let status = status.map_or("all", RunStatus::as_str);
     match blueprint {
@@ -878,7 +870,7 @@ fn render_runs(base: &str, view: &RunsView) -> String {
         },
         escape(&runs_href(base, None, bp)),
     );
-    for status in STATUSES {
+    for status in RunStatus::ALL {
         let n = view
             .counts
             .iter()

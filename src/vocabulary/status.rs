@@ -19,6 +19,15 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// Every status, in the order a run may go through them.
+    pub const ALL: [RunStatus; 5] = [
+        RunStatus::Running,
+        RunStatus::Awaiting,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
     /// The lowercase name used in status rows and JSON.
     pub fn as_str(self) -> &'static str {
         match self {

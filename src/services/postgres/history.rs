@@ -224,7 +224,7 @@ impl RunStore {
         let t = self.tables();
         let sql = format!(
             "WITH old AS (
-               DELETE FROM {s} WHERE status IN ('completed', 'failed', 'cancelled')
+               DELETE FROM {s} WHERE status = ANY($2::text[])
                  AND updated_at < NOW() - make_interval(secs => $1::float8)
                RETURNING run_id),
              c AS (DELETE FROM {c} WHERE run_id IN (SELECT run_id FROM old) RETURNING 1),
@@ -237,7 +237,15 @@ impl RunStore {
             h = t.history(),
         );
         let secs = older_than.as_secs_f64();
-        let row = self.pool().get()?.query_one_prepared(&sql, &[&secs])?;
+        let finished: Vec<&str> = RunStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_finished())
+            .map(RunStatus::as_str)
+            .collect();
+        let row = self
+            .pool()
+            .get()?
+            .query_one_prepared(&sql, &[&secs, &finished])?;
         let count = |i: usize| -> Result<u64, StoreError> {
             Ok(u64::try_from(row.try_get::<_, i64>(i)?).unwrap_or(0))
         };
