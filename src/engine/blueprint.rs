@@ -171,6 +171,8 @@ pub struct Blueprint {
     terminal: Vec<usize>,
     outgoing: Vec<Vec<usize>>,
     forward_predecessors: Vec<Vec<usize>>,
+    /// The nodes in a topological order of the forward edges.
+    forward_order: Vec<usize>,
     back_edge: Vec<bool>,
     fallback_of: Vec<Vec<usize>>,
     in_cycle: Vec<bool>,
@@ -337,13 +339,8 @@ impl Blueprint {
             }
         }
         let in_cycle = nodes_in_cycles(n, &outgoing, &edge_ends);
-        let may_repeat = repeating_nodes(
-            &in_cycle,
-            &forward_predecessors,
-            &outgoing,
-            &edge_ends,
-            &back_edge,
-        );
+        let forward_order = forward_order(&outgoing, &edge_ends, &back_edge);
+        let may_repeat = repeating_nodes(&in_cycle, &forward_predecessors, &forward_order);
         // An expression that does not parse is an error of the blueprint, found at load.
         let compile = |text: &Option<String>, what: &str, e: usize| match text {
             None => Ok(None),
@@ -371,6 +368,7 @@ impl Blueprint {
             terminal,
             outgoing,
             forward_predecessors,
+            forward_order,
             back_edge,
             fallback_of,
             in_cycle,
@@ -484,6 +482,12 @@ impl Blueprint {
     /// Distinct sources of the forward (non-back) edges into a node: who takes part in its join.
     pub fn forward_predecessors(&self, node: usize) -> &[usize] {
         &self.forward_predecessors[node]
+    }
+
+    /// The nodes in a topological order of the forward (non-back) edges: each after all its
+    /// forward predecessors.
+    pub fn forward_order(&self) -> &[usize] {
+        &self.forward_order
     }
 
     /// Whether the edge closes a cycle (it takes no part in joins).
@@ -657,11 +661,26 @@ fn find_back_edges(
 fn repeating_nodes(
     in_cycle: &[bool],
     forward_predecessors: &[Vec<usize>],
+    forward_order: &[usize],
+) -> Vec<bool> {
+    let mut may = in_cycle.to_vec();
+    for &node in forward_order {
+        if !may[node] {
+            let preds = &forward_predecessors[node];
+            may[node] = !preds.is_empty() && preds.iter().all(|&p| may[p]);
+        }
+    }
+    may
+}
+
+/// The nodes in a topological order of the forward edges (Kahn's algorithm; back edges
+/// close every cycle, so all nodes are ordered).
+fn forward_order(
     outgoing: &[Vec<usize>],
     edge_ends: &[(usize, usize)],
     back_edge: &[bool],
-) -> Vec<bool> {
-    let n = in_cycle.len();
+) -> Vec<usize> {
+    let n = outgoing.len();
     let mut indegree = vec![0usize; n];
     for (e, &(_, t)) in edge_ends.iter().enumerate() {
         if !back_edge[e] {
@@ -669,12 +688,9 @@ fn repeating_nodes(
         }
     }
     let mut ready: Vec<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
-    let mut may = in_cycle.to_vec();
+    let mut order = Vec::with_capacity(n);
     while let Some(node) = ready.pop() {
-        if !may[node] {
-            let preds = &forward_predecessors[node];
-            may[node] = !preds.is_empty() && preds.iter().all(|&p| may[p]);
-        }
+        order.push(node);
         for &e in &outgoing[node] {
             if back_edge[e] {
                 continue;
@@ -686,7 +702,7 @@ fn repeating_nodes(
             }
         }
     }
-    may
+    order
 }
 
 /// Nodes that lie on some cycle: members of a strongly connected component with more than one

@@ -628,30 +628,15 @@ pub struct Layout {
 /// predecessors are (a barycentre pass), leaving room below for back edges.
 pub fn layout(bp: &Blueprint) -> Layout {
     let count = bp.node_count();
-    let edges = bp.def().edges.len();
-    // Longest path over forward edges, in topological order (Kahn).
-    let mut indegree = vec![0usize; count];
-    let mut forward: Vec<Vec<usize>> = vec![Vec::new(); count];
-    for e in 0..edges {
-        if bp.is_back_edge(e) {
-            continue;
-        }
-        let (s, t) = bp.edge_ends(e);
-        if s != t {
-            forward[s].push(t);
-            indegree[t] += 1;
-        }
-    }
+    // Longest path over forward edges, in their topological order.
     let mut layer = vec![0usize; count];
-    let mut queue: VecDeque<usize> = (0..count).filter(|&i| indegree[i] == 0).collect();
-    while let Some(n) = queue.pop_front() {
-        for &t in &forward[n] {
-            layer[t] = layer[t].max(layer[n] + 1);
-            indegree[t] -= 1;
-            if indegree[t] == 0 {
-                queue.push_back(t);
-            }
-        }
+    for &n in bp.forward_order() {
+        layer[n] = bp
+            .forward_predecessors(n)
+            .iter()
+            .map(|&p| layer[p] + 1)
+            .max()
+            .unwrap_or(0);
     }
     let layers = layer.iter().copied().max().map_or(0, |m| m + 1);
     let mut rows: Vec<Vec<usize>> = vec![Vec::new(); layers];
@@ -693,7 +678,8 @@ pub fn layout(bp: &Blueprint) -> Layout {
             );
         }
     }
-    let back = (0..edges).any(|e| bp.is_back_edge(e) || bp.edge_ends(e).0 == bp.edge_ends(e).1);
+    // (A self-loop is a back edge too.)
+    let back = (0..bp.def().edges.len()).any(|e| bp.is_back_edge(e));
     Layout {
         layer,
         position,
@@ -725,7 +711,7 @@ pub fn render_graph(bp: &Blueprint, views: &[NodeView]) -> String {
         let def = bp.edge(e);
         let (sx, sy) = layout.position[s];
         let (tx, ty) = layout.position[t];
-        let back = bp.is_back_edge(e) || s == t;
+        let back = bp.is_back_edge(e);
         let path = if back {
             let (x1, y1) = (sx + NODE_W * 0.6, sy + NODE_H);
             let (x2, y2) = (tx + NODE_W * 0.4, ty + NODE_H);
@@ -982,7 +968,7 @@ fn render_runs(base: &str, view: &RunsView) -> String {
         }
     }
     body.push_str("</section></aside></div>");
-    layout_page(base, "Runs", Some(REFRESH_SECS), &body)
+    layout_page(base, "Runs", true, &body)
 }
 
 /// Node executions per minute as an SVG bar chart, oldest left (`(minutes ago, count)`).
@@ -1111,7 +1097,7 @@ fn render_run(base: &str, view: &RunView) -> String {
     body.push_str(r#"<section class="timeline"><h2>Timeline</h2>"#);
     body.push_str(&render_timeline(&view.history));
     body.push_str("</section>");
-    let refresh = (!status.is_some_and(RunStatus::is_finished)).then_some(REFRESH_SECS);
+    let refresh = !status.is_some_and(RunStatus::is_finished);
     layout_page(base, &format!("Run {}", view.run_id), refresh, &body)
 }
 
@@ -1320,14 +1306,14 @@ fn render_dead_letters(
         }
     }
     body.push_str("</section>");
-    layout_page(base, "Dead letters", None, &body)
+    layout_page(base, "Dead letters", false, &body)
 }
 
 fn message_page(base: &str, title: &str, text: &str) -> String {
     layout_page(
         base,
         title,
-        None,
+        false,
         &format!(
             r#"<section class="message"><h2>{}</h2><p>{}</p></section>"#,
             escape(title),
@@ -1382,18 +1368,21 @@ footer{padding:8px 24px;color:#9aa5b1;font-size:12px}
 "#;
 
 /// The page around a body: head, style, navigation, footer.
-fn layout_page(base: &str, title: &str, refresh: Option<u32>, body: &str) -> String {
-    let refresh = refresh
-        .map(|s| format!(r#"<meta http-equiv="refresh" content="{s}">"#))
-        .unwrap_or_default();
+/// A page; one that `refreshes` reloads itself every [`REFRESH_SECS`].
+fn layout_page(base: &str, title: &str, refreshes: bool, body: &str) -> String {
+    let refresh = if refreshes {
+        format!(r#"<meta http-equiv="refresh" content="{REFRESH_SECS}">"#)
+    } else {
+        String::new()
+    };
     format!(
         r#"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer"><meta name="viewport" content="width=device-width, initial-scale=1">{refresh}<title>{title} · flowcraft dashboard</title><style>{STYLE}</style></head><body><header><a class="brand" href="{base}/">flowcraft dashboard</a><nav><a href="{base}/">Runs</a><a href="{base}/dead-letters">Dead letters</a></nav></header><main>{body}</main><footer>Read-only.{note}</footer></body></html>"#,
         title = escape(title),
         base = escape(base),
-        note = if refresh.is_empty() {
-            String::new()
-        } else {
+        note = if refreshes {
             format!(" This page reloads every {REFRESH_SECS} s.")
+        } else {
+            String::new()
         },
     )
 }
