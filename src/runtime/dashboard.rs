@@ -16,7 +16,7 @@
 //! history ([`node_states`]). The rendering is pure functions of what was read, and every
 //! value that comes from data (ids, errors, messages) is escaped.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,9 +32,7 @@ use crate::services::postgres::history::{NodeExecution, RunFilter, RunSummary};
 use crate::services::postgres::store::{RunStore, StatusRow};
 use crate::services::rabbitmq::{self as amqp, AmqpError, DEAD_LETTER_REASON_HEADER};
 use crate::services::url::percent_decode;
-use crate::vocabulary::keys::{
-    output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, BLUEPRINT_ID, BLUEPRINT_VERSION,
-};
+use crate::vocabulary::keys::{output_key, AWAITING_DETAILS, BLUEPRINT_ID, BLUEPRINT_VERSION};
 use crate::vocabulary::RunStatus;
 
 /// The address the dashboard listens on unless told otherwise: this host only.
@@ -528,11 +526,6 @@ pub fn node_states(
     let done: Vec<bool> = (0..count)
         .map(|i| context.contains_key(&output_key(&bp.node(i).id)))
         .collect();
-    let awaited: HashSet<&str> = context
-        .get(AWAITING_NODE_IDS)
-        .and_then(Value::as_array)
-        .map(|ids| ids.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
     let mut executions = vec![0usize; count];
     let mut failed: Vec<Option<String>> = vec![None; count];
     for x in history {
@@ -546,7 +539,7 @@ pub fn node_states(
     }
     let mut views: Vec<NodeView> = (0..count)
         .map(|i| {
-            let state = if awaited.contains(bp.node(i).id.as_str()) {
+            let state = if crate::runtime::scheduling::is_awaiting(context, &bp.node(i).id) {
                 NodeState::Awaiting
             } else if failed[i].is_some() && !done[i] {
                 NodeState::Failed
@@ -846,32 +839,26 @@ fn render_runs(base: &str, view: &RunsView) -> String {
     let total: i64 = view.counts.iter().map(|(_, n)| n).sum();
     body.push_str(r#"<section class="statuses"><h2>Runs by status</h2><div class="chips">"#);
     let bp = view.blueprint.as_deref();
-    let _ = write!(
-        body,
-        r#"<a class="chip all{}" href="{}" data-status="all" data-count="{total}">all <b>{total}</b></a>"#,
-        if view.status.is_none() {
-            " current"
-        } else {
-            ""
-        },
-        escape(&runs_href(base, None, bp)),
-    );
-    for status in RunStatus::ALL {
-        let n = view
-            .counts
-            .iter()
-            .find(|(s, _)| *s == status)
-            .map_or(0, |(_, n)| *n);
+    // One chip for all runs, then one per status.
+    for status in std::iter::once(None).chain(RunStatus::ALL.map(Some)) {
+        let n = match status {
+            None => total,
+            Some(status) => view
+                .counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n),
+        };
         let _ = write!(
             body,
             r#"<a class="chip {s}{}" href="{}" data-status="{s}" data-count="{n}">{s} <b>{n}</b></a>"#,
-            if view.status == Some(status) {
+            if view.status == status {
                 " current"
             } else {
                 ""
             },
-            escape(&runs_href(base, Some(status), bp)),
-            s = status.as_str(),
+            escape(&runs_href(base, status, bp)),
+            s = status.map_or("all", RunStatus::as_str),
         );
     }
     body.push_str("</div>");
