@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::Sender;
 
 use crate::engine::node::{Node, NodeContext, NodeError, NodeResult};
 
@@ -164,7 +164,8 @@ pub struct EventBus {
 
 #[derive(Default)]
 struct BusInner {
-    listeners: RwLock<Vec<Arc<dyn EventListener>>>,
+    /// Replaced whole by `listen`, so that the event thread takes it with a count bump.
+    listeners: RwLock<Arc<[Arc<dyn EventListener>]>>,
     sender: OnceLock<Option<Sender<FlowEvent>>>,
     dropped: AtomicU64,
 }
@@ -181,11 +182,14 @@ impl fmt::Debug for EventBus {
 impl EventBus {
     /// Adds a listener.
     pub fn listen(&self, listener: impl EventListener) {
-        self.inner
+        let mut listeners = self
+            .inner
             .listeners
             .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::new(listener));
+            .unwrap_or_else(|p| p.into_inner());
+        let mut added = listeners.to_vec();
+        added.push(Arc::new(listener));
+        *listeners = added.into();
     }
 
     fn listener_count(&self) -> usize {
@@ -204,27 +208,21 @@ impl EventBus {
     /// Hands an event to the event thread; never waits. Dropped (and counted) when
     /// [`EVENT_QUEUE`] events are waiting already.
     pub fn emit(&self, event: FlowEvent) {
-        if !self.is_listened() {
-            return;
-        }
-        let sender = self.inner.sender.get_or_init(|| self.start_thread());
-        let sent = match sender {
-            Some(sender) => !matches!(
-                sender.try_send(event),
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_))
-            ),
-            None => false,
-        };
-        if !sent {
-            self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.emit_with(|| event);
     }
 
     /// Emits the event `make` builds, built only when somebody listens: the runtimes pay
     /// nothing for events nobody reads.
     pub fn emit_with(&self, make: impl FnOnce() -> FlowEvent) {
-        if self.is_listened() {
-            self.emit(make());
+        if !self.is_listened() {
+            return;
+        }
+        let sender = self.inner.sender.get_or_init(|| self.start_thread());
+        let sent = sender
+            .as_ref()
+            .is_some_and(|sender| sender.try_send(make()).is_ok());
+        if !sent {
+            self.inner.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -250,7 +248,7 @@ impl EventBus {
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
                     drop(inner);
-                    for listener in listeners {
+                    for listener in listeners.iter() {
                         let called = catch_unwind(AssertUnwindSafe(|| listener.on_event(&event)));
                         if called.is_err() {
                             log::warn!("an event listener panicked on {}", event.kind);
