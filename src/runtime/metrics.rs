@@ -45,89 +45,103 @@ pub struct Metrics {
     pub read_ahead: IntCounterVec,
 }
 
+/// A metric, once `registry` holds it (our names are valid and distinct).
+fn registered<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<C>,
+) -> C {
+    let metric = metric.expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are distinct");
+    metric
+}
+
 impl Metrics {
     /// Fresh metrics, registered under the `flowcraft_` names.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let jobs = IntCounterVec::new(
-            Opts::new("flowcraft_jobs_total", "Deliveries settled, by outcome"),
-            &["outcome"],
-        )
-        .expect("a valid metric");
-        let node_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "flowcraft_node_duration_seconds",
-                "Node execution time, by node type",
+        let jobs = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("flowcraft_jobs_total", "Deliveries settled, by outcome"),
+                &["outcome"],
             ),
-            &["uses"],
-        )
-        .expect("a valid metric");
-        let in_flight = IntGauge::new(
-            "flowcraft_deliveries_in_flight",
-            "Deliveries received and not yet settled",
-        )
-        .expect("a valid metric");
-        let reconnects = IntCounter::new(
-            "flowcraft_reconnects_total",
-            "RabbitMQ connections opened again after a loss",
-        )
-        .expect("a valid metric");
-        let runs = IntCounterVec::new(
-            Opts::new(
-                "flowcraft_runs_total",
-                "Runs, by outcome: started, completed, failed",
+        );
+        let node_seconds = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "flowcraft_node_duration_seconds",
+                    "Node execution time, by node type",
+                ),
+                &["uses"],
             ),
-            &["outcome"],
-        )
-        .expect("a valid metric");
-        let job_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "flowcraft_job_latency_seconds",
-                "From a job's delivery to its settlement, successors published and confirmed",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-        )
-        .expect("a valid metric");
-        let commit_batch = Histogram::with_opts(
-            HistogramOpts::new(
-                "flowcraft_commit_batch_size",
-                "Node commits per commit statement",
-            )
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
-        )
-        .expect("a valid metric");
-        let reconciler_passes =
-            IntCounter::new("flowcraft_reconciler_passes_total", "Reconciler passes")
-                .expect("a valid metric");
-        let recovered_runs = IntCounter::new(
-            "flowcraft_recovered_runs_total",
-            "Runs a reconciler pass recovered: stalled runs reconciled, awaiting runs woken",
-        )
-        .expect("a valid metric");
-        let read_ahead = IntCounterVec::new(
+        );
+        let in_flight = registered(
+            &registry,
+            IntGauge::new(
+                "flowcraft_deliveries_in_flight",
+                "Deliveries received and not yet settled",
+            ),
+        );
+        let reconnects = registered(
+            &registry,
+            IntCounter::new(
+                "flowcraft_reconnects_total",
+                "RabbitMQ connections opened again after a loss",
+            ),
+        );
+        let runs = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "flowcraft_runs_total",
+                    "Runs, by outcome: started, completed, failed",
+                ),
+                &["outcome"],
+            ),
+        );
+        let job_seconds = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "flowcraft_job_latency_seconds",
+                    "From a job's delivery to its settlement, successors published and confirmed",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            ),
+        );
+        let commit_batch = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "flowcraft_commit_batch_size",
+                    "Node commits per commit statement",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            ),
+        );
+        let reconciler_passes = registered(
+            &registry,
+            IntCounter::new("flowcraft_reconciler_passes_total", "Reconciler passes"),
+        );
+        let recovered_runs = registered(
+            &registry,
+            IntCounter::new(
+                "flowcraft_recovered_runs_total",
+                "Runs a reconciler pass recovered: stalled runs reconciled, awaiting runs woken",
+            ),
+        );
+        let read_ahead = registered(&registry, IntCounterVec::new(
             Opts::new(
                 "flowcraft_read_ahead_total",
                 "Successors' run state read ahead during their delivery, by outcome: used, unused",
             ),
             &["outcome"],
-        )
-        .expect("a valid metric");
-        for m in [
-            Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(node_seconds.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(reconnects.clone()),
-            Box::new(runs.clone()),
-            Box::new(job_seconds.clone()),
-            Box::new(commit_batch.clone()),
-            Box::new(reconciler_passes.clone()),
-            Box::new(recovered_runs.clone()),
-            Box::new(read_ahead.clone()),
-        ] {
-            registry.register(m).expect("metric names are distinct");
-        }
+        ));
         Metrics {
             registry,
             jobs,
