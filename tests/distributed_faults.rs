@@ -397,20 +397,27 @@ fn the_reconciler_finishes_a_batch_inside_a_loop_whose_worker_job_was_purged() {
     handle.stop().unwrap();
 }
 
-#[test]
-fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
-    let env = TestEnv::new("recovered");
+/// Run `r1` of a one-node blueprint whose node `a` is committed with output 1, and the
+/// Redis ledger of this test.
+fn run_with_a_committed(env: &TestEnv) -> (flowcraft_rabbitmq::Blueprint, RedisCoordinationStore) {
     let one = bp(r#"{"id":"one","nodes":[{"id":"a","uses":"inc"}]}"#);
     let store = env.store();
     let mut context = ContextMap::new();
     one.stamp(&mut context);
     store.create_run("r1", &context).unwrap();
-    // A worker made `a` ready, committed it and vanished before its Redis step, and its
-    // message is gone: `a` is committed, but its ledger entry never closed.
-    let coord = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
-    coord.register_jobs("r1", &["a".to_string()]).unwrap();
     let (commit, guard) = commit_of("a", json!(1));
     assert!(store.commit_node("r1", commit, guard).unwrap());
+    let coord = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    (one, coord)
+}
+
+#[test]
+fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
+    let env = TestEnv::new("recovered");
+    // A worker made `a` ready, committed it and vanished before its Redis step, and its
+    // message is gone: `a` is committed, but its ledger entry never closed.
+    let (one, coord) = run_with_a_committed(&env);
+    coord.register_jobs("r1", &["a".to_string()]).unwrap();
     let (registry, counts) = counting_registry();
     let (reconciler, handle) = env.reconciling_worker(registry, vec![one], 1, Duration::ZERO);
     let stats = reconciler.run().unwrap();
@@ -432,14 +439,7 @@ fn the_reconciler_finishes_a_job_committed_by_a_worker_that_vanished() {
 #[test]
 fn a_run_the_reconciler_completes_is_reported_finished() {
     let env = TestEnv::new("reconciled_finish");
-    let one = bp(r#"{"id":"one","nodes":[{"id":"a","uses":"inc"}]}"#);
-    let store = env.store();
-    let mut context = ContextMap::new();
-    one.stamp(&mut context);
-    store.create_run("r1", &context).unwrap();
-    let (commit, guard) = commit_of("a", json!(1));
-    assert!(store.commit_node("r1", commit, guard).unwrap());
-    let coord = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());
+    let (one, coord) = run_with_a_committed(&env);
     let finished = coord
         .finish_job("r1", "a", &["a".to_string()], &[])
         .unwrap();
