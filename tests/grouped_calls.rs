@@ -190,6 +190,53 @@ fn concurrent_loads_each_get_their_own_run_and_a_bad_row_fails_alone() {
 }
 
 #[test]
+fn concurrent_keyed_loads_each_get_exactly_the_keys_they_asked_for() {
+    const RUNS: usize = 6;
+    let env = TestEnv::new("grouped_load_keys");
+    let store = env.store();
+    for r in 0..RUNS {
+        let run = format!("run-{r}");
+        let start = json!({ "blueprintId": format!("bp-{r}"), "start": r, "hidden": r });
+        store.create_run(&run, &ctx(start)).unwrap();
+        let mut writes: Vec<(String, Option<Value>)> = (0..THREADS)
+            .map(|t| (format!("_outputs.n{t}"), Some(json!([r, t]))))
+            .collect();
+        writes.push(("hidden".into(), None));
+        store.write_keys(&run, writes).unwrap();
+    }
+    let shared = store.clone();
+    // Every thread asks every run (so several requests of one run share a statement) for
+    // its own output key, a header key, a key of the starting context, a deleted one and
+    // one that was never written.
+    let answers = together(move |t| {
+        let mut seen = Vec::new();
+        for round in 0..20 {
+            let r = (t + round) % RUNS;
+            let keys = vec![
+                format!("_outputs.n{t}"),
+                "blueprintId".to_string(),
+                "start".to_string(),
+                "hidden".to_string(),
+                format!("_inputs.n{t}"),
+            ];
+            let loaded = shared.load_keys(&format!("run-{r}"), keys).unwrap();
+            seen.push((t, r, loaded));
+        }
+        seen
+    });
+    for (t, r, loaded) in answers.into_iter().flatten() {
+        let snapshot = loaded.unwrap_or_else(|| panic!("run-{r} was not found"));
+        let expected = ctx(json!({
+            format!("_outputs.n{t}"): [r, t],
+            "blueprintId": format!("bp-{r}"),
+            "start": r,
+        }));
+        assert_eq!(snapshot.context, expected, "thread {t}, run-{r}");
+        assert_eq!(snapshot.status.map(|s| s.as_str()), Some("running"));
+    }
+}
+
+#[test]
 fn concurrent_finish_jobs_fire_an_all_join_once_even_after_a_script_flush() {
     let env = TestEnv::new("grouped_finish");
     let store = RedisCoordinationStore::new(env.redis.clone(), env.prefix.clone());

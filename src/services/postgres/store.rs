@@ -929,34 +929,43 @@ impl RunStore {
             ),
             // For each run of $1 that exists: its status, whether its starting context is an
             // object (`header` is NULL otherwise), and the value of each of its keys asked
-            // for in ($2, $3): a header key from the `header` column, another from its entry,
-            // or else (where `$4` allows) from the starting context.
+            // for in $2 (`{run: {key: source}}`, see [`key_source`]): a header key from the
+            // `header` column, another from its entry, or else (where its source allows)
+            // from the starting context. (Each run looks its own keys up in $2: a join of
+            // the runs with a list of all the keys compared every run with every key.)
             load_keys: format!(
                 "SELECT c.run_id, s.status, c.header IS NOT NULL, q.key,
-                   CASE WHEN x.run_id IS NOT NULL THEN x.value
+                   CASE WHEN x.found THEN x.value
                         WHEN q.source > 0 THEN NULLIF(c.header[q.source], 'null'::jsonb)
                         WHEN q.source < 0 THEN c.context_data -> q.key END
                  FROM {c} c
                  LEFT JOIN {s} s ON s.run_id = c.run_id
-                 LEFT JOIN LATERAL unnest($2::text[], $3::text[], $4::int[]) AS q(run_id, key, source)
-                   ON q.run_id = c.run_id
-                 LEFT JOIN {e} x ON q.source <= 0 AND x.run_id = c.run_id AND x.key = q.key
+                 LEFT JOIN LATERAL (SELECT k.key, k.value::int AS source
+                                    FROM jsonb_each_text($2::jsonb -> c.run_id) k) q ON true
+                 -- (A header key is never looked for among the entries.)
+                 LEFT JOIN LATERAL (SELECT true AS found, x.value FROM {e} x
+                                    WHERE q.source <= 0 AND x.run_id = c.run_id AND x.key = q.key) x ON true
                  WHERE c.run_id = ANY($1::text[])"
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
             commit_plain: format!("{plain_ctes} SELECT ok.ord FROM ok"),
-            // Completes the runs $1 that are running and await nothing.
+            // Completes the runs $1 that are running and await nothing. (`r` is materialized
+            // so that each context is assembled once, not once per use. The runs are looked
+            // up by id: `IS TRUE` keeps the status test off the index of statuses, which the
+            // planner would otherwise scan for all running runs when it underestimates them.)
             complete: format!(
-                "WITH r AS (
+                "WITH r AS MATERIALIZED (
                    SELECT st.run_id, {whole} AS context
-                   FROM {s} st JOIN {c} c ON c.run_id = st.run_id
-                   WHERE st.run_id = ANY($1::text[]) AND st.status = 'running'
+                   FROM (SELECT DISTINCT unnest($1::text[]) AS run_id) ids
+                   JOIN {s} st ON st.run_id = ids.run_id
+                   JOIN {c} c ON c.run_id = st.run_id
+                   WHERE (st.status = 'running') IS TRUE
                      AND NOT EXISTS (SELECT 1 FROM {e} a WHERE a.run_id = st.run_id AND a.key = '{AWAITING_NODE_IDS}'
                                      AND jsonb_typeof(a.value) = 'array' AND a.value <> '[]'::jsonb))
                  UPDATE {s} st SET status = 'completed', updated_at = NOW(),
                    result = jsonb_build_object('status', 'completed', 'context', r.context,
                                                'serializedContext', r.context::text)
-                 FROM r WHERE st.run_id = r.run_id AND st.status = 'running'
+                 FROM r WHERE st.run_id = r.run_id AND (st.status = 'running') IS TRUE
                  RETURNING st.run_id, r.context"
             ),
             fail: format!(
@@ -1192,18 +1201,22 @@ impl RunStore {
         let mut runs: Vec<&str> = batch.iter().map(|r| r.run_id.as_str()).collect();
         runs.sort_unstable();
         runs.dedup();
-        let (mut q_run, mut q_key, mut q_source) = (Vec::new(), Vec::new(), Vec::new());
+        let mut asked = Map::new();
         for request in batch {
-            for key in &request.keys {
-                q_run.push(request.run_id.as_str());
-                q_key.push(key.as_str());
-                q_source.push(key_source(key));
+            let keys = asked
+                .entry(request.run_id.clone())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(keys) = keys {
+                for key in &request.keys {
+                    keys.insert(key.clone(), key_source(key).into());
+                }
             }
         }
+        let asked = Value::Object(asked);
         let rows = self
             .pool
             .get()?
-            .query_prepared(&self.sql.load_keys, &[&runs, &q_run, &q_key, &q_source])?;
+            .query_prepared(&self.sql.load_keys, &[&runs, &asked])?;
         // Per run: its status, whether its row is well formed, the keys found.
         let mut found: HashMap<String, (Option<String>, bool, ContextMap)> = HashMap::new();
         for row in rows {
