@@ -237,6 +237,11 @@ impl<Req> Combiner<Req> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many requests wait for the leader.
+    pub(crate) fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
     /// Queues `request`. If another caller leads, returns at once: that one runs it. Otherwise
     /// this caller leads: it runs the queue with `run` in batches (oldest first, at most
     /// `max_batch`, never two requests with the same `Some` key) until the queue is empty,

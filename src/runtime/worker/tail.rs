@@ -31,6 +31,7 @@ use crate::runtime::message::job_id;
 use crate::runtime::message::JobPayload;
 use crate::runtime::reads::expected_reads;
 use crate::runtime::resumer::{ready_after_coordination, RunProgress};
+use crate::services::group::Combiner;
 use crate::services::postgres::store::{CommitGuard, NodeCommit, StoreError};
 use crate::services::rabbitmq::AsyncPublisher;
 use crate::services::redis::{JoinRule, SuccessorReport};
@@ -122,6 +123,10 @@ pub(super) struct Leader<'a> {
     /// The deliveries waiting for a worker thread: while there are any, a successor's
     /// delivery queues behind them, and its state is not read ahead.
     pub(super) waiting: &'a Receiver<Delivery>,
+    /// The session's handed-off tails: while some wait for this thread, its time is what
+    /// the process's throughput waits on, and it reads nothing ahead (the worker threads,
+    /// idle meanwhile, read their jobs' state themselves).
+    pub(super) tails: &'a Combiner<PendingTail>,
 }
 
 impl Leader<'_> {
@@ -219,7 +224,8 @@ impl Leader<'_> {
         // `read_ahead`): their delivery overlaps the Redis step. A start job publishes after
         // it, as it registers the run's start jobs there.
         let resumer = shared.resumer();
-        let reading_ahead = self.waiting.is_empty() && shared.read_ahead.worthwhile();
+        let reading_ahead =
+            self.waiting.is_empty() && self.tails.queued() == 0 && shared.read_ahead.worthwhile();
         let mut ahead: Vec<(JobKey, Vec<String>)> = Vec::new();
         let mut early_tags: HashMap<usize, Tags> = HashMap::new();
         coordinating.retain(|&i| {

@@ -84,6 +84,7 @@ impl WorkerThread<'_> {
             closed: self.closed,
             deferred: Vec::new(),
             waiting: &self.jobs,
+            tails: self.tails,
         };
         self.tails
             .hand_off(pending, PendingTail::execution, |batch| leader.run(batch));
