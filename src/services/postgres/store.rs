@@ -942,9 +942,11 @@ impl RunStore {
                  LEFT JOIN {s} s ON s.run_id = c.run_id
                  LEFT JOIN LATERAL (SELECT k.key, k.value::int AS source
                                     FROM jsonb_each_text($2::jsonb -> c.run_id) k) q ON true
-                 -- (A header key is never looked for among the entries.)
+                 -- (A header key is never looked for among the entries: the index is
+                 -- searched for NULL, which it knows matches nothing.)
                  LEFT JOIN LATERAL (SELECT true AS found, x.value FROM {e} x
-                                    WHERE q.source <= 0 AND x.run_id = c.run_id AND x.key = q.key) x ON true
+                                    WHERE x.run_id = c.run_id
+                                      AND x.key = CASE WHEN q.source <= 0 THEN q.key END) x ON true
                  WHERE c.run_id = ANY($1::text[])"
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
