@@ -18,12 +18,12 @@
 //! output row; for one that repeats, the iteration added to its bookkeeping row; for a pause,
 //! the node added to the run's `_awaitingNodeIds` row.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::types::ToSql;
+use postgres::types::{Json, ToSql};
 use postgres::{Client, NoTls, Row, Statement};
 use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
@@ -929,24 +929,21 @@ impl RunStore {
             ),
             // For each run of $1 that exists: its status, whether its starting context is an
             // object (`header` is NULL otherwise), and the value of each of its keys asked
-            // for in $2 (`{run: {key: source}}`, see [`key_source`]): a header key from the
-            // `header` column, another from its entry, or else (where its source allows)
-            // from the starting context. (Each run looks its own keys up in $2: a join of
-            // the runs with a list of all the keys compared every run with every key.)
+            // for in $2 (`{run: {key: source}}`, see [`key_source`]; each run reads only its
+            // own): a header key from the `header` column, another from its entry, or else
+            // (where its source allows) from the starting context. A header key looks the
+            // entries' index up for NULL, which matches nothing without a search.
             load_keys: format!(
                 "SELECT c.run_id, s.status, c.header IS NOT NULL, q.key,
-                   CASE WHEN x.found THEN x.value
+                   CASE WHEN x.run_id IS NOT NULL THEN x.value
                         WHEN q.source > 0 THEN NULLIF(c.header[q.source], 'null'::jsonb)
                         WHEN q.source < 0 THEN c.context_data -> q.key END
                  FROM {c} c
                  LEFT JOIN {s} s ON s.run_id = c.run_id
                  LEFT JOIN LATERAL (SELECT k.key, k.value::int AS source
                                     FROM jsonb_each_text($2::jsonb -> c.run_id) k) q ON true
-                 -- (A header key is never looked for among the entries: the index is
-                 -- searched for NULL, which it knows matches nothing.)
-                 LEFT JOIN LATERAL (SELECT true AS found, x.value FROM {e} x
-                                    WHERE x.run_id = c.run_id
-                                      AND x.key = CASE WHEN q.source <= 0 THEN q.key END) x ON true
+                 LEFT JOIN {e} x ON x.run_id = c.run_id
+                   AND x.key = CASE WHEN q.source <= 0 THEN q.key END
                  WHERE c.run_id = ANY($1::text[])"
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
@@ -1200,25 +1197,17 @@ impl RunStore {
         &self,
         batch: &[KeysRequest],
     ) -> Result<Vec<Result<Option<RunSnapshot>, StoreError>>, StoreError> {
-        let mut runs: Vec<&str> = batch.iter().map(|r| r.run_id.as_str()).collect();
-        runs.sort_unstable();
-        runs.dedup();
-        let mut asked = Map::new();
+        // Each run's keys, and where each is read if the run has no entry for it.
+        let mut asked: BTreeMap<&str, BTreeMap<&str, i32>> = BTreeMap::new();
         for request in batch {
-            let keys = asked
-                .entry(request.run_id.clone())
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(keys) = keys {
-                for key in &request.keys {
-                    keys.insert(key.clone(), key_source(key).into());
-                }
-            }
+            let keys = asked.entry(request.run_id.as_str()).or_default();
+            keys.extend(request.keys.iter().map(|k| (k.as_str(), key_source(k))));
         }
-        let asked = Value::Object(asked);
+        let runs: Vec<&str> = asked.keys().copied().collect();
         let rows = self
             .pool
             .get()?
-            .query_prepared(&self.sql.load_keys, &[&runs, &asked])?;
+            .query_prepared(&self.sql.load_keys, &[&runs, &Json(&asked)])?;
         // Per run: its status, whether its row is well formed, the keys found.
         let mut found: HashMap<String, (Option<String>, bool, ContextMap)> = HashMap::new();
         for row in rows {
