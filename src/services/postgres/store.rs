@@ -750,6 +750,13 @@ struct Statements {
     lock_awaiting: String,
 }
 
+/// The SQL of a status test on runs found by id: `IS TRUE` is no condition an index can
+/// serve, so the planner looks the runs up by id instead of scanning every run of that
+/// status in the index of statuses (which it does when it underestimates them).
+fn status_is(column: &str, status: &str) -> String {
+    format!("({column} = '{status}') IS TRUE")
+}
+
 /// The SQL of a timestamp column as RFC 3339 text in UTC, with milliseconds.
 pub(crate) fn rfc3339(column: &str) -> String {
     format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
@@ -949,23 +956,22 @@ impl RunStore {
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
             commit_plain: format!("{plain_ctes} SELECT ok.ord FROM ok"),
             // Completes the runs $1 that are running and await nothing. (`r` is materialized
-            // so that each context is assembled once, not once per use. The runs are looked
-            // up by id: `IS TRUE` keeps the status test off the index of statuses, which the
-            // planner would otherwise scan for all running runs when it underestimates them.)
+            // so that each context is assembled once, not once per use.)
             complete: format!(
                 "WITH r AS MATERIALIZED (
                    SELECT st.run_id, {whole} AS context
                    FROM (SELECT DISTINCT unnest($1::text[]) AS run_id) ids
                    JOIN {s} st ON st.run_id = ids.run_id
                    JOIN {c} c ON c.run_id = st.run_id
-                   WHERE (st.status = 'running') IS TRUE
+                   WHERE {running}
                      AND NOT EXISTS (SELECT 1 FROM {e} a WHERE a.run_id = st.run_id AND a.key = '{AWAITING_NODE_IDS}'
                                      AND jsonb_typeof(a.value) = 'array' AND a.value <> '[]'::jsonb))
                  UPDATE {s} st SET status = 'completed', updated_at = NOW(),
                    result = jsonb_build_object('status', 'completed', 'context', r.context,
                                                'serializedContext', r.context::text)
-                 FROM r WHERE st.run_id = r.run_id AND (st.status = 'running') IS TRUE
-                 RETURNING st.run_id, r.context"
+                 FROM r WHERE st.run_id = r.run_id AND {running}
+                 RETURNING st.run_id, r.context",
+                running = status_is("st.status", "running")
             ),
             fail: format!(
                 "INSERT INTO {s} (run_id, status, updated_at, result)
@@ -1021,10 +1027,12 @@ impl RunStore {
                 "UPDATE {s} SET updated_at = 'epoch' WHERE run_id = $1 AND status = 'running'"
             ),
             touch_many: format!(
-                "UPDATE {s} SET updated_at = NOW() WHERE run_id = ANY($1) AND status = 'running'"
+                "UPDATE {s} SET updated_at = NOW() WHERE run_id = ANY($1) AND {}",
+                status_is("status", "running")
             ),
             cancelled_among: format!(
-                "SELECT run_id FROM {s} WHERE run_id = ANY($1) AND status = 'cancelled'"
+                "SELECT run_id FROM {s} WHERE run_id = ANY($1) AND {}",
+                status_is("status", "cancelled")
             ),
             insert_context: format!("INSERT INTO {c} (run_id, context_data) VALUES ($1, $2)"),
             insert_status: format!("INSERT INTO {s} (run_id, status) VALUES ($1, $2)"),
