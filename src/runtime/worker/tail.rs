@@ -120,12 +120,9 @@ pub(super) struct Leader<'a> {
     /// Deliveries to requeue after a backoff, once this thread no longer leads (see
     /// [`settle_deferred`](Self::settle_deferred)), with the reason.
     pub(super) deferred: Vec<(Delivery, String)>,
-    /// The deliveries waiting for a worker thread: while there are any, a successor's
-    /// delivery queues behind them, and its state is not read ahead.
+    /// The deliveries waiting for a worker thread (see [`reads_ahead`](Self::reads_ahead)).
     pub(super) waiting: &'a Receiver<Delivery>,
-    /// The session's handed-off tails: while some wait for this thread, its time is what
-    /// the process's throughput waits on, and it reads nothing ahead (the worker threads,
-    /// idle meanwhile, read their jobs' state themselves).
+    /// The session's handed-off tails (see [`reads_ahead`](Self::reads_ahead)).
     pub(super) tails: &'a Combiner<PendingTail>,
 }
 
@@ -224,8 +221,7 @@ impl Leader<'_> {
         // `read_ahead`): their delivery overlaps the Redis step. A start job publishes after
         // it, as it registers the run's start jobs there.
         let resumer = shared.resumer();
-        let reading_ahead =
-            self.waiting.is_empty() && self.tails.queued() == 0 && shared.read_ahead.worthwhile();
+        let reading_ahead = self.reads_ahead();
         let mut ahead: Vec<(JobKey, Vec<String>)> = Vec::new();
         let mut early_tags: HashMap<usize, Tags> = HashMap::new();
         coordinating.retain(|&i| {
@@ -372,6 +368,15 @@ impl Leader<'_> {
                 self.deferred.push((p.delivery, reason));
             }
         }
+    }
+
+    /// Whether this batch reads its successors' state ahead: not while deliveries wait for
+    /// a worker thread (a successor's delivery would queue behind them), nor while other
+    /// tails wait for this thread (its time is then what the process's throughput waits on,
+    /// and the worker threads, idle meanwhile, read their jobs' state themselves); and then
+    /// only while [worthwhile](super::read_ahead::ReadAhead::worthwhile).
+    fn reads_ahead(&self) -> bool {
+        self.waiting.is_empty() && self.tails.queued() == 0 && self.shared.read_ahead.worthwhile()
     }
 
     /// Reserves read-ahead entries for these successors of `t`, about to be published, if
