@@ -402,3 +402,34 @@ fn a_gathered_batch_keeps_every_header_write_of_a_run() {
         .unwrap();
     assert_eq!(some.context.len(), 2);
 }
+
+/// A resume that writes a header key puts it where jobs read it (the context row's
+/// `header` column), as a commit does: read key by key and read whole, the run agrees.
+#[test]
+fn a_resume_writes_header_keys_where_jobs_read_them() {
+    let env = TestEnv::new("resume_header");
+    let store = env.store();
+    store
+        .create_run("r", &ctx(json!({"blueprintVersion": "1", "x": 1})))
+        .unwrap();
+    let (mut pause, guard) = commit_of("w", json!(null));
+    pause.set.clear();
+    pause.awaiting = Some(("w".into(), json!({"type": "webhook"})));
+    assert!(store.commit_node("r", pause, guard).unwrap());
+
+    let mut resumed = NodeCommit::default();
+    resumed.set.insert("_outputs.w".into(), json!("event"));
+    resumed.set.insert("blueprintVersion".into(), json!("2"));
+    resumed.delete.push("x".into());
+    assert!(store.resume_nodes("r", &["w".into()], resumed).unwrap());
+
+    let keys = ["blueprintVersion", "x", "_outputs.w"].map(String::from);
+    let some = store.load_keys("r", keys.to_vec()).unwrap().unwrap();
+    assert_eq!(
+        Value::Object(some.context),
+        json!({"blueprintVersion": "2", "_outputs.w": "event"})
+    );
+    let whole = env.context("r");
+    assert_eq!(whole.get("blueprintVersion"), Some(&json!("2")));
+    assert!(!whole.contains_key("x"));
+}

@@ -1088,6 +1088,14 @@ impl RunStore {
                    WHERE EXISTS (SELECT 1 FROM ids) ORDER BY x.key
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
                    RETURNING 1),
+                 -- Header keys ($6 deleted, $7 set) go to the context row, as a commit's do.
+                 header AS (
+                   UPDATE {c} t SET context_data =
+                     (t.context_data - ARRAY(SELECT jsonb_array_elements_text($6::jsonb))) || $7::jsonb
+                   WHERE t.run_id = $1 AND jsonb_typeof(t.context_data) = 'object'
+                     AND ($7::jsonb <> '{{}}'::jsonb OR $6::jsonb <> '[]'::jsonb)
+                     AND EXISTS (SELECT 1 FROM ids)
+                   RETURNING 1),
                  s AS (
                    UPDATE {s} SET updated_at = NOW(), status = CASE
                        WHEN (SELECT COALESCE(jsonb_array_length(value), 0) FROM ids) > 0
@@ -1588,7 +1596,8 @@ impl RunStore {
     }
 
     /// Resumes awaited nodes: applies `commit` (their outputs, `_resume.*`, their context
-    /// writes and their successors' inputs; its `awaiting` is ignored) and removes them from
+    /// writes and their successors' inputs, header keys going to the run's context row as a
+    /// commit's do; its `awaiting` is ignored) and removes them from
     /// the awaiting keys — only while every node of `nodes` is still awaited — and moves the
     /// status back to `running` (or keeps `awaiting` if other nodes still wait). Returns
     /// whether it applied: resuming twice applies once.
@@ -1599,12 +1608,28 @@ impl RunStore {
         commit: NodeCommit,
     ) -> Result<bool, StoreError> {
         let nodes = Value::from(nodes.to_vec());
-        let set = Value::Object(commit.set);
-        let set_if_absent = Value::Object(commit.set_if_absent);
-        let delete = commit.delete;
+        let NodeCommit {
+            mut set,
+            mut set_if_absent,
+            mut delete,
+            ..
+        } = commit;
+        let (header_set, header_delete) = take_header_keys(&mut set, &mut delete);
+        for key in HEADER_KEYS {
+            set_if_absent.remove(key);
+        }
+        let (set, set_if_absent) = (Value::Object(set), Value::Object(set_if_absent));
         let row = self.pool.get()?.query_one_prepared(
             &self.sql.resume,
-            &[&run_id, &nodes, &set, &delete, &set_if_absent],
+            &[
+                &run_id,
+                &nodes,
+                &set,
+                &delete,
+                &set_if_absent,
+                &header_delete,
+                &header_set,
+            ],
         )?;
         let applied: i32 = row.try_get(0)?;
         Ok(applied > 0)
