@@ -757,6 +757,20 @@ fn status_is(column: &str, status: &str) -> String {
     format!("({column} = '{status}') IS TRUE")
 }
 
+/// The SQL that writes header keys (see [`HEADER_KEYS`]) to the context row of `run`: the
+/// keys of the JSONB array `delete` removed, the JSONB object `set` merged in. `from` names
+/// the rows `run`, `delete` and `set` come from (`FROM ok`), or is empty for parameters.
+/// Leaves a row that is not an object, and one nothing is written to, alone.
+fn header_update(contexts: &str, from: &str, run: &str, delete: &str, set: &str) -> String {
+    format!(
+        "UPDATE {contexts} t SET context_data =
+           (t.context_data - ARRAY(SELECT jsonb_array_elements_text({delete}))) || {set}
+         {from}
+         WHERE t.run_id = {run} AND jsonb_typeof(t.context_data) = 'object'
+           AND ({set} <> '{{}}'::jsonb OR {delete} <> '[]'::jsonb)"
+    )
+}
+
 /// The SQL of a timestamp column as RFC 3339 text in UTC, with milliseconds.
 pub(crate) fn rfc3339(column: &str) -> String {
     format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
@@ -863,6 +877,8 @@ impl RunStore {
                           OR st.updated_at < NOW() - interval '1 second')
                    RETURNING 1)"
         );
+        let commit_header =
+            header_update(c, "FROM ok", "ok.run_id", "ok.header_del", "ok.header_set");
         let commit_ctes = format!(
             "{commit_rows}, {once},
                  -- A node that may repeat: its bookkeeping row, to whose `iters` the
@@ -905,13 +921,7 @@ impl RunStore {
                    RETURNING 1),
                  -- The header keys (the first job's stamp of the blueprint) go to the
                  -- context row.
-                 header AS (
-                   UPDATE {c} t SET context_data =
-                     (t.context_data - ARRAY(SELECT jsonb_array_elements_text(ok.header_del))) || ok.header_set
-                   FROM ok
-                   WHERE t.run_id = ok.run_id AND jsonb_typeof(t.context_data) = 'object'
-                     AND (ok.header_set <> '{{}}'::jsonb OR ok.header_del <> '[]'::jsonb)
-                   RETURNING 1),
+                 header AS ({commit_header} RETURNING 1),
                  {history},
                  {status}"
         );
@@ -929,6 +939,7 @@ impl RunStore {
                    RETURNING 1)",
             w = writes("", "EXCLUDED.value"),
         );
+        let resume_header = header_update(c, "", "$1", "$6::jsonb", "$7::jsonb");
         let sql = Statements {
             load: format!(
                 "SELECT c.run_id, {whole}, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id)
@@ -1089,13 +1100,7 @@ impl RunStore {
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
                    RETURNING 1),
                  -- Header keys ($6 deleted, $7 set) go to the context row, as a commit's do.
-                 header AS (
-                   UPDATE {c} t SET context_data =
-                     (t.context_data - ARRAY(SELECT jsonb_array_elements_text($6::jsonb))) || $7::jsonb
-                   WHERE t.run_id = $1 AND jsonb_typeof(t.context_data) = 'object'
-                     AND ($7::jsonb <> '{{}}'::jsonb OR $6::jsonb <> '[]'::jsonb)
-                     AND EXISTS (SELECT 1 FROM ids)
-                   RETURNING 1),
+                 header AS ({resume_header} AND EXISTS (SELECT 1 FROM ids) RETURNING 1),
                  s AS (
                    UPDATE {s} SET updated_at = NOW(), status = CASE
                        WHEN (SELECT COALESCE(jsonb_array_length(value), 0) FROM ids) > 0
@@ -1111,12 +1116,7 @@ impl RunStore {
                 "SELECT 1 FROM {e} WHERE run_id = ANY($1::text[]) AND key = '{AWAITING_NODE_IDS}'
                  ORDER BY run_id FOR UPDATE"
             ),
-            put_header: format!(
-                "UPDATE {c} SET context_data =
-                   (context_data - ARRAY(SELECT jsonb_array_elements_text($2::jsonb))) || $3::jsonb
-                 WHERE run_id = $1 AND jsonb_typeof(context_data) = 'object'
-                   AND ($3::jsonb <> '{{}}'::jsonb OR $2::jsonb <> '[]'::jsonb)"
-            ),
+            put_header: header_update(c, "", "$1", "$2::jsonb", "$3::jsonb"),
             put_entries: format!(
                 "INSERT INTO {e} AS t (run_id, key, value)
                  SELECT $1::text, k, v FROM unnest($2::text[], $3::jsonb[]) AS x(k, v) ORDER BY k
