@@ -1597,10 +1597,10 @@ impl RunStore {
 
     /// Resumes awaited nodes: applies `commit` (their outputs, `_resume.*`, their context
     /// writes and their successors' inputs, header keys going to the run's context row as a
-    /// commit's do; its `awaiting` is ignored) and removes them from
-    /// the awaiting keys — only while every node of `nodes` is still awaited — and moves the
-    /// status back to `running` (or keeps `awaiting` if other nodes still wait). Returns
-    /// whether it applied: resuming twice applies once.
+    /// commit's do; its `awaiting` is ignored) and removes them from the awaiting keys —
+    /// only while every node of `nodes` is still awaited — and moves the status back to
+    /// `running` (or keeps `awaiting` if other nodes still wait). Returns whether it
+    /// applied: resuming twice applies once.
     pub fn resume_nodes(
         &self,
         run_id: &str,
