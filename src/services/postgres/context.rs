@@ -8,7 +8,7 @@
 use serde_json::{Map, Value};
 
 use crate::services::postgres::store::{
-    assembled_context, key_source, PgPool, RunStore, StoreError, Tables,
+    assembled_context, key_source, keyed_value, PgPool, RunStore, StoreError, Tables,
 };
 
 /// One change of a [`PostgresContext::patch`].
@@ -44,11 +44,10 @@ impl PostgresContext {
         let (c, e) = (&tables.contexts, tables.entries());
         Ok(PostgresContext {
             get_sql: format!(
-                "SELECT CASE WHEN x.run_id IS NOT NULL THEN x.value
-                             WHEN $3::int > 0 THEN NULLIF(c.header[$3::int], 'null'::jsonb)
-                             WHEN $3::int < 0 THEN c.context_data -> $2::text END
-                 FROM {c} c LEFT JOIN {e} x ON $3::int <= 0 AND x.run_id = c.run_id AND x.key = $2::text
-                 WHERE c.run_id = $1"
+                "SELECT {} FROM {c} c
+                 LEFT JOIN {e} x ON $3::int <= 0 AND x.run_id = c.run_id AND x.key = $2::text
+                 WHERE c.run_id = $1",
+                keyed_value("$2::text", "$3::int")
             ),
             all_sql: format!(
                 "SELECT {} FROM {c} c WHERE c.run_id = $1",

@@ -771,6 +771,17 @@ fn header_update(contexts: &str, from: &str, run: &str, delete: &str, set: &str)
     )
 }
 
+/// The SQL of the value of a key (the SQL `key`) of the run `c` (its contexts row), `x`
+/// being the run's entry for it if it has one: that entry, or else, by the key's `source`
+/// (see [`key_source`]), the `header` column or the starting context.
+pub(crate) fn keyed_value(key: &str, source: &str) -> String {
+    format!(
+        "CASE WHEN x.run_id IS NOT NULL THEN x.value
+              WHEN {source} > 0 THEN NULLIF(c.header[{source}], 'null'::jsonb)
+              WHEN {source} < 0 THEN c.context_data -> {key} END"
+    )
+}
+
 /// The SQL of a timestamp column as RFC 3339 text in UTC, with milliseconds.
 pub(crate) fn rfc3339(column: &str) -> String {
     format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
@@ -952,17 +963,15 @@ impl RunStore {
             // (where its source allows) from the starting context. A header key looks the
             // entries' index up for NULL, which matches nothing without a search.
             load_keys: format!(
-                "SELECT c.run_id, s.status, c.header IS NOT NULL, q.key,
-                   CASE WHEN x.run_id IS NOT NULL THEN x.value
-                        WHEN q.source > 0 THEN NULLIF(c.header[q.source], 'null'::jsonb)
-                        WHEN q.source < 0 THEN c.context_data -> q.key END
+                "SELECT c.run_id, s.status, c.header IS NOT NULL, q.key, {}
                  FROM {c} c
                  LEFT JOIN {s} s ON s.run_id = c.run_id
                  LEFT JOIN LATERAL (SELECT k.key, k.value::int AS source
                                     FROM jsonb_each_text($2::jsonb -> c.run_id) k) q ON true
                  LEFT JOIN {e} x ON x.run_id = c.run_id
                    AND x.key = CASE WHEN q.source <= 0 THEN q.key END
-                 WHERE c.run_id = ANY($1::text[])"
+                 WHERE c.run_id = ANY($1::text[])",
+                keyed_value("q.key", "q.source")
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
             commit_plain: format!("{plain_ctes} SELECT ok.ord FROM ok"),
