@@ -433,3 +433,82 @@ fn a_resume_writes_header_keys_where_jobs_read_them() {
     assert_eq!(whole.get("blueprintVersion"), Some(&json!("2")));
     assert!(!whole.contains_key("x"));
 }
+
+/// A lone plain commit runs a statement of its own: it writes what the batched statement
+/// writes (the output, the sets and deletions, the history row), applies once, and applies
+/// again once its output was deleted, as the batched one does.
+#[test]
+fn a_lone_commit_writes_what_a_batched_one_writes() {
+    use flowcraft_rabbitmq::store::Execution;
+    let env = TestEnv::new("lone_commit");
+    let store = env.store();
+    for run in ["lone", "b1", "b2"] {
+        store
+            .create_run(run, &ctx(json!({"gone": 1, "kept": 2})))
+            .unwrap();
+    }
+    let commit = || {
+        let (mut commit, guard) = commit_of("n", json!({"v": 1}));
+        commit.set.insert("n".into(), json!({"v": 1}));
+        commit.set.insert("_inputs.m".into(), json!({"v": 1}));
+        commit.delete.push("gone".into());
+        commit.execution = Some(Execution {
+            node_id: "n".into(),
+            attempt: 2,
+            started_ms: 1_000.0,
+            finished_ms: 1_500.0,
+            worker: "host:1".into(),
+        });
+        (commit, guard)
+    };
+    let history = |run: &str| -> Vec<(String, u32, u32, String, String)> {
+        store
+            .history(run)
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.node_id, h.iteration, h.attempt, h.outcome, h.worker))
+            .collect()
+    };
+    // Alone (a lone caller's commit), then batched with another run's.
+    let (c, g) = commit();
+    assert!(store.commit_node("lone", c, g).unwrap());
+    let batched = flowcraft_rabbitmq::testing::commit_nodes(
+        &store,
+        vec![
+            ("b1".to_string(), commit().0, commit().1),
+            ("b2".to_string(), commit().0, commit().1),
+        ],
+    );
+    assert!(batched.into_iter().all(|applied| applied.unwrap()));
+    let lone = env.context("lone");
+    assert_eq!(
+        Value::Object(lone.clone()),
+        json!({"kept": 2, "n": {"v": 1}, "_outputs.n": {"v": 1}, "_inputs.m": {"v": 1}})
+    );
+    assert_eq!(lone, env.context("b1"));
+    let recorded = vec![(
+        "n".to_string(),
+        0,
+        2,
+        "completed".to_string(),
+        "host:1".to_string(),
+    )];
+    assert_eq!(history("lone"), recorded);
+    assert_eq!(history("b1"), recorded);
+
+    // Once: the same execution again applies nothing and records nothing.
+    let (c, g) = commit();
+    assert!(!store.commit_node("lone", c, g).unwrap());
+    assert_eq!(history("lone").len(), 1);
+    // Its output deleted, the node commits again.
+    store
+        .write_keys("lone", vec![("_outputs.n".into(), None)])
+        .unwrap();
+    let (c, g) = commit();
+    assert!(store.commit_node("lone", c, g).unwrap());
+    assert_eq!(
+        env.context("lone").get("_outputs.n"),
+        Some(&json!({"v": 1}))
+    );
+    assert_eq!(history("lone").len(), 2);
+}

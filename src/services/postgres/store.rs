@@ -725,6 +725,8 @@ struct Statements {
     commit: String,
     /// `commit` for a batch of plain commits ([`CommitRequest::is_plain`]).
     commit_plain: String,
+    /// `commit_plain` for one commit, its values as plain parameters.
+    commit_lone: String,
     complete: String,
     fail: String,
     set_status: String,
@@ -975,6 +977,36 @@ impl RunStore {
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
             commit_plain: format!("{plain_ctes} SELECT ok.ord FROM ok"),
+            // One plain commit — a lone thread's, a chain's — as `commit_plain` does it, without
+            // unnesting eighteen arrays of one element, joining and sorting (a commit sets or
+            // deletes a key once): a third fewer plan nodes to start, and plain parameters.
+            commit_lone: format!(
+                "WITH once AS (
+                   INSERT INTO {e} AS t (run_id, key, value) VALUES ($1::text, $2::text, $3::jsonb)
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
+                   RETURNING 1),
+                 w AS (
+                   INSERT INTO {e} AS t (run_id, key, value)
+                   SELECT $1::text, w.key, w.value FROM (
+                     SELECT x.key, x.value FROM jsonb_each($4::jsonb) x
+                     UNION ALL
+                     SELECT d.key, NULL FROM jsonb_array_elements_text($5::jsonb) AS d(key)) w
+                   WHERE EXISTS (SELECT 1 FROM once) ORDER BY w.key
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
+                   RETURNING 1),
+                 history AS (
+                   INSERT INTO {h} (run_id, node_id, iteration, attempt, outcome, started_at, finished_at, worker)
+                   SELECT $1::text, $6::text, $7::int, $8::int, 'completed',
+                     to_timestamp($9::float8 / 1000.0), to_timestamp($10::float8 / 1000.0), $11::text
+                   WHERE $6::text IS NOT NULL AND EXISTS (SELECT 1 FROM once)
+                   RETURNING 1),
+                 s AS (
+                   UPDATE {s} st SET updated_at = NOW()
+                   WHERE st.run_id = $1::text AND EXISTS (SELECT 1 FROM once)
+                     AND (st.updated_at IS NULL OR st.updated_at < NOW() - interval '1 second')
+                   RETURNING 1)
+                 SELECT count(*) FROM once"
+            ),
             // Completes the runs $1 that are running and await nothing. (`r` is materialized
             // so that each context is assembled once, not once per use.)
             complete: format!(
@@ -1376,6 +1408,11 @@ impl RunStore {
             .filter(|r| r.awaiting_id.is_some())
             .map(|r| r.run_id.as_str())
             .collect();
+        if let [lone] = rows[..] {
+            if lone.is_plain() {
+                return self.commit_lone(lone).map(|applied| vec![Ok(applied)]);
+            }
+        }
         let params: &[&(dyn ToSql + Sync)] = &[
             &column(&rows, |r| r.run_id.as_str()),
             &column(&rows, |r| &r.delete),
@@ -1433,6 +1470,30 @@ impl RunStore {
             .iter()
             .map(|r| Ok(applied.iter().any(|a| std::ptr::eq(*a, r.borrow()))))
             .collect())
+    }
+
+    /// One plain commit ([`CommitRequest::is_plain`]) in its own statement: whether it
+    /// applied.
+    fn commit_lone(&self, r: &CommitRequest) -> Result<bool, StoreError> {
+        let execution = r.execution.as_ref();
+        let attempt = execution.map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX));
+        let row = self.pool.get()?.query_one_prepared(
+            &self.sql.commit_lone,
+            &[
+                &r.run_id,
+                &r.guard_key,
+                &r.guard_value,
+                &r.set,
+                &r.delete,
+                &execution.map(|x| x.node_id.as_str()),
+                &r.iteration,
+                &attempt,
+                &execution.map_or(0.0, |x| x.started_ms),
+                &execution.map_or(0.0, |x| x.finished_ms),
+                &execution.map(|x| x.worker.as_str()),
+            ],
+        )?;
+        Ok(row.try_get::<_, i64>(0)? > 0)
     }
 
     /// Marks a running run `completed` with its final context, unless it awaits a node.
