@@ -587,22 +587,28 @@ struct CommitRequest {
     execution: Option<Execution>,
 }
 
-/// Takes the header keys ([`HEADER_KEYS`]) out of a write: they live in the run's context
-/// row (its `header` column is what jobs read), not among its entries.
-fn take_header_keys(set: &mut Map<String, Value>, delete: &mut Vec<String>) -> (Value, Value) {
-    let mut header_set = Map::new();
-    for key in HEADER_KEYS {
-        if let Some(value) = set.remove(key) {
-            header_set.insert(key.to_string(), value);
+impl NodeCommit {
+    /// Takes the header keys ([`HEADER_KEYS`]) out of the writes — they live in the run's
+    /// context row (its `header` column is what jobs read), not among its entries — and
+    /// returns them (set, deleted); a keep-first write of one is dropped. Every writer of
+    /// a run's keys (commit, resume, [`RunStore::write_keys`]) passes through here.
+    fn take_header_keys(&mut self) -> (Value, Value) {
+        let mut header_set = Map::new();
+        for key in HEADER_KEYS {
+            if let Some(value) = self.set.remove(key) {
+                header_set.insert(key.to_string(), value);
+            }
+            self.set_if_absent.remove(key);
         }
+        let header_delete: Vec<String> = self
+            .delete
+            .iter()
+            .filter(|k| HEADER_KEYS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        self.delete.retain(|k| !HEADER_KEYS.contains(&k.as_str()));
+        (Value::Object(header_set), Value::from(header_delete))
     }
-    let header_delete: Vec<String> = delete
-        .iter()
-        .filter(|k| HEADER_KEYS.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    delete.retain(|k| !HEADER_KEYS.contains(&k.as_str()));
-    (Value::Object(header_set), Value::from(header_delete))
 }
 
 /// A row of a run's entries: (run, key).
@@ -653,7 +659,8 @@ impl CommitRequest {
         (rows, shared)
     }
 
-    fn new(run_id: &str, commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
+    fn new(run_id: &str, mut commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
+        let (header_set, header_delete) = commit.take_header_keys();
         let NodeCommit {
             mut set,
             mut set_if_absent,
@@ -689,10 +696,6 @@ impl CommitRequest {
         });
         delete.sort_unstable();
         delete.dedup();
-        let (header_set, header_delete) = take_header_keys(&mut set, &mut delete);
-        for key in HEADER_KEYS {
-            set_if_absent.remove(key);
-        }
         set_if_absent.retain(|k, _| !set.contains_key(k) && !delete.contains(k));
         set_if_absent.remove(&guard_key);
         CommitRequest {
@@ -1678,16 +1681,14 @@ impl RunStore {
         commit: NodeCommit,
     ) -> Result<bool, StoreError> {
         let nodes = Value::from(nodes.to_vec());
+        let mut commit = commit;
+        let (header_set, header_delete) = commit.take_header_keys();
         let NodeCommit {
-            mut set,
-            mut set_if_absent,
-            mut delete,
+            set,
+            set_if_absent,
+            delete,
             ..
         } = commit;
-        let (header_set, header_delete) = take_header_keys(&mut set, &mut delete);
-        for key in HEADER_KEYS {
-            set_if_absent.remove(key);
-        }
         let (set, set_if_absent) = (Value::Object(set), Value::Object(set_if_absent));
         let row = self.pool.get()?.query_one_prepared(
             &self.sql.resume,
@@ -1776,19 +1777,20 @@ impl RunStore {
         for (key, value) in writes {
             latest.insert(key, value);
         }
-        let (mut set, mut delete) = (Map::new(), Vec::new());
+        let mut commit = NodeCommit::default();
         for (key, value) in latest {
             match value {
-                Some(value) => drop(set.insert(key, value)),
-                None => delete.push(key),
+                Some(value) => drop(commit.set.insert(key, value)),
+                None => commit.delete.push(key),
             }
         }
         // Header keys live in the context row, the others among the entries.
-        let (header_set, header_delete) = take_header_keys(&mut set, &mut delete);
-        let (keys, values): (Vec<String>, Vec<Option<Value>>) = set
+        let (header_set, header_delete) = commit.take_header_keys();
+        let (keys, values): (Vec<String>, Vec<Option<Value>>) = commit
+            .set
             .into_iter()
             .map(|(k, v)| (k, Some(v)))
-            .chain(delete.into_iter().map(|k| (k, None)))
+            .chain(commit.delete.into_iter().map(|k| (k, None)))
             .unzip();
         let mut conn = self.pool.get()?;
         let ensure = conn.statement(&self.sql.ensure_context)?;
