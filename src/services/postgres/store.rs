@@ -659,6 +659,13 @@ impl CommitRequest {
         (rows, shared)
     }
 
+    /// The attempt its history row records.
+    fn attempt(&self) -> i32 {
+        self.execution
+            .as_ref()
+            .map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX))
+    }
+
     fn new(run_id: &str, mut commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
         let (header_set, header_delete) = commit.take_header_keys();
         let NodeCommit {
@@ -943,10 +950,10 @@ impl RunStore {
         );
         // The common commit, with none of the above but outputs, inputs and deletions: the
         // same parameters, a statement PostgreSQL plans and starts in about half the time.
-        let plain_ctes = format!(
-            "{commit_rows}, {once},
-                 ok AS (SELECT j.* FROM j JOIN once ON once.run_id = j.run_id AND once.key = j.guard_key),
-                 {w}, {history},
+        // What a plain commit does once its guard row is written (`ok`): its keys, its
+        // history row, the run's status row touched.
+        let plain_writes = format!(
+            "{w}, {history},
                  s AS (
                    UPDATE {s} st SET updated_at = NOW()
                    FROM (SELECT DISTINCT ok.run_id FROM ok) c
@@ -954,6 +961,26 @@ impl RunStore {
                      AND (st.updated_at IS NULL OR st.updated_at < NOW() - interval '1 second')
                    RETURNING 1)",
             w = writes("", "EXCLUDED.value"),
+        );
+        let plain_ctes = format!(
+            "{commit_rows}, {once},
+                 ok AS (SELECT j.* FROM j JOIN once ON once.run_id = j.run_id AND once.key = j.guard_key),
+                 {plain_writes}"
+        );
+        // One plain commit, its values as plain parameters: its guard row, then `ok` is its
+        // one row of `j` — no eighteen one-element arrays to bind and unnest, no join.
+        let lone_ctes = format!(
+            "WITH once AS (
+                   INSERT INTO {e} AS t (run_id, key, value) VALUES ($1::text, $2::text, $3::jsonb)
+                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
+                   RETURNING 1),
+                 ok AS (
+                   SELECT $1::text AS run_id, $4::jsonb AS sets, $5::jsonb AS del, 1::bigint AS ord,
+                          $6::int AS iteration, NULL::text AS awaiting_id, $7::text AS h_node,
+                          $8::int AS h_attempt, $9::float8 AS h_started, $10::float8 AS h_finished,
+                          $11::text AS h_worker
+                   FROM once),
+                 {plain_writes}"
         );
         let resume_header = header_update(c, "", "$1", "$6::jsonb", "$7::jsonb");
         let sql = Statements {
@@ -980,36 +1007,8 @@ impl RunStore {
             ),
             commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
             commit_plain: format!("{plain_ctes} SELECT ok.ord FROM ok"),
-            // One plain commit — a lone thread's, a chain's — as `commit_plain` does it, without
-            // unnesting eighteen arrays of one element, joining and sorting (a commit sets or
-            // deletes a key once): a third fewer plan nodes to start, and plain parameters.
-            commit_lone: format!(
-                "WITH once AS (
-                   INSERT INTO {e} AS t (run_id, key, value) VALUES ($1::text, $2::text, $3::jsonb)
-                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
-                   RETURNING 1),
-                 w AS (
-                   INSERT INTO {e} AS t (run_id, key, value)
-                   SELECT $1::text, w.key, w.value FROM (
-                     SELECT x.key, x.value FROM jsonb_each($4::jsonb) x
-                     UNION ALL
-                     SELECT d.key, NULL FROM jsonb_array_elements_text($5::jsonb) AS d(key)) w
-                   WHERE EXISTS (SELECT 1 FROM once) ORDER BY w.key
-                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
-                   RETURNING 1),
-                 history AS (
-                   INSERT INTO {h} (run_id, node_id, iteration, attempt, outcome, started_at, finished_at, worker)
-                   SELECT $1::text, $6::text, $7::int, $8::int, 'completed',
-                     to_timestamp($9::float8 / 1000.0), to_timestamp($10::float8 / 1000.0), $11::text
-                   WHERE $6::text IS NOT NULL AND EXISTS (SELECT 1 FROM once)
-                   RETURNING 1),
-                 s AS (
-                   UPDATE {s} st SET updated_at = NOW()
-                   WHERE st.run_id = $1::text AND EXISTS (SELECT 1 FROM once)
-                     AND (st.updated_at IS NULL OR st.updated_at < NOW() - interval '1 second')
-                   RETURNING 1)
-                 SELECT count(*) FROM once"
-            ),
+            // (A lone thread's, a chain's: a third fewer plan nodes to start.)
+            commit_lone: format!("{lone_ctes} SELECT ok.ord FROM ok"),
             // Completes the runs $1 that are running and await nothing. (`r` is materialized
             // so that each context is assembled once, not once per use.)
             complete: format!(
@@ -1411,56 +1410,71 @@ impl RunStore {
             .filter(|r| r.awaiting_id.is_some())
             .map(|r| r.run_id.as_str())
             .collect();
-        if let [lone] = rows[..] {
-            if lone.is_plain() {
-                return self.commit_lone(lone).map(|applied| vec![Ok(applied)]);
-            }
-        }
-        let params: &[&(dyn ToSql + Sync)] = &[
-            &column(&rows, |r| r.run_id.as_str()),
-            &column(&rows, |r| &r.delete),
-            &column(&rows, |r| &r.set),
-            &column(&rows, |r| r.exec_key.as_str()),
-            &column(&rows, |r| r.iteration),
-            &column(&rows, |r| r.repeats),
-            &column(&rows, |r| r.awaiting_id.as_deref()),
-            &column(&rows, |r| &r.awaiting_details),
-            &column(&rows, |r| &r.set_if_absent),
-            &column(&rows, |r| r.guard_value.as_ref()),
-            &column(&rows, |r| &r.header_set),
-            &column(&rows, |r| &r.header_delete),
-            &column(&rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
-            &column(&rows, |r| {
-                r.execution
-                    .as_ref()
-                    .map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX))
-            }),
-            &column(&rows, |r| {
-                r.execution.as_ref().map_or(0.0, |x| x.started_ms)
-            }),
-            &column(&rows, |r| {
-                r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
-            }),
-            &column(&rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
-            &column(&rows, |r| r.guard_key.as_str()),
-        ];
+        let plain = rows.iter().all(|r| r.is_plain());
         let mut conn = self.pool.get()?;
-        let returned = if pausing.is_empty() {
+        let returned = match rows[..] {
             // One round trip: the statement is its own transaction.
-            let sql = if rows.iter().all(|r| r.is_plain()) {
-                &self.sql.commit_plain
-            } else {
-                &self.sql.commit
-            };
-            conn.query_prepared(sql, params)?
-        } else {
-            let commit = conn.statement(&self.sql.commit)?;
-            let lock = conn.statement(&self.sql.lock_awaiting)?;
-            let mut tx = conn.transaction()?;
-            tx.execute(&lock, &[&pausing])?;
-            let returned = tx.query(&commit, params)?;
-            tx.commit()?;
-            returned
+            [lone] if plain => {
+                let execution = lone.execution.as_ref();
+                conn.query_prepared(
+                    &self.sql.commit_lone,
+                    &[
+                        &lone.run_id,
+                        &lone.guard_key,
+                        &lone.guard_value,
+                        &lone.set,
+                        &lone.delete,
+                        &lone.iteration,
+                        &execution.map(|x| x.node_id.as_str()),
+                        &lone.attempt(),
+                        &execution.map_or(0.0, |x| x.started_ms),
+                        &execution.map_or(0.0, |x| x.finished_ms),
+                        &execution.map(|x| x.worker.as_str()),
+                    ],
+                )?
+            }
+            _ => {
+                let params: &[&(dyn ToSql + Sync)] = &[
+                    &column(&rows, |r| r.run_id.as_str()),
+                    &column(&rows, |r| &r.delete),
+                    &column(&rows, |r| &r.set),
+                    &column(&rows, |r| r.exec_key.as_str()),
+                    &column(&rows, |r| r.iteration),
+                    &column(&rows, |r| r.repeats),
+                    &column(&rows, |r| r.awaiting_id.as_deref()),
+                    &column(&rows, |r| &r.awaiting_details),
+                    &column(&rows, |r| &r.set_if_absent),
+                    &column(&rows, |r| r.guard_value.as_ref()),
+                    &column(&rows, |r| &r.header_set),
+                    &column(&rows, |r| &r.header_delete),
+                    &column(&rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
+                    &column(&rows, CommitRequest::attempt),
+                    &column(&rows, |r| {
+                        r.execution.as_ref().map_or(0.0, |x| x.started_ms)
+                    }),
+                    &column(&rows, |r| {
+                        r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
+                    }),
+                    &column(&rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
+                    &column(&rows, |r| r.guard_key.as_str()),
+                ];
+                if pausing.is_empty() {
+                    let sql = if plain {
+                        &self.sql.commit_plain
+                    } else {
+                        &self.sql.commit
+                    };
+                    conn.query_prepared(sql, params)?
+                } else {
+                    let commit = conn.statement(&self.sql.commit)?;
+                    let lock = conn.statement(&self.sql.lock_awaiting)?;
+                    let mut tx = conn.transaction()?;
+                    tx.execute(&lock, &[&pausing])?;
+                    let returned = tx.query(&commit, params)?;
+                    tx.commit()?;
+                    returned
+                }
+            }
         };
         let mut applied: Vec<&CommitRequest> = Vec::with_capacity(rows.len());
         for row in returned {
@@ -1473,30 +1487,6 @@ impl RunStore {
             .iter()
             .map(|r| Ok(applied.iter().any(|a| std::ptr::eq(*a, r.borrow()))))
             .collect())
-    }
-
-    /// One plain commit ([`CommitRequest::is_plain`]) in its own statement: whether it
-    /// applied.
-    fn commit_lone(&self, r: &CommitRequest) -> Result<bool, StoreError> {
-        let execution = r.execution.as_ref();
-        let attempt = execution.map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX));
-        let row = self.pool.get()?.query_one_prepared(
-            &self.sql.commit_lone,
-            &[
-                &r.run_id,
-                &r.guard_key,
-                &r.guard_value,
-                &r.set,
-                &r.delete,
-                &execution.map(|x| x.node_id.as_str()),
-                &r.iteration,
-                &attempt,
-                &execution.map_or(0.0, |x| x.started_ms),
-                &execution.map_or(0.0, |x| x.finished_ms),
-                &execution.map(|x| x.worker.as_str()),
-            ],
-        )?;
-        Ok(row.try_get::<_, i64>(0)? > 0)
     }
 
     /// Marks a running run `completed` with its final context, unless it awaits a node.
