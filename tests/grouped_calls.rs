@@ -472,13 +472,11 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
     // Alone (a lone caller's commit), then batched with another run's.
     let (c, g) = commit();
     assert!(store.commit_node("lone", c, g).unwrap());
-    let batched = flowcraft_rabbitmq::testing::commit_nodes(
-        &store,
-        vec![
-            ("b1".to_string(), commit().0, commit().1),
-            ("b2".to_string(), commit().0, commit().1),
-        ],
-    );
+    let of = |run: &str| {
+        let (c, g) = commit();
+        (run.to_string(), c, g)
+    };
+    let batched = flowcraft_rabbitmq::testing::commit_nodes(&store, vec![of("b1"), of("b2")]);
     assert!(batched.into_iter().all(|applied| applied.unwrap()));
     let lone = env.context("lone");
     assert_eq!(
