@@ -193,6 +193,10 @@ pub mod testing {
             crate::services::postgres::store::CommitGuard,
         )>,
     ) -> Vec<Result<bool, crate::services::postgres::store::StoreError>> {
-        store.commit_nodes(commits)
+        store
+            .commit_nodes(commits)
+            .into_iter()
+            .map(|r| r.map(|applied| applied.is_some()))
+            .collect()
     }
 }

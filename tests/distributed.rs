@@ -503,3 +503,62 @@ fn the_worker_serves_metrics_and_health() {
     assert_eq!(samples["flowcraft_commit_batch_size_sum"], 5.0, "{body}");
     worker.stop().unwrap();
 }
+
+/// A successor's state derived from its predecessor's commit (no load) holds the run's
+/// status as that commit saw it: a run cancelled while its node ran stops at the next hop,
+/// as it does when the successor loads.
+#[test]
+fn a_chain_cancelled_while_a_node_runs_stops_at_the_next_hop() {
+    let env = TestEnv::new("cancel_hop");
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let after_runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut registry = inc_registry();
+    registry.register_fn("gate", move |_| {
+        let _ = entered_tx.send(());
+        release_rx
+            .recv_timeout(WAIT)
+            .map_err(|_| flowcraft_rabbitmq::NodeError::new("never released"))?;
+        Ok(flowcraft_rabbitmq::NodeResult::output(json!(1)))
+    });
+    let counted = after_runs.clone();
+    registry.register_fn("after", move |_| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(flowcraft_rabbitmq::NodeResult::output(json!(2)))
+    });
+    let chain = bp(
+        r#"{"id":"gated","nodes":[{"id":"g","uses":"gate"},{"id":"a","uses":"after"}],
+        "edges":[{"source":"g","target":"a"}]}"#,
+    );
+    let worker = env
+        .worker(registry, vec![chain.clone()])
+        .threads(2)
+        .metrics_listen("127.0.0.1:0")
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let addr = worker.metrics_addr().expect("metrics are served");
+    let client = env.client(vec![chain.clone()]);
+    let run = client.start_workflow("gated", ContextMap::new()).unwrap();
+    entered_rx
+        .recv_timeout(WAIT)
+        .expect("the gate node started");
+    client.cancel(&run).unwrap();
+    release_tx.send(()).unwrap();
+    // The gate's delivery and its successor's are both settled.
+    env.eventually("two jobs are settled", WAIT, || {
+        http_get(addr, "/metrics", &[])
+            .1
+            .contains("flowcraft_jobs_total{outcome=\"ack\"} 2")
+    });
+    let context = env.context(&run);
+    assert_eq!(context.get("_outputs.g"), Some(&json!(1)), "{context:?}");
+    assert!(!context.contains_key("_outputs.a"), "{context:?}");
+    assert_eq!(after_runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        env.store().status(&run).unwrap().unwrap().status,
+        "cancelled"
+    );
+    worker.stop().unwrap();
+}

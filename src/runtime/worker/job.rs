@@ -62,6 +62,7 @@ use crate::vocabulary::keys::{input_key, meta_key, output_key, BLUEPRINT_ID, BLU
 
 use super::consumer::Outcome;
 use super::pause::{self, Prepared};
+use super::read_ahead;
 use super::shared::Shared;
 use super::tail::TailJob;
 
@@ -567,6 +568,15 @@ fn build_commit(
         pause::fail_run(shared, &job.run_id, Some(&merged), &reason, publisher)?;
         return Ok(Outcome::Ack.into());
     }
+    // What the successors this commit alone decides would load (read before the check
+    // below: the header and awaiting keys are loaded, but a failed fetch must not go unseen).
+    let derived = match node {
+        RunNode::Static(from) if fallback.is_none() => next
+            .iter()
+            .filter_map(|n| read_ahead::derive(bp, *from, &job.run_id, &merged, &commit.set, n))
+            .collect(),
+        _ => Vec::new(),
+    };
     check_reads(&merged)?;
     Ok(Handled::Tail(Box::new(TailJob {
         job: job.clone(),
@@ -574,6 +584,7 @@ fn build_commit(
         commit: Some((commit, guard)),
         also_register: ledger_jobs(bp, job, node),
         successors: next.into_iter().map(|n| n.report).collect(),
+        derived,
     })))
 }
 

@@ -17,6 +17,15 @@
 //! reconciler's copy, may come after a commit whose consumer died before coordinating it,
 //! and must see that commit to coordinate it; it discards the entry and loads.
 //!
+//! Most successors need no statement at all: in a chain, what a successor's job loads — the
+//! run's header and awaiting keys, its own output (absent) and its input — is what its only
+//! predecessor read and commits ([`derive`]). The leading thread stores that for each such
+//! successor once the commit applied, whether or not the batch reads ahead, if the commit
+//! statement saw the run running (it returns the run's status): the same as loading right
+//! after the commit, so a cancelled run's chain stops at the next hop, as with a load. The
+//! awaiting keys are as the predecessor loaded them; a job reads them only to tell whether
+//! its own node is awaited, which a node that never ran is not.
+//!
 //! A successor delivered to another process leaves its entry unused; it expires (the
 //! heartbeat drops expired entries too), and when most entries expire (several workers
 //! share the queue) this process reads ahead only now and then, to notice when that
@@ -30,13 +39,30 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 
+use serde_json::{Map, Value};
+
+use crate::engine::blueprint::Blueprint;
+use crate::engine::node::{ContextMap, ContextView};
 use crate::runtime::message::JobPayload;
+use crate::runtime::reads::expected_reads;
+use crate::runtime::scheduling::NextJob;
 use crate::services::postgres::store::RunSnapshot;
+use crate::services::redis::JoinRule;
+use crate::vocabulary::keys::{
+    input_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS,
+};
+use crate::vocabulary::RunStatus;
 
 /// Most successors one tail batch reads ahead; a bigger fan-out's workers load their own.
 pub(super) const MAX_PER_BATCH: usize = 16;
-/// Most entries held at once.
+/// Most entries held at once for loads.
 const CAPACITY: usize = 1_024;
+/// Most entries held at once, derived ones included: a backlog delays each successor's
+/// delivery behind thousands of others, and a derived entry costs no statement.
+const DERIVED_CAPACITY: usize = 4_096;
+/// Largest input (in bytes, roughly) a derived entry holds: a bigger one is loaded by its
+/// delivery, so that entries stay small.
+const MAX_DERIVED_INPUT: usize = 4_096;
 /// How long an entry waits for its delivery.
 const LIFETIME: Duration = Duration::from_secs(2);
 /// How long a delivery waits for a load under way before loading on its own.
@@ -61,6 +87,90 @@ impl Entry {
         match self {
             Entry::Loading(t) | Entry::Loaded(t, _, _) => *t,
         }
+    }
+}
+
+/// A successor's run state worked out from its predecessor's commit (see the module docs):
+/// the keys its job loads, and their values.
+pub(super) struct Derived {
+    job: JobKey,
+    keys: Vec<String>,
+    context: ContextMap,
+}
+
+/// The state that `next`, a successor of node `from`, would load right after the commit of
+/// `from` in run `run_id` — `from` having read `view` (with its own writes) and committing
+/// `set` — if that commit alone decides it: `next` is ready at once and never repeats,
+/// `from` is its only predecessor (nobody else writes its input), and its job loads only the
+/// run's header and awaiting keys (which `from` loaded too), its own output (absent: it never
+/// ran) and its input (what the commit writes). `None` otherwise, or when the input is
+/// bigger than [`MAX_DERIVED_INPUT`].
+pub(super) fn derive(
+    bp: &Blueprint,
+    from: usize,
+    run_id: &str,
+    view: &ContextView,
+    set: &Map<String, Value>,
+    next: &NextJob,
+) -> Option<Derived> {
+    let report = &next.report;
+    if report.rule != JoinRule::Immediate || report.iteration != 0 {
+        return None;
+    }
+    let input = next.input.as_ref()?;
+    let target = bp.node_index(&report.node)?;
+    if target == from || bp.may_repeat(target) || bp.forward_predecessors(target) != [from] {
+        return None;
+    }
+    let mut budget = MAX_DERIVED_INPUT;
+    if !fits(input, &mut budget) {
+        return None;
+    }
+    let keys = expected_reads(Some(bp), &report.node);
+    let (output, input_name) = (output_key(&report.node), input_key(&report.node));
+    let run_keys = || {
+        HEADER_KEYS
+            .iter()
+            .chain(&[AWAITING_NODE_IDS, AWAITING_DETAILS])
+    };
+    let decided = |k: &String| *k == output || *k == input_name || run_keys().any(|r| r == k);
+    if !keys.iter().all(decided) {
+        return None;
+    }
+    let mut context = ContextMap::new();
+    for &key in run_keys() {
+        // (The first job's commit stamps the header keys, which its view lacks.)
+        if let Some(value) = set.get(key).or_else(|| view.get(key)) {
+            context.insert(key.to_string(), value.clone());
+        }
+    }
+    context.insert(input_name, input.clone());
+    Some(Derived {
+        job: (run_id.to_string(), report.node.clone(), 0),
+        keys,
+        context,
+    })
+}
+
+/// Whether `value` takes at most `budget` bytes or so (its strings' lengths, 8 for any other
+/// value), spending the budget.
+fn fits(value: &Value, budget: &mut usize) -> bool {
+    let cost = match value {
+        Value::String(s) => s.len(),
+        _ => 8,
+    };
+    if cost > *budget {
+        return false;
+    }
+    *budget -= cost;
+    match value {
+        Value::Array(items) => items.iter().all(|v| fits(v, budget)),
+        Value::Object(map) => map.iter().all(|(k, v)| {
+            let fits_key = k.len() <= *budget;
+            *budget = budget.saturating_sub(k.len());
+            fits_key && fits(v, budget)
+        }),
+        _ => true,
     }
 }
 
@@ -136,6 +246,32 @@ impl ReadAhead {
         }
         drop(entries);
         self.loaded.notify_all();
+    }
+
+    /// Stores the state [derived](derive) from a commit that saw its run running, for
+    /// successors about to be published (not over an entry already there, nor beyond
+    /// [`DERIVED_CAPACITY`]).
+    pub(super) fn put(&self, derived: Vec<Derived>) {
+        if derived.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if self.prune_due(now) {
+            self.prune();
+        }
+        let mut entries = self.lock();
+        for d in derived {
+            if entries.len() >= DERIVED_CAPACITY {
+                break;
+            }
+            let snapshot = RunSnapshot {
+                context: d.context,
+                status: Some(RunStatus::Running),
+            };
+            entries
+                .entry(d.job)
+                .or_insert(Entry::Loaded(now, d.keys, snapshot));
+        }
     }
 
     /// The snapshot loaded for this job, and the keys it holds, if an entry is there (waiting
@@ -237,7 +373,7 @@ impl ReadAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::node::ContextMap;
+    use std::sync::Arc;
 
     fn job(node: &str) -> JobKey {
         ("run".into(), node.into(), 0)
@@ -250,6 +386,90 @@ mod tests {
             context,
             status: None,
         }
+    }
+
+    /// A chain `a → b`, a join `a, x → j`, a node `m` with an input map, a loop `a → l → l`.
+    fn blueprint() -> Blueprint {
+        Blueprint::from_json(
+            r#"{"id":"d","metadata":{"version":"2"},"nodes":[
+                {"id":"a","uses":"t"},{"id":"b","uses":"t"},{"id":"x","uses":"t"},
+                {"id":"j","uses":"t"},{"id":"m","uses":"t","inputs":{"v":"x"}},
+                {"id":"l","uses":"t"}],
+              "edges":[{"source":"a","target":"b"},{"source":"a","target":"j"},
+                {"source":"x","target":"j"},{"source":"a","target":"m"},
+                {"source":"a","target":"l"},{"source":"l","target":"l"}]}"#,
+        )
+        .expect("blueprint")
+    }
+
+    fn next(node: &str, rule: JoinRule, input: Value) -> NextJob {
+        NextJob {
+            report: crate::services::redis::SuccessorReport {
+                job: node.into(),
+                node: node.into(),
+                iteration: 0,
+                predecessor: "a".into(),
+                rule,
+            },
+            input: Some(input),
+        }
+    }
+
+    #[test]
+    fn a_lone_successor_gets_what_its_load_would_return() {
+        let bp = blueprint();
+        let a = bp.node_index("a").expect("a");
+        let mut read = ContextMap::new();
+        read.insert(AWAITING_NODE_IDS.into(), serde_json::json!(["w"]));
+        read.insert("_parent".into(), serde_json::json!({"runId": "p"}));
+        let view = ContextView::new(Arc::new(read));
+        // The first job's commit stamps the blueprint.
+        let mut set = Map::new();
+        bp.stamp(&mut set);
+        let b = next("b", JoinRule::Immediate, 7.into());
+        let d = derive(&bp, a, "r1", &view, &set, &b).expect("derived");
+        assert_eq!(d.job, ("r1".to_string(), "b".to_string(), 0));
+        assert_eq!(d.keys, expected_reads(Some(&bp), "b"));
+        let expected = serde_json::json!({
+            "blueprintId": "d", "blueprintVersion": "2", "_parent": {"runId": "p"},
+            "_awaitingNodeIds": ["w"], "_inputs.b": 7});
+        assert_eq!(Value::Object(d.context.clone()), expected);
+        assert!(!d.context.contains_key(&output_key("b")));
+        // Stored, it is taken once, by a first delivery, as a running run's.
+        let p = ReadAhead::default();
+        p.put(vec![d]);
+        let first = JobPayload::new("r1", "d", "b", 0);
+        let (keys, snapshot) = p.take_for(&first, false).expect("the entry");
+        assert_eq!(keys, expected_reads(Some(&bp), "b"));
+        assert_eq!(snapshot.status, Some(RunStatus::Running));
+        assert_eq!(Value::Object(snapshot.context), expected);
+        assert!(p.take_for(&first, false).is_none());
+    }
+
+    #[test]
+    fn only_a_successor_its_predecessor_alone_decides_is_derived() {
+        let bp = blueprint();
+        let a = bp.node_index("a").expect("a");
+        let view = ContextView::new(Arc::new(ContextMap::new()));
+        let set = Map::new();
+        let derived = |n: &NextJob| derive(&bp, a, "r", &view, &set, n).is_some();
+        assert!(derived(&next("b", JoinRule::Immediate, 1.into())));
+        // Another predecessor writes a join's input too.
+        assert!(!derived(&next("j", JoinRule::All(2), 1.into())));
+        assert!(!derived(&next("j", JoinRule::Immediate, 1.into())));
+        // An input map reads another node's output.
+        assert!(!derived(&next("m", JoinRule::Immediate, 1.into())));
+        // A node that repeats reads its bookkeeping.
+        assert!(!derived(&next("l", JoinRule::Immediate, 1.into())));
+        // No input written, or one too big to hold.
+        let mut none = next("b", JoinRule::Immediate, 1.into());
+        none.input = None;
+        assert!(!derived(&none));
+        let big = "x".repeat(MAX_DERIVED_INPUT + 1);
+        assert!(!derived(&next("b", JoinRule::Immediate, big.into())));
+        let half = Value::from("y".repeat(MAX_DERIVED_INPUT / 2));
+        let nested = serde_json::json!({"k": [half.clone(), half.clone(), half]});
+        assert!(!derived(&next("b", JoinRule::Immediate, nested)));
     }
 
     #[test]

@@ -35,12 +35,13 @@ use crate::services::group::Combiner;
 use crate::services::postgres::store::{CommitGuard, NodeCommit, StoreError};
 use crate::services::rabbitmq::AsyncPublisher;
 use crate::services::redis::{JoinRule, SuccessorReport};
+use crate::vocabulary::RunStatus;
 
 use super::backoff::Backoff;
 use super::consumer::Finished;
 use super::consumer::Outcome;
 use super::pause;
-use super::read_ahead::{JobKey, MAX_PER_BATCH};
+use super::read_ahead::{Derived, JobKey, MAX_PER_BATCH};
 use super::shared::Shared;
 use crate::runtime::error::Error;
 
@@ -60,6 +61,8 @@ pub(super) struct TailJob {
     pub(super) also_register: Vec<String>,
     /// The successors chosen, reported to their joins.
     pub(super) successors: Vec<SuccessorReport>,
+    /// The state of successors the commit alone decides, for their deliveries.
+    pub(super) derived: Vec<Derived>,
 }
 
 impl TailJob {
@@ -76,6 +79,7 @@ impl TailJob {
             commit: None,
             also_register,
             successors,
+            derived: Vec::new(),
         })
     }
 }
@@ -185,13 +189,18 @@ impl Leader<'_> {
         }
         let applied = shared.store.commit_nodes(commits);
         for (i, applied) in committing.into_iter().zip(applied) {
+            // The state of successors the commit decides, for their deliveries — while the
+            // run, as the commit saw it, is running (a job of a finished run is dropped).
+            if let (Ok(Some(Some(RunStatus::Running))), Some(p)) = (&applied, &mut pending[i]) {
+                shared.read_ahead.put(std::mem::take(&mut p.tail.derived));
+            }
             let Some(t) = tail(pending, i) else { continue };
             match applied {
-                Ok(true) => {
+                Ok(Some(_)) => {
                     failpoint::hit("after_commit", &t.node_id);
                     coordinating.push(i);
                 }
-                Ok(false) => {
+                Ok(None) => {
                     log::debug!(
                         "run {}: node '{}' was committed by another delivery",
                         t.job.run_id,

@@ -505,8 +505,13 @@ pub struct RunStore {
 /// Batches of concurrent requests (see [`crate::services::group`]).
 struct Groups {
     load: Group<KeysRequest, Option<RunSnapshot>, StoreError>,
-    commit: Group<CommitRequest, bool, StoreError>,
+    commit: Group<CommitRequest, Applied, StoreError>,
 }
+
+/// What became of a commit: `None` if it did not apply (its execution was committed
+/// before); else the run's status as its statement saw it (`None`: the run has no status
+/// row).
+pub(crate) type Applied = Option<Option<RunStatus>>;
 
 /// Most requests one grouped statement carries.
 const MAX_BATCH: usize = 64;
@@ -983,6 +988,9 @@ impl RunStore {
                  {plain_writes}"
         );
         let resume_header = header_update(c, "", "$1", "$6::jsonb", "$7::jsonb");
+        // The run's status as the commit statement saw it (before its own writes): what a
+        // successor's job would load right after the commit (see `Applied`).
+        let status_seen = format!("(SELECT st.status FROM {s} st WHERE st.run_id = ok.run_id)");
         let sql = Statements {
             load: format!(
                 "SELECT c.run_id, {whole}, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id)
@@ -1005,10 +1013,10 @@ impl RunStore {
                  WHERE c.run_id = ANY($1::text[])",
                 keyed_value("q.key", "q.source")
             ),
-            commit: format!("{commit_ctes} SELECT ok.ord FROM ok"),
-            commit_plain: format!("{plain_ctes} SELECT ok.ord FROM ok"),
+            commit: format!("{commit_ctes} SELECT ok.ord, {status_seen} FROM ok"),
+            commit_plain: format!("{plain_ctes} SELECT ok.ord, {status_seen} FROM ok"),
             // (A lone thread's, a chain's: a third fewer plan nodes to start.)
-            commit_lone: format!("{lone_ctes} SELECT ok.ord FROM ok"),
+            commit_lone: format!("{lone_ctes} SELECT ok.ord, {status_seen} FROM ok"),
             // Completes the runs $1 that are running and await nothing. (`r` is materialized
             // so that each context is assembled once, not once per use.)
             complete: format!(
@@ -1326,11 +1334,14 @@ impl RunStore {
         commit: NodeCommit,
         guard: CommitGuard,
     ) -> Result<bool, StoreError> {
-        self.groups.commit.submit(
-            CommitRequest::new(run_id, commit, guard),
-            |r| Some(r.run_id.as_str()),
-            |batch| self.commit_batch(batch),
-        )
+        self.groups
+            .commit
+            .submit(
+                CommitRequest::new(run_id, commit, guard),
+                |r| Some(r.run_id.as_str()),
+                |batch| self.commit_batch(batch),
+            )
+            .map(|applied| applied.is_some())
     }
 
     /// Applies the commits of a batch its caller gathered itself, in as few statements (each
@@ -1344,7 +1355,7 @@ impl RunStore {
     pub(crate) fn commit_nodes(
         &self,
         commits: Vec<(String, NodeCommit, CommitGuard)>,
-    ) -> Vec<Result<bool, StoreError>> {
+    ) -> Vec<Result<Applied, StoreError>> {
         let requests: Vec<CommitRequest> = commits
             .into_iter()
             .map(|(run_id, commit, guard)| CommitRequest::new(&run_id, commit, guard))
@@ -1374,7 +1385,7 @@ impl RunStore {
                 None => statements.push((vec![i], rows.collect())),
             }
         }
-        let mut results: Vec<Option<Result<bool, StoreError>>> =
+        let mut results: Vec<Option<Result<Applied, StoreError>>> =
             requests.iter().map(|_| None).collect();
         for (members, _) in statements {
             let batch: Vec<&CommitRequest> = members.iter().map(|&i| &requests[i]).collect();
@@ -1395,7 +1406,7 @@ impl RunStore {
     fn commit_batch<R: std::borrow::Borrow<CommitRequest>>(
         &self,
         batch: &[R],
-    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         // Sorted by run, so that concurrent batches lock rows in one order.
         let mut rows: Vec<&CommitRequest> = batch.iter().map(|r| r.borrow()).collect();
         rows.sort_by(|a, b| a.run_id.cmp(&b.run_id));
@@ -1476,16 +1487,29 @@ impl RunStore {
                 }
             }
         };
-        let mut applied: Vec<&CommitRequest> = Vec::with_capacity(rows.len());
+        let mut applied: Vec<(&CommitRequest, Option<RunStatus>)> = Vec::with_capacity(rows.len());
         for row in returned {
             let ordinal: i64 = row.try_get(0)?;
-            if let Some(r) = usize::try_from(ordinal - 1).ok().and_then(|i| rows.get(i)) {
-                applied.push(r);
-            }
+            let Some(r) = usize::try_from(ordinal - 1).ok().and_then(|i| rows.get(i)) else {
+                continue;
+            };
+            let status = match row.try_get::<_, Option<String>>(1)? {
+                Some(s) => Some(RunStatus::parse(&s).ok_or_else(|| StoreError::Malformed {
+                    run_id: r.run_id.clone(),
+                    reason: unknown_status(&s),
+                })?),
+                None => None,
+            };
+            applied.push((r, status));
         }
         Ok(batch
             .iter()
-            .map(|r| Ok(applied.iter().any(|a| std::ptr::eq(*a, r.borrow()))))
+            .map(|r| {
+                Ok(applied
+                    .iter()
+                    .find(|(a, _)| std::ptr::eq(*a, r.borrow()))
+                    .map(|(_, status)| *status))
+            })
             .collect())
     }
 
