@@ -438,15 +438,8 @@ fn flowcraft_s_guides_give_the_same_results_on_the_worker() {
 fn the_worker_serves_metrics_and_health() {
     let env = TestEnv::new("metrics");
     let (chain, _) = workload("chain5");
-    let worker = env
-        .worker(inc_registry(), vec![chain.clone()])
-        .threads(2)
-        .metrics_listen("127.0.0.1:0")
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    let addr = worker.metrics_addr().expect("metrics are served");
+    let (worker, addr) =
+        TestEnv::start_serving_metrics(env.worker(inc_registry(), vec![chain.clone()]).threads(2));
     let get = |path: &str| http_get(addr, path, &[]);
     assert_eq!(get("/healthz").0, 200);
     env.eventually("the worker is ready", WAIT, || get("/readyz").0 == 200);
@@ -530,15 +523,8 @@ fn a_chain_cancelled_while_a_node_runs_stops_at_the_next_hop() {
         r#"{"id":"gated","nodes":[{"id":"g","uses":"gate"},{"id":"a","uses":"after"}],
         "edges":[{"source":"g","target":"a"}]}"#,
     );
-    let worker = env
-        .worker(registry, vec![chain.clone()])
-        .threads(2)
-        .metrics_listen("127.0.0.1:0")
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    let addr = worker.metrics_addr().expect("metrics are served");
+    let (worker, addr) =
+        TestEnv::start_serving_metrics(env.worker(registry, vec![chain.clone()]).threads(2));
     let client = env.client(vec![chain.clone()]);
     let run = client.start_workflow("gated", ContextMap::new()).unwrap();
     entered_rx

@@ -66,15 +66,10 @@ fn readiness_turns_503_while_redis_is_unreachable_and_200_when_it_is_back() {
     let redis = coordination::connect_pool(&format!("redis://127.0.0.1:{}", proxy.port), 4)
         .expect("a pool through the proxy");
     let (chain, _) = workload("chain5");
-    let worker = env
-        .worker_with(env.pg.clone(), redis, inc_registry(), vec![chain])
-        .threads(1)
-        .metrics_listen("127.0.0.1:0")
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    let addr = worker.metrics_addr().expect("metrics are served");
+    let (worker, addr) = TestEnv::start_serving_metrics(
+        env.worker_with(env.pg.clone(), redis, inc_registry(), vec![chain])
+            .threads(1),
+    );
     let ready = || http_get(addr, "/readyz", &[]).0 == 200;
     env.eventually("ready", WAIT, ready);
 

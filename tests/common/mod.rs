@@ -130,6 +130,21 @@ impl TestEnv {
             .reconcile_every(None)
     }
 
+    /// Starts the worker `builder` makes, serving its metrics on a free port; the worker
+    /// and that address.
+    pub fn start_serving_metrics(
+        builder: flowcraft_rabbitmq::worker::RabbitMqAdapterBuilder,
+    ) -> (WorkerHandle, std::net::SocketAddr) {
+        let worker = builder
+            .metrics_listen("127.0.0.1:0")
+            .build()
+            .unwrap()
+            .start()
+            .unwrap();
+        let addr = worker.metrics_addr().expect("metrics are served");
+        (worker, addr)
+    }
+
     pub fn start_worker(
         &self,
         registry: NodeRegistry,
