@@ -573,7 +573,7 @@ fn build_commit(
     let derived = match node {
         RunNode::Static(from) if fallback.is_none() => next
             .iter()
-            .filter_map(|n| read_ahead::derive(bp, *from, &job.run_id, &merged, &commit.set, n))
+            .filter_map(|n| read_ahead::derive(bp, *from, &job.run_id, &merged, &commit, n))
             .collect(),
         _ => Vec::new(),
     };

@@ -21,10 +21,11 @@
 //! run's header and awaiting keys, its own output (absent) and its input — is what its only
 //! predecessor read and commits ([`derive`]). The leading thread stores that for each such
 //! successor once the commit applied, whether or not the batch reads ahead, if the commit
-//! statement saw the run running (it returns the run's status): the same as loading right
-//! after the commit, so a cancelled run's chain stops at the next hop, as with a load. The
-//! awaiting keys are as the predecessor loaded them; a job reads them only to tell whether
-//! its own node is awaited, which a node that never ran is not.
+//! statement's snapshot saw the run running (it returns the run's status): the same as
+//! loading as of that snapshot. Such an entry lives [`DERIVED_LIFETIME`], so a run cancelled
+//! or failed since runs at most that one successor, whose own commit then sees the status.
+//! The awaiting keys are as the predecessor loaded them; a job reads them only to tell
+//! whether its own node is awaited, which a node that never ran is not.
 //!
 //! A successor delivered to another process leaves its entry unused; it expires (the
 //! heartbeat drops expired entries too), and when most entries expire (several workers
@@ -39,14 +40,14 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::engine::blueprint::Blueprint;
 use crate::engine::node::{ContextMap, ContextView};
 use crate::runtime::message::JobPayload;
 use crate::runtime::reads::expected_reads;
 use crate::runtime::scheduling::NextJob;
-use crate::services::postgres::store::RunSnapshot;
+use crate::services::postgres::store::{NodeCommit, RunSnapshot};
 use crate::services::redis::JoinRule;
 use crate::vocabulary::keys::{
     input_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS,
@@ -60,11 +61,14 @@ const CAPACITY: usize = 1_024;
 /// Most entries held at once, derived ones included: a backlog delays each successor's
 /// delivery behind thousands of others, and a derived entry costs no statement.
 const DERIVED_CAPACITY: usize = 4_096;
-/// Largest input (in bytes, roughly) a derived entry holds: a bigger one is loaded by its
-/// delivery, so that entries stay small.
-const MAX_DERIVED_INPUT: usize = 4_096;
+/// Largest state (in bytes, roughly) a derived entry holds: a successor with more is loaded
+/// by its delivery, so that entries stay small.
+const MAX_DERIVED_BYTES: usize = 8_192;
 /// How long an entry waits for its delivery.
 const LIFETIME: Duration = Duration::from_secs(2);
+/// How long a derived entry waits for its delivery: a run cancelled or failed since its
+/// predecessor's commit is seen by a load, and missed by an entry taken within this time.
+const DERIVED_LIFETIME: Duration = Duration::from_millis(500);
 /// How long a delivery waits for a load under way before loading on its own.
 const WAIT: Duration = Duration::from_millis(100);
 /// How often expired entries are dropped (and counted unused).
@@ -75,15 +79,16 @@ const PROBE_EVERY: u64 = 32;
 /// A job whose delivery an entry is for: run, node, iteration.
 pub(super) type JobKey = (String, String, u32);
 
+/// An entry, with the instant it expires.
 enum Entry {
     /// Reserved; its load is under way.
     Loading(Instant),
-    /// Loaded, with the keys asked for.
+    /// Loaded (or derived), with the keys asked for.
     Loaded(Instant, Vec<String>, RunSnapshot),
 }
 
 impl Entry {
-    fn since(&self) -> Instant {
+    fn expires(&self) -> Instant {
         match self {
             Entry::Loading(t) | Entry::Loaded(t, _, _) => *t,
         }
@@ -100,17 +105,19 @@ pub(super) struct Derived {
 
 /// The state that `next`, a successor of node `from`, would load right after the commit of
 /// `from` in run `run_id` — `from` having read `view` (with its own writes) and committing
-/// `set` — if that commit alone decides it: `next` is ready at once and never repeats,
-/// `from` is its only predecessor (nobody else writes its input), and its job loads only the
-/// run's header and awaiting keys (which `from` loaded too), its own output (absent: it never
-/// ran) and its input (what the commit writes). `None` otherwise, or when the input is
-/// bigger than [`MAX_DERIVED_INPUT`].
+/// `commit` — if that commit alone decides it: `next` is ready at once and never repeats,
+/// `from` is its only predecessor (nobody else writes its input) and it stands in for no
+/// node (whose commit would write its output), its job loads only the run's header and
+/// awaiting keys (which `from` loaded too), its own output (absent: it never ran) and its
+/// input (what the commit writes), and the commit writes none of those but the input and
+/// header keys. `None` otherwise, or when the state would take more than about
+/// [`MAX_DERIVED_BYTES`].
 pub(super) fn derive(
     bp: &Blueprint,
     from: usize,
     run_id: &str,
     view: &ContextView,
-    set: &Map<String, Value>,
+    commit: &NodeCommit,
     next: &NextJob,
 ) -> Option<Derived> {
     let report = &next.report;
@@ -119,11 +126,11 @@ pub(super) fn derive(
     }
     let input = next.input.as_ref()?;
     let target = bp.node_index(&report.node)?;
-    if target == from || bp.may_repeat(target) || bp.forward_predecessors(target) != [from] {
-        return None;
-    }
-    let mut budget = MAX_DERIVED_INPUT;
-    if !fits(input, &mut budget) {
+    if target == from
+        || bp.may_repeat(target)
+        || bp.forward_predecessors(target) != [from]
+        || !bp.fallback_of(target).is_empty()
+    {
         return None;
     }
     let keys = expected_reads(Some(bp), &report.node);
@@ -137,14 +144,30 @@ pub(super) fn derive(
     if !keys.iter().all(decided) {
         return None;
     }
-    let mut context = ContextMap::new();
-    for &key in run_keys() {
-        // (The first job's commit stamps the header keys, which its view lacks.)
-        if let Some(value) = set.get(key).or_else(|| view.get(key)) {
-            context.insert(key.to_string(), value.clone());
-        }
+    // The store keeps or drops some writes of these keys (a node's own writes of the
+    // awaiting keys, a deletion beside the input's write): where the commit writes any but
+    // the input and header keys, its successor loads.
+    let own_write = |k: &str| !(k == input_name || HEADER_KEYS.contains(&k));
+    if commit.delete.iter().any(|k| keys.contains(k))
+        || keys
+            .iter()
+            .any(|k| own_write(k) && commit.set.contains_key(k))
+    {
+        return None;
     }
-    context.insert(input_name, input.clone());
+    let mut budget = MAX_DERIVED_BYTES;
+    let mut context = ContextMap::new();
+    let values = run_keys().filter_map(|&key| {
+        // (The first job's commit stamps the header keys, which its view lacks.)
+        let value = commit.set.get(key).or_else(|| view.get(key))?;
+        Some((key.to_string(), value))
+    });
+    for (key, value) in values.chain(std::iter::once((input_name, input))) {
+        if !fits(value, &mut budget) {
+            return None;
+        }
+        context.insert(key, value.clone());
+    }
     Some(Derived {
         job: (run_id.to_string(), report.node.clone(), 0),
         keys,
@@ -152,23 +175,30 @@ pub(super) fn derive(
     })
 }
 
-/// Whether `value` takes at most `budget` bytes or so (its strings' lengths, 8 for any other
-/// value), spending the budget.
+/// Whether `value` takes at most `budget` bytes or so (32 for each value and each key, plus
+/// the length of each string), spending the budget.
 fn fits(value: &Value, budget: &mut usize) -> bool {
-    let cost = match value {
-        Value::String(s) => s.len(),
-        _ => 8,
+    let mut spend = |bytes: usize| match budget.checked_sub(bytes) {
+        Some(left) => {
+            *budget = left;
+            true
+        }
+        None => false,
     };
-    if cost > *budget {
+    let own = match value {
+        Value::String(s) => s.len(),
+        _ => 0,
+    };
+    if !spend(32 + own) {
         return false;
     }
-    *budget -= cost;
     match value {
         Value::Array(items) => items.iter().all(|v| fits(v, budget)),
         Value::Object(map) => map.iter().all(|(k, v)| {
-            let fits_key = k.len() <= *budget;
-            *budget = budget.saturating_sub(k.len());
-            fits_key && fits(v, budget)
+            budget.checked_sub(32 + k.len()).is_some_and(|left| {
+                *budget = left;
+                fits(v, budget)
+            })
         }),
         _ => true,
     }
@@ -222,7 +252,7 @@ impl ReadAhead {
             if entries.len() >= CAPACITY || entries.contains_key(&job) {
                 continue;
             }
-            entries.insert(job.clone(), Entry::Loading(now));
+            entries.insert(job.clone(), Entry::Loading(now + LIFETIME));
             reserved.push(job);
         }
         reserved
@@ -236,7 +266,7 @@ impl ReadAhead {
             match snapshot {
                 Some(snapshot) => {
                     if let Some(entry) = entries.get_mut(&job) {
-                        *entry = Entry::Loaded(entry.since(), keys, snapshot);
+                        *entry = Entry::Loaded(entry.expires(), keys, snapshot);
                     }
                 }
                 None => {
@@ -260,17 +290,22 @@ impl ReadAhead {
             self.prune();
         }
         let mut entries = self.lock();
+        let mut stored = 0;
         for d in derived {
             if entries.len() >= DERIVED_CAPACITY {
                 break;
             }
-            let snapshot = RunSnapshot {
-                context: d.context,
-                status: Some(RunStatus::Running),
-            };
-            entries
-                .entry(d.job)
-                .or_insert(Entry::Loaded(now, d.keys, snapshot));
+            if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(d.job) {
+                let snapshot = RunSnapshot {
+                    context: d.context,
+                    status: Some(RunStatus::Running),
+                };
+                slot.insert(Entry::Loaded(now + DERIVED_LIFETIME, d.keys, snapshot));
+                stored += 1;
+            }
+        }
+        if let (Some(counter), true) = (&self.counted, stored > 0) {
+            counter.with_label_values(&["derived"]).inc_by(stored);
         }
     }
 
@@ -283,10 +318,10 @@ impl ReadAhead {
             match entries.get(job) {
                 None => return None,
                 Some(Entry::Loaded(..)) => {
-                    let Some(Entry::Loaded(since, keys, snapshot)) = entries.remove(job) else {
+                    let Some(Entry::Loaded(expires, keys, snapshot)) = entries.remove(job) else {
                         return None;
                     };
-                    if since.elapsed() >= LIFETIME {
+                    if Instant::now() >= expires {
                         self.count_unused(1);
                         return None;
                     }
@@ -346,7 +381,7 @@ impl ReadAhead {
         let now = Instant::now();
         let mut entries = self.lock();
         let before = entries.len();
-        entries.retain(|_, e| now.duration_since(e.since()) < LIFETIME);
+        entries.retain(|_, e| now < e.expires());
         self.count_unused((before - entries.len()) as u64);
     }
 
@@ -373,6 +408,7 @@ impl ReadAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocabulary::keys::BLUEPRINT_ID;
     use std::sync::Arc;
 
     fn job(node: &str) -> JobKey {
@@ -388,16 +424,19 @@ mod tests {
         }
     }
 
-    /// A chain `a → b`, a join `a, x → j`, a node `m` with an input map, a loop `a → l → l`.
+    /// A chain `a → b`, a join `a, x → j`, a node `m` with an input map, a loop `a → l → l`,
+    /// and `a → f`, where `f` is also `x`'s fallback.
     fn blueprint() -> Blueprint {
         Blueprint::from_json(
             r#"{"id":"d","metadata":{"version":"2"},"nodes":[
-                {"id":"a","uses":"t"},{"id":"b","uses":"t"},{"id":"x","uses":"t"},
+                {"id":"a","uses":"t"},{"id":"b","uses":"t"},
+                {"id":"x","uses":"t","config":{"fallback":"f"}},
                 {"id":"j","uses":"t"},{"id":"m","uses":"t","inputs":{"v":"x"}},
-                {"id":"l","uses":"t"}],
+                {"id":"l","uses":"t"},{"id":"f","uses":"t"}],
               "edges":[{"source":"a","target":"b"},{"source":"a","target":"j"},
                 {"source":"x","target":"j"},{"source":"a","target":"m"},
-                {"source":"a","target":"l"},{"source":"l","target":"l"}]}"#,
+                {"source":"a","target":"l"},{"source":"l","target":"l"},
+                {"source":"a","target":"f"}]}"#,
         )
         .expect("blueprint")
     }
@@ -424,10 +463,11 @@ mod tests {
         read.insert("_parent".into(), serde_json::json!({"runId": "p"}));
         let view = ContextView::new(Arc::new(read));
         // The first job's commit stamps the blueprint.
-        let mut set = Map::new();
-        bp.stamp(&mut set);
+        let mut commit = NodeCommit::default();
+        bp.stamp(&mut commit.set);
+        commit.set.insert(input_key("b"), 7.into());
         let b = next("b", JoinRule::Immediate, 7.into());
-        let d = derive(&bp, a, "r1", &view, &set, &b).expect("derived");
+        let d = derive(&bp, a, "r1", &view, &commit, &b).expect("derived");
         assert_eq!(d.job, ("r1".to_string(), "b".to_string(), 0));
         assert_eq!(d.keys, expected_reads(Some(&bp), "b"));
         let expected = serde_json::json!({
@@ -451,8 +491,8 @@ mod tests {
         let bp = blueprint();
         let a = bp.node_index("a").expect("a");
         let view = ContextView::new(Arc::new(ContextMap::new()));
-        let set = Map::new();
-        let derived = |n: &NextJob| derive(&bp, a, "r", &view, &set, n).is_some();
+        let commit = NodeCommit::default();
+        let derived = |n: &NextJob| derive(&bp, a, "r", &view, &commit, n).is_some();
         assert!(derived(&next("b", JoinRule::Immediate, 1.into())));
         // Another predecessor writes a join's input too.
         assert!(!derived(&next("j", JoinRule::All(2), 1.into())));
@@ -461,15 +501,54 @@ mod tests {
         assert!(!derived(&next("m", JoinRule::Immediate, 1.into())));
         // A node that repeats reads its bookkeeping.
         assert!(!derived(&next("l", JoinRule::Immediate, 1.into())));
+        // A fallback may have run already, standing in for the node it is the fallback of.
+        assert!(!derived(&next("f", JoinRule::Immediate, 1.into())));
         // No input written, or one too big to hold.
         let mut none = next("b", JoinRule::Immediate, 1.into());
         none.input = None;
         assert!(!derived(&none));
-        let big = "x".repeat(MAX_DERIVED_INPUT + 1);
+        let big = "x".repeat(MAX_DERIVED_BYTES);
         assert!(!derived(&next("b", JoinRule::Immediate, big.into())));
-        let half = Value::from("y".repeat(MAX_DERIVED_INPUT / 2));
+        let half = Value::from("y".repeat(MAX_DERIVED_BYTES / 2));
         let nested = serde_json::json!({"k": [half.clone(), half.clone(), half]});
         assert!(!derived(&next("b", JoinRule::Immediate, nested)));
+        let empties = Value::from(vec![Value::from(""); MAX_DERIVED_BYTES / 32]);
+        assert!(!derived(&next("b", JoinRule::Immediate, empties)));
+    }
+
+    #[test]
+    fn a_commit_that_writes_its_successors_keys_leaves_them_to_a_load() {
+        let bp = blueprint();
+        let a = bp.node_index("a").expect("a");
+        let b = next("b", JoinRule::Immediate, 1.into());
+        let derived = |read: ContextMap, commit: &NodeCommit| {
+            let view = ContextView::new(Arc::new(read));
+            derive(&bp, a, "r", &view, commit, &b).is_some()
+        };
+        let mut commit = NodeCommit::default();
+        commit.set.insert(input_key("b"), 1.into());
+        commit.set.insert(BLUEPRINT_ID.into(), "d".into());
+        assert!(
+            derived(ContextMap::new(), &commit),
+            "the input and header keys"
+        );
+        // The store drops a node's own write of the awaiting keys; a write of the successor's
+        // output, or a deletion beside its input, is the store's to decide.
+        for key in [AWAITING_NODE_IDS.to_string(), output_key("b")] {
+            let mut writes = commit.clone();
+            writes.set.insert(key.clone(), 1.into());
+            assert!(!derived(ContextMap::new(), &writes), "{key}");
+        }
+        let mut deletes = commit.clone();
+        deletes.delete.push(input_key("b"));
+        assert!(!derived(ContextMap::new(), &deletes));
+        // Large awaiting details count against the size too.
+        let mut read = ContextMap::new();
+        read.insert(
+            AWAITING_DETAILS.into(),
+            serde_json::json!({"w": "z".repeat(MAX_DERIVED_BYTES)}),
+        );
+        assert!(!derived(read, &commit));
     }
 
     #[test]

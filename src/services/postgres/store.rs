@@ -510,7 +510,7 @@ struct Groups {
 
 /// What became of a commit: `None` if it did not apply (its execution was committed
 /// before); else the run's status as its statement saw it (`None`: the run has no status
-/// row).
+/// row, or one of no known status).
 pub(crate) type Applied = Option<Option<RunStatus>>;
 
 /// Most requests one grouped statement carries.
@@ -1493,14 +1493,10 @@ impl RunStore {
             let Some(r) = usize::try_from(ordinal - 1).ok().and_then(|i| rows.get(i)) else {
                 continue;
             };
-            let status = match row.try_get::<_, Option<String>>(1)? {
-                Some(s) => Some(RunStatus::parse(&s).ok_or_else(|| StoreError::Malformed {
-                    run_id: r.run_id.clone(),
-                    reason: unknown_status(&s),
-                })?),
-                None => None,
-            };
-            applied.push((r, status));
+            // (The statement is committed: an unknown status fails nothing now, and reads
+            // as no status — the next load reports it.)
+            let status: Option<String> = row.try_get(1)?;
+            applied.push((r, status.as_deref().and_then(RunStatus::parse)));
         }
         Ok(batch
             .iter()
