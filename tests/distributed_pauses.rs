@@ -889,10 +889,12 @@ fn cancel_stops_the_running_node_and_cascades_to_subflow_children() {
         r#"{"id":"parent","nodes":[{"id":"sub","uses":"subflow","params":{"blueprintId":"child"}}]}"#,
     );
     let blueprints = vec![spin.clone(), child, parent];
-    let worker = env.start_worker(registry, blueprints.clone(), 1);
+    let (worker, addr) =
+        TestEnv::start_serving_metrics(env.worker(registry, blueprints.clone()).threads(1));
     let client = env.client(blueprints);
 
-    // A running node sees its flag raised, and the run ends cancelled.
+    // A running node sees its flag raised, and the run ends cancelled: once the node's
+    // delivery and its successor's are settled, the successor has not run.
     let run = client.start_workflow("spin", ContextMap::new()).unwrap();
     entered_rx.recv_timeout(WAIT).expect("the node started");
     client.cancel(&run).unwrap();
@@ -901,11 +903,18 @@ fn cancel_stops_the_running_node_and_cascades_to_subflow_children() {
         Ok(true),
         "the node saw the cancel"
     );
+    env.eventually("both deliveries are settled", WAIT, || {
+        http_get(addr, "/metrics", &[])
+            .1
+            .contains("flowcraft_jobs_total{outcome=\"ack\"} 2")
+    });
     assert_eq!(
         env.store().status(&run).unwrap().unwrap().status,
         "cancelled"
     );
-    assert!(!env.context(&run).contains_key("_outputs.after"));
+    let context = env.context(&run);
+    assert!(context.contains_key("_outputs.s"), "{context:?}");
+    assert!(!context.contains_key("_outputs.after"), "{context:?}");
 
     // A parent's cancel reaches its subflow child.
     let run = client.start_workflow("parent", ContextMap::new()).unwrap();
