@@ -57,13 +57,19 @@ pub(crate) fn check_reads(view: &ContextView) -> Result<(), Error> {
     }
 }
 
+/// The run's keys every job loads, whatever its node: the header keys and the awaiting keys.
+pub(crate) fn run_keys() -> impl Iterator<Item = &'static str> {
+    HEADER_KEYS
+        .into_iter()
+        .chain([AWAITING_NODE_IDS, AWAITING_DETAILS])
+}
+
 /// The keys a job of `node_id` is expected to read — the run's header and awaiting keys,
 /// the node's output and input (and its sources), the bookkeeping of it and its successors
 /// where they repeat, a worker's batch record — loaded with the run's status in one query
 /// shared with concurrent jobs. Any other key is fetched when read.
 pub(crate) fn expected_reads(bp: Option<&Blueprint>, node_id: &str) -> Vec<String> {
-    let mut keys: Vec<String> = HEADER_KEYS.iter().map(|k| k.to_string()).collect();
-    keys.extend([AWAITING_NODE_IDS.to_string(), AWAITING_DETAILS.to_string()]);
+    let mut keys: Vec<String> = run_keys().map(str::to_string).collect();
     keys.extend([output_key(node_id), input_key(node_id)]);
     let Some(bp) = bp else {
         return keys;

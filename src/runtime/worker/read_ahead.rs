@@ -45,13 +45,11 @@ use serde_json::Value;
 use crate::engine::blueprint::Blueprint;
 use crate::engine::node::{ContextMap, ContextView};
 use crate::runtime::message::JobPayload;
-use crate::runtime::reads::expected_reads;
+use crate::runtime::reads::{expected_reads, run_keys};
 use crate::runtime::scheduling::NextJob;
 use crate::services::postgres::store::{NodeCommit, RunSnapshot};
 use crate::services::redis::JoinRule;
-use crate::vocabulary::keys::{
-    input_key, output_key, AWAITING_DETAILS, AWAITING_NODE_IDS, HEADER_KEYS,
-};
+use crate::vocabulary::keys::{input_key, output_key, HEADER_KEYS};
 use crate::vocabulary::RunStatus;
 
 /// Most successors one tail batch reads ahead; a bigger fan-out's workers load their own.
@@ -135,11 +133,6 @@ pub(super) fn derive(
     }
     let keys = expected_reads(Some(bp), &report.node);
     let (output, input_name) = (output_key(&report.node), input_key(&report.node));
-    let run_keys = || {
-        HEADER_KEYS
-            .iter()
-            .chain(&[AWAITING_NODE_IDS, AWAITING_DETAILS])
-    };
     let decided = |k: &String| *k == output || *k == input_name || run_keys().any(|r| r == k);
     if !keys.iter().all(decided) {
         return None;
@@ -157,7 +150,7 @@ pub(super) fn derive(
     }
     let mut budget = MAX_DERIVED_BYTES;
     let mut context = ContextMap::new();
-    let values = run_keys().filter_map(|&key| {
+    let values = run_keys().filter_map(|key| {
         // (The first job's commit stamps the header keys, which its view lacks.)
         let value = commit.set.get(key).or_else(|| view.get(key))?;
         Some((key.to_string(), value))
@@ -178,30 +171,22 @@ pub(super) fn derive(
 /// Whether `value` takes at most `budget` bytes or so (32 for each value and each key, plus
 /// the length of each string), spending the budget.
 fn fits(value: &Value, budget: &mut usize) -> bool {
-    let mut spend = |bytes: usize| match budget.checked_sub(bytes) {
-        Some(left) => {
-            *budget = left;
-            true
+    let spend = |budget: &mut usize, text: &str| {
+        budget
+            .checked_sub(32 + text.len())
+            .map(|left| *budget = left)
+            .is_some()
+    };
+    let text = match value {
+        Value::String(s) => s.as_str(),
+        _ => "",
+    };
+    spend(budget, text)
+        && match value {
+            Value::Array(items) => items.iter().all(|v| fits(v, budget)),
+            Value::Object(map) => map.iter().all(|(k, v)| spend(budget, k) && fits(v, budget)),
+            _ => true,
         }
-        None => false,
-    };
-    let own = match value {
-        Value::String(s) => s.len(),
-        _ => 0,
-    };
-    if !spend(32 + own) {
-        return false;
-    }
-    match value {
-        Value::Array(items) => items.iter().all(|v| fits(v, budget)),
-        Value::Object(map) => map.iter().all(|(k, v)| {
-            budget.checked_sub(32 + k.len()).is_some_and(|left| {
-                *budget = left;
-                fits(v, budget)
-            })
-        }),
-        _ => true,
-    }
 }
 
 /// The entries of one worker process.
@@ -408,7 +393,7 @@ impl ReadAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vocabulary::keys::BLUEPRINT_ID;
+    use crate::vocabulary::keys::{AWAITING_DETAILS, AWAITING_NODE_IDS, BLUEPRINT_ID};
     use std::sync::Arc;
 
     fn job(node: &str) -> JobKey {

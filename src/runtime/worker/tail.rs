@@ -188,15 +188,20 @@ impl Leader<'_> {
             shared.metrics.commit_batch.observe(commits.len() as f64);
         }
         let applied = shared.store.commit_nodes(commits);
+        // The state of successors the commits decide, for their deliveries (stored at once,
+        // before any is published).
+        let mut derived = Vec::new();
         for (i, applied) in committing.into_iter().zip(applied) {
-            // The state of successors the commit decides, for their deliveries — while the
-            // run, as the commit saw it, is running (a job of a finished run is dropped).
-            if let (Ok(Some(Some(RunStatus::Running))), Some(p)) = (&applied, &mut pending[i]) {
-                shared.read_ahead.put(std::mem::take(&mut p.tail.derived));
-            }
-            let Some(t) = tail(pending, i) else { continue };
+            let Some(p) = &mut pending[i] else { continue };
+            let decided = std::mem::take(&mut p.tail.derived);
+            let t = &*p.tail;
             match applied {
-                Ok(Some(_)) => {
+                Ok(Some(status)) => {
+                    // Only while the run, as the commit saw it, is running (a job of a
+                    // finished run is dropped).
+                    if status == Some(RunStatus::Running) {
+                        derived.extend(decided);
+                    }
                     failpoint::hit("after_commit", &t.node_id);
                     coordinating.push(i);
                 }
@@ -226,6 +231,7 @@ impl Leader<'_> {
                 Err(e) => retries.push((i, failure(&t.job, e))),
             }
         }
+        shared.read_ahead.put(derived);
         // Publish first the successors no join holds, and read their run state ahead (see
         // `read_ahead`): their delivery overlaps the Redis step. A start job publishes after
         // it, as it registers the run's start jobs there.
