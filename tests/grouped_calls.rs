@@ -469,15 +469,44 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
             .map(|h| (h.node_id, h.iteration, h.attempt, h.outcome, h.worker))
             .collect()
     };
+    // Each status row last touched long ago; whether a commit touched it since.
+    let statuses = env.tables.statuses.clone();
+    let age_all = || {
+        env.pg
+            .get()
+            .unwrap()
+            .execute(
+                &format!("UPDATE {statuses} SET updated_at = NOW() - interval '1 hour'"),
+                &[],
+            )
+            .unwrap();
+    };
+    let touched = |run: &str| -> bool {
+        env.pg
+            .get()
+            .unwrap()
+            .query_one(
+                &format!(
+                    "SELECT updated_at > NOW() - interval '1 minute' FROM {statuses} WHERE run_id = $1"
+                ),
+                &[&run],
+            )
+            .unwrap()
+            .get(0)
+    };
+    age_all();
     // Alone (a lone caller's commit), then batched with another run's.
     let (c, g) = commit();
     assert!(store.commit_node("lone", c, g).unwrap());
+    assert!(touched("lone"));
+    assert!(!touched("b1"));
     let of = |run: &str| {
         let (c, g) = commit();
         (run.to_string(), c, g)
     };
     let batched = flowcraft_rabbitmq::testing::commit_nodes(&store, vec![of("b1"), of("b2")]);
     assert!(batched.into_iter().all(|applied| applied.unwrap()));
+    assert!(touched("b1") && touched("b2"));
     let lone = env.context("lone");
     assert_eq!(
         Value::Object(lone.clone()),
@@ -494,10 +523,12 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
     assert_eq!(history("lone"), recorded);
     assert_eq!(history("b1"), recorded);
 
-    // Once: the same execution again applies nothing and records nothing.
+    // Once: the same execution again applies nothing, records nothing, touches nothing.
+    age_all();
     let (c, g) = commit();
     assert!(!store.commit_node("lone", c, g).unwrap());
     assert_eq!(history("lone").len(), 1);
+    assert!(!touched("lone"));
     // Its output deleted, the node commits again.
     store
         .write_keys("lone", vec![("_outputs.n".into(), None)])
