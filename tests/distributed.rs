@@ -505,6 +505,72 @@ fn the_worker_serves_metrics_and_health() {
 /// status as that commit saw it: a run cancelled while its node ran stops at the next hop,
 /// as it does when the successor loads.
 #[test]
+fn a_successor_held_back_by_a_backlog_does_not_run_once_its_run_is_cancelled() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let env = TestEnv::new("cancel_backlog");
+    // Two gated nodes: `g` starts the chain, `block` holds the one worker thread.
+    let gate = |registry: &mut flowcraft_rabbitmq::NodeRegistry, name: &str| {
+        let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+        registry.register_fn(name, move |_| {
+            let _ = entered_tx.send(());
+            release_rx
+                .recv_timeout(WAIT)
+                .map_err(|_| flowcraft_rabbitmq::NodeError::new("never released"))?;
+            Ok(flowcraft_rabbitmq::NodeResult::output(json!(1)))
+        });
+        (entered_rx, release_tx)
+    };
+    let mut registry = inc_registry();
+    let (g_entered, g_release) = gate(&mut registry, "gate");
+    let (block_entered, block_release) = gate(&mut registry, "block");
+    let after_runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = after_runs.clone();
+    registry.register_fn("after", move |_| {
+        counted.fetch_add(1, SeqCst);
+        Ok(flowcraft_rabbitmq::NodeResult::output(json!(2)))
+    });
+    let chain = bp(
+        r#"{"id":"gated","nodes":[{"id":"g","uses":"gate"},{"id":"a","uses":"after"}],
+        "edges":[{"source":"g","target":"a"}]}"#,
+    );
+    let blocker = bp(r#"{"id":"blocker","nodes":[{"id":"b","uses":"block"}],"edges":[]}"#);
+    let blueprints = vec![chain.clone(), blocker.clone()];
+    let (worker, addr) =
+        TestEnv::start_serving_metrics(env.worker(registry, blueprints.clone()).threads(1));
+    let client = env.client(blueprints);
+    let run = client.start_workflow("gated", ContextMap::new()).unwrap();
+    g_entered.recv_timeout(WAIT).expect("the gate node started");
+    // The blocker's job is queued, and delivered, before the chain's successor.
+    client.start_workflow("blocker", ContextMap::new()).unwrap();
+    env.eventually("the blocker's job is delivered", WAIT, || {
+        env.queue_depth(&env.queue) == 0
+    });
+    g_release.send(()).unwrap();
+    block_entered
+        .recv_timeout(WAIT)
+        .expect("the blocker holds the only thread");
+    client.cancel(&run).unwrap();
+    // (Not a synchronisation: the successor's derived entry must be older than half a
+    // second when its delivery comes, so that only the list of stopped runs can stop it.)
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    block_release.send(()).unwrap();
+    env.eventually("three jobs are settled", WAIT, || {
+        http_get(addr, "/metrics", &[])
+            .1
+            .contains("flowcraft_jobs_total{outcome=\"ack\"} 3")
+    });
+    let metrics = http_get(addr, "/metrics", &[]).1;
+    assert!(
+        metrics.contains("flowcraft_read_ahead_total{outcome=\"derived\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(after_runs.load(SeqCst), 0);
+    assert!(!env.context(&run).contains_key("_outputs.a"));
+    worker.stop().unwrap();
+}
+
+#[test]
 fn a_chain_cancelled_while_a_node_runs_stops_at_the_next_hop() {
     let env = TestEnv::new("cancel_hop");
     let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);

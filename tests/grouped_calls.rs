@@ -541,3 +541,38 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
     );
     assert_eq!(history("lone").len(), 2);
 }
+
+#[test]
+fn the_runs_cancelled_or_failed_lately_are_listed() {
+    let env = TestEnv::new("stopped_runs");
+    let store = env.store();
+    for run in [
+        "cancelled",
+        "failed",
+        "running",
+        "completed",
+        "cancelled_long_ago",
+    ] {
+        store.create_run(run, &ctx(json!({}))).unwrap();
+    }
+    assert!(store.cancel_run("cancelled").unwrap());
+    assert!(store.fail_run("failed", "broken").unwrap());
+    assert!(store.complete_run("completed").unwrap().is_some());
+    assert!(store.cancel_run("cancelled_long_ago").unwrap());
+    env.pg
+        .get()
+        .unwrap()
+        .execute(
+            &format!(
+                "UPDATE {} SET updated_at = NOW() - interval '1 hour' WHERE run_id = 'cancelled_long_ago'",
+                env.tables.statuses
+            ),
+            &[],
+        )
+        .unwrap();
+    let mut stopped = store
+        .stopped_runs(std::time::Duration::from_secs(10))
+        .unwrap();
+    stopped.sort();
+    assert_eq!(stopped, vec!["cancelled".to_string(), "failed".to_string()]);
+}

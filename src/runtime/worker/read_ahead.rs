@@ -22,10 +22,20 @@
 //! predecessor read and commits ([`derive`]). The leading thread stores that for each such
 //! successor once the commit applied, whether or not the batch reads ahead, if the commit
 //! statement's snapshot saw the run running (it returns the run's status): the same as
-//! loading as of that snapshot. Such an entry lives [`DERIVED_LIFETIME`], so a run cancelled
-//! or failed since runs at most that one successor, whose own commit then sees the status.
-//! The awaiting keys are as the predecessor loaded them; a job reads them only to tell
-//! whether its own node is awaited, which a node that never ran is not.
+//! loading as of that snapshot. A backlog holds a successor's delivery back for seconds, so
+//! such an entry lives [`DERIVED_LIFETIME`] (a loaded one [`LIFETIME`]). The awaiting keys
+//! are as the predecessor loaded them; a job reads them only to tell whether its own node is
+//! awaited, which a node that never ran is not.
+//!
+//! But a run cancelled or failed after an entry was made must not go on for seconds: a
+//! load would see its status, and the spec acks such a run's queued jobs without executing
+//! them. So, while entries are held, the cancel watcher lists the runs cancelled or failed
+//! lately every [`STOPPED_WATCH`], and an entry is taken only if its run is not on the
+//! list and either the entry is younger than [`STOPPED_FRESH`] or the last list began less
+//! than that ago. A run cancelled or failed more than half a second before the delivery is
+//! seen; one stopped since runs at most that one successor, whose own commit then sees the
+//! status (the chain stops at the next hop). Without a list (PostgreSQL unreachable), an
+//! older entry is left unused and its delivery loads.
 //!
 //! A successor delivered to another process leaves its entry unused; it expires (the
 //! heartbeat drops expired entries too), and when most entries expire (several workers
@@ -33,7 +43,7 @@
 //! changes. A leader that panics between reserving and loading leaves its entries
 //! reserved: their deliveries wait [`WAIT`] once, then load on their own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -64,9 +74,16 @@ const DERIVED_CAPACITY: usize = 4_096;
 const MAX_DERIVED_BYTES: usize = 8_192;
 /// How long an entry waits for its delivery.
 const LIFETIME: Duration = Duration::from_secs(2);
-/// How long a derived entry waits for its delivery: a run cancelled or failed since its
-/// predecessor's commit is seen by a load, and missed by an entry taken within this time.
-const DERIVED_LIFETIME: Duration = Duration::from_millis(500);
+/// How long a derived entry waits for its delivery (a backlog holds deliveries back).
+const DERIVED_LIFETIME: Duration = Duration::from_secs(5);
+/// A derived entry older than this is taken only while the list of runs stopped lately is
+/// this fresh (see the module docs): a run cancelled or failed since its predecessor's
+/// commit is missed for at most this long.
+const STOPPED_FRESH: Duration = Duration::from_millis(500);
+/// How often the runs stopped lately are listed, while derived entries are held.
+pub(super) const STOPPED_WATCH: Duration = Duration::from_millis(250);
+/// How far back that list goes: beyond any derived entry's lifetime.
+pub(super) const STOPPED_LOOKBACK: Duration = Duration::from_secs(10);
 /// How long a delivery waits for a load under way before loading on its own.
 const WAIT: Duration = Duration::from_millis(100);
 /// How often expired entries are dropped (and counted unused).
@@ -81,16 +98,35 @@ pub(super) type JobKey = (String, String, u32);
 enum Entry {
     /// Reserved; its load is under way.
     Loading(Instant),
-    /// Loaded (or derived), with the keys asked for.
-    Loaded(Instant, Vec<String>, RunSnapshot),
+    /// Loaded or derived, with the keys its job loads.
+    Ready(Ready),
+}
+
+/// A snapshot ready for its delivery.
+struct Ready {
+    /// When it was loaded or derived.
+    at: Instant,
+    expires: Instant,
+    keys: Vec<String>,
+    snapshot: RunSnapshot,
 }
 
 impl Entry {
     fn expires(&self) -> Instant {
         match self {
-            Entry::Loading(t) | Entry::Loaded(t, _, _) => *t,
+            Entry::Loading(t) => *t,
+            Entry::Ready(ready) => ready.expires,
         }
     }
+}
+
+/// The runs cancelled or failed lately, as last listed.
+#[derive(Default)]
+struct Stopped {
+    /// When the last list began (none yet: no derived entry older than [`STOPPED_FRESH`]
+    /// is taken).
+    listed_at: Option<Instant>,
+    runs: HashSet<String>,
 }
 
 /// A successor's run state worked out from its predecessor's commit (see the module docs):
@@ -196,6 +232,10 @@ pub(crate) struct ReadAhead {
     /// When expired entries were last dropped.
     pruned: Mutex<Option<Instant>>,
     loaded: Condvar,
+    /// The runs stopped lately (see the module docs).
+    stopped: Mutex<Stopped>,
+    /// When an entry was last loaded or derived.
+    ready_at: Mutex<Option<Instant>>,
     /// Entries taken by their delivery, and entries that expired unused (both halved now
     /// and then, so that they follow a change of workload).
     used: AtomicU64,
@@ -246,12 +286,19 @@ impl ReadAhead {
     /// Stores what was loaded for a reserved job (`None`: the load failed, and its delivery
     /// loads on its own), and wakes the deliveries waiting for it.
     pub(super) fn fill(&self, loads: Vec<(JobKey, Vec<String>, Option<RunSnapshot>)>) {
+        let at = Instant::now();
+        *self.ready_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
         let mut entries = self.lock();
         for (job, keys, snapshot) in loads {
             match snapshot {
                 Some(snapshot) => {
                     if let Some(entry) = entries.get_mut(&job) {
-                        *entry = Entry::Loaded(entry.expires(), keys, snapshot);
+                        *entry = Entry::Ready(Ready {
+                            at,
+                            expires: entry.expires(),
+                            keys,
+                            snapshot,
+                        });
                     }
                 }
                 None => {
@@ -274,6 +321,7 @@ impl ReadAhead {
         if self.prune_due(now) {
             self.prune();
         }
+        *self.ready_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
         let mut entries = self.lock();
         let mut stored = 0;
         for d in derived {
@@ -285,7 +333,12 @@ impl ReadAhead {
                     context: d.context,
                     status: Some(RunStatus::Running),
                 };
-                slot.insert(Entry::Loaded(now + DERIVED_LIFETIME, d.keys, snapshot));
+                slot.insert(Entry::Ready(Ready {
+                    at: now,
+                    expires: now + DERIVED_LIFETIME,
+                    keys: d.keys,
+                    snapshot,
+                }));
                 stored += 1;
             }
         }
@@ -302,14 +355,17 @@ impl ReadAhead {
         loop {
             match entries.get(job) {
                 None => return None,
-                Some(Entry::Loaded(..)) => {
-                    let Some(Entry::Loaded(expires, keys, snapshot)) = entries.remove(job) else {
-                        return None;
+                Some(Entry::Ready(_)) => {
+                    let now = Instant::now();
+                    let (keys, snapshot) = match entries.remove(job) {
+                        Some(Entry::Ready(r)) if self.usable(&job.0, r.at, r.expires, now) => {
+                            (r.keys, r.snapshot)
+                        }
+                        _ => {
+                            self.count_unused(1);
+                            return None;
+                        }
                     };
-                    if Instant::now() >= expires {
-                        self.count_unused(1);
-                        return None;
-                    }
                     self.used.fetch_add(1, Ordering::Relaxed);
                     if let Some(counter) = &self.counted {
                         counter.with_label_values(&["used"]).inc();
@@ -330,6 +386,36 @@ impl ReadAhead {
                 }
             }
         }
+    }
+
+    /// Whether an entry for a job of `run`, loaded or derived `at` and expiring at
+    /// `expires`, may be taken `now`: unexpired, its run not stopped lately, and either young
+    /// or checked by a fresh list (see the module docs).
+    fn usable(&self, run: &str, at: Instant, expires: Instant, now: Instant) -> bool {
+        let fresh = |since: Instant| now.saturating_duration_since(since) <= STOPPED_FRESH;
+        let stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        now < expires
+            && !stopped.runs.contains(run)
+            && (fresh(at) || stopped.listed_at.is_some_and(fresh))
+    }
+
+    /// Whether the runs stopped lately are to be listed: while entries may be held.
+    pub(super) fn watches_stopped(&self) -> bool {
+        let ready_at = *self.ready_at.lock().unwrap_or_else(|p| p.into_inner());
+        ready_at.is_some_and(|at| at.elapsed() < DERIVED_LIFETIME.max(LIFETIME))
+    }
+
+    /// Records the runs cancelled or failed lately, as listed by a query that began at
+    /// `listed_at`.
+    pub(super) fn stopped_listed(&self, listed_at: Instant, runs: Vec<String>) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        if stopped.listed_at.is_some_and(|at| at > listed_at) {
+            return;
+        }
+        *stopped = Stopped {
+            listed_at: Some(listed_at),
+            runs: runs.into_iter().collect(),
+        };
     }
 
     /// Whether expired entries are to be dropped now: every [`PRUNE_EVERY`].
@@ -437,6 +523,49 @@ mod tests {
             },
             input: Some(input),
         }
+    }
+
+    #[test]
+    fn an_entry_is_taken_young_or_after_a_fresh_list_never_for_a_stopped_run() {
+        let ahead = ReadAhead::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Young: taken with no list yet; older: not.
+        assert!(ahead.usable("r", t0, t0 + DERIVED_LIFETIME, t0 + ms(100)));
+        assert!(!ahead.usable("r", t0, t0 + DERIVED_LIFETIME, t0 + ms(1_000)));
+        // A list that began less than half a second ago, without the run: taken.
+        ahead.stopped_listed(t0 + ms(900), Vec::new());
+        assert!(ahead.usable("r", t0, t0 + DERIVED_LIFETIME, t0 + ms(1_000)));
+        assert!(!ahead.usable("r", t0, t0 + DERIVED_LIFETIME, t0 + ms(1_500)));
+        // A run on the list: never, however young its entry; another run goes on.
+        ahead.stopped_listed(t0 + ms(1_200), vec!["r".into()]);
+        assert!(!ahead.usable("r", t0 + ms(1_100), t0 + DERIVED_LIFETIME, t0 + ms(1_200)));
+        assert!(ahead.usable("q", t0, t0 + DERIVED_LIFETIME, t0 + ms(1_300)));
+        // A list that began earlier does not replace a later one.
+        ahead.stopped_listed(t0 + ms(1_000), Vec::new());
+        assert!(!ahead.usable("r", t0 + ms(1_100), t0 + DERIVED_LIFETIME, t0 + ms(1_200)));
+        // Past its lifetime, an entry is not taken, however fresh the list.
+        ahead.stopped_listed(t0 + DERIVED_LIFETIME, Vec::new());
+        assert!(ahead.usable(
+            "q",
+            t0,
+            t0 + DERIVED_LIFETIME,
+            t0 + DERIVED_LIFETIME - ms(1)
+        ));
+        assert!(!ahead.usable("q", t0, t0 + DERIVED_LIFETIME, t0 + DERIVED_LIFETIME));
+    }
+
+    #[test]
+    fn the_stopped_runs_are_listed_only_while_entries_may_be_held() {
+        let ahead = ReadAhead::default();
+        assert!(!ahead.watches_stopped());
+        let d = Derived {
+            job: job("b"),
+            keys: Vec::new(),
+            context: ContextMap::new(),
+        };
+        ahead.put(vec![d]);
+        assert!(ahead.watches_stopped());
     }
 
     #[test]

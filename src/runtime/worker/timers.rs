@@ -1,10 +1,10 @@
 //! The worker's timer threads: the heartbeat, which keeps a run whose node runs long from
 //! looking stalled; the cancel watcher, which raises the flags of nodes whose run was
-//! cancelled; and the reconciler's passes.
+//! cancelled and lists the runs stopped lately for read-ahead; and the reconciler's passes.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
@@ -12,6 +12,7 @@ use crate::runtime::error::{Error, Result};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::reconciler::Reconciler;
 
+use super::read_ahead::{STOPPED_LOOKBACK, STOPPED_WATCH};
 use super::shared::Shared;
 
 /// Starts the heartbeat: every third of `stalled_after` (1 s to 60 s) it touches the runs
@@ -28,20 +29,37 @@ pub(super) fn start_heartbeat(
         .map_err(Error::thread("heartbeat"))
 }
 
-/// How often the cancel watcher looks for cancelled runs among those executing a node.
+/// How often the cancel watcher looks for cancelled runs among those executing a node (a
+/// whole number of [`STOPPED_WATCH`]).
 const CANCEL_WATCH: Duration = Duration::from_millis(500);
 
 /// Starts the cancel watcher: while nodes execute, it looks every half second for their
 /// runs among the cancelled ones, and raises those nodes' cancellation flags (an `exec`
-/// node kills its program; a Rust node sees `ctx.cancel.is_cancelled()`).
+/// node kills its program; a Rust node sees `ctx.cancel.is_cancelled()`). While derived
+/// read-ahead entries are held, it lists the runs cancelled or failed lately every
+/// [`STOPPED_WATCH`] (see [`read_ahead`](super::read_ahead)).
 pub(super) fn start_cancel_watcher(
     shared: Arc<Shared>,
     stop: Receiver<()>,
 ) -> Result<JoinHandle<()>> {
+    let every = (CANCEL_WATCH.as_millis() / STOPPED_WATCH.as_millis()).max(1);
     std::thread::Builder::new()
         .name("flowcraft-cancel-watch".into())
         .spawn(move || {
-            while !wait_or_stop(&stop, CANCEL_WATCH) {
+            let mut tick: u128 = 0;
+            while !wait_or_stop(&stop, STOPPED_WATCH) {
+                tick += 1;
+                if shared.read_ahead.watches_stopped() {
+                    let listed_at = Instant::now();
+                    match shared.store.stopped_runs(STOPPED_LOOKBACK) {
+                        Ok(runs) => shared.read_ahead.stopped_listed(listed_at, runs),
+                        // (Derived entries older than half a second are then left unused.)
+                        Err(e) => log::debug!("cannot list the runs stopped lately: {e}"),
+                    }
+                }
+                if tick % every != 0 {
+                    continue;
+                }
                 let runs = shared.executing_runs();
                 match shared.store.cancelled_among(&runs) {
                     Ok(cancelled) => shared.cancel_executing(&cancelled),

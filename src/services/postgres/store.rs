@@ -747,6 +747,7 @@ struct Statements {
     set_status: String,
     status: String,
     stalled: String,
+    stopped: String,
     awaiting_page: String,
     touch: String,
     mark_stalled: String,
@@ -1060,6 +1061,11 @@ impl RunStore {
                 "SELECT run_id FROM {s} WHERE status = 'running'
                    AND updated_at < NOW() - make_interval(secs => $1::float8)
                  ORDER BY updated_at LIMIT $2::bigint"
+            ),
+            // (The statuses index holds (status, updated_at): two range scans.)
+            stopped: format!(
+                "SELECT run_id FROM {s} WHERE status IN ('cancelled', 'failed')
+                   AND updated_at > NOW() - make_interval(secs => $1::float8)"
             ),
             // A page of awaiting runs idle for $1 s, after the cursor ($4, $5), each with
             // its paused nodes whose wake-up is overdue: a sleep past `wakeUpAtMs` by $1 s at
@@ -1617,6 +1623,17 @@ impl RunStore {
             .pool
             .get()?
             .query_prepared(&self.sql.stalled, &[&secs, &limit])?;
+        run_ids(&rows)
+    }
+
+    /// Runs cancelled or failed within the last `within` (by their status row's
+    /// `updated_at`).
+    pub fn stopped_runs(&self, within: Duration) -> Result<Vec<String>, StoreError> {
+        let secs = within.as_secs_f64();
+        let rows = self
+            .pool
+            .get()?
+            .query_prepared(&self.sql.stopped, &[&secs])?;
         run_ids(&rows)
     }
 
