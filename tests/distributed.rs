@@ -501,14 +501,15 @@ fn the_worker_serves_metrics_and_health() {
     worker.stop().unwrap();
 }
 
-/// A successor's state derived from its predecessor's commit (no load) holds the run's
-/// status as that commit saw it: a run cancelled while its node ran stops at the next hop,
-/// as it does when the successor loads.
+/// Successors held back by a backlog for longer than half a second take the state derived
+/// from their predecessor's commit only while the worker's list of runs stopped lately says
+/// their run goes on: the cancelled run's successor is dropped, the other's runs without a
+/// load.
 #[test]
 fn a_successor_held_back_by_a_backlog_does_not_run_once_its_run_is_cancelled() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let env = TestEnv::new("cancel_backlog");
-    // Two gated nodes: `g` starts the chain, `block` holds the one worker thread.
+    // Two gated nodes: `g` starts the cancelled chain, `block` holds the one worker thread.
     let gate = |registry: &mut flowcraft_rabbitmq::NodeRegistry, name: &str| {
         let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
         let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
@@ -530,46 +531,63 @@ fn a_successor_held_back_by_a_backlog_does_not_run_once_its_run_is_cancelled() {
         counted.fetch_add(1, SeqCst);
         Ok(flowcraft_rabbitmq::NodeResult::output(json!(2)))
     });
-    let chain = bp(
+    registry.register_fn("quick", |_| {
+        Ok(flowcraft_rabbitmq::NodeResult::output(json!(3)))
+    });
+    let gated = bp(
         r#"{"id":"gated","nodes":[{"id":"g","uses":"gate"},{"id":"a","uses":"after"}],
         "edges":[{"source":"g","target":"a"}]}"#,
     );
+    let free = bp(
+        r#"{"id":"free","nodes":[{"id":"q","uses":"quick"},{"id":"a","uses":"after"}],
+        "edges":[{"source":"q","target":"a"}]}"#,
+    );
     let blocker = bp(r#"{"id":"blocker","nodes":[{"id":"b","uses":"block"}],"edges":[]}"#);
-    let blueprints = vec![chain.clone(), blocker.clone()];
-    let (worker, addr) =
-        TestEnv::start_serving_metrics(env.worker(registry, blueprints.clone()).threads(1));
+    let blueprints = vec![gated, free, blocker];
+    let (worker, addr) = TestEnv::start_serving_metrics(
+        env.worker(registry, blueprints.clone())
+            .threads(1)
+            .prefetch(8),
+    );
     let client = env.client(blueprints);
-    let run = client.start_workflow("gated", ContextMap::new()).unwrap();
+    let cancelled = client.start_workflow("gated", ContextMap::new()).unwrap();
     g_entered.recv_timeout(WAIT).expect("the gate node started");
-    // The blocker's job is queued, and delivered, before the chain's successor.
+    // The free run's first job and the blocker's are queued, and delivered, before either
+    // chain's successor.
+    let going_on = client.start_workflow("free", ContextMap::new()).unwrap();
     client.start_workflow("blocker", ContextMap::new()).unwrap();
-    env.eventually("the blocker's job is delivered", WAIT, || {
+    env.eventually("the queued jobs are delivered", WAIT, || {
         env.queue_depth(&env.queue) == 0
     });
     g_release.send(()).unwrap();
     block_entered
         .recv_timeout(WAIT)
         .expect("the blocker holds the only thread");
-    client.cancel(&run).unwrap();
-    // (Not a synchronisation: the successor's derived entry must be older than half a
-    // second when its delivery comes, so that only the list of stopped runs can stop it.)
+    client.cancel(&cancelled).unwrap();
+    // (Not a synchronisation: both successors' derived entries must be older than half a
+    // second when their deliveries come, so that only the list of stopped runs decides.)
     std::thread::sleep(std::time::Duration::from_millis(800));
     block_release.send(()).unwrap();
-    env.eventually("three jobs are settled", WAIT, || {
+    env.wait_for_status(&going_on, "completed", WAIT);
+    env.eventually("five jobs are settled", WAIT, || {
         http_get(addr, "/metrics", &[])
             .1
-            .contains("flowcraft_jobs_total{outcome=\"ack\"} 3")
+            .contains("flowcraft_jobs_total{outcome=\"ack\"} 5")
     });
     let metrics = http_get(addr, "/metrics", &[]).1;
-    assert!(
-        metrics.contains("flowcraft_read_ahead_total{outcome=\"derived\"} 1"),
-        "{metrics}"
-    );
-    assert_eq!(after_runs.load(SeqCst), 0);
-    assert!(!env.context(&run).contains_key("_outputs.a"));
+    for (outcome, count) in [("derived", 2), ("used", 1), ("unused", 1)] {
+        let sample = format!("flowcraft_read_ahead_total{{outcome=\"{outcome}\"}} {count}\n");
+        assert!(metrics.contains(&sample), "{sample} in {metrics}");
+    }
+    assert_eq!(after_runs.load(SeqCst), 1);
+    assert!(!env.context(&cancelled).contains_key("_outputs.a"));
+    assert_eq!(env.context(&going_on).get("_outputs.a"), Some(&json!(2)));
     worker.stop().unwrap();
 }
 
+/// A successor's state derived from its predecessor's commit (no load) holds the run's
+/// status as that commit saw it: a run cancelled while its node ran stops at the next hop,
+/// as it does when the successor loads.
 #[test]
 fn a_chain_cancelled_while_a_node_runs_stops_at_the_next_hop() {
     let env = TestEnv::new("cancel_hop");

@@ -570,9 +570,9 @@ fn the_runs_cancelled_or_failed_lately_are_listed() {
             &[],
         )
         .unwrap();
-    let mut stopped = store
-        .stopped_runs(std::time::Duration::from_secs(10))
-        .unwrap();
+    let within = std::time::Duration::from_secs(10);
+    let mut stopped = store.stopped_runs(within, 100).unwrap();
     stopped.sort();
     assert_eq!(stopped, vec!["cancelled".to_string(), "failed".to_string()]);
+    assert_eq!(store.stopped_runs(within, 1).unwrap().len(), 1);
 }

@@ -29,13 +29,16 @@
 //!
 //! But a run cancelled or failed after an entry was made must not go on for seconds: a
 //! load would see its status, and the spec acks such a run's queued jobs without executing
-//! them. So, while entries are held, the cancel watcher lists the runs cancelled or failed
-//! lately every [`STOPPED_WATCH`], and an entry is taken only if its run is not on the
-//! list and either the entry is younger than [`STOPPED_FRESH`] or the last list began less
-//! than that ago. A run cancelled or failed more than half a second before the delivery is
-//! seen; one stopped since runs at most that one successor, whose own commit then sees the
-//! status (the chain stops at the next hop). Without a list (PostgreSQL unreachable), an
-//! older entry is left unused and its delivery loads.
+//! them. So, while entries may be held (one was stored in the last [`DERIVED_LIFETIME`]),
+//! the cancel watcher lists the runs cancelled or failed lately every [`STOPPED_WATCH`],
+//! and an entry is taken only if its run is not on the list and either the entry is younger
+//! than [`STOPPED_FRESH`] (counted from the start of the statement it comes from) or the
+//! last list began less than that ago. A run cancelled or failed more than half a second
+//! before the delivery is seen; one stopped since runs at most that one successor, whose
+//! own commit then sees the status (the chain stops at the next hop). Without a fresh list
+//! (PostgreSQL slow or unreachable, or more than [`STOPPED_LIMIT`] runs stopped lately), an
+//! older entry is left unused and its delivery loads. (A `completed` run is not listed: it
+//! cannot complete while a successor of it is queued.)
 //!
 //! A successor delivered to another process leaves its entry unused; it expires (the
 //! heartbeat drops expired entries too), and when most entries expire (several workers
@@ -80,10 +83,13 @@ const DERIVED_LIFETIME: Duration = Duration::from_secs(5);
 /// this fresh (see the module docs): a run cancelled or failed since its predecessor's
 /// commit is missed for at most this long.
 const STOPPED_FRESH: Duration = Duration::from_millis(500);
-/// How often the runs stopped lately are listed, while derived entries are held.
+/// How often the runs stopped lately are listed, while entries may be held.
 pub(super) const STOPPED_WATCH: Duration = Duration::from_millis(250);
-/// How far back that list goes: beyond any derived entry's lifetime.
+/// How far back that list goes: beyond any entry's lifetime.
 pub(super) const STOPPED_LOOKBACK: Duration = Duration::from_secs(10);
+/// Most runs that list holds: a longer one (a storm of failures) is not taken, and entries
+/// older than [`STOPPED_FRESH`] then go unused.
+pub(super) const STOPPED_LIMIT: i64 = 10_000;
 /// How long a delivery waits for a load under way before loading on its own.
 const WAIT: Duration = Duration::from_millis(100);
 /// How often expired entries are dropped (and counted unused).
@@ -283,12 +289,12 @@ impl ReadAhead {
         reserved
     }
 
-    /// Stores what was loaded for a reserved job (`None`: the load failed, and its delivery
-    /// loads on its own), and wakes the deliveries waiting for it.
-    pub(super) fn fill(&self, loads: Vec<(JobKey, Vec<String>, Option<RunSnapshot>)>) {
-        let at = Instant::now();
-        *self.ready_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    /// Stores what was loaded, by a statement that began `at`, for a reserved job (`None`: the
+    /// load failed, and its delivery loads on its own), and wakes the deliveries waiting for
+    /// it.
+    pub(super) fn fill(&self, loads: Vec<(JobKey, Vec<String>, Option<RunSnapshot>)>, at: Instant) {
         let mut entries = self.lock();
+        let mut stored = false;
         for (job, keys, snapshot) in loads {
             match snapshot {
                 Some(snapshot) => {
@@ -299,6 +305,7 @@ impl ReadAhead {
                             keys,
                             snapshot,
                         });
+                        stored = true;
                     }
                 }
                 None => {
@@ -307,21 +314,22 @@ impl ReadAhead {
             }
         }
         drop(entries);
+        if stored {
+            self.mark_ready(at);
+        }
         self.loaded.notify_all();
     }
 
-    /// Stores the state [derived](derive) from a commit that saw its run running, for
-    /// successors about to be published (not over an entry already there, nor beyond
-    /// [`DERIVED_CAPACITY`]).
-    pub(super) fn put(&self, derived: Vec<Derived>) {
+    /// Stores the state [derived](derive) from a commit, by a statement that began `at` and
+    /// saw its run running, for successors about to be published (not over an entry already
+    /// there, nor beyond [`DERIVED_CAPACITY`]).
+    pub(super) fn put(&self, derived: Vec<Derived>, at: Instant) {
         if derived.is_empty() {
             return;
         }
-        let now = Instant::now();
-        if self.prune_due(now) {
+        if self.prune_due(Instant::now()) {
             self.prune();
         }
-        *self.ready_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
         let mut entries = self.lock();
         let mut stored = 0;
         for d in derived {
@@ -334,13 +342,17 @@ impl ReadAhead {
                     status: Some(RunStatus::Running),
                 };
                 slot.insert(Entry::Ready(Ready {
-                    at: now,
-                    expires: now + DERIVED_LIFETIME,
+                    at,
+                    expires: at + DERIVED_LIFETIME,
                     keys: d.keys,
                     snapshot,
                 }));
                 stored += 1;
             }
+        }
+        drop(entries);
+        if stored > 0 {
+            self.mark_ready(at);
         }
         if let (Some(counter), true) = (&self.counted, stored > 0) {
             counter.with_label_values(&["derived"]).inc_by(stored);
@@ -399,23 +411,40 @@ impl ReadAhead {
             && (fresh(at) || stopped.listed_at.is_some_and(fresh))
     }
 
-    /// Whether the runs stopped lately are to be listed: while entries may be held.
+    /// Notes that an entry made `at` was stored (the runs stopped lately are listed while
+    /// one may be held).
+    fn mark_ready(&self, at: Instant) {
+        let mut ready_at = self.ready_at.lock().unwrap_or_else(|p| p.into_inner());
+        if ready_at.is_none_or(|before| before < at) {
+            *ready_at = Some(at);
+        }
+    }
+
+    /// Whether the runs stopped lately are to be listed: while an entry stored may still be
+    /// unexpired.
     pub(super) fn watches_stopped(&self) -> bool {
         let ready_at = *self.ready_at.lock().unwrap_or_else(|p| p.into_inner());
         ready_at.is_some_and(|at| at.elapsed() < DERIVED_LIFETIME.max(LIFETIME))
     }
 
-    /// Records the runs cancelled or failed lately, as listed by a query that began at
-    /// `listed_at`.
+    /// Records the runs cancelled or failed lately, as listed (whole) by a query that began
+    /// at `listed_at`. (One thread lists, so a list never replaces a later one; the check
+    /// only keeps that true.)
     pub(super) fn stopped_listed(&self, listed_at: Instant, runs: Vec<String>) {
+        let runs: HashSet<String> = runs.into_iter().collect();
         let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
         if stopped.listed_at.is_some_and(|at| at > listed_at) {
             return;
         }
-        *stopped = Stopped {
-            listed_at: Some(listed_at),
-            runs: runs.into_iter().collect(),
-        };
+        let old = std::mem::replace(
+            &mut *stopped,
+            Stopped {
+                listed_at: Some(listed_at),
+                runs,
+            },
+        );
+        drop(stopped);
+        drop(old);
     }
 
     /// Whether expired entries are to be dropped now: every [`PRUNE_EVERY`].
@@ -559,12 +588,16 @@ mod tests {
     fn the_stopped_runs_are_listed_only_while_entries_may_be_held() {
         let ahead = ReadAhead::default();
         assert!(!ahead.watches_stopped());
+        // A failed load stores nothing.
+        ahead.reserve(vec![job("a")]);
+        ahead.fill(vec![(job("a"), Vec::new(), None)], Instant::now());
+        assert!(!ahead.watches_stopped());
         let d = Derived {
             job: job("b"),
             keys: Vec::new(),
             context: ContextMap::new(),
         };
-        ahead.put(vec![d]);
+        ahead.put(vec![d], Instant::now());
         assert!(ahead.watches_stopped());
     }
 
@@ -591,7 +624,7 @@ mod tests {
         assert!(!d.context.contains_key(&output_key("b")));
         // Stored, it is taken once, by a first delivery, as a running run's.
         let p = ReadAhead::default();
-        p.put(vec![d]);
+        p.put(vec![d], Instant::now());
         let first = JobPayload::new("r1", "d", "b", 0);
         let (keys, snapshot) = p.take_for(&first, false).expect("the entry");
         assert_eq!(keys, expected_reads(Some(&bp), "b"));
@@ -670,7 +703,10 @@ mod tests {
         let p = ReadAhead::default();
         assert_eq!(p.reserve(vec![job("a")]), vec![job("a")]);
         assert!(p.reserve(vec![job("a")]).is_empty(), "reserved twice");
-        p.fill(vec![(job("a"), vec!["x".into()], Some(snapshot(1)))]);
+        p.fill(
+            vec![(job("a"), vec!["x".into()], Some(snapshot(1)))],
+            Instant::now(),
+        );
         let (keys, taken) = p.take(&job("a")).expect("the snapshot");
         assert_eq!(keys, vec!["x".to_string()]);
         assert_eq!(taken.context.get("x"), Some(&1.into()));
@@ -686,7 +722,7 @@ mod tests {
             let taker = s.spawn(|| p.take(&job("a")));
             // The taker finds the entry `Loading` and waits until it is filled — or, if this
             // thread is quicker, finds it filled; either way it gets the snapshot.
-            p.fill(vec![(job("a"), vec![], Some(snapshot(2)))]);
+            p.fill(vec![(job("a"), vec![], Some(snapshot(2)))], Instant::now());
             let (_, taken) = taker.join().expect("taker").expect("the snapshot");
             assert_eq!(taken.context.get("x"), Some(&2.into()));
         });
@@ -700,7 +736,7 @@ mod tests {
         assert!(p.take(&job("a")).is_none());
         assert!(started.elapsed() >= WAIT);
         // The entry is gone: a late fill stores nothing.
-        p.fill(vec![(job("a"), vec![], Some(snapshot(3)))]);
+        p.fill(vec![(job("a"), vec![], Some(snapshot(3)))], Instant::now());
         assert!(p.take(&job("a")).is_none());
     }
 
@@ -719,13 +755,13 @@ mod tests {
             (&mut wake, false),
         ] {
             p.reserve(vec![job("a")]);
-            p.fill(vec![(job("a"), vec![], Some(snapshot(1)))]);
+            p.fill(vec![(job("a"), vec![], Some(snapshot(1)))], Instant::now());
             assert!(p.take_for(copy, flagged).is_none(), "{copy:?}");
             // The entry is gone: not even a first delivery finds it now.
             assert!(p.take_for(&first, false).is_none(), "{copy:?}");
         }
         p.reserve(vec![job("a")]);
-        p.fill(vec![(job("a"), vec![], Some(snapshot(2)))]);
+        p.fill(vec![(job("a"), vec![], Some(snapshot(2)))], Instant::now());
         assert!(p.take_for(&first, false).is_some());
     }
 
@@ -733,7 +769,7 @@ mod tests {
     fn a_failed_load_leaves_the_delivery_to_load_on_its_own() {
         let p = ReadAhead::default();
         p.reserve(vec![job("a")]);
-        p.fill(vec![(job("a"), vec![], None)]);
+        p.fill(vec![(job("a"), vec![], None)], Instant::now());
         assert!(p.take(&job("a")).is_none());
     }
 

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use amiquip::Delivery;
 use crossbeam_channel::{Receiver, Sender};
@@ -187,6 +188,8 @@ impl Leader<'_> {
         if !commits.is_empty() {
             shared.metrics.commit_batch.observe(commits.len() as f64);
         }
+        // (A derived entry's age counts from before the statement, whose snapshot it is.)
+        let committing_at = Instant::now();
         let applied = shared.store.commit_nodes(commits);
         // The state of successors the commits decide, for their deliveries (stored at once,
         // before any is published).
@@ -231,7 +234,7 @@ impl Leader<'_> {
                 Err(e) => retries.push((i, failure(&t.job, e))),
             }
         }
-        shared.read_ahead.put(derived);
+        shared.read_ahead.put(derived, committing_at);
         // Publish first the successors no join holds, and read their run state ahead (see
         // `read_ahead`): their delivery overlaps the Redis step. A start job publishes after
         // it, as it registers the run's start jobs there.
@@ -427,11 +430,13 @@ impl Leader<'_> {
         }
         let (jobs, keys): (Vec<JobKey>, Vec<Vec<String>>) = ahead.drain(..).unzip();
         let requests = jobs.iter().map(|j| j.0.clone()).zip(keys.clone()).collect();
+        let loading_at = Instant::now();
         let snapshots = self.shared.store.load_keys_of(requests);
         let loads = jobs.into_iter().zip(keys).zip(snapshots);
-        self.shared
-            .read_ahead
-            .fill(loads.map(|((job, keys), s)| (job, keys, s)).collect());
+        self.shared.read_ahead.fill(
+            loads.map(|((job, keys), s)| (job, keys, s)).collect(),
+            loading_at,
+        );
     }
 
     fn settle_slot(

@@ -12,7 +12,7 @@ use crate::runtime::error::{Error, Result};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::reconciler::Reconciler;
 
-use super::read_ahead::{STOPPED_LOOKBACK, STOPPED_WATCH};
+use super::read_ahead::{STOPPED_LIMIT, STOPPED_LOOKBACK, STOPPED_WATCH};
 use super::shared::Shared;
 
 /// Starts the heartbeat: every third of `stalled_after` (1 s to 60 s) it touches the runs
@@ -29,41 +29,44 @@ pub(super) fn start_heartbeat(
         .map_err(Error::thread("heartbeat"))
 }
 
-/// How often the cancel watcher looks for cancelled runs among those executing a node (a
-/// whole number of [`STOPPED_WATCH`]).
+/// How often the cancel watcher looks for cancelled runs among those executing a node.
 const CANCEL_WATCH: Duration = Duration::from_millis(500);
+const _: () = assert!(CANCEL_WATCH.as_millis() % STOPPED_WATCH.as_millis() == 0);
 
 /// Starts the cancel watcher: while nodes execute, it looks every half second for their
 /// runs among the cancelled ones, and raises those nodes' cancellation flags (an `exec`
-/// node kills its program; a Rust node sees `ctx.cancel.is_cancelled()`). While derived
-/// read-ahead entries are held, it lists the runs cancelled or failed lately every
+/// node kills its program; a Rust node sees `ctx.cancel.is_cancelled()`). While read-ahead
+/// entries may be held, it lists the runs cancelled or failed lately every
 /// [`STOPPED_WATCH`] (see [`read_ahead`](super::read_ahead)).
 pub(super) fn start_cancel_watcher(
     shared: Arc<Shared>,
     stop: Receiver<()>,
 ) -> Result<JoinHandle<()>> {
-    let every = (CANCEL_WATCH.as_millis() / STOPPED_WATCH.as_millis()).max(1);
+    let every = CANCEL_WATCH.as_millis() / STOPPED_WATCH.as_millis();
     std::thread::Builder::new()
         .name("flowcraft-cancel-watch".into())
         .spawn(move || {
             let mut tick: u128 = 0;
             while !wait_or_stop(&stop, STOPPED_WATCH) {
                 tick += 1;
-                if shared.read_ahead.watches_stopped() {
-                    let listed_at = Instant::now();
-                    match shared.store.stopped_runs(STOPPED_LOOKBACK) {
-                        Ok(runs) => shared.read_ahead.stopped_listed(listed_at, runs),
-                        // (Derived entries older than half a second are then left unused.)
-                        Err(e) => log::debug!("cannot list the runs stopped lately: {e}"),
+                if tick % every == 0 {
+                    let runs = shared.executing_runs();
+                    match shared.store.cancelled_among(&runs) {
+                        Ok(cancelled) => shared.cancel_executing(&cancelled),
+                        Err(e) => log::warn!("cannot look for cancelled runs: {e}"),
                     }
                 }
-                if tick % every != 0 {
-                    continue;
-                }
-                let runs = shared.executing_runs();
-                match shared.store.cancelled_among(&runs) {
-                    Ok(cancelled) => shared.cancel_executing(&cancelled),
-                    Err(e) => log::warn!("cannot look for cancelled runs: {e}"),
+                if shared.read_ahead.watches_stopped() {
+                    let listed_at = Instant::now();
+                    // (Without a fresh, whole list, entries older than half a second go
+                    // unused.)
+                    match shared.store.stopped_runs(STOPPED_LOOKBACK, STOPPED_LIMIT) {
+                        Ok(runs) if runs.len() < STOPPED_LIMIT as usize => {
+                            shared.read_ahead.stopped_listed(listed_at, runs)
+                        }
+                        Ok(_) => log::debug!("too many runs stopped lately to list"),
+                        Err(e) => log::debug!("cannot list the runs stopped lately: {e}"),
+                    }
                 }
             }
         })

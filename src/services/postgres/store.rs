@@ -957,8 +957,8 @@ impl RunStore {
         // The common commit, with none of the above but outputs, inputs and deletions: the
         // same parameters, a statement PostgreSQL plans and starts in about half the time.
         // What a plain commit does once its guard row is written (`ok`): its keys, its
-        // history row, the status rows of the runs `touched` (SQL: `FROM ... WHERE` naming
-        // them `st.run_id`) touched.
+        // history row, and a touch of the status rows that `touched` selects (the SQL of a
+        // `FROM ... WHERE` or `WHERE` clause over `st`, the status table).
         let plain_writes = |touched: &str| {
             format!(
                 "{w}, {history},
@@ -996,7 +996,8 @@ impl RunStore {
         let resume_header = header_update(c, "", "$1", "$6::jsonb", "$7::jsonb");
         // The run's status as the commit statement saw it (before its own writes): what a
         // successor's job would load right after the commit (see `Applied`).
-        let status_seen = format!("(SELECT st.status FROM {s} st WHERE st.run_id = ok.run_id)");
+        let status_seen =
+            |run: &str| format!("(SELECT st.status FROM {s} st WHERE st.run_id = {run})");
         let sql = Statements {
             load: format!(
                 "SELECT c.run_id, {whole}, (SELECT s.status FROM {s} s WHERE s.run_id = c.run_id)
@@ -1019,11 +1020,18 @@ impl RunStore {
                  WHERE c.run_id = ANY($1::text[])",
                 keyed_value("q.key", "q.source")
             ),
-            commit: format!("{commit_ctes} SELECT ok.ord, {status_seen} FROM ok"),
-            commit_plain: format!("{plain_ctes} SELECT ok.ord, {status_seen} FROM ok"),
+            commit: format!(
+                "{commit_ctes} SELECT ok.ord, {} FROM ok",
+                status_seen("ok.run_id")
+            ),
+            commit_plain: format!(
+                "{plain_ctes} SELECT ok.ord, {} FROM ok",
+                status_seen("ok.run_id")
+            ),
             // (A lone thread's, a chain's: a third fewer plan nodes to start.)
             commit_lone: format!(
-                "{lone_ctes} SELECT ok.ord, (SELECT st.status FROM {s} st WHERE st.run_id = $1::text) FROM ok"
+                "{lone_ctes} SELECT ok.ord, {} FROM ok",
+                status_seen("$1::text")
             ),
             // Completes the runs $1 that are running and await nothing. (`r` is materialized
             // so that each context is assembled once, not once per use.)
@@ -1065,7 +1073,8 @@ impl RunStore {
             // (The statuses index holds (status, updated_at): two range scans.)
             stopped: format!(
                 "SELECT run_id FROM {s} WHERE status IN ('cancelled', 'failed')
-                   AND updated_at > NOW() - make_interval(secs => $1::float8)"
+                   AND updated_at > NOW() - make_interval(secs => $1::float8)
+                 LIMIT $2::bigint"
             ),
             // A page of awaiting runs idle for $1 s, after the cursor ($4, $5), each with
             // its paused nodes whose wake-up is overdue: a sleep past `wakeUpAtMs` by $1 s at
@@ -1626,14 +1635,14 @@ impl RunStore {
         run_ids(&rows)
     }
 
-    /// Runs cancelled or failed within the last `within` (by their status row's
-    /// `updated_at`).
-    pub fn stopped_runs(&self, within: Duration) -> Result<Vec<String>, StoreError> {
+    /// Up to `limit` runs cancelled or failed within the last `within` (by their status
+    /// row's `updated_at`).
+    pub fn stopped_runs(&self, within: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
         let secs = within.as_secs_f64();
         let rows = self
             .pool
             .get()?
-            .query_prepared(&self.sql.stopped, &[&secs])?;
+            .query_prepared(&self.sql.stopped, &[&secs, &limit])?;
         run_ids(&rows)
     }
 
