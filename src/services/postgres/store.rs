@@ -1627,22 +1627,24 @@ impl RunStore {
 
     /// Runs whose status is `running` and that have not moved for `idle`, oldest first.
     pub fn stalled_runs(&self, idle: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
-        let secs = idle.as_secs_f64();
-        let rows = self
-            .pool
-            .get()?
-            .query_prepared(&self.sql.stalled, &[&secs, &limit])?;
-        run_ids(&rows)
+        self.runs_by_span(&self.sql.stalled, idle, limit)
     }
 
     /// Up to `limit` runs cancelled or failed within the last `within` (by their status
     /// row's `updated_at`).
     pub fn stopped_runs(&self, within: Duration, limit: i64) -> Result<Vec<String>, StoreError> {
-        let secs = within.as_secs_f64();
-        let rows = self
-            .pool
-            .get()?
-            .query_prepared(&self.sql.stopped, &[&secs, &limit])?;
+        self.runs_by_span(&self.sql.stopped, within, limit)
+    }
+
+    /// The run ids a statement selects for a span of time ($1, in seconds) and a limit ($2).
+    fn runs_by_span(
+        &self,
+        sql: &str,
+        span: Duration,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let secs = span.as_secs_f64();
+        let rows = self.pool.get()?.query_prepared(sql, &[&secs, &limit])?;
         run_ids(&rows)
     }
 
