@@ -507,30 +507,13 @@ fn the_worker_serves_metrics_and_health() {
 /// load.
 #[test]
 fn a_successor_held_back_by_a_backlog_does_not_run_once_its_run_is_cancelled() {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
     let env = TestEnv::new("cancel_backlog");
     // Two gated nodes: `g` starts the cancelled chain, `block` holds the one worker thread.
-    let gate = |registry: &mut flowcraft_rabbitmq::NodeRegistry, name: &str| {
-        let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
-        registry.register_fn(name, move |_| {
-            let _ = entered_tx.send(());
-            release_rx
-                .recv_timeout(WAIT)
-                .map_err(|_| flowcraft_rabbitmq::NodeError::new("never released"))?;
-            Ok(flowcraft_rabbitmq::NodeResult::output(json!(1)))
-        });
-        (entered_rx, release_tx)
-    };
     let mut registry = inc_registry();
-    let (g_entered, g_release) = gate(&mut registry, "gate");
-    let (block_entered, block_release) = gate(&mut registry, "block");
-    let after_runs = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = after_runs.clone();
-    registry.register_fn("after", move |_| {
-        counted.fetch_add(1, SeqCst);
-        Ok(flowcraft_rabbitmq::NodeResult::output(json!(2)))
-    });
+    let (g_entered, g_release) = gated_node(&mut registry, "gate", json!(1));
+    let (block_entered, block_release) = gated_node(&mut registry, "block", json!(1));
+    let after_runs = counted_node(&mut registry, "after", json!(2));
     registry.register_fn("quick", |_| {
         Ok(flowcraft_rabbitmq::NodeResult::output(json!(3)))
     });
@@ -591,22 +574,9 @@ fn a_successor_held_back_by_a_backlog_does_not_run_once_its_run_is_cancelled() {
 #[test]
 fn a_chain_cancelled_while_a_node_runs_stops_at_the_next_hop() {
     let env = TestEnv::new("cancel_hop");
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
-    let after_runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut registry = inc_registry();
-    registry.register_fn("gate", move |_| {
-        let _ = entered_tx.send(());
-        release_rx
-            .recv_timeout(WAIT)
-            .map_err(|_| flowcraft_rabbitmq::NodeError::new("never released"))?;
-        Ok(flowcraft_rabbitmq::NodeResult::output(json!(1)))
-    });
-    let counted = after_runs.clone();
-    registry.register_fn("after", move |_| {
-        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(flowcraft_rabbitmq::NodeResult::output(json!(2)))
-    });
+    let (entered_rx, release_tx) = gated_node(&mut registry, "gate", json!(1));
+    let after_runs = counted_node(&mut registry, "after", json!(2));
     let chain = bp(
         r#"{"id":"gated","nodes":[{"id":"g","uses":"gate"},{"id":"a","uses":"after"}],
         "edges":[{"source":"g","target":"a"}]}"#,

@@ -648,14 +648,8 @@ fn sleeping_nodes_do_not_pin_database_connections() {
 #[test]
 fn a_long_node_keeps_its_run_from_looking_stalled() {
     let env = TestEnv::new("heartbeat");
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(1);
     let mut registry = inc_registry();
-    registry.register_fn("long", move |_| {
-        let _ = entered_tx.send(());
-        let _ = gate_rx.recv_timeout(Duration::from_secs(60));
-        Ok(NodeResult::output(json!("done")))
-    });
+    let (entered_rx, gate_tx) = gated_node(&mut registry, "long", json!("done"));
     let b = bp(r#"{"id":"long","nodes":[{"id":"a","uses":"long"}]}"#);
     let worker = env
         .worker(registry, vec![b.clone()])

@@ -434,6 +434,45 @@ pub fn flaky_registry(retried: &'static str, broken: &'static str) -> NodeRegist
     r
 }
 
+/// Registers node type `uses` as a gate: each execution says it entered, then waits (up to
+/// [`WAIT`]) to be released and outputs `output`; a gate never released fails its node.
+/// Returns the receiver of "entered" and the sender of "release".
+pub fn gated_node(
+    registry: &mut NodeRegistry,
+    uses: &str,
+    output: Value,
+) -> (
+    crossbeam_channel::Receiver<()>,
+    crossbeam_channel::Sender<()>,
+) {
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    registry.register_fn(uses, move |_| {
+        let _ = entered_tx.send(());
+        release_rx
+            .recv_timeout(WAIT)
+            .map_err(|_| flowcraft_rabbitmq::node::NodeError::new("never released"))?;
+        Ok(NodeResult::output(output.clone()))
+    });
+    (entered_rx, release_tx)
+}
+
+/// Registers node type `uses`, which outputs `output` and counts its executions in the
+/// counter returned.
+pub fn counted_node(
+    registry: &mut NodeRegistry,
+    uses: &str,
+    output: Value,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    registry.register_fn(uses, move |_| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(NodeResult::output(output.clone()))
+    });
+    count
+}
+
 pub fn workload(name: &str) -> (Blueprint, Value) {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -27,18 +27,18 @@
 //! are as the predecessor loaded them; a job reads them only to tell whether its own node is
 //! awaited, which a node that never ran is not.
 //!
-//! But a run cancelled or failed after an entry was made must not go on for seconds: a
-//! load would see its status, and the spec acks such a run's queued jobs without executing
-//! them. So, while entries may be held (one was stored in the last [`DERIVED_LIFETIME`]),
-//! the cancel watcher lists the runs cancelled or failed lately every [`STOPPED_WATCH`],
-//! and an entry is taken only if its run is not on the list and either the entry is younger
-//! than [`STOPPED_FRESH`] (counted from the start of the statement it comes from) or the
-//! last list began less than that ago. A run cancelled or failed more than half a second
-//! before the delivery is seen; one stopped since runs at most that one successor, whose
-//! own commit then sees the status (the chain stops at the next hop). Without a fresh list
-//! (PostgreSQL slow or unreachable, or more than [`STOPPED_LIMIT`] runs stopped lately), an
-//! older entry is left unused and its delivery loads. (A `completed` run is not listed: it
-//! cannot complete while a successor of it is queued.)
+//! But a run cancelled or failed after an entry was made must not go on for seconds: a load
+//! would see its status, and the spec acks such a run's queued jobs without executing them.
+//! So, while entries are held, the cancel watcher lists the runs cancelled or failed lately
+//! every [`STOPPED_WATCH`], and an entry is taken only if its run is not on the list and
+//! either the entry is younger than [`STOPPED_FRESH`] (counted from the start of the
+//! statement it comes from) or the last list began less than that ago. A run cancelled or
+//! failed more than half a second before the delivery is seen; one stopped since runs at
+//! most that one successor, whose own commit then sees the status (the chain stops at the
+//! next hop). Without a fresh list (PostgreSQL slow or unreachable, or more than
+//! [`STOPPED_LIMIT`] runs stopped lately), an older entry is left unused and its delivery
+//! loads. (A `completed` run is not listed: it cannot complete while a successor of it is
+//! queued.)
 //!
 //! A successor delivered to another process leaves its entry unused; it expires (the
 //! heartbeat drops expired entries too), and when most entries expire (several workers
@@ -79,9 +79,9 @@ const MAX_DERIVED_BYTES: usize = 8_192;
 const LIFETIME: Duration = Duration::from_secs(2);
 /// How long a derived entry waits for its delivery (a backlog holds deliveries back).
 const DERIVED_LIFETIME: Duration = Duration::from_secs(5);
-/// A derived entry older than this is taken only while the list of runs stopped lately is
-/// this fresh (see the module docs): a run cancelled or failed since its predecessor's
-/// commit is missed for at most this long.
+/// An entry older than this is taken only while the list of runs stopped lately is this
+/// fresh (see the module docs): a run cancelled or failed since the entry's snapshot is
+/// missed for at most this long.
 const STOPPED_FRESH: Duration = Duration::from_millis(500);
 /// How often the runs stopped lately are listed, while entries may be held.
 pub(super) const STOPPED_WATCH: Duration = Duration::from_millis(250);
@@ -129,8 +129,8 @@ impl Entry {
 /// The runs cancelled or failed lately, as last listed.
 #[derive(Default)]
 struct Stopped {
-    /// When the last list began (none yet: no derived entry older than [`STOPPED_FRESH`]
-    /// is taken).
+    /// When the last list began (none yet: no entry older than [`STOPPED_FRESH`] is
+    /// taken).
     listed_at: Option<Instant>,
     runs: HashSet<String>,
 }
@@ -240,8 +240,6 @@ pub(crate) struct ReadAhead {
     loaded: Condvar,
     /// The runs stopped lately (see the module docs).
     stopped: Mutex<Stopped>,
-    /// When an entry was last loaded or derived.
-    ready_at: Mutex<Option<Instant>>,
     /// Entries taken by their delivery, and entries that expired unused (both halved now
     /// and then, so that they follow a change of workload).
     used: AtomicU64,
@@ -294,7 +292,6 @@ impl ReadAhead {
     /// it.
     pub(super) fn fill(&self, loads: Vec<(JobKey, Vec<String>, Option<RunSnapshot>)>, at: Instant) {
         let mut entries = self.lock();
-        let mut stored = false;
         for (job, keys, snapshot) in loads {
             match snapshot {
                 Some(snapshot) => {
@@ -305,7 +302,6 @@ impl ReadAhead {
                             keys,
                             snapshot,
                         });
-                        stored = true;
                     }
                 }
                 None => {
@@ -314,9 +310,6 @@ impl ReadAhead {
             }
         }
         drop(entries);
-        if stored {
-            self.mark_ready(at);
-        }
         self.loaded.notify_all();
     }
 
@@ -351,9 +344,6 @@ impl ReadAhead {
             }
         }
         drop(entries);
-        if stored > 0 {
-            self.mark_ready(at);
-        }
         if let (Some(counter), true) = (&self.counted, stored > 0) {
             counter.with_label_values(&["derived"]).inc_by(stored);
         }
@@ -411,20 +401,13 @@ impl ReadAhead {
             && (fresh(at) || stopped.listed_at.is_some_and(fresh))
     }
 
-    /// Notes that an entry made `at` was stored (the runs stopped lately are listed while
-    /// one may be held).
-    fn mark_ready(&self, at: Instant) {
-        let mut ready_at = self.ready_at.lock().unwrap_or_else(|p| p.into_inner());
-        if ready_at.is_none_or(|before| before < at) {
-            *ready_at = Some(at);
-        }
-    }
-
-    /// Whether the runs stopped lately are to be listed: while an entry stored may still be
-    /// unexpired.
+    /// Whether the runs stopped lately are to be listed: while unexpired entries are held
+    /// (expired ones are dropped here too, when due).
     pub(super) fn watches_stopped(&self) -> bool {
-        let ready_at = *self.ready_at.lock().unwrap_or_else(|p| p.into_inner());
-        ready_at.is_some_and(|at| at.elapsed() < DERIVED_LIFETIME.max(LIFETIME))
+        if self.prune_due(Instant::now()) {
+            self.prune();
+        }
+        !self.lock().is_empty()
     }
 
     /// Records the runs cancelled or failed lately, as listed (whole) by a query that began
