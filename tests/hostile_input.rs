@@ -268,7 +268,19 @@ fn stray_messages_invent_no_state_and_keep_their_properties_when_dead_lettered()
     let env = TestEnv::new("hostile_stray");
     let (chain, _) = workload("chain5");
     let other = bp(r#"{"id":"other","nodes":[{"id":"a","uses":"inc"}]}"#);
-    let worker = env.start_worker(inc_registry(), vec![chain.clone(), other.clone()], 2);
+    // A run held live at its first node while the strays of it arrive: a job of a finished
+    // run is dropped as a late copy, whatever node it names.
+    let held = bp(
+        r#"{"id":"held","nodes":[{"id":"gate","uses":"gate"},{"id":"b","uses":"inc"}],
+        "edges":[{"source":"gate","target":"b"}]}"#,
+    );
+    let mut registry = inc_registry();
+    let (entered, release) = gated_node(&mut registry, "gate", json!(1));
+    let worker = env.start_worker(
+        registry,
+        vec![chain.clone(), other.clone(), held.clone()],
+        2,
+    );
     // A job of a run that never existed, of a blueprint nobody has.
     publish_with_properties(&env, &job("nope", "ghost", "n1"), "m-ghost");
     // A timer of a run that never existed.
@@ -277,8 +289,11 @@ fn stray_messages_invent_no_state_and_keep_their_properties_when_dead_lettered()
     publish_with_properties(&env, &serde_json::to_vec(&timer).unwrap(), "m-timer");
     // A job naming a node that is not in the blueprint of a live run, and a job of another
     // blueprint this worker knows, for the same run.
-    let run = env.start_run(&chain, ContextMap::new());
-    publish_with_properties(&env, &job(&run, chain.id(), "no-such-node"), "m-node");
+    let run = env.start_run(&held, ContextMap::new());
+    entered
+        .recv_timeout(WAIT)
+        .expect("the held run's first node never started");
+    publish_with_properties(&env, &job(&run, held.id(), "no-such-node"), "m-node");
     publish_with_properties(&env, &job(&run, other.id(), "a"), "m-other");
     env.eventually("four dead letters", WAIT, || {
         env.queue_depth(&env.dead_queue()) == 4
@@ -295,6 +310,7 @@ fn stray_messages_invent_no_state_and_keep_their_properties_when_dead_lettered()
     // No state was invented, and the live run was not failed.
     assert!(env.store().status("nope").unwrap().is_none());
     assert!(env.store().status("nope-too").unwrap().is_none());
+    release.send(()).unwrap();
     env.wait_for_status(&run, "completed", WAIT);
     worker.stop().unwrap();
 }
