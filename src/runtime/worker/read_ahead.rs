@@ -67,10 +67,10 @@ use crate::vocabulary::RunStatus;
 
 /// Most successors one tail batch reads ahead; a bigger fan-out's workers load their own.
 pub(super) const MAX_PER_BATCH: usize = 16;
-/// Most entries held at once for loads.
+/// Most entries held at once for loads (reserved or loaded).
 const CAPACITY: usize = 1_024;
-/// Most entries held at once, derived ones included: a backlog delays each successor's
-/// delivery behind thousands of others, and a derived entry costs no statement.
+/// Most derived entries held at once, apart from those for loads: a backlog delays each
+/// successor's delivery behind thousands of others, and a derived entry costs no statement.
 const DERIVED_CAPACITY: usize = 4_096;
 /// Largest state (in bytes, roughly) a derived entry holds: a successor with more is loaded
 /// by its delivery, so that entries stay small.
@@ -112,6 +112,8 @@ enum Entry {
 struct Ready {
     /// When it was loaded or derived.
     at: Instant,
+    /// Whether it was derived (else loaded).
+    derived: bool,
     expires: Instant,
     keys: Vec<String>,
     snapshot: RunSnapshot,
@@ -123,6 +125,41 @@ impl Entry {
             Entry::Loading(t) => *t,
             Entry::Ready(ready) => ready.expires,
         }
+    }
+}
+
+/// The entries held, and how many of them are derived: loads and derived entries are bounded
+/// apart, so that a backlog's derived entries leave room for loads.
+#[derive(Default)]
+struct Held {
+    map: HashMap<JobKey, Entry>,
+    derived: usize,
+}
+
+impl Held {
+    /// The entries for loads, reserved or loaded.
+    fn loads(&self) -> usize {
+        self.map.len() - self.derived
+    }
+
+    fn remove(&mut self, job: &JobKey) -> Option<Entry> {
+        let entry = self.map.remove(job);
+        if matches!(&entry, Some(Entry::Ready(r)) if r.derived) {
+            self.derived -= 1;
+        }
+        entry
+    }
+
+    /// Drops the entries expired `now`; returns how many went.
+    fn drop_expired(&mut self, now: Instant) -> usize {
+        let before = self.map.len();
+        self.map.retain(|_, e| now < e.expires());
+        self.derived = self
+            .map
+            .values()
+            .filter(|e| matches!(e, Entry::Ready(r) if r.derived))
+            .count();
+        before - self.map.len()
     }
 }
 
@@ -234,7 +271,7 @@ fn fits(value: &Value, budget: &mut usize) -> bool {
 /// The entries of one worker process.
 #[derive(Default)]
 pub(crate) struct ReadAhead {
-    entries: Mutex<HashMap<JobKey, Entry>>,
+    entries: Mutex<Held>,
     /// When expired entries were last dropped.
     pruned: Mutex<Option<Instant>>,
     loaded: Condvar,
@@ -272,16 +309,18 @@ impl ReadAhead {
     /// (not those already reserved, nor any beyond the capacity). Expired entries go.
     pub(super) fn reserve(&self, jobs: Vec<JobKey>) -> Vec<JobKey> {
         let now = Instant::now();
-        if self.lock().len() + MAX_PER_BATCH > CAPACITY || self.prune_due(now) {
+        if self.lock().loads() + MAX_PER_BATCH > CAPACITY || self.prune_due(now) {
             self.prune();
         }
         let mut entries = self.lock();
         let mut reserved = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if entries.len() >= CAPACITY || entries.contains_key(&job) {
+            if entries.loads() >= CAPACITY || entries.map.contains_key(&job) {
                 continue;
             }
-            entries.insert(job.clone(), Entry::Loading(now + LIFETIME));
+            entries
+                .map
+                .insert(job.clone(), Entry::Loading(now + LIFETIME));
             reserved.push(job);
         }
         reserved
@@ -295,9 +334,10 @@ impl ReadAhead {
         for (job, keys, snapshot) in loads {
             match snapshot {
                 Some(snapshot) => {
-                    if let Some(entry) = entries.get_mut(&job) {
+                    if let Some(entry @ Entry::Loading(_)) = entries.map.get_mut(&job) {
                         *entry = Entry::Ready(Ready {
                             at,
+                            derived: false,
                             expires: entry.expires(),
                             keys,
                             snapshot,
@@ -326,20 +366,22 @@ impl ReadAhead {
         let mut entries = self.lock();
         let mut stored = 0;
         for d in derived {
-            if entries.len() >= DERIVED_CAPACITY {
+            if entries.derived >= DERIVED_CAPACITY {
                 break;
             }
-            if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(d.job) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = entries.map.entry(d.job) {
                 let snapshot = RunSnapshot {
                     context: d.context,
                     status: Some(RunStatus::Running),
                 };
                 slot.insert(Entry::Ready(Ready {
                     at,
+                    derived: true,
                     expires: at + DERIVED_LIFETIME,
                     keys: d.keys,
                     snapshot,
                 }));
+                entries.derived += 1;
                 stored += 1;
             }
         }
@@ -355,7 +397,7 @@ impl ReadAhead {
         let deadline = Instant::now() + WAIT;
         let mut entries = self.lock();
         loop {
-            match entries.get(job) {
+            match entries.map.get(job) {
                 None => return None,
                 Some(Entry::Ready(_)) => {
                     let now = Instant::now();
@@ -407,7 +449,7 @@ impl ReadAhead {
         if self.prune_due(Instant::now()) {
             self.prune();
         }
-        !self.lock().is_empty()
+        !self.lock().map.is_empty()
     }
 
     /// Records the runs cancelled or failed lately, as listed (whole) by a query that began
@@ -462,10 +504,8 @@ impl ReadAhead {
     /// stop too).
     pub(super) fn prune(&self) {
         let now = Instant::now();
-        let mut entries = self.lock();
-        let before = entries.len();
-        entries.retain(|_, e| now < e.expires());
-        self.count_unused((before - entries.len()) as u64);
+        let dropped = self.lock().drop_expired(now);
+        self.count_unused(dropped as u64);
     }
 
     fn count_unused(&self, n: u64) {
@@ -483,7 +523,7 @@ impl ReadAhead {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -754,6 +794,42 @@ mod tests {
         p.reserve(vec![job("a")]);
         p.fill(vec![(job("a"), vec![], None)], Instant::now());
         assert!(p.take(&job("a")).is_none());
+    }
+
+    #[test]
+    fn derived_entries_leave_room_for_loads() {
+        let p = ReadAhead::default();
+        let derived = (0..2 * CAPACITY)
+            .map(|i| Derived {
+                job: job(&format!("d{i}")),
+                keys: vec![],
+                context: ContextMap::new(),
+            })
+            .collect();
+        p.put(derived, Instant::now());
+        assert_eq!(p.reserve(vec![job("a")]), vec![job("a")]);
+        // Loads have their own bound, derived entries theirs.
+        let loads: Vec<JobKey> = (0..2 * CAPACITY).map(|i| job(&format!("l{i}"))).collect();
+        assert_eq!(p.reserve(loads).len(), CAPACITY - 1);
+        let more = (0..DERIVED_CAPACITY)
+            .map(|i| Derived {
+                job: job(&format!("e{i}")),
+                keys: vec![],
+                context: ContextMap::new(),
+            })
+            .collect();
+        p.put(more, Instant::now());
+        assert_eq!(p.lock().map.len(), CAPACITY + DERIVED_CAPACITY);
+        // A derived entry taken makes room for one more, and not for a load.
+        assert!(p.take(&job("d0")).is_some());
+        assert!(p.reserve(vec![job("b")]).is_empty());
+        let one = vec![Derived {
+            job: job("e-last"),
+            keys: vec![],
+            context: ContextMap::new(),
+        }];
+        p.put(one, Instant::now());
+        assert!(p.take(&job("e-last")).is_some());
     }
 
     #[test]
