@@ -542,6 +542,83 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
     assert_eq!(history("lone").len(), 2);
 }
 
+/// A commit of keys no other commit writes (`new_keys`) inserts them, alone or batched, as
+/// any commit would write them; a copy of a committed execution is refused, and a commit
+/// that finds one of its keys there (or its output deleted) applies the usual way.
+#[test]
+fn a_commit_of_new_keys_writes_them_once_and_falls_back_when_one_is_there() {
+    use flowcraft_rabbitmq::store::Execution;
+    let env = TestEnv::new("new_keys");
+    let store = env.store();
+    let runs = ["alone", "usual", "b1", "b2", "b3", "there"];
+    for run in runs {
+        store.create_run(run, &ctx(json!({"kept": 2}))).unwrap();
+    }
+    let commit = |new_keys: bool, input: i64| {
+        let (mut commit, guard) = commit_of("n", json!({"v": 1}));
+        commit.set.insert("n".into(), json!({"v": 1}));
+        commit.set.insert("_inputs.m".into(), json!(input));
+        commit.execution = Some(Execution {
+            node_id: "n".into(),
+            attempt: 1,
+            started_ms: 1_000.0,
+            finished_ms: 1_500.0,
+            worker: "host:1".into(),
+        });
+        commit.new_keys = new_keys;
+        (commit, guard)
+    };
+    let history = |run: &str| store.history(run).unwrap().len();
+    let expected =
+        |input: i64| json!({"kept": 2, "n": {"v": 1}, "_outputs.n": {"v": 1}, "_inputs.m": input});
+    // Alone, and the usual way: the same rows, the same history.
+    let (c, g) = commit(true, 1);
+    assert!(store.commit_node("alone", c, g).unwrap());
+    let (c, g) = commit(false, 1);
+    assert!(store.commit_node("usual", c, g).unwrap());
+    assert_eq!(Value::Object(env.context("alone")), expected(1));
+    assert_eq!(env.context("alone"), env.context("usual"));
+    assert_eq!((history("alone"), history("usual")), (1, 1));
+    // Its copy is refused and records nothing.
+    let (c, g) = commit(true, 2);
+    assert!(!store.commit_node("alone", c, g).unwrap());
+    assert_eq!(Value::Object(env.context("alone")), expected(1));
+    assert_eq!(history("alone"), 1);
+
+    // Batched: two new commits, then two more with a copy of a committed one among them.
+    let of = |run: &str, input: i64| {
+        let (c, g) = commit(true, input);
+        (run.to_string(), c, g)
+    };
+    let applied = |results: Vec<Result<bool, StoreError>>| -> Vec<bool> {
+        results.into_iter().map(|r| r.unwrap()).collect()
+    };
+    let first = flowcraft_rabbitmq::testing::commit_nodes(&store, vec![of("b1", 1), of("b2", 1)]);
+    assert_eq!(applied(first), vec![true, true]);
+    let second = flowcraft_rabbitmq::testing::commit_nodes(&store, vec![of("b1", 3), of("b3", 1)]);
+    assert_eq!(applied(second), vec![false, true]);
+    for run in ["b1", "b2", "b3"] {
+        assert_eq!(Value::Object(env.context(run)), expected(1), "{run}");
+        assert_eq!(history(run), 1, "{run}");
+    }
+
+    // A key written before (the input, by someone else), then the output deleted: each time
+    // the commit applies, its writes winning.
+    store
+        .write_keys("there", vec![("_inputs.m".into(), Some(json!(0)))])
+        .unwrap();
+    let (c, g) = commit(true, 4);
+    assert!(store.commit_node("there", c, g).unwrap());
+    assert_eq!(Value::Object(env.context("there")), expected(4));
+    store
+        .write_keys("there", vec![("_outputs.n".into(), None)])
+        .unwrap();
+    let (c, g) = commit(true, 5);
+    assert!(store.commit_node("there", c, g).unwrap());
+    assert_eq!(Value::Object(env.context("there")), expected(5));
+    assert_eq!(history("there"), 2);
+}
+
 #[test]
 fn the_runs_cancelled_or_failed_lately_are_listed() {
     let env = TestEnv::new("stopped_runs");

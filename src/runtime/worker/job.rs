@@ -58,7 +58,9 @@ use crate::runtime::scheduling::{
 use crate::services::postgres::store::{CommitGuard, Execution, NodeCommit};
 use crate::services::rabbitmq::JobSink;
 use crate::services::redis::SuccessorReport;
-use crate::vocabulary::keys::{input_key, meta_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION};
+use crate::vocabulary::keys::{
+    input_key, meta_key, output_key, BLUEPRINT_ID, BLUEPRINT_VERSION, INPUTS_PREFIX,
+};
 
 use super::consumer::Outcome;
 use super::pause::{self, Prepared};
@@ -553,6 +555,8 @@ fn build_commit(
             commit.set_input(key, input.clone(), n.keeps_first_input(bp));
         }
     }
+    commit.new_keys =
+        !guard.repeats && fallback.is_none() && writes_only_its_own_keys(bp, node, &commit);
     // (Only a node that repeats counts its executions.)
     let over_limit = |n: &&scheduling::NextJob| {
         bp.node_index(&n.report.node)
@@ -586,6 +590,40 @@ fn build_commit(
         successors: next.into_iter().map(|n| n.report).collect(),
         derived,
     })))
+}
+
+/// Whether `commit`, of `node`, writes only keys no other commit of its run writes (see
+/// [`NodeCommit::new_keys`]): its output, its bare-id copy, and the inputs of successors
+/// that never repeat, stand in for no node and have `node` as their only predecessor — and
+/// deletes nothing, keeps nothing first and pauses nothing. (The caller tells whether the
+/// node itself runs once and stands in for no other node.)
+fn writes_only_its_own_keys(bp: &Blueprint, node: &RunNode, commit: &NodeCommit) -> bool {
+    if !commit.delete.is_empty() || !commit.set_if_absent.is_empty() || commit.awaiting.is_some() {
+        return false;
+    }
+    let id = node.def(bp).id.as_str();
+    let from = match node {
+        RunNode::Static(i) => Some(*i),
+        RunNode::Dynamic(_) => None,
+    };
+    let fed_by_it_alone = |key: &str| {
+        let target = key
+            .strip_prefix(INPUTS_PREFIX)
+            .and_then(|t| bp.node_index(t));
+        match (from, target) {
+            (Some(from), Some(t)) => {
+                t != from
+                    && !bp.may_repeat(t)
+                    && bp.forward_predecessors(t) == [from]
+                    && bp.fallback_of(t).is_empty()
+            }
+            _ => false,
+        }
+    };
+    commit
+        .set
+        .keys()
+        .all(|key| *key == output_key(id) || (from.is_some() && key == id) || fed_by_it_alone(key))
 }
 
 /// A redelivered job whose execution is committed: derive the successors again from the
@@ -718,4 +756,73 @@ fn record_failure(
             .record_failure(&job.run_id, job.iteration, execution, retried, message)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::blueprint::NodeDef;
+    use std::sync::Arc;
+
+    /// A chain `a → b`, a join `a, x → j`, a loop `a → l → l`, and `a → f`, where `f` is
+    /// also `x`'s fallback.
+    fn blueprint() -> Blueprint {
+        Blueprint::from_json(
+            r#"{"id":"d","nodes":[
+                {"id":"a","uses":"t"},{"id":"b","uses":"t"},
+                {"id":"x","uses":"t","config":{"fallback":"f"}},
+                {"id":"j","uses":"t"},{"id":"l","uses":"t"},{"id":"f","uses":"t"}],
+              "edges":[{"source":"a","target":"b"},{"source":"a","target":"j"},
+                {"source":"x","target":"j"},{"source":"a","target":"l"},
+                {"source":"l","target":"l"},{"source":"a","target":"f"}]}"#,
+        )
+        .expect("blueprint")
+    }
+
+    fn commit_setting(keys: &[&str]) -> NodeCommit {
+        let mut commit = NodeCommit::default();
+        for key in keys {
+            commit.set.insert(key.to_string(), json!(1));
+        }
+        commit
+    }
+
+    #[test]
+    fn only_a_commit_of_keys_no_other_commit_writes_inserts_them() {
+        let bp = blueprint();
+        let a = RunNode::Static(bp.node_index("a").expect("a"));
+        let own = |commit: &NodeCommit| writes_only_its_own_keys(&bp, &a, commit);
+        // Its output, its bare-id copy, the input of the successor it alone feeds.
+        assert!(own(&commit_setting(&["_outputs.a", "a", "_inputs.b"])));
+        // The input of a join, of a node that repeats, of another node's fallback.
+        for input in ["_inputs.j", "_inputs.l", "_inputs.f"] {
+            assert!(!own(&commit_setting(&["_outputs.a", input])), "{input}");
+        }
+        // A key of the node's own, another node's output, a deletion, a keep-first input, a
+        // pause.
+        assert!(!own(&commit_setting(&["_outputs.a", "total"])));
+        assert!(!own(&commit_setting(&["_outputs.a", "_outputs.b"])));
+        let mut deleting = commit_setting(&["_outputs.a"]);
+        deleting.delete.push("old".into());
+        assert!(!own(&deleting));
+        let mut keeping = commit_setting(&["_outputs.a"]);
+        keeping.set_if_absent.insert("_inputs.b".into(), json!(1));
+        assert!(!own(&keeping));
+        let mut pausing = commit_setting(&["_outputs.a"]);
+        pausing.awaiting = Some(("a".into(), json!({})));
+        assert!(!own(&pausing));
+        // A batch worker writes its output only.
+        let def: NodeDef = serde_json::from_value(json!({"id": "w_1", "uses": "t"})).expect("def");
+        let worker = RunNode::Dynamic(Arc::new(def));
+        assert!(writes_only_its_own_keys(
+            &bp,
+            &worker,
+            &commit_setting(&["_outputs.w_1"])
+        ));
+        assert!(!writes_only_its_own_keys(
+            &bp,
+            &worker,
+            &commit_setting(&["_outputs.w_1", "w_1"])
+        ));
+    }
 }

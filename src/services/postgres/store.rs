@@ -23,6 +23,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres::error::SqlState;
 use postgres::types::{Json, ToSql};
 use postgres::{Client, NoTls, Row, Statement};
 use r2d2::ManageConnection;
@@ -445,6 +446,13 @@ pub struct NodeCommit {
     pub awaiting: Option<(String, Value)>,
     /// The execution, recorded in the run's history with the commit.
     pub execution: Option<Execution>,
+    /// Whether every key the commit sets is new to the run unless this execution was
+    /// committed before — a node that runs once writing its output, its bare-id copy and
+    /// the inputs of successors it alone feeds, as its caller knows from the blueprint. The
+    /// store then writes them with plain inserts, cheaper than inserts that may update, and
+    /// if a key is there after all, it commits the usual way (the plain inserts wrote
+    /// nothing). A hint: `false` is always safe.
+    pub new_keys: bool,
 }
 
 /// One execution of a node, as the run's history records it.
@@ -590,6 +598,9 @@ struct CommitRequest {
     header_delete: Value,
     /// The history row of the execution, if it is recorded.
     execution: Option<Execution>,
+    /// Whether its rows are written with plain inserts first (see
+    /// [`NodeCommit::new_keys`]): a plain commit that sets its output and deletes nothing.
+    new_keys: bool,
 }
 
 impl NodeCommit {
@@ -614,6 +625,11 @@ impl NodeCommit {
         self.delete.retain(|k| !HEADER_KEYS.contains(&k.as_str()));
         (Value::Object(header_set), Value::from(header_delete))
     }
+}
+
+/// One parameter of a batch statement: a value of each commit, as an array.
+fn column<'a, T>(rows: &[&'a CommitRequest], f: impl Fn(&'a CommitRequest) -> T) -> Vec<T> {
+    rows.iter().map(|&r| f(r)).collect()
 }
 
 /// A row of a run's entries: (run, key).
@@ -679,6 +695,7 @@ impl CommitRequest {
             mut delete,
             awaiting,
             execution,
+            new_keys,
         } = commit;
         let (awaiting_id, awaiting_details) = match awaiting {
             Some((id, details)) => (Some(id), details),
@@ -710,7 +727,7 @@ impl CommitRequest {
         delete.dedup();
         set_if_absent.retain(|k, _| !set.contains_key(k) && !delete.contains(k));
         set_if_absent.remove(&guard_key);
-        CommitRequest {
+        let mut request = CommitRequest {
             run_id: run_id.to_string(),
             guard_key,
             delete: Value::from(delete),
@@ -729,7 +746,13 @@ impl CommitRequest {
             header_set,
             header_delete,
             execution,
-        }
+            new_keys: false,
+        };
+        request.new_keys = new_keys
+            && request.is_plain()
+            && request.guard_value.is_some()
+            && request.delete.as_array().is_some_and(|d| d.is_empty());
+        request
     }
 }
 
@@ -742,6 +765,11 @@ struct Statements {
     commit_plain: String,
     /// `commit_plain` for one commit, its values as plain parameters.
     commit_lone: String,
+    /// `commit_plain` for a batch of commits that only insert rows
+    /// ([`NodeCommit::new_keys`]).
+    commit_new: String,
+    /// `commit_new` for one commit, its values as plain parameters.
+    commit_new_lone: String,
     complete: String,
     fail: String,
     set_status: String,
@@ -850,15 +878,21 @@ impl RunStore {
                    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
                    RETURNING t.run_id, t.key)"
         );
-        // The execution's history row, with the commit it belongs to.
-        let history = format!(
-            "history AS (
+        // The execution's history row, with the commit it belongs to (a row of `from`,
+        // the execution ending as `outcome` says).
+        let history_of = |from: &str, outcome: &str| {
+            format!(
+                "history AS (
                    INSERT INTO {h} (run_id, node_id, iteration, attempt, outcome, started_at, finished_at, worker)
-                   SELECT ok.run_id, ok.h_node, ok.iteration, ok.h_attempt,
-                     CASE WHEN ok.awaiting_id IS NULL THEN 'completed' ELSE 'awaiting' END,
-                     to_timestamp(ok.h_started / 1000.0), to_timestamp(ok.h_finished / 1000.0), ok.h_worker
-                   FROM ok WHERE ok.h_node IS NOT NULL
+                   SELECT {from}.run_id, {from}.h_node, {from}.iteration, {from}.h_attempt, {outcome},
+                     to_timestamp({from}.h_started / 1000.0), to_timestamp({from}.h_finished / 1000.0), {from}.h_worker
+                   FROM {from} WHERE {from}.h_node IS NOT NULL
                    RETURNING 1)"
+            )
+        };
+        let history = history_of(
+            "ok",
+            "CASE WHEN ok.awaiting_id IS NULL THEN 'completed' ELSE 'awaiting' END",
         );
         // The keys the commits set or delete, `extra` rows (a pause's details), each written
         // as `value` says: the last commit's write of a key several commits write.
@@ -959,14 +993,19 @@ impl RunStore {
         // What a plain commit does once its guard row is written (`ok`): its keys, its
         // history row, and a touch of the status rows that `touched` selects (the SQL of a
         // `FROM ... WHERE` or `WHERE` clause over `st`, the status table).
-        let plain_writes = |touched: &str| {
+        let touch = |touched: &str| {
             format!(
-                "{w}, {history},
-                 s AS (
+                "s AS (
                    UPDATE {s} st SET updated_at = NOW()
                    {touched}
                      AND (st.updated_at IS NULL OR st.updated_at < NOW() - interval '1 second')
-                   RETURNING 1)",
+                   RETURNING 1)"
+            )
+        };
+        let plain_writes = |touched: &str| {
+            format!(
+                "{w}, {history}, {}",
+                touch(touched),
                 w = writes("", "EXCLUDED.value"),
             )
         };
@@ -992,6 +1031,42 @@ impl RunStore {
                  {}",
             // (Its one run by its key: no join to plan and start; about 13 µs of its 95.)
             plain_writes("WHERE st.run_id = $1::text AND EXISTS (SELECT 1 FROM ok)")
+        );
+        // Commits whose rows are all new ([`NodeCommit::new_keys`]), one row of `j` each: the
+        // guard's row and the keys set, by plain inserts. If a row is there (the execution
+        // committed by a copy, most often), the statement fails and writes nothing.
+        let new_ctes = |j: &str, touched: &str| {
+            format!(
+                "WITH j AS ({j}),
+                 w AS (
+                   INSERT INTO {e} (run_id, key, value)
+                   SELECT w.run_id, w.key, w.value FROM (
+                     SELECT j.run_id, j.guard_key AS key, j.guard_value AS value FROM j
+                     UNION ALL
+                     SELECT j.run_id, x.key, x.value FROM j, jsonb_each(j.sets) x) w
+                   ORDER BY w.run_id, w.key
+                   RETURNING 1),
+                 {}, {}",
+                history_of("j", "'completed'"),
+                touch(touched)
+            )
+        };
+        let new_columns = "run_id, guard_key, guard_value, sets, iteration, h_node, h_attempt, \
+                           h_started, h_finished, h_worker";
+        let new_batch = new_ctes(
+            &format!(
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::int[],
+                                      $6::text[], $7::int[], $8::float8[], $9::float8[], $10::text[])
+                   WITH ORDINALITY AS u({new_columns}, ord)"
+            ),
+            "FROM (SELECT DISTINCT j.run_id FROM j) c WHERE st.run_id = c.run_id",
+        );
+        let new_lone = new_ctes(
+            "SELECT $1::text AS run_id, $2::text AS guard_key, $3::jsonb AS guard_value,
+                    $4::jsonb AS sets, $5::int AS iteration, $6::text AS h_node, $7::int AS h_attempt,
+                    $8::float8 AS h_started, $9::float8 AS h_finished, $10::text AS h_worker,
+                    1::bigint AS ord",
+            "WHERE st.run_id = $1::text",
         );
         let resume_header = header_update(c, "", "$1", "$6::jsonb", "$7::jsonb");
         // The run's status as the commit statement saw it (before its own writes): what a
@@ -1031,6 +1106,11 @@ impl RunStore {
             // (A lone thread's, a chain's: a third fewer plan nodes to start.)
             commit_lone: format!(
                 "{lone_ctes} SELECT ok.ord, {} FROM ok",
+                status_seen("$1::text")
+            ),
+            commit_new: format!("{new_batch} SELECT j.ord, {} FROM j", status_seen("j.run_id")),
+            commit_new_lone: format!(
+                "{new_lone} SELECT j.ord, {} FROM j",
                 status_seen("$1::text")
             ),
             // Completes the runs $1 that are running and await nothing. (`r` is materialized
@@ -1432,9 +1512,6 @@ impl RunStore {
         // Sorted by run, so that concurrent batches lock rows in one order.
         let mut rows: Vec<&CommitRequest> = batch.iter().map(|r| r.borrow()).collect();
         rows.sort_by(|a, b| a.run_id.cmp(&b.run_id));
-        fn column<'a, T>(rows: &[&'a CommitRequest], f: impl Fn(&'a CommitRequest) -> T) -> Vec<T> {
-            rows.iter().map(|&r| f(r)).collect()
-        }
         // A pause decides from more than the row it locks (the node's output must be absent):
         // lock the runs' awaiting rows first, in a transaction, so that the commit statement
         // takes its snapshot after a concurrent resume of the node has committed.
@@ -1445,9 +1522,21 @@ impl RunStore {
             .collect();
         let plain = rows.iter().all(|r| r.is_plain());
         let mut conn = self.pool.get()?;
-        let returned = match rows[..] {
+        let inserted = if rows.iter().all(|r| r.new_keys) {
+            match self.insert_new_keys(&mut conn, &rows) {
+                Ok(returned) => Some(returned),
+                // A row was there after all (most often, a copy of the execution committed
+                // it): the statement wrote nothing, and the commits go the usual way.
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let returned = match (inserted, &rows[..]) {
+            (Some(returned), _) => returned,
             // One round trip: the statement is its own transaction.
-            [lone] if plain => {
+            (None, [lone]) if plain => {
                 let execution = lone.execution.as_ref();
                 conn.query_prepared(
                     &self.sql.commit_lone,
@@ -1466,7 +1555,7 @@ impl RunStore {
                     ],
                 )?
             }
-            _ => {
+            (None, _) => {
                 let params: &[&(dyn ToSql + Sync)] = &[
                     &column(&rows, |r| r.run_id.as_str()),
                     &column(&rows, |r| &r.delete),
@@ -1529,6 +1618,52 @@ impl RunStore {
                     .map(|(_, status)| *status))
             })
             .collect())
+    }
+
+    /// The statement of a batch of commits whose rows are all new ([`NodeCommit::new_keys`]):
+    /// plain inserts, which fail (and write nothing) if a row is there.
+    fn insert_new_keys(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[&CommitRequest],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        match rows {
+            [lone] => {
+                let x = lone.execution.as_ref();
+                conn.query_prepared(
+                    &self.sql.commit_new_lone,
+                    &[
+                        &lone.run_id,
+                        &lone.guard_key,
+                        &lone.guard_value,
+                        &lone.set,
+                        &lone.iteration,
+                        &x.map(|x| x.node_id.as_str()),
+                        &lone.attempt(),
+                        &x.map_or(0.0, |x| x.started_ms),
+                        &x.map_or(0.0, |x| x.finished_ms),
+                        &x.map(|x| x.worker.as_str()),
+                    ],
+                )
+            }
+            _ => conn.query_prepared(
+                &self.sql.commit_new,
+                &[
+                    &column(rows, |r| r.run_id.as_str()),
+                    &column(rows, |r| r.guard_key.as_str()),
+                    &column(rows, |r| r.guard_value.as_ref()),
+                    &column(rows, |r| &r.set),
+                    &column(rows, |r| r.iteration),
+                    &column(rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
+                    &column(rows, CommitRequest::attempt),
+                    &column(rows, |r| r.execution.as_ref().map_or(0.0, |x| x.started_ms)),
+                    &column(rows, |r| {
+                        r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
+                    }),
+                    &column(rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
+                ],
+            ),
+        }
     }
 
     /// Marks a running run `completed` with its final context, unless it awaits a node.
