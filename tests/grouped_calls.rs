@@ -542,22 +542,30 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
     assert_eq!(history("lone").len(), 2);
 }
 
-/// A commit of keys no other commit writes (`new_keys`) inserts them, alone or batched, as
-/// any commit would write them; a copy of a committed execution is refused, and a commit
-/// that finds one of its keys there (or its output deleted) applies the usual way.
+/// A plain commit inserts its guard's row and the keys no other commit writes (`new_keys`),
+/// alone or batched, and writes the rest as any commit: the same rows as the usual way. A
+/// copy of a committed execution is refused, and a commit that finds a row to insert there
+/// (a new key written before, its output deleted) applies the usual way.
 #[test]
-fn a_commit_of_new_keys_writes_them_once_and_falls_back_when_one_is_there() {
+fn a_commit_inserting_its_new_keys_writes_them_once_and_falls_back_when_one_is_there() {
     use flowcraft_rabbitmq::store::Execution;
     let env = TestEnv::new("new_keys");
     let store = env.store();
-    let runs = ["alone", "usual", "b1", "b2", "b3", "there"];
+    let runs = [
+        "alone", "usual", "b1", "b2", "b3", "there", "join", "chain1", "chain2", "chain3",
+    ];
     for run in runs {
-        store.create_run(run, &ctx(json!({"kept": 2}))).unwrap();
+        store
+            .create_run(run, &ctx(json!({"kept": 2, "gone": 3})))
+            .unwrap();
     }
     let commit = |new_keys: bool, input: i64| {
         let (mut commit, guard) = commit_of("n", json!({"v": 1}));
         commit.set.insert("n".into(), json!({"v": 1}));
         commit.set.insert("_inputs.m".into(), json!(input));
+        // A key another commit may write too, and a deletion.
+        commit.set.insert("total".into(), json!(input));
+        commit.delete.push("gone".into());
         commit.execution = Some(Execution {
             node_id: "n".into(),
             attempt: 1,
@@ -565,12 +573,13 @@ fn a_commit_of_new_keys_writes_them_once_and_falls_back_when_one_is_there() {
             finished_ms: 1_500.0,
             worker: "host:1".into(),
         });
-        commit.new_keys = new_keys;
+        if new_keys {
+            commit.new_keys = vec!["n".into(), "_inputs.m".into()];
+        }
         (commit, guard)
     };
     let history = |run: &str| store.history(run).unwrap().len();
-    let expected =
-        |input: i64| json!({"kept": 2, "n": {"v": 1}, "_outputs.n": {"v": 1}, "_inputs.m": input});
+    let expected = |input: i64| json!({"kept": 2, "n": {"v": 1}, "_outputs.n": {"v": 1}, "_inputs.m": input, "total": input});
     // Alone, and the usual way: the same rows, the same history.
     let (c, g) = commit(true, 1);
     assert!(store.commit_node("alone", c, g).unwrap());
@@ -617,6 +626,44 @@ fn a_commit_of_new_keys_writes_them_once_and_falls_back_when_one_is_there() {
     assert!(store.commit_node("there", c, g).unwrap());
     assert_eq!(Value::Object(env.context("there")), expected(5));
     assert_eq!(history("there"), 2);
+
+    // Two commits of one run in one statement, setting one key: the last one's write kept.
+    let joined = |node: &str, input: i64| {
+        let (mut c, g) = commit_of(node, json!(input));
+        c.set.insert("_inputs.j".into(), json!(input));
+        ("join".to_string(), c, g)
+    };
+    let both =
+        flowcraft_rabbitmq::testing::commit_nodes(&store, vec![joined("p", 1), joined("q", 2)]);
+    assert_eq!(applied(both), vec![true, true]);
+    let context = env.context("join");
+    assert_eq!(context.get("_inputs.j"), Some(&json!(2)));
+    assert_eq!(context.get("_outputs.p"), Some(&json!(1)));
+
+    // Commits of new keys only (a chain's), alone and batched.
+    let chained = |run: &str| {
+        let (mut c, g) = commit_of("n", json!(7));
+        c.set.insert("n".into(), json!(7));
+        c.set.insert("_inputs.m".into(), json!(7));
+        c.new_keys = vec!["n".into(), "_inputs.m".into()];
+        (run.to_string(), c, g)
+    };
+    let (_, c, g) = chained("chain1");
+    assert!(store.commit_node("chain1", c, g).unwrap());
+    let batched = flowcraft_rabbitmq::testing::commit_nodes(
+        &store,
+        vec![chained("chain2"), chained("chain3")],
+    );
+    assert_eq!(applied(batched), vec![true, true]);
+    for run in ["chain1", "chain2", "chain3"] {
+        assert_eq!(
+            Value::Object(env.context(run)),
+            json!({"kept": 2, "gone": 3, "n": 7, "_outputs.n": 7, "_inputs.m": 7}),
+            "{run}"
+        );
+    }
+    let (_, c, g) = chained("chain1");
+    assert!(!store.commit_node("chain1", c, g).unwrap());
 }
 
 #[test]

@@ -555,8 +555,9 @@ fn build_commit(
             commit.set_input(key, input.clone(), n.keeps_first_input(bp));
         }
     }
-    commit.new_keys =
-        !guard.repeats && fallback.is_none() && writes_only_its_own_keys(bp, node, &commit);
+    if !guard.repeats && fallback.is_none() {
+        commit.new_keys = keys_only_it_writes(bp, node, &commit);
+    }
     // (Only a node that repeats counts its executions.)
     let over_limit = |n: &&scheduling::NextJob| {
         bp.node_index(&n.report.node)
@@ -592,38 +593,34 @@ fn build_commit(
     })))
 }
 
-/// Whether `commit`, of `node`, writes only keys no other commit of its run writes (see
-/// [`NodeCommit::new_keys`]): its output, its bare-id copy, and the inputs of successors
-/// that never repeat, stand in for no node and have `node` as their only predecessor — and
-/// deletes nothing, keeps nothing first and pauses nothing. (The caller tells whether the
-/// node itself runs once and stands in for no other node.)
-fn writes_only_its_own_keys(bp: &Blueprint, node: &RunNode, commit: &NodeCommit) -> bool {
-    if !commit.delete.is_empty() || !commit.set_if_absent.is_empty() || commit.awaiting.is_some() {
-        return false;
-    }
-    let id = node.def(bp).id.as_str();
-    let from = match node {
-        RunNode::Static(i) => Some(*i),
-        RunNode::Dynamic(_) => None,
+/// The keys `commit`, of `node`, sets that no other commit of its run writes (see
+/// [`NodeCommit::new_keys`]): its bare-id copy, and the inputs of successors that never
+/// repeat, stand in for no node and have `node` as their only predecessor. (The caller
+/// tells whether the node itself runs once and stands in for no other node; its output is
+/// the guard's row.)
+fn keys_only_it_writes(bp: &Blueprint, node: &RunNode, commit: &NodeCommit) -> Vec<String> {
+    let RunNode::Static(from) = *node else {
+        // (A batch worker writes its output only.)
+        return Vec::new();
     };
+    let id = bp.node(from).id.as_str();
     let fed_by_it_alone = |key: &str| {
         let target = key
             .strip_prefix(INPUTS_PREFIX)
             .and_then(|t| bp.node_index(t));
-        match (from, target) {
-            (Some(from), Some(t)) => {
-                t != from
-                    && !bp.may_repeat(t)
-                    && bp.forward_predecessors(t) == [from]
-                    && bp.fallback_of(t).is_empty()
-            }
-            _ => false,
-        }
+        target.is_some_and(|t| {
+            t != from
+                && !bp.may_repeat(t)
+                && bp.forward_predecessors(t) == [from]
+                && bp.fallback_of(t).is_empty()
+        })
     };
     commit
         .set
         .keys()
-        .all(|key| *key == output_key(id) || (from.is_some() && key == id) || fed_by_it_alone(key))
+        .filter(|key| key.as_str() == id || fed_by_it_alone(key))
+        .cloned()
+        .collect()
 }
 
 /// A redelivered job whose execution is committed: derive the successors again from the
@@ -788,41 +785,29 @@ mod tests {
     }
 
     #[test]
-    fn only_a_commit_of_keys_no_other_commit_writes_inserts_them() {
+    fn the_keys_only_a_commit_writes_are_its_bare_copy_and_inputs_it_alone_feeds() {
         let bp = blueprint();
         let a = RunNode::Static(bp.node_index("a").expect("a"));
-        let own = |commit: &NodeCommit| writes_only_its_own_keys(&bp, &a, commit);
-        // Its output, its bare-id copy, the input of the successor it alone feeds.
-        assert!(own(&commit_setting(&["_outputs.a", "a", "_inputs.b"])));
-        // The input of a join, of a node that repeats, of another node's fallback.
-        for input in ["_inputs.j", "_inputs.l", "_inputs.f"] {
-            assert!(!own(&commit_setting(&["_outputs.a", input])), "{input}");
-        }
-        // A key of the node's own, another node's output, a deletion, a keep-first input, a
-        // pause.
-        assert!(!own(&commit_setting(&["_outputs.a", "total"])));
-        assert!(!own(&commit_setting(&["_outputs.a", "_outputs.b"])));
-        let mut deleting = commit_setting(&["_outputs.a"]);
-        deleting.delete.push("old".into());
-        assert!(!own(&deleting));
-        let mut keeping = commit_setting(&["_outputs.a"]);
-        keeping.set_if_absent.insert("_inputs.b".into(), json!(1));
-        assert!(!own(&keeping));
-        let mut pausing = commit_setting(&["_outputs.a"]);
-        pausing.awaiting = Some(("a".into(), json!({})));
-        assert!(!own(&pausing));
+        let keys = [
+            "_outputs.a",
+            "a",
+            "_inputs.b",
+            // The input of a join, of a node that repeats, of another node's fallback.
+            "_inputs.j",
+            "_inputs.l",
+            "_inputs.f",
+            // A key of the node's own, another node's output and bare key.
+            "total",
+            "_outputs.b",
+            "b",
+        ];
+        let mut new_keys = keys_only_it_writes(&bp, &a, &commit_setting(&keys));
+        new_keys.sort();
+        assert_eq!(new_keys, vec!["_inputs.b".to_string(), "a".to_string()]);
         // A batch worker writes its output only.
         let def: NodeDef = serde_json::from_value(json!({"id": "w_1", "uses": "t"})).expect("def");
         let worker = RunNode::Dynamic(Arc::new(def));
-        assert!(writes_only_its_own_keys(
-            &bp,
-            &worker,
-            &commit_setting(&["_outputs.w_1"])
-        ));
-        assert!(!writes_only_its_own_keys(
-            &bp,
-            &worker,
-            &commit_setting(&["_outputs.w_1", "w_1"])
-        ));
+        let commit = commit_setting(&["_outputs.w_1", "w_1", "_inputs.b"]);
+        assert!(keys_only_it_writes(&bp, &worker, &commit).is_empty());
     }
 }

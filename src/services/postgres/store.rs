@@ -446,13 +446,13 @@ pub struct NodeCommit {
     pub awaiting: Option<(String, Value)>,
     /// The execution, recorded in the run's history with the commit.
     pub execution: Option<Execution>,
-    /// Whether every key the commit sets is new to the run unless this execution was
-    /// committed before — a node that runs once writing its output, its bare-id copy and
-    /// the inputs of successors it alone feeds, as its caller knows from the blueprint. The
-    /// store then writes them with plain inserts, cheaper than inserts that may update, and
-    /// if a key is there after all, it commits the usual way (the plain inserts wrote
-    /// nothing). A hint: `false` is always safe.
-    pub new_keys: bool,
+    /// The keys of `set` no other commit of the run writes, so that their rows exist only
+    /// if this execution was committed before — a node's bare-id copy, the inputs of
+    /// successors it alone feeds — as the caller knows from the blueprint. A plain commit of
+    /// a node that runs once inserts them with its guard's row, by plain inserts (cheaper
+    /// than inserts that may update); if one is there after all, it commits the usual way
+    /// (the plain inserts wrote nothing). A hint: leaving a key out is always safe.
+    pub new_keys: Vec<String>,
 }
 
 /// One execution of a node, as the run's history records it.
@@ -598,9 +598,9 @@ struct CommitRequest {
     header_delete: Value,
     /// The history row of the execution, if it is recorded.
     execution: Option<Execution>,
-    /// Whether its rows are written with plain inserts first (see
-    /// [`NodeCommit::new_keys`]): a plain commit that sets its output and deletes nothing.
-    new_keys: bool,
+    /// The keys of `set` inserted with the guard's row where it is inserted (see
+    /// [`NodeCommit::new_keys`] and [`inserts_guard`](Self::inserts_guard)).
+    new_keys: Vec<String>,
 }
 
 impl NodeCommit {
@@ -664,9 +664,15 @@ impl CommitRequest {
         if let Value::Object(map) = &self.set_if_absent {
             rows.extend(map.keys().map(|k| (run, k.as_str())));
         }
+        // (A new key is inserted: no other commit of the statement may write it.)
+        rows.extend(self.new_keys.iter().map(|k| (run, k.as_str())));
         let mut shared = Vec::new();
         if let Value::Object(map) = &self.set {
-            shared.extend(map.keys().map(|k| (run, k.as_str())));
+            shared.extend(
+                map.keys()
+                    .filter(|k| !self.new_keys.contains(k))
+                    .map(|k| (run, k.as_str())),
+            );
         }
         if let Value::Array(keys) = &self.delete {
             shared.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
@@ -746,13 +752,41 @@ impl CommitRequest {
             header_set,
             header_delete,
             execution,
-            new_keys: false,
+            new_keys: Vec::new(),
         };
-        request.new_keys = new_keys
-            && request.is_plain()
-            && request.guard_value.is_some()
-            && request.delete.as_array().is_some_and(|d| d.is_empty());
+        if let Value::Object(set) = &request.set {
+            request.new_keys = new_keys
+                .into_iter()
+                .filter(|k| set.contains_key(k))
+                .collect();
+        }
         request
+    }
+
+    /// Whether the commit's guard row is inserted, by a plain insert, with its new keys: a
+    /// plain commit of a node that runs once, with an output. (Its row exists only if the
+    /// execution was committed before — or if the output was deleted since: then the plain
+    /// insert fails, and the commit goes the usual way.)
+    fn inserts_guard(&self) -> bool {
+        self.is_plain() && self.guard_value.is_some()
+    }
+
+    /// Its sets split for [`inserts_guard`](Self::inserts_guard): the new keys (inserted)
+    /// and the others (set as usual).
+    fn split_sets(&self) -> (Value, Value) {
+        let mut inserts = Map::new();
+        let mut sets = Map::new();
+        if let Value::Object(set) = &self.set {
+            for (key, value) in set {
+                let to = if self.new_keys.contains(key) {
+                    &mut inserts
+                } else {
+                    &mut sets
+                };
+                to.insert(key.clone(), value.clone());
+            }
+        }
+        (Value::Object(inserts), Value::Object(sets))
     }
 }
 
@@ -765,11 +799,12 @@ struct Statements {
     commit_plain: String,
     /// `commit_plain` for one commit, its values as plain parameters.
     commit_lone: String,
-    /// `commit_plain` for a batch of commits that only insert rows
-    /// ([`NodeCommit::new_keys`]).
-    commit_new: String,
-    /// `commit_new` for one commit, its values as plain parameters.
-    commit_new_lone: String,
+    /// `commit_plain` for a batch of commits whose guard rows are inserted
+    /// ([`CommitRequest::inserts_guard`]): without, then with, keys set or deleted but
+    /// for the new ones.
+    commit_insert: [String; 2],
+    /// `commit_insert` for one commit, its values as plain parameters.
+    commit_insert_lone: [String; 2],
     complete: String,
     fail: String,
     set_status: String,
@@ -896,14 +931,14 @@ impl RunStore {
         );
         // The keys the commits set or delete, `extra` rows (a pause's details), each written
         // as `value` says: the last commit's write of a key several commits write.
-        let writes = |extra: &str, value: &str| {
+        let writes = |from: &str, extra: &str, value: &str| {
             format!(
                 "w AS (
                    INSERT INTO {e} AS t (run_id, key, value)
                    SELECT DISTINCT ON (w.run_id, w.key) w.run_id, w.key, w.value FROM (
-                     SELECT ok.run_id, x.key, x.value, ok.ord FROM ok, jsonb_each(ok.sets) x
+                     SELECT ok.run_id, x.key, x.value, ok.ord FROM {from} ok, jsonb_each(ok.sets) x
                      UNION ALL
-                     SELECT ok.run_id, d.key, NULL, ok.ord FROM ok, jsonb_array_elements_text(ok.del) AS d(key)
+                     SELECT ok.run_id, d.key, NULL, ok.ord FROM {from} ok, jsonb_array_elements_text(ok.del) AS d(key)
                      {extra}) w
                    ORDER BY w.run_id, w.key, w.ord DESC
                    ON CONFLICT (run_id, key) DO UPDATE SET value = {value}
@@ -911,6 +946,7 @@ impl RunStore {
             )
         };
         let w = writes(
+            "ok",
             &format!(
                 "UNION ALL
                  SELECT ok.run_id, '{AWAITING_DETAILS}', jsonb_build_object(ok.awaiting_id, ok.awaiting_details), ok.ord
@@ -1006,7 +1042,7 @@ impl RunStore {
             format!(
                 "{w}, {history}, {}",
                 touch(touched),
-                w = writes("", "EXCLUDED.value"),
+                w = writes("ok", "", "EXCLUDED.value"),
             )
         };
         let plain_ctes = format!(
@@ -1032,42 +1068,55 @@ impl RunStore {
             // (Its one run by its key: no join to plan and start; about 13 µs of its 95.)
             plain_writes("WHERE st.run_id = $1::text AND EXISTS (SELECT 1 FROM ok)")
         );
-        // Commits whose rows are all new ([`NodeCommit::new_keys`]), one row of `j` each: the
-        // guard's row and the keys set, by plain inserts. If a row is there (the execution
-        // committed by a copy, most often), the statement fails and writes nothing.
-        let new_ctes = |j: &str, touched: &str| {
+        // Plain commits whose guard row is inserted, one row of `j` each
+        // ([`CommitRequest::inserts_guard`]): the guard's row and the keys no other commit
+        // writes ([`NodeCommit::new_keys`], `inserts`) by plain inserts, the other keys set or
+        // deleted as any commit's (`w`: left out where no commit has any, as in a chain,
+        // since even empty it costs a tenth of the statement). If a row to insert is there
+        // (the execution committed by a copy, most often), the statement fails and writes
+        // nothing.
+        let insert_ctes = |j: &str, touched: &str, others: bool| {
+            let w = if others {
+                format!("{}, ", writes("j", "", "EXCLUDED.value"))
+            } else {
+                String::new()
+            };
             format!(
                 "WITH j AS ({j}),
-                 w AS (
+                 n AS (
                    INSERT INTO {e} (run_id, key, value)
-                   SELECT w.run_id, w.key, w.value FROM (
+                   SELECT n.run_id, n.key, n.value FROM (
                      SELECT j.run_id, j.guard_key AS key, j.guard_value AS value FROM j
                      UNION ALL
-                     SELECT j.run_id, x.key, x.value FROM j, jsonb_each(j.sets) x) w
-                   ORDER BY w.run_id, w.key
+                     SELECT j.run_id, x.key, x.value FROM j, jsonb_each(j.inserts) x) n
+                   ORDER BY n.run_id, n.key
                    RETURNING 1),
-                 {}, {}",
+                 {w}{}, {}",
                 history_of("j", "'completed'"),
                 touch(touched)
             )
         };
-        let new_columns = "run_id, guard_key, guard_value, sets, iteration, h_node, h_attempt, \
-                           h_started, h_finished, h_worker";
-        let new_batch = new_ctes(
-            &format!(
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::int[],
-                                      $6::text[], $7::int[], $8::float8[], $9::float8[], $10::text[])
-                   WITH ORDINALITY AS u({new_columns}, ord)"
-            ),
+        let insert_batch = |others| {
+            insert_ctes(
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::jsonb[],
+                                  $6::jsonb[], $7::int[], $8::text[], $9::int[], $10::float8[],
+                                  $11::float8[], $12::text[])
+               WITH ORDINALITY AS u(run_id, guard_key, guard_value, inserts, sets, del, iteration,
+                                    h_node, h_attempt, h_started, h_finished, h_worker, ord)",
             "FROM (SELECT DISTINCT j.run_id FROM j) c WHERE st.run_id = c.run_id",
-        );
-        let new_lone = new_ctes(
-            "SELECT $1::text AS run_id, $2::text AS guard_key, $3::jsonb AS guard_value,
-                    $4::jsonb AS sets, $5::int AS iteration, $6::text AS h_node, $7::int AS h_attempt,
-                    $8::float8 AS h_started, $9::float8 AS h_finished, $10::text AS h_worker,
-                    1::bigint AS ord",
-            "WHERE st.run_id = $1::text",
-        );
+            others,
+            )
+        };
+        let insert_lone = |others| {
+            insert_ctes(
+                "SELECT $1::text AS run_id, $2::text AS guard_key, $3::jsonb AS guard_value,
+                    $4::jsonb AS inserts, $5::jsonb AS sets, $6::jsonb AS del, $7::int AS iteration,
+                    $8::text AS h_node, $9::int AS h_attempt, $10::float8 AS h_started,
+                    $11::float8 AS h_finished, $12::text AS h_worker, 1::bigint AS ord",
+                "WHERE st.run_id = $1::text",
+                others,
+            )
+        };
         let resume_header = header_update(c, "", "$1", "$6::jsonb", "$7::jsonb");
         // The run's status as the commit statement saw it (before its own writes): what a
         // successor's job would load right after the commit (see `Applied`).
@@ -1108,11 +1157,20 @@ impl RunStore {
                 "{lone_ctes} SELECT ok.ord, {} FROM ok",
                 status_seen("$1::text")
             ),
-            commit_new: format!("{new_batch} SELECT j.ord, {} FROM j", status_seen("j.run_id")),
-            commit_new_lone: format!(
-                "{new_lone} SELECT j.ord, {} FROM j",
-                status_seen("$1::text")
-            ),
+            commit_insert: [false, true].map(|others| {
+                format!(
+                    "{} SELECT j.ord, {} FROM j",
+                    insert_batch(others),
+                    status_seen("j.run_id")
+                )
+            }),
+            commit_insert_lone: [false, true].map(|others| {
+                format!(
+                    "{} SELECT j.ord, {} FROM j",
+                    insert_lone(others),
+                    status_seen("$1::text")
+                )
+            }),
             // Completes the runs $1 that are running and await nothing. (`r` is materialized
             // so that each context is assembled once, not once per use.)
             complete: format!(
@@ -1522,8 +1580,8 @@ impl RunStore {
             .collect();
         let plain = rows.iter().all(|r| r.is_plain());
         let mut conn = self.pool.get()?;
-        let inserted = if rows.iter().all(|r| r.new_keys) {
-            match self.insert_new_keys(&mut conn, &rows) {
+        let inserted = if rows.iter().all(|r| r.inserts_guard()) {
+            match self.insert_guarded(&mut conn, &rows) {
                 Ok(returned) => Some(returned),
                 // A row was there after all (most often, a copy of the execution committed
                 // it): the statement wrote nothing, and the commits go the usual way.
@@ -1620,23 +1678,34 @@ impl RunStore {
             .collect())
     }
 
-    /// The statement of a batch of commits whose rows are all new ([`NodeCommit::new_keys`]):
-    /// plain inserts, which fail (and write nothing) if a row is there.
-    fn insert_new_keys(
+    /// The statement of a batch of commits whose guard rows are inserted
+    /// ([`CommitRequest::inserts_guard`]), which fails (and writes nothing) if a row to insert
+    /// is there.
+    fn insert_guarded(
         &self,
         conn: &mut PgConnection,
         rows: &[&CommitRequest],
     ) -> Result<Vec<Row>, postgres::Error> {
+        let (inserts, sets): (Vec<Value>, Vec<Value>) = rows.iter().map(|r| r.split_sets()).unzip();
+        let empty = |v: &Value| v.as_object().is_some_and(|m| m.is_empty());
+        let others = usize::from(
+            !sets.iter().all(empty)
+                || rows
+                    .iter()
+                    .any(|r| r.delete.as_array().is_some_and(|d| !d.is_empty())),
+        );
         match rows {
             [lone] => {
                 let x = lone.execution.as_ref();
                 conn.query_prepared(
-                    &self.sql.commit_new_lone,
+                    &self.sql.commit_insert_lone[others],
                     &[
                         &lone.run_id,
                         &lone.guard_key,
                         &lone.guard_value,
-                        &lone.set,
+                        &inserts[0],
+                        &sets[0],
+                        &lone.delete,
                         &lone.iteration,
                         &x.map(|x| x.node_id.as_str()),
                         &lone.attempt(),
@@ -1647,12 +1716,14 @@ impl RunStore {
                 )
             }
             _ => conn.query_prepared(
-                &self.sql.commit_new,
+                &self.sql.commit_insert[others],
                 &[
                     &column(rows, |r| r.run_id.as_str()),
                     &column(rows, |r| r.guard_key.as_str()),
                     &column(rows, |r| r.guard_value.as_ref()),
-                    &column(rows, |r| &r.set),
+                    &inserts,
+                    &sets,
+                    &column(rows, |r| &r.delete),
                     &column(rows, |r| r.iteration),
                     &column(rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
                     &column(rows, CommitRequest::attempt),
