@@ -1026,9 +1026,8 @@ impl RunStore {
         );
         // The common commit, with none of the above but outputs, inputs and deletions: the
         // same parameters, a statement PostgreSQL plans and starts in about half the time.
-        // What a plain commit does once its guard row is written (`ok`): its keys, its
-        // history row, and a touch of the status rows that `touched` selects (the SQL of a
-        // `FROM ... WHERE` or `WHERE` clause over `st`, the status table).
+        // A touch of the status rows that `touched` selects (the SQL of a `FROM ... WHERE` or
+        // `WHERE` clause over `st`, the status table).
         let touch = |touched: &str| {
             format!(
                 "s AS (
@@ -1038,6 +1037,8 @@ impl RunStore {
                    RETURNING 1)"
             )
         };
+        // What a plain commit does once its guard row is written (`ok`): its keys, its
+        // history row, and a touch of its run's status row.
         let plain_writes = |touched: &str| {
             format!(
                 "{w}, {history}, {}",
@@ -1098,13 +1099,13 @@ impl RunStore {
         };
         let insert_batch = |others| {
             insert_ctes(
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::jsonb[],
-                                  $6::jsonb[], $7::int[], $8::text[], $9::int[], $10::float8[],
-                                  $11::float8[], $12::text[])
-               WITH ORDINALITY AS u(run_id, guard_key, guard_value, inserts, sets, del, iteration,
-                                    h_node, h_attempt, h_started, h_finished, h_worker, ord)",
-            "FROM (SELECT DISTINCT j.run_id FROM j) c WHERE st.run_id = c.run_id",
-            others,
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::jsonb[],
+                                      $6::jsonb[], $7::int[], $8::text[], $9::int[], $10::float8[],
+                                      $11::float8[], $12::text[])
+                   WITH ORDINALITY AS u(run_id, guard_key, guard_value, inserts, sets, del, iteration,
+                                        h_node, h_attempt, h_started, h_finished, h_worker, ord)",
+                "FROM (SELECT DISTINCT j.run_id FROM j) c WHERE st.run_id = c.run_id",
+                others,
             )
         };
         let insert_lone = |others| {
