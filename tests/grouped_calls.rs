@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier};
 use common::*;
 use flowcraft_rabbitmq::coordination::{JoinRule, SuccessorReport};
 use flowcraft_rabbitmq::node::ContextMap;
-use flowcraft_rabbitmq::store::{NodeCommit, StoreError};
+use flowcraft_rabbitmq::store::{CommitGuard, Execution, NodeCommit, StoreError};
 use flowcraft_rabbitmq::RedisCoordinationStore;
 use serde_json::{json, Value};
 
@@ -434,12 +434,28 @@ fn a_resume_writes_header_keys_where_jobs_read_them() {
     assert!(!whole.contains_key("x"));
 }
 
+/// Node `n`'s commit: output `{"v": 1}` and its bare-id copy, `input` for its successor `m`,
+/// key `gone` deleted, and a history row of attempt `attempt`.
+fn executed_commit(input: Value, attempt: u32) -> (NodeCommit, CommitGuard) {
+    let (mut commit, guard) = commit_of("n", json!({"v": 1}));
+    commit.set.insert("n".into(), json!({"v": 1}));
+    commit.set.insert("_inputs.m".into(), input);
+    commit.delete.push("gone".into());
+    commit.execution = Some(Execution {
+        node_id: "n".into(),
+        attempt,
+        started_ms: 1_000.0,
+        finished_ms: 1_500.0,
+        worker: "host:1".into(),
+    });
+    (commit, guard)
+}
+
 /// A lone plain commit runs a statement of its own: it writes what the batched statement
 /// writes (the output, the sets and deletions, the history row), applies once, and applies
 /// again once its output was deleted, as the batched one does.
 #[test]
 fn a_lone_commit_writes_what_a_batched_one_writes() {
-    use flowcraft_rabbitmq::store::Execution;
     let env = TestEnv::new("lone_commit");
     let store = env.store();
     for run in ["lone", "b1", "b2"] {
@@ -447,20 +463,7 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
             .create_run(run, &ctx(json!({"gone": 1, "kept": 2})))
             .unwrap();
     }
-    let commit = || {
-        let (mut commit, guard) = commit_of("n", json!({"v": 1}));
-        commit.set.insert("n".into(), json!({"v": 1}));
-        commit.set.insert("_inputs.m".into(), json!({"v": 1}));
-        commit.delete.push("gone".into());
-        commit.execution = Some(Execution {
-            node_id: "n".into(),
-            attempt: 2,
-            started_ms: 1_000.0,
-            finished_ms: 1_500.0,
-            worker: "host:1".into(),
-        });
-        (commit, guard)
-    };
+    let commit = || executed_commit(json!({"v": 1}), 2);
     let history = |run: &str| -> Vec<(String, u32, u32, String, String)> {
         store
             .history(run)
@@ -548,11 +551,11 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
 /// (a new key written before, its output deleted) applies the usual way.
 #[test]
 fn a_commit_inserting_its_new_keys_writes_them_once_and_falls_back_when_one_is_there() {
-    use flowcraft_rabbitmq::store::Execution;
     let env = TestEnv::new("new_keys");
     let store = env.store();
     let runs = [
         "alone", "usual", "b1", "b2", "b3", "there", "join", "chain1", "chain2", "chain3",
+        "deleting",
     ];
     for run in runs {
         store
@@ -560,19 +563,9 @@ fn a_commit_inserting_its_new_keys_writes_them_once_and_falls_back_when_one_is_t
             .unwrap();
     }
     let commit = |new_keys: bool, input: i64| {
-        let (mut commit, guard) = commit_of("n", json!({"v": 1}));
-        commit.set.insert("n".into(), json!({"v": 1}));
-        commit.set.insert("_inputs.m".into(), json!(input));
-        // A key another commit may write too, and a deletion.
+        let (mut commit, guard) = executed_commit(json!(input), 1);
+        // A key another commit may write too.
         commit.set.insert("total".into(), json!(input));
-        commit.delete.push("gone".into());
-        commit.execution = Some(Execution {
-            node_id: "n".into(),
-            attempt: 1,
-            started_ms: 1_000.0,
-            finished_ms: 1_500.0,
-            worker: "host:1".into(),
-        });
         if new_keys {
             commit.new_keys = vec!["n".into(), "_inputs.m".into()];
         }
@@ -664,6 +657,80 @@ fn a_commit_inserting_its_new_keys_writes_them_once_and_falls_back_when_one_is_t
     }
     let (_, c, g) = chained("chain1");
     assert!(!store.commit_node("chain1", c, g).unwrap());
+    // New keys and a deletion, no other key.
+    let (_, mut c, g) = chained("deleting");
+    c.delete.push("gone".into());
+    assert!(store.commit_node("deleting", c, g).unwrap());
+    assert_eq!(
+        Value::Object(env.context("deleting")),
+        json!({"kept": 2, "n": 7, "_outputs.n": 7, "_inputs.m": 7})
+    );
+}
+
+/// A copy of a job committing the usual way holds its guard row while the other copy's
+/// insert statement comes: that one waits on the guard row — it locks no other row first —
+/// so the first copy goes on writing its other rows (here: the successor's input and the
+/// status row's touch), and the second, once the first commits, is refused. Locking the
+/// input, or the status row, first deadlocked.
+#[test]
+fn a_copy_inserting_its_guard_waits_on_the_guard_row_of_a_copy_committing_the_usual_way() {
+    let env = TestEnv::new("insert_order");
+    let store = env.store();
+    store.create_run("r", &ctx(json!({}))).unwrap();
+    let entries = env.tables.entries();
+    // The status row untouched for long: each copy touches it.
+    let statuses = env.tables.statuses.clone();
+    let touch = format!("UPDATE {statuses} SET updated_at = NOW() WHERE run_id = 'r'");
+    env.pg
+        .get()
+        .unwrap()
+        .execute(
+            &format!("UPDATE {statuses} SET updated_at = NOW() - interval '1 hour'"),
+            &[],
+        )
+        .unwrap();
+    // The first copy, by hand: its guard row written, its transaction open.
+    let mut first = env.pg.get().unwrap();
+    let mut tx = first.transaction().unwrap();
+    let insert = format!("INSERT INTO {entries} (run_id, key, value) VALUES ('r', $1, $2)");
+    tx.execute(&insert, &[&"_outputs.n", &json!({"v": 1})])
+        .unwrap();
+    let second = std::thread::scope(|scope| {
+        let copy = scope.spawn(|| {
+            let (mut c, g) = commit_of("n", json!({"v": 1}));
+            c.set.insert("n".into(), json!({"v": 1}));
+            c.set.insert("_inputs.m".into(), json!({"v": 1}));
+            c.new_keys = vec!["n".into(), "_inputs.m".into()];
+            store.commit_node("r", c, g)
+        });
+        // The second copy's statement waits on a row lock (the guard row's, it should be).
+        env.eventually("the second copy waits on a lock", WAIT, || {
+            let waiting: i64 = env
+                .pg
+                .get()
+                .unwrap()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+                    &[&entries],
+                )
+                .unwrap()
+                .get(0);
+            waiting == 1
+        });
+        // The first copy writes the successor's input and commits: no deadlock.
+        tx.execute(&insert, &[&"_inputs.m", &json!({"v": 1})])
+            .expect("the first copy's write (a deadlock?)");
+        tx.execute(&touch, &[])
+            .expect("the first copy's touch (a deadlock?)");
+        tx.commit().unwrap();
+        copy.join().unwrap()
+    });
+    assert!(!second.expect("the second copy's commit"), "applied twice");
+    assert_eq!(
+        Value::Object(env.context("r")),
+        json!({"_outputs.n": {"v": 1}, "_inputs.m": {"v": 1}})
+    );
 }
 
 #[test]

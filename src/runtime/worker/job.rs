@@ -595,14 +595,18 @@ fn build_commit(
 
 /// The keys `commit`, of `node`, sets that no other commit of its run writes (see
 /// [`NodeCommit::new_keys`]): its bare-id copy, and the inputs of successors that never
-/// repeat, stand in for no node and have `node` as their only predecessor. (The caller
-/// tells whether the node itself runs once and stands in for no other node; its output is
-/// the guard's row.)
+/// repeat, stand in for no node and have `node` as their only predecessor — where `node`
+/// has no fallback (which takes over its edges) and is no node's fallback (whose stand-in
+/// writes its keys). (The caller tells whether the node itself runs once and stands in for
+/// no other node in this execution; its output is the guard's row.)
 fn keys_only_it_writes(bp: &Blueprint, node: &RunNode, commit: &NodeCommit) -> Vec<String> {
     let RunNode::Static(from) = *node else {
         // (A batch worker writes its output only.)
         return Vec::new();
     };
+    if bp.node(from).config.fallback.is_some() || !bp.fallback_of(from).is_empty() {
+        return Vec::new();
+    }
     let id = bp.node(from).id.as_str();
     let fed_by_it_alone = |key: &str| {
         let target = key
@@ -804,6 +808,13 @@ mod tests {
         let mut new_keys = keys_only_it_writes(&bp, &a, &commit_setting(&keys));
         new_keys.sort();
         assert_eq!(new_keys, vec!["_inputs.b".to_string(), "a".to_string()]);
+        // A node with a fallback (which takes over its edges), a node's fallback (whose
+        // stand-in writes its keys): none.
+        for (id, input) in [("x", "_inputs.j"), ("f", "_inputs.b")] {
+            let n = RunNode::Static(bp.node_index(id).expect("node"));
+            let commit = commit_setting(&[id, input]);
+            assert!(keys_only_it_writes(&bp, &n, &commit).is_empty(), "{id}");
+        }
         // A batch worker writes its output only.
         let def: NodeDef = serde_json::from_value(json!({"id": "w_1", "uses": "t"})).expect("def");
         let worker = RunNode::Dynamic(Arc::new(def));

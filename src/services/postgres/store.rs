@@ -686,11 +686,31 @@ impl CommitRequest {
         (rows, shared)
     }
 
+    /// The node its history row records (`None`: no history row).
+    fn h_node(&self) -> Option<&str> {
+        self.execution.as_ref().map(|x| x.node_id.as_str())
+    }
+
     /// The attempt its history row records.
     fn attempt(&self) -> i32 {
         self.execution
             .as_ref()
             .map_or(1, |x| i32::try_from(x.attempt).unwrap_or(i32::MAX))
+    }
+
+    /// When the execution its history row records started (ms since the epoch).
+    fn h_started(&self) -> f64 {
+        self.execution.as_ref().map_or(0.0, |x| x.started_ms)
+    }
+
+    /// When the execution its history row records ended (ms since the epoch).
+    fn h_finished(&self) -> f64 {
+        self.execution.as_ref().map_or(0.0, |x| x.finished_ms)
+    }
+
+    /// The worker its history row records.
+    fn h_worker(&self) -> Option<&str> {
+        self.execution.as_ref().map(|x| x.worker.as_str())
     }
 
     fn new(run_id: &str, mut commit: NodeCommit, guard: CommitGuard) -> CommitRequest {
@@ -1075,7 +1095,11 @@ impl RunStore {
         // deleted as any commit's (`w`: left out where no commit has any, as in a chain,
         // since even empty it costs a tenth of the statement). If a row to insert is there
         // (the execution committed by a copy, most often), the statement fails and writes
-        // nothing.
+        // nothing. The guard rows are locked first, in run order, as the usual statement
+        // locks them (its `once` runs first: the main query reads it through `ok`), so that
+        // two copies of a job, one on each statement, wait on the guard row instead of
+        // deadlocking: the main query reads `n` too, before the writes it does not read,
+        // which run after it.
         let insert_ctes = |j: &str, touched: &str, others: bool| {
             let w = if others {
                 format!("{}, ", writes("j", "", "EXCLUDED.value"))
@@ -1087,10 +1111,10 @@ impl RunStore {
                  n AS (
                    INSERT INTO {e} (run_id, key, value)
                    SELECT n.run_id, n.key, n.value FROM (
-                     SELECT j.run_id, j.guard_key AS key, j.guard_value AS value FROM j
+                     SELECT 0 AS phase, j.run_id, j.guard_key AS key, j.guard_value AS value FROM j
                      UNION ALL
-                     SELECT j.run_id, x.key, x.value FROM j, jsonb_each(j.inserts) x) n
-                   ORDER BY n.run_id, n.key
+                     SELECT 1, j.run_id, x.key, x.value FROM j, jsonb_each(j.inserts) x) n
+                   ORDER BY n.phase, n.run_id, n.key
                    RETURNING 1),
                  {w}{}, {}",
                 history_of("j", "'completed'"),
@@ -1160,14 +1184,14 @@ impl RunStore {
             ),
             commit_insert: [false, true].map(|others| {
                 format!(
-                    "{} SELECT j.ord, {} FROM j",
+                    "{} SELECT j.ord, {} FROM j, (SELECT count(*) FROM n) inserted",
                     insert_batch(others),
                     status_seen("j.run_id")
                 )
             }),
             commit_insert_lone: [false, true].map(|others| {
                 format!(
-                    "{} SELECT j.ord, {} FROM j",
+                    "{} SELECT j.ord, {} FROM j, (SELECT count(*) FROM n) inserted",
                     insert_lone(others),
                     status_seen("$1::text")
                 )
@@ -1595,25 +1619,22 @@ impl RunStore {
         let returned = match (inserted, &rows[..]) {
             (Some(returned), _) => returned,
             // One round trip: the statement is its own transaction.
-            (None, [lone]) if plain => {
-                let execution = lone.execution.as_ref();
-                conn.query_prepared(
-                    &self.sql.commit_lone,
-                    &[
-                        &lone.run_id,
-                        &lone.guard_key,
-                        &lone.guard_value,
-                        &lone.set,
-                        &lone.delete,
-                        &lone.iteration,
-                        &execution.map(|x| x.node_id.as_str()),
-                        &lone.attempt(),
-                        &execution.map_or(0.0, |x| x.started_ms),
-                        &execution.map_or(0.0, |x| x.finished_ms),
-                        &execution.map(|x| x.worker.as_str()),
-                    ],
-                )?
-            }
+            (None, [lone]) if plain => conn.query_prepared(
+                &self.sql.commit_lone,
+                &[
+                    &lone.run_id,
+                    &lone.guard_key,
+                    &lone.guard_value,
+                    &lone.set,
+                    &lone.delete,
+                    &lone.iteration,
+                    &lone.h_node(),
+                    &lone.attempt(),
+                    &lone.h_started(),
+                    &lone.h_finished(),
+                    &lone.h_worker(),
+                ],
+            )?,
             (None, _) => {
                 let params: &[&(dyn ToSql + Sync)] = &[
                     &column(&rows, |r| r.run_id.as_str()),
@@ -1628,15 +1649,11 @@ impl RunStore {
                     &column(&rows, |r| r.guard_value.as_ref()),
                     &column(&rows, |r| &r.header_set),
                     &column(&rows, |r| &r.header_delete),
-                    &column(&rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
+                    &column(&rows, CommitRequest::h_node),
                     &column(&rows, CommitRequest::attempt),
-                    &column(&rows, |r| {
-                        r.execution.as_ref().map_or(0.0, |x| x.started_ms)
-                    }),
-                    &column(&rows, |r| {
-                        r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
-                    }),
-                    &column(&rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
+                    &column(&rows, CommitRequest::h_started),
+                    &column(&rows, CommitRequest::h_finished),
+                    &column(&rows, CommitRequest::h_worker),
                     &column(&rows, |r| r.guard_key.as_str()),
                 ];
                 if pausing.is_empty() {
@@ -1696,26 +1713,23 @@ impl RunStore {
                     .any(|r| r.delete.as_array().is_some_and(|d| !d.is_empty())),
         );
         match rows {
-            [lone] => {
-                let x = lone.execution.as_ref();
-                conn.query_prepared(
-                    &self.sql.commit_insert_lone[others],
-                    &[
-                        &lone.run_id,
-                        &lone.guard_key,
-                        &lone.guard_value,
-                        &inserts[0],
-                        &sets[0],
-                        &lone.delete,
-                        &lone.iteration,
-                        &x.map(|x| x.node_id.as_str()),
-                        &lone.attempt(),
-                        &x.map_or(0.0, |x| x.started_ms),
-                        &x.map_or(0.0, |x| x.finished_ms),
-                        &x.map(|x| x.worker.as_str()),
-                    ],
-                )
-            }
+            [lone] => conn.query_prepared(
+                &self.sql.commit_insert_lone[others],
+                &[
+                    &lone.run_id,
+                    &lone.guard_key,
+                    &lone.guard_value,
+                    &inserts[0],
+                    &sets[0],
+                    &lone.delete,
+                    &lone.iteration,
+                    &lone.h_node(),
+                    &lone.attempt(),
+                    &lone.h_started(),
+                    &lone.h_finished(),
+                    &lone.h_worker(),
+                ],
+            ),
             _ => conn.query_prepared(
                 &self.sql.commit_insert[others],
                 &[
@@ -1726,13 +1740,11 @@ impl RunStore {
                     &sets,
                     &column(rows, |r| &r.delete),
                     &column(rows, |r| r.iteration),
-                    &column(rows, |r| r.execution.as_ref().map(|x| x.node_id.as_str())),
+                    &column(rows, CommitRequest::h_node),
                     &column(rows, CommitRequest::attempt),
-                    &column(rows, |r| r.execution.as_ref().map_or(0.0, |x| x.started_ms)),
-                    &column(rows, |r| {
-                        r.execution.as_ref().map_or(0.0, |x| x.finished_ms)
-                    }),
-                    &column(rows, |r| r.execution.as_ref().map(|x| x.worker.as_str())),
+                    &column(rows, CommitRequest::h_started),
+                    &column(rows, CommitRequest::h_finished),
+                    &column(rows, CommitRequest::h_worker),
                 ],
             ),
         }
