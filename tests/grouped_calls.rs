@@ -434,6 +434,19 @@ fn a_resume_writes_header_keys_where_jobs_read_them() {
     assert!(!whole.contains_key("x"));
 }
 
+/// Makes every status row of the test's runs last touched an hour ago.
+fn age_statuses(env: &TestEnv) {
+    let statuses = &env.tables.statuses;
+    env.pg
+        .get()
+        .unwrap()
+        .execute(
+            &format!("UPDATE {statuses} SET updated_at = NOW() - interval '1 hour'"),
+            &[],
+        )
+        .unwrap();
+}
+
 /// Node `n`'s commit: output `{"v": 1}` and its bare-id copy, `input` for its successor `m`,
 /// key `gone` deleted, and a history row of attempt `attempt`.
 fn executed_commit(input: Value, attempt: u32) -> (NodeCommit, CommitGuard) {
@@ -474,16 +487,7 @@ fn a_lone_commit_writes_what_a_batched_one_writes() {
     };
     // Each status row last touched long ago; whether a commit touched it since.
     let statuses = env.tables.statuses.clone();
-    let age_all = || {
-        env.pg
-            .get()
-            .unwrap()
-            .execute(
-                &format!("UPDATE {statuses} SET updated_at = NOW() - interval '1 hour'"),
-                &[],
-            )
-            .unwrap();
-    };
+    let age_all = || age_statuses(&env);
     let touched = |run: &str| -> bool {
         env.pg
             .get()
@@ -681,14 +685,7 @@ fn a_copy_inserting_its_guard_waits_on_the_guard_row_of_a_copy_committing_the_us
     // The status row untouched for long: each copy touches it.
     let statuses = env.tables.statuses.clone();
     let touch = format!("UPDATE {statuses} SET updated_at = NOW() WHERE run_id = 'r'");
-    env.pg
-        .get()
-        .unwrap()
-        .execute(
-            &format!("UPDATE {statuses} SET updated_at = NOW() - interval '1 hour'"),
-            &[],
-        )
-        .unwrap();
+    age_statuses(&env);
     // The first copy, by hand: its guard row written, its transaction open.
     let mut first = env.pg.get().unwrap();
     let mut tx = first.transaction().unwrap();
