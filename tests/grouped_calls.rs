@@ -464,9 +464,9 @@ fn executed_commit(input: Value, attempt: u32) -> (NodeCommit, CommitGuard) {
     (commit, guard)
 }
 
-/// A lone plain commit runs a statement of its own: it writes what the batched statement
-/// writes (the output, the sets and deletions, the history row), applies once, and applies
-/// again once its output was deleted, as the batched one does.
+/// A lone plain commit (its statement's parameters plain, not arrays) writes what a batched
+/// one writes (the output, the sets and deletions, the history row), applies once, and
+/// applies again once its output was deleted, as the batched one does.
 #[test]
 fn a_lone_commit_writes_what_a_batched_one_writes() {
     let env = TestEnv::new("lone_commit");

@@ -598,9 +598,9 @@ struct CommitRequest {
     header_delete: Value,
     /// The history row of the execution, if it is recorded.
     execution: Option<Execution>,
-    /// The keys of `set` inserted with the guard's row where it is inserted (see
-    /// [`NodeCommit::new_keys`] and [`inserts_guard`](Self::inserts_guard)).
-    new_keys: Vec<String>,
+    /// The keys set that no other commit writes ([`NodeCommit::new_keys`]; not in `set`):
+    /// inserted with the guard's row where it is inserted ([`inserts_guard`](Self::inserts_guard)).
+    inserts: Value,
 }
 
 impl NodeCommit {
@@ -665,14 +665,12 @@ impl CommitRequest {
             rows.extend(map.keys().map(|k| (run, k.as_str())));
         }
         // (A new key is inserted: no other commit of the statement may write it.)
-        rows.extend(self.new_keys.iter().map(|k| (run, k.as_str())));
+        if let Value::Object(map) = &self.inserts {
+            rows.extend(map.keys().map(|k| (run, k.as_str())));
+        }
         let mut shared = Vec::new();
         if let Value::Object(map) = &self.set {
-            shared.extend(
-                map.keys()
-                    .filter(|k| !self.new_keys.contains(k))
-                    .map(|k| (run, k.as_str())),
-            );
+            shared.extend(map.keys().map(|k| (run, k.as_str())));
         }
         if let Value::Array(keys) = &self.delete {
             shared.extend(keys.iter().filter_map(Value::as_str).map(|k| (run, k)));
@@ -753,7 +751,11 @@ impl CommitRequest {
         delete.dedup();
         set_if_absent.retain(|k, _| !set.contains_key(k) && !delete.contains(k));
         set_if_absent.remove(&guard_key);
-        let mut request = CommitRequest {
+        let inserts = new_keys
+            .iter()
+            .filter_map(|k| set.remove_entry(k))
+            .collect::<Map<_, _>>();
+        CommitRequest {
             run_id: run_id.to_string(),
             guard_key,
             delete: Value::from(delete),
@@ -772,15 +774,8 @@ impl CommitRequest {
             header_set,
             header_delete,
             execution,
-            new_keys: Vec::new(),
-        };
-        if let Value::Object(set) = &request.set {
-            request.new_keys = new_keys
-                .into_iter()
-                .filter(|k| set.contains_key(k))
-                .collect();
+            inserts: Value::Object(inserts),
         }
-        request
     }
 
     /// Whether the commit's guard row is inserted, by a plain insert, with its new keys: a
@@ -791,22 +786,28 @@ impl CommitRequest {
         self.is_plain() && self.guard_value.is_some()
     }
 
-    /// Its sets split for [`inserts_guard`](Self::inserts_guard): the new keys (inserted)
-    /// and the others (set as usual).
-    fn split_sets(&self) -> (Value, Value) {
-        let mut inserts = Map::new();
-        let mut sets = Map::new();
-        if let Value::Object(set) = &self.set {
-            for (key, value) in set {
-                let to = if self.new_keys.contains(key) {
-                    &mut inserts
-                } else {
-                    &mut sets
-                };
-                to.insert(key.clone(), value.clone());
+    /// Whether it sets keys beside its new ones, or deletes any.
+    fn writes_others(&self) -> bool {
+        let some = |v: &Value| match v {
+            Value::Object(m) => !m.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            _ => false,
+        };
+        some(&self.set) || some(&self.delete)
+    }
+
+    /// All the keys it sets, new or not: what the usual statement sets (a copy only where
+    /// it has new keys, which a commit goes the usual way with only when its insert failed
+    /// or a pause shares its batch).
+    fn all_sets(&self) -> std::borrow::Cow<'_, Value> {
+        match (&self.set, &self.inserts) {
+            (Value::Object(set), Value::Object(inserts)) if !inserts.is_empty() => {
+                let mut all = set.clone();
+                all.extend(inserts.iter().map(|(k, v)| (k.clone(), v.clone())));
+                std::borrow::Cow::Owned(Value::Object(all))
             }
+            (set, _) => std::borrow::Cow::Borrowed(set),
         }
-        (Value::Object(inserts), Value::Object(sets))
     }
 }
 
@@ -815,11 +816,7 @@ struct Statements {
     load: String,
     load_keys: String,
     commit: String,
-    /// `commit` for a batch of plain commits ([`CommitRequest::is_plain`]).
-    commit_plain: String,
-    /// `commit_plain` for one commit, its values as plain parameters.
-    commit_lone: String,
-    /// `commit_plain` for a batch of commits whose guard rows are inserted
+    /// `commit` for a batch of plain commits whose guard rows are inserted
     /// ([`CommitRequest::inserts_guard`]): without, then with, keys set or deleted but
     /// for the new ones.
     commit_insert: [String; 2],
@@ -1044,10 +1041,8 @@ impl RunStore {
                  {history},
                  {status}"
         );
-        // The common commit, with none of the above but outputs, inputs and deletions: the
-        // same parameters, a statement PostgreSQL plans and starts in about half the time.
         // A touch of the status rows that `touched` selects (the SQL of a `FROM ... WHERE` or
-        // `WHERE` clause over `st`, the status table).
+        // `WHERE` clause over `st`, the status table), at most once a second.
         let touch = |touched: &str| {
             format!(
                 "s AS (
@@ -1057,38 +1052,6 @@ impl RunStore {
                    RETURNING 1)"
             )
         };
-        // What a plain commit does once its guard row is written (`ok`): its keys, its
-        // history row, and a touch of its run's status row.
-        let plain_writes = |touched: &str| {
-            format!(
-                "{w}, {history}, {}",
-                touch(touched),
-                w = writes("ok", "", "EXCLUDED.value"),
-            )
-        };
-        let plain_ctes = format!(
-            "{commit_rows}, {once},
-                 ok AS (SELECT j.* FROM j JOIN once ON once.run_id = j.run_id AND once.key = j.guard_key),
-                 {}",
-            plain_writes("FROM (SELECT DISTINCT ok.run_id FROM ok) c WHERE st.run_id = c.run_id")
-        );
-        // One plain commit, its values as plain parameters: its guard row, then `ok` is its
-        // one row of `j` — no eighteen one-element arrays to bind and unnest, no join.
-        let lone_ctes = format!(
-            "WITH once AS (
-                   INSERT INTO {e} AS t (run_id, key, value) VALUES ($1::text, $2::text, $3::jsonb)
-                   ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value WHERE t.value IS NULL
-                   RETURNING 1),
-                 ok AS (
-                   SELECT $1::text AS run_id, $4::jsonb AS sets, $5::jsonb AS del, 1::bigint AS ord,
-                          $6::int AS iteration, NULL::text AS awaiting_id, $7::text AS h_node,
-                          $8::int AS h_attempt, $9::float8 AS h_started, $10::float8 AS h_finished,
-                          $11::text AS h_worker
-                   FROM once),
-                 {}",
-            // (Its one run by its key: no join to plan and start; about 13 µs of its 95.)
-            plain_writes("WHERE st.run_id = $1::text AND EXISTS (SELECT 1 FROM ok)")
-        );
         // Plain commits whose guard row is inserted, one row of `j` each
         // ([`CommitRequest::inserts_guard`]): the guard's row and the keys no other commit
         // writes ([`NodeCommit::new_keys`], `inserts`) by plain inserts, the other keys set or
@@ -1172,15 +1135,6 @@ impl RunStore {
             commit: format!(
                 "{commit_ctes} SELECT ok.ord, {} FROM ok",
                 status_seen("ok.run_id")
-            ),
-            commit_plain: format!(
-                "{plain_ctes} SELECT ok.ord, {} FROM ok",
-                status_seen("ok.run_id")
-            ),
-            // (A lone thread's, a chain's: a third fewer plan nodes to start.)
-            commit_lone: format!(
-                "{lone_ctes} SELECT ok.ord, {} FROM ok",
-                status_seen("$1::text")
             ),
             commit_insert: [false, true].map(|others| {
                 format!(
@@ -1595,15 +1549,6 @@ impl RunStore {
         // Sorted by run, so that concurrent batches lock rows in one order.
         let mut rows: Vec<&CommitRequest> = batch.iter().map(|r| r.borrow()).collect();
         rows.sort_by(|a, b| a.run_id.cmp(&b.run_id));
-        // A pause decides from more than the row it locks (the node's output must be absent):
-        // lock the runs' awaiting rows first, in a transaction, so that the commit statement
-        // takes its snapshot after a concurrent resume of the node has committed.
-        let pausing: Vec<&str> = rows
-            .iter()
-            .filter(|r| r.awaiting_id.is_some())
-            .map(|r| r.run_id.as_str())
-            .collect();
-        let plain = rows.iter().all(|r| r.is_plain());
         let mut conn = self.pool.get()?;
         let inserted = if rows.iter().all(|r| r.inserts_guard()) {
             match self.insert_guarded(&mut conn, &rows) {
@@ -1616,63 +1561,9 @@ impl RunStore {
         } else {
             None
         };
-        let returned = match (inserted, &rows[..]) {
-            (Some(returned), _) => returned,
-            // One round trip: the statement is its own transaction.
-            (None, [lone]) if plain => conn.query_prepared(
-                &self.sql.commit_lone,
-                &[
-                    &lone.run_id,
-                    &lone.guard_key,
-                    &lone.guard_value,
-                    &lone.set,
-                    &lone.delete,
-                    &lone.iteration,
-                    &lone.h_node(),
-                    &lone.attempt(),
-                    &lone.h_started(),
-                    &lone.h_finished(),
-                    &lone.h_worker(),
-                ],
-            )?,
-            (None, _) => {
-                let params: &[&(dyn ToSql + Sync)] = &[
-                    &column(&rows, |r| r.run_id.as_str()),
-                    &column(&rows, |r| &r.delete),
-                    &column(&rows, |r| &r.set),
-                    &column(&rows, |r| r.exec_key.as_str()),
-                    &column(&rows, |r| r.iteration),
-                    &column(&rows, |r| r.repeats),
-                    &column(&rows, |r| r.awaiting_id.as_deref()),
-                    &column(&rows, |r| &r.awaiting_details),
-                    &column(&rows, |r| &r.set_if_absent),
-                    &column(&rows, |r| r.guard_value.as_ref()),
-                    &column(&rows, |r| &r.header_set),
-                    &column(&rows, |r| &r.header_delete),
-                    &column(&rows, CommitRequest::h_node),
-                    &column(&rows, CommitRequest::attempt),
-                    &column(&rows, CommitRequest::h_started),
-                    &column(&rows, CommitRequest::h_finished),
-                    &column(&rows, CommitRequest::h_worker),
-                    &column(&rows, |r| r.guard_key.as_str()),
-                ];
-                if pausing.is_empty() {
-                    let sql = if plain {
-                        &self.sql.commit_plain
-                    } else {
-                        &self.sql.commit
-                    };
-                    conn.query_prepared(sql, params)?
-                } else {
-                    let commit = conn.statement(&self.sql.commit)?;
-                    let lock = conn.statement(&self.sql.lock_awaiting)?;
-                    let mut tx = conn.transaction()?;
-                    tx.execute(&lock, &[&pausing])?;
-                    let returned = tx.query(&commit, params)?;
-                    tx.commit()?;
-                    returned
-                }
-            }
+        let returned = match inserted {
+            Some(returned) => returned,
+            None => self.commit_usual(&mut conn, &rows)?,
         };
         let mut applied: Vec<(&CommitRequest, Option<RunStatus>)> = Vec::with_capacity(rows.len());
         for row in returned {
@@ -1696,6 +1587,55 @@ impl RunStore {
             .collect())
     }
 
+    /// The usual statement of a batch of commits (`commit`): each applies if its guard row
+    /// could be written.
+    fn commit_usual(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[&CommitRequest],
+    ) -> Result<Vec<Row>, StoreError> {
+        let sets: Vec<std::borrow::Cow<'_, Value>> = rows.iter().map(|r| r.all_sets()).collect();
+        let sets: Vec<&Value> = sets.iter().map(|s| s.as_ref()).collect();
+        let params: &[&(dyn ToSql + Sync)] = &[
+            &column(rows, |r| r.run_id.as_str()),
+            &column(rows, |r| &r.delete),
+            &sets,
+            &column(rows, |r| r.exec_key.as_str()),
+            &column(rows, |r| r.iteration),
+            &column(rows, |r| r.repeats),
+            &column(rows, |r| r.awaiting_id.as_deref()),
+            &column(rows, |r| &r.awaiting_details),
+            &column(rows, |r| &r.set_if_absent),
+            &column(rows, |r| r.guard_value.as_ref()),
+            &column(rows, |r| &r.header_set),
+            &column(rows, |r| &r.header_delete),
+            &column(rows, CommitRequest::h_node),
+            &column(rows, CommitRequest::attempt),
+            &column(rows, CommitRequest::h_started),
+            &column(rows, CommitRequest::h_finished),
+            &column(rows, CommitRequest::h_worker),
+            &column(rows, |r| r.guard_key.as_str()),
+        ];
+        // A pause decides from more than the row it locks (the node's output must be absent):
+        // lock the runs' awaiting rows first, in a transaction, so that the commit statement
+        // takes its snapshot after a concurrent resume of the node has committed.
+        let pausing: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.awaiting_id.is_some())
+            .map(|r| r.run_id.as_str())
+            .collect();
+        if pausing.is_empty() {
+            return Ok(conn.query_prepared(&self.sql.commit, params)?);
+        }
+        let commit = conn.statement(&self.sql.commit)?;
+        let lock = conn.statement(&self.sql.lock_awaiting)?;
+        let mut tx = conn.transaction()?;
+        tx.execute(&lock, &[&pausing])?;
+        let returned = tx.query(&commit, params)?;
+        tx.commit()?;
+        Ok(returned)
+    }
+
     /// The statement of a batch of commits whose guard rows are inserted
     /// ([`CommitRequest::inserts_guard`]), which fails (and writes nothing) if a row to insert
     /// is there.
@@ -1704,14 +1644,7 @@ impl RunStore {
         conn: &mut PgConnection,
         rows: &[&CommitRequest],
     ) -> Result<Vec<Row>, postgres::Error> {
-        let (inserts, sets): (Vec<Value>, Vec<Value>) = rows.iter().map(|r| r.split_sets()).unzip();
-        let empty = |v: &Value| v.as_object().is_some_and(|m| m.is_empty());
-        let others = usize::from(
-            !sets.iter().all(empty)
-                || rows
-                    .iter()
-                    .any(|r| r.delete.as_array().is_some_and(|d| !d.is_empty())),
-        );
+        let others = usize::from(rows.iter().any(|r| r.writes_others()));
         match rows {
             [lone] => conn.query_prepared(
                 &self.sql.commit_insert_lone[others],
@@ -1719,8 +1652,8 @@ impl RunStore {
                     &lone.run_id,
                     &lone.guard_key,
                     &lone.guard_value,
-                    &inserts[0],
-                    &sets[0],
+                    &lone.inserts,
+                    &lone.set,
                     &lone.delete,
                     &lone.iteration,
                     &lone.h_node(),
@@ -1736,8 +1669,8 @@ impl RunStore {
                     &column(rows, |r| r.run_id.as_str()),
                     &column(rows, |r| r.guard_key.as_str()),
                     &column(rows, |r| r.guard_value.as_ref()),
-                    &inserts,
-                    &sets,
+                    &column(rows, |r| &r.inserts),
+                    &column(rows, |r| &r.set),
                     &column(rows, |r| &r.delete),
                     &column(rows, |r| r.iteration),
                     &column(rows, CommitRequest::h_node),
