@@ -528,6 +528,16 @@ impl Blueprint {
         &self.fallback_of[node]
     }
 
+    /// Whether `from` alone writes the input of `target`, and only once a run: `target` is
+    /// another node, never repeats, stands in for no node, and `from` is its only forward
+    /// predecessor.
+    pub fn feeds_alone(&self, from: usize, target: usize) -> bool {
+        target != from
+            && !self.may_repeat(target)
+            && self.forward_predecessors(target) == [from]
+            && self.fallback_of(target).is_empty()
+    }
+
     /// The join strategy of a node (loop controllers default to `any`).
     pub fn join_strategy(&self, node: usize) -> JoinStrategy {
         self.join[node]

@@ -612,12 +612,7 @@ fn keys_only_it_writes(bp: &Blueprint, node: &RunNode, commit: &NodeCommit) -> V
         let target = key
             .strip_prefix(INPUTS_PREFIX)
             .and_then(|t| bp.node_index(t));
-        target.is_some_and(|t| {
-            t != from
-                && !bp.may_repeat(t)
-                && bp.forward_predecessors(t) == [from]
-                && bp.fallback_of(t).is_empty()
-        })
+        target.is_some_and(|t| bp.feeds_alone(from, t))
     };
     commit
         .set

@@ -203,11 +203,7 @@ pub(super) fn derive(
     }
     let input = next.input.as_ref()?;
     let target = bp.node_index(&report.node)?;
-    if target == from
-        || bp.may_repeat(target)
-        || bp.forward_predecessors(target) != [from]
-        || !bp.fallback_of(target).is_empty()
-    {
+    if !bp.feeds_alone(from, target) {
         return None;
     }
     let keys = expected_reads(Some(bp), &report.node);
@@ -538,6 +534,15 @@ mod tests {
         ("run".into(), node.into(), 0)
     }
 
+    /// A derived entry for node `node`'s job that holds nothing.
+    fn empty(node: &str) -> Derived {
+        Derived {
+            job: job(node),
+            keys: Vec::new(),
+            context: ContextMap::new(),
+        }
+    }
+
     fn snapshot(value: i64) -> RunSnapshot {
         let mut context = ContextMap::new();
         context.insert("x".into(), value.into());
@@ -615,12 +620,7 @@ mod tests {
         ahead.reserve(vec![job("a")]);
         ahead.fill(vec![(job("a"), Vec::new(), None)], Instant::now());
         assert!(!ahead.watches_stopped());
-        let d = Derived {
-            job: job("b"),
-            keys: Vec::new(),
-            context: ContextMap::new(),
-        };
-        ahead.put(vec![d], Instant::now());
+        ahead.put(vec![empty("b")], Instant::now());
         assert!(ahead.watches_stopped());
     }
 
@@ -799,36 +799,21 @@ mod tests {
     #[test]
     fn derived_entries_leave_room_for_loads() {
         let p = ReadAhead::default();
-        let derived = (0..2 * CAPACITY)
-            .map(|i| Derived {
-                job: job(&format!("d{i}")),
-                keys: vec![],
-                context: ContextMap::new(),
-            })
-            .collect();
+        let derived = (0..2 * CAPACITY).map(|i| empty(&format!("d{i}"))).collect();
         p.put(derived, Instant::now());
         assert_eq!(p.reserve(vec![job("a")]), vec![job("a")]);
         // Loads have their own bound, derived entries theirs.
         let loads: Vec<JobKey> = (0..2 * CAPACITY).map(|i| job(&format!("l{i}"))).collect();
         assert_eq!(p.reserve(loads).len(), CAPACITY - 1);
         let more = (0..DERIVED_CAPACITY)
-            .map(|i| Derived {
-                job: job(&format!("e{i}")),
-                keys: vec![],
-                context: ContextMap::new(),
-            })
+            .map(|i| empty(&format!("e{i}")))
             .collect();
         p.put(more, Instant::now());
         assert_eq!(p.lock().map.len(), CAPACITY + DERIVED_CAPACITY);
         // A derived entry taken makes room for one more, and not for a load.
         assert!(p.take(&job("d0")).is_some());
         assert!(p.reserve(vec![job("b")]).is_empty());
-        let one = vec![Derived {
-            job: job("e-last"),
-            keys: vec![],
-            context: ContextMap::new(),
-        }];
-        p.put(one, Instant::now());
+        p.put(vec![empty("e-last")], Instant::now());
         assert!(p.take(&job("e-last")).is_some());
     }
 
